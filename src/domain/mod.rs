@@ -1,1 +1,16 @@
-//! domain
+//! The business, with no I/O: money, identifiers, tickets and their journey,
+//! batches and their budget, the audit events, and parsing an upload.
+
+pub mod batch;
+pub mod event;
+pub mod ids;
+pub mod money;
+pub mod ticket;
+pub mod upload;
+
+pub use batch::Batch;
+pub use event::{Event, EventKind, Exchange};
+pub use ids::{AuthorityCode, BatchId, ClientId, Reference, TicketId};
+pub use money::{Currency, Money};
+pub use ticket::{PayProgress, PayStep, Pending, RetryPolicy, Stage, Status, Ticket};
+pub use upload::{BatchRequest, UploadError};

@@ -1,0 +1,450 @@
+//! A ticket's journey: where it is, what it owes, and the rules for moving it on.
+//! Pure: no I/O, no clock, no randomness (callers pass `now` and the jitter in).
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::ids::{AuthorityCode, BatchId, ClientId, Reference, TicketId};
+use super::money::{Currency, Money};
+use crate::providers::ProviderName;
+
+/// A pipeline stage: one queue and one function each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Lookup,
+    Validate,
+    Reserve,
+    Pay,
+    Notify,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [Self::Lookup, Self::Validate, Self::Reserve, Self::Pay, Self::Notify];
+
+    /// The function name, which is also the folder under `functions/`.
+    pub fn function(self) -> &'static str {
+        match self {
+            Self::Lookup => "lookup",
+            Self::Validate => "validate",
+            Self::Reserve => "reserve",
+            Self::Pay => "pay",
+            Self::Notify => "notify",
+        }
+    }
+
+    pub fn from_function(name: &str) -> Option<Stage> {
+        Self::ALL.into_iter().find(|s| s.function() == name)
+    }
+
+    /// Whether this stage's messages are grouped in sessions (one in flight per batch).
+    /// Reservations of one batch run one at a time, so the budget is never contended.
+    pub fn uses_sessions(self) -> bool {
+        matches!(self, Self::Reserve)
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.function())
+    }
+}
+
+/// Where a ticket is: waiting for a stage, or at one of its end states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Lookup,
+    Validate,
+    Reserve,
+    Pay,
+    Paid,
+    NotPayable,
+    Rejected,
+    OverBudget,
+    Failed,
+    Parked,
+}
+
+impl Status {
+    pub const ALL: [Status; 10] = [
+        Self::Lookup,
+        Self::Validate,
+        Self::Reserve,
+        Self::Pay,
+        Self::Paid,
+        Self::NotPayable,
+        Self::Rejected,
+        Self::OverBudget,
+        Self::Failed,
+        Self::Parked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lookup => "lookup",
+            Self::Validate => "validate",
+            Self::Reserve => "reserve",
+            Self::Pay => "pay",
+            Self::Paid => "paid",
+            Self::NotPayable => "not_payable",
+            Self::Rejected => "rejected",
+            Self::OverBudget => "over_budget",
+            Self::Failed => "failed",
+            Self::Parked => "parked",
+        }
+    }
+
+    pub fn is_end(self) -> bool {
+        !matches!(self, Self::Lookup | Self::Validate | Self::Reserve | Self::Pay)
+    }
+
+    /// The stage that acts next on a ticket in this status (end states go to notify).
+    pub fn stage(self) -> Stage {
+        match self {
+            Self::Lookup => Stage::Lookup,
+            Self::Validate => Stage::Validate,
+            Self::Reserve => Stage::Reserve,
+            Self::Pay => Stage::Pay,
+            _ => Stage::Notify,
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown status `{s}`"))
+    }
+}
+
+/// The four payment postings, in the order they are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayStep {
+    Capture,
+    Settle,
+    Post,
+    Issue,
+}
+
+impl PayStep {
+    pub const ALL: [PayStep; 4] = [Self::Capture, Self::Settle, Self::Post, Self::Issue];
+
+    pub fn provider(self) -> ProviderName {
+        match self {
+            Self::Capture => ProviderName::Gateway,
+            Self::Settle => ProviderName::Settlement,
+            Self::Post => ProviderName::Ledger,
+            Self::Issue => ProviderName::Receipt,
+        }
+    }
+
+    pub fn operation(self) -> &'static str {
+        match self {
+            Self::Capture => "capture",
+            Self::Settle => "settle",
+            Self::Post => "post",
+            Self::Issue => "issue",
+        }
+    }
+
+    /// The operation that undoes this step.
+    pub fn compensation(self) -> &'static str {
+        match self {
+            Self::Capture => "refund",
+            Self::Settle => "cancel",
+            Self::Post => "reverse",
+            Self::Issue => "void",
+        }
+    }
+}
+
+/// How far the payment has gone. Steps are done in order; compensation undoes
+/// the done steps in reverse order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayProgress {
+    /// Steps completed, from the first.
+    pub done: u8,
+    /// An operation sent whose outcome we do not know (timeout, crash, 5xx):
+    /// the provider is asked by idempotency key before it is sent again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<String>,
+    /// Set once a step failed permanently: from then on we only undo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// Compensations completed, counted back from the last done step.
+    pub undone: u8,
+}
+
+impl PayProgress {
+    pub fn next_step(&self) -> Option<PayStep> {
+        PayStep::ALL.get(usize::from(self.done)).copied()
+    }
+
+    /// The next done step to undo, once compensating.
+    pub fn next_compensation(&self) -> Option<PayStep> {
+        self.failure.as_ref()?;
+        let remaining = self.done.checked_sub(self.undone)?;
+        remaining.checked_sub(1).map(|i| PayStep::ALL[usize::from(i)])
+    }
+}
+
+/// One ticket of a batch, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    pub batch_id: BatchId,
+    pub ticket_id: TicketId,
+    pub client_id: ClientId,
+    pub authority: AuthorityCode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Reference>,
+    pub currency: Currency,
+    pub status: Status,
+    /// What the authority says is owed, once asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount_due: Option<i64>,
+    /// Held from the batch budget for this ticket and not yet paid or released.
+    pub reserved: i64,
+    pub paid: i64,
+    /// Attempt of the current stage, from 0.
+    pub attempt: u32,
+    /// When the current attempt's message becomes deliverable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Why it ended where it did (rejection reason, park reason, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For a parked ticket: the stage to re-enter on redrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked_stage: Option<Stage>,
+    #[serde(default)]
+    pub pay: PayProgress,
+    pub notified: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The message a ticket in its current state is waiting for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub stage: Stage,
+    pub attempt: u32,
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+/// What to do after a transient failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterFailure {
+    RetryAt(DateTime<Utc>),
+    Parked,
+}
+
+/// Exponential backoff with jitter, up to a number of attempts per stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { max_attempts: 8, base: Duration::from_millis(500), cap: Duration::from_secs(60) }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before attempt `attempt` (1-based retry count). `jitter` in [0, 1]
+    /// spreads retries over the upper half of the exponential window, so a burst
+    /// of failures does not come back as a burst.
+    pub fn delay(&self, attempt: u32, jitter: f64, at_least: Duration) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let window = exp.min(self.cap);
+        let jittered = window.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+        jittered.max(at_least)
+    }
+}
+
+impl Ticket {
+    pub fn money(&self, minor: i64) -> Money {
+        Money::new(minor, self.currency)
+    }
+
+    /// The message this ticket is waiting for, if any.
+    pub fn pending(&self) -> Option<Pending> {
+        if self.status.is_end() && self.notified {
+            return None;
+        }
+        Some(Pending { stage: self.status.stage(), attempt: self.attempt, not_before: self.retry_at })
+    }
+
+    /// Moves to `status` with a fresh attempt count.
+    pub fn move_to(&mut self, status: Status, now: DateTime<Utc>) {
+        self.status = status;
+        self.attempt = 0;
+        self.retry_at = None;
+        self.last_error = None;
+        self.updated_at = now;
+    }
+
+    pub fn end(&mut self, status: Status, reason: Option<String>, now: DateTime<Utc>) {
+        debug_assert!(status.is_end());
+        self.move_to(status, now);
+        self.reason = reason;
+    }
+
+    /// Records a transient failure of the current stage and decides: retry later, or park.
+    pub fn fail_transiently(
+        &mut self,
+        error: String,
+        policy: &RetryPolicy,
+        delay: Duration,
+        now: DateTime<Utc>,
+    ) -> AfterFailure {
+        let next = self.attempt + 1;
+        self.updated_at = now;
+        if next >= policy.max_attempts {
+            if self.status.is_end() {
+                // Notification gave up: the ticket keeps its outcome.
+                self.notified = true;
+                self.notification = Some(format!("failed after {next} attempts: {error}"));
+                self.attempt = next;
+                self.retry_at = None;
+                self.last_error = Some(error);
+                return AfterFailure::Parked;
+            }
+            let stage = self.status.stage();
+            self.parked_stage = Some(stage);
+            self.end(Status::Parked, Some(format!("{stage}: {error} (after {next} attempts)")), now);
+            self.last_error = Some(error);
+            return AfterFailure::Parked;
+        }
+        let at = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+        self.attempt = next;
+        self.retry_at = Some(at);
+        self.last_error = Some(error);
+        AfterFailure::RetryAt(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket(status: Status) -> Ticket {
+        let now = Utc::now();
+        Ticket {
+            batch_id: BatchId::parse("b1").unwrap(),
+            ticket_id: TicketId::parse("t1").unwrap(),
+            client_id: ClientId::parse("c1").unwrap(),
+            authority: AuthorityCode::parse("CITY-PARKING").unwrap(),
+            reference: None,
+            currency: Currency::parse("EUR").unwrap(),
+            status,
+            amount_due: None,
+            reserved: 0,
+            paid: 0,
+            attempt: 0,
+            retry_at: None,
+            last_error: None,
+            reason: None,
+            parked_stage: None,
+            pay: PayProgress::default(),
+            notified: false,
+            notification: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    #[test]
+    fn every_status_waits_for_exactly_one_stage_until_notified() {
+        for status in Status::ALL {
+            let mut t = ticket(status);
+            let pending = t.pending().unwrap();
+            assert_eq!(pending.stage, status.stage());
+            t.notified = true;
+            assert_eq!(t.pending().is_none(), status.is_end(), "{status}");
+        }
+    }
+
+    #[test]
+    fn end_states_are_the_six_of_the_design() {
+        let ends: Vec<_> = Status::ALL.into_iter().filter(|s| s.is_end()).map(Status::as_str).collect();
+        assert_eq!(ends, ["paid", "not_payable", "rejected", "over_budget", "failed", "parked"]);
+    }
+
+    #[test]
+    fn transient_failures_back_off_then_park_with_the_reason() {
+        let policy = RetryPolicy { max_attempts: 3, ..RetryPolicy::default() };
+        let mut t = ticket(Status::Validate);
+        let now = Utc::now();
+        let d = policy.delay(1, 0.5, Duration::ZERO);
+        assert!(matches!(t.fail_transiently("503".into(), &policy, d, now), AfterFailure::RetryAt(_)));
+        assert_eq!(t.attempt, 1);
+        assert_eq!(t.pending().unwrap().attempt, 1);
+        assert!(t.pending().unwrap().not_before.unwrap() > now);
+        assert!(matches!(t.fail_transiently("503".into(), &policy, d, now), AfterFailure::RetryAt(_)));
+        assert_eq!(t.fail_transiently("timeout".into(), &policy, d, now), AfterFailure::Parked);
+        assert_eq!(t.status, Status::Parked);
+        assert_eq!(t.parked_stage, Some(Stage::Validate));
+        assert!(t.reason.as_deref().unwrap().contains("timeout"));
+        assert_eq!(t.pending().unwrap().stage, Stage::Notify, "a parked ticket is still notified");
+    }
+
+    #[test]
+    fn a_notification_that_gives_up_keeps_the_payment() {
+        let policy = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };
+        let mut t = ticket(Status::Paid);
+        t.paid = 500;
+        assert_eq!(t.fail_transiently("down".into(), &policy, Duration::ZERO, Utc::now()), AfterFailure::Parked);
+        assert_eq!(t.status, Status::Paid);
+        assert_eq!(t.paid, 500);
+        assert!(t.notified && t.pending().is_none());
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_honours_retry_after() {
+        let p = RetryPolicy { max_attempts: 10, base: Duration::from_millis(100), cap: Duration::from_secs(2) };
+        assert_eq!(p.delay(1, 1.0, Duration::ZERO), Duration::from_millis(100));
+        assert_eq!(p.delay(3, 1.0, Duration::ZERO), Duration::from_millis(400));
+        assert_eq!(p.delay(3, 0.0, Duration::ZERO), Duration::from_millis(200));
+        assert_eq!(p.delay(30, 1.0, Duration::ZERO), Duration::from_secs(2));
+        assert_eq!(p.delay(1, 0.0, Duration::from_secs(5)), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn payment_steps_run_forward_and_compensate_backwards() {
+        let mut pay = PayProgress::default();
+        assert_eq!(pay.next_step(), Some(PayStep::Capture));
+        pay.done = 3;
+        assert_eq!(pay.next_step(), Some(PayStep::Issue));
+        assert_eq!(pay.next_compensation(), None, "nothing to undo before a failure");
+        pay.failure = Some("declined".into());
+        assert_eq!(pay.next_compensation(), Some(PayStep::Post));
+        pay.undone = 2;
+        assert_eq!(pay.next_compensation(), Some(PayStep::Capture));
+        pay.undone = 3;
+        assert_eq!(pay.next_compensation(), None);
+        pay.done = 4;
+        assert_eq!(pay.next_step(), None);
+    }
+}

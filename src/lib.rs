@@ -5,9 +5,11 @@
 pub mod api;
 pub mod bus;
 pub mod cli;
+pub mod config;
 pub mod domain;
 pub mod handler;
 pub mod host;
 pub mod providers;
+pub mod shutdown;
 pub mod stages;
 pub mod store;

@@ -1,1 +1,51 @@
-//! api
+//! The HTTP API (the `api` function, under `/api`): upload batches, follow
+//! them, and look into any ticket. Errors are `application/problem+json`.
+
+mod batches;
+pub mod problem;
+mod tickets;
+mod views;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::domain::AuthorityCode;
+use crate::stages::Pipeline;
+use problem::Problem;
+
+pub use batches::MAX_UPLOAD_BYTES;
+
+/// What the API and the stages share.
+pub struct App {
+    pub pipeline: Pipeline,
+    pub authorities: Vec<AuthorityCode>,
+}
+
+pub fn router() -> Router<Arc<App>> {
+    Router::new()
+        .route("/api/authorities", get(authorities))
+        .route("/api/batches", get(batches::list).post(batches::upload))
+        .route("/api/batches/{batch_id}", get(batches::status))
+        .route("/api/batches/{batch_id}/tickets", get(tickets::list))
+        .route("/api/batches/{batch_id}/tickets/{ticket_id}", get(tickets::show))
+        .route("/api/tickets", get(tickets::by_reference))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+async fn authorities(State(app): State<Arc<App>>) -> impl IntoResponse {
+    Json(serde_json::json!({ "authorities": app.authorities }))
+}
+
+async fn not_found() -> Problem {
+    Problem::not_found("no such resource")
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "this method is not allowed here")
+}

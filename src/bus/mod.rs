@@ -1,1 +1,169 @@
-//! bus
+//! The bus seam: sending the next stage's message.
+//!
+//! One sender speaks the Service Bus REST API: to Azure Service Bus in the
+//! cloud, and to the same endpoints served by `ticketpay local` on this
+//! machine. Receiving and settling are the host's job, never the handler's.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// A message for a queue, with the broker properties the pipeline relies on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingMessage {
+    pub queue: String,
+    /// Deterministic, so the broker's duplicate detection drops a re-send.
+    pub message_id: String,
+    pub session_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub scheduled_at: Option<DateTime<Utc>>,
+    /// Application properties (trace context travels here).
+    pub properties: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("service bus unavailable: {0}")]
+    Transient(String),
+    #[error("service bus refused the message: {0}")]
+    Permanent(String),
+}
+
+impl BusError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient(_))
+    }
+}
+
+/// How many messages go in one batch request (the broker caps a batch's size).
+const BATCH_CHUNK: usize = 200;
+const ATTEMPTS: u32 = 5;
+
+#[derive(Clone)]
+pub struct BusSender {
+    http: reqwest::Client,
+    base: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct BatchEntry<'a> {
+    body: &'a str,
+    broker_properties: Map<String, Value>,
+    user_properties: &'a BTreeMap<String, String>,
+}
+
+fn broker_properties(m: &OutgoingMessage) -> Map<String, Value> {
+    let mut p = Map::new();
+    p.insert("MessageId".into(), m.message_id.clone().into());
+    if let Some(s) = &m.session_id {
+        p.insert("SessionId".into(), s.clone().into());
+    }
+    if let Some(c) = &m.correlation_id {
+        p.insert("CorrelationId".into(), c.clone().into());
+    }
+    if let Some(at) = m.scheduled_at {
+        p.insert("ScheduledEnqueueTimeUtc".into(), httpdate::fmt_http_date(at.into()).into());
+    }
+    p
+}
+
+impl BusSender {
+    /// A sender to the Service Bus REST endpoints at `base` (e.g. `http://127.0.0.1:7071`).
+    pub fn new(base: &str) -> BusSender {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("the HTTP client builds with static settings");
+        BusSender { http, base: base.trim_end_matches('/').to_owned() }
+    }
+
+    fn url(&self, queue: &str) -> String {
+        format!("{}/{queue}/messages", self.base)
+    }
+
+    pub async fn send(&self, m: &OutgoingMessage) -> Result<(), BusError> {
+        let broker = Value::Object(broker_properties(m)).to_string();
+        self.with_retries(|| {
+            let mut req = self
+                .http
+                .post(self.url(&m.queue))
+                .header("BrokerProperties", &broker)
+                .header("Content-Type", "application/json")
+                .body(m.body.clone());
+            for (k, v) in &m.properties {
+                req = req.header(k, Value::String(v.clone()).to_string());
+            }
+            req
+        })
+        .await
+    }
+
+    /// Sends many messages to one queue, in as few requests as the broker allows.
+    pub async fn send_batch(&self, queue: &str, messages: &[OutgoingMessage]) -> Result<(), BusError> {
+        for chunk in messages.chunks(BATCH_CHUNK) {
+            let entries: Vec<BatchEntry<'_>> = chunk
+                .iter()
+                .map(|m| BatchEntry {
+                    body: std::str::from_utf8(&m.body).unwrap_or_default(),
+                    broker_properties: broker_properties(m),
+                    user_properties: &m.properties,
+                })
+                .collect();
+            let body = serde_json::to_vec(&entries).map_err(|e| BusError::Permanent(e.to_string()))?;
+            self.with_retries(|| {
+                self.http
+                    .post(self.url(queue))
+                    .header("Content-Type", "application/vnd.microsoft.servicebus.json")
+                    .body(body.clone())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Service Bus itself may throttle (429) or be briefly unavailable (503):
+    /// back off and try again a few times before giving the error to the caller.
+    async fn with_retries(&self, request: impl Fn() -> reqwest::RequestBuilder) -> Result<(), BusError> {
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=ATTEMPTS {
+            let outcome = request().send().await;
+            let error = match outcome {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => {
+                    let status = r.status();
+                    let retry_after = r
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let text = r.text().await.unwrap_or_default();
+                    let error = format!("{status}: {}", text.chars().take(300).collect::<String>());
+                    if !retryable(status) {
+                        return Err(BusError::Permanent(error));
+                    }
+                    delay = delay.max(retry_after.unwrap_or_default());
+                    error
+                }
+                Err(e) => e.to_string(),
+            };
+            if attempt == ATTEMPTS {
+                return Err(BusError::Transient(error));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        unreachable!("the loop returns on its last attempt")
+    }
+}
+
+fn retryable(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT || status.is_server_error()
+}

@@ -195,6 +195,29 @@ impl PayProgress {
         PayStep::ALL.get(usize::from(self.done)).copied()
     }
 
+    /// What to send next: a step forward, or (after a failure) a step to undo.
+    pub fn next_operation(&self) -> Option<(PayStep, &'static str)> {
+        match &self.failure {
+            None => self.next_step().map(|s| (s, s.operation())),
+            Some(_) => self.next_compensation().map(|s| (s, s.compensation())),
+        }
+    }
+
+    /// The operation in flight was applied: count it and claim the next one.
+    pub fn applied(&mut self) {
+        match self.failure {
+            None => self.done += 1,
+            Some(_) => self.undone += 1,
+        }
+        self.in_flight = self.next_operation().map(|(_, op)| op.to_owned());
+    }
+
+    /// A step was declined for good: from now on, undo what was done.
+    pub fn declined(&mut self, reason: String) {
+        self.failure = Some(reason);
+        self.in_flight = self.next_operation().map(|(_, op)| op.to_owned());
+    }
+
     /// The next done step to undo, once compensating.
     pub fn next_compensation(&self) -> Option<PayStep> {
         self.failure.as_ref()?;
@@ -446,5 +469,21 @@ mod tests {
         assert_eq!(pay.next_compensation(), None);
         pay.done = 4;
         assert_eq!(pay.next_step(), None);
+    }
+
+    #[test]
+    fn each_applied_operation_claims_the_next_one() {
+        let mut pay = PayProgress::default();
+        assert_eq!(pay.next_operation(), Some((PayStep::Capture, "capture")));
+        pay.applied();
+        assert_eq!((pay.done, pay.in_flight.as_deref()), (1, Some("settle")));
+        pay.applied();
+        pay.declined("ledger down for good".into());
+        assert_eq!(pay.in_flight.as_deref(), Some("cancel"), "undo starts with the last done step");
+        pay.applied();
+        assert_eq!(pay.in_flight.as_deref(), Some("refund"));
+        pay.applied();
+        assert_eq!((pay.undone, pay.in_flight.as_deref()), (2, None));
+        assert_eq!(pay.next_operation(), None);
     }
 }

@@ -1,13 +1,34 @@
 //! The external providers: who they are, what is said to them on the wire,
 //! how we call them without flooding them, and a simulator that plays them all.
 
-pub mod wire;
+pub mod client;
+pub mod limits;
+pub mod redact;
 pub mod simulator;
+pub mod wire;
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+/// The scenarios shipped with ticketpay, by name.
+pub const SCENARIOS: &[(&str, &str)] = &[
+    ("realistic", include_str!("../../scenarios/realistic.toml")),
+    ("zero-latency", include_str!("../../scenarios/zero-latency.toml")),
+    ("faulty", include_str!("../../scenarios/faulty.toml")),
+];
+
+/// The TOML text of a shipped scenario by name, or of a file by path.
+pub fn scenario_text(name_or_path: &str) -> Result<String, String> {
+    if let Some((_, text)) = SCENARIOS.iter().find(|(n, _)| *n == name_or_path) {
+        return Ok((*text).to_owned());
+    }
+    std::fs::read_to_string(name_or_path).map_err(|e| {
+        let names: Vec<_> = SCENARIOS.iter().map(|(n, _)| *n).collect();
+        format!("`{name_or_path}` is neither a shipped scenario ({}) nor a readable file: {e}", names.join(", "))
+    })
+}
 
 /// The nine provider roles a ticket meets on its way through the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -1,1 +1,183 @@
-//! stages
+//! The pipeline: one file per stage, each reading like the business step.
+//!
+//! Every stage follows the same rules, kept here so the stage files need not:
+//! - a message names a ticket and the attempt it was sent for; a message that
+//!   no longer matches the ticket (a redelivery, a duplicate) only makes sure
+//!   the message the ticket is waiting for exists, and changes nothing;
+//! - a ticket changes by a conditional write, and only then is the next
+//!   message sent, with a deterministic MessageId so re-sends are dropped;
+//! - every provider exchange is recorded, whether or not the change lands;
+//! - transient failures are retried by a scheduled copy of the message with
+//!   exponential backoff and jitter, then the ticket is parked with its reason.
+
+mod lookup;
+mod notify;
+mod pay;
+mod reserve;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+
+use crate::bus::{BusError, BusSender, OutgoingMessage};
+use crate::domain::ticket::AfterFailure;
+use crate::domain::{BatchId, Event, EventKind, Exchange, RetryPolicy, Stage, Status, Ticket, TicketId};
+use crate::providers::client::ProviderClient;
+use crate::store::{BudgetChange, Store, StoreError, TicketUpdate, Versioned};
+
+/// The body of every stage message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageMessage {
+    pub batch_id: BatchId,
+    pub ticket_id: TicketId,
+    pub attempt: u32,
+}
+
+/// Why an invocation failed: the host abandons the message and redelivers it.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// What an invocation did, for the host's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    Done(Status),
+    /// The message was not the one the ticket waits for: nothing changed.
+    Stale,
+    UnknownTicket,
+}
+
+pub struct Pipeline {
+    pub store: Arc<dyn Store>,
+    pub bus: BusSender,
+    pub providers: ProviderClient,
+    pub retry: RetryPolicy,
+}
+
+/// The message that moves a ticket into `stage`, for `attempt`.
+pub fn message_for(ticket: &Ticket, stage: Stage, attempt: u32, not_before: Option<chrono::DateTime<Utc>>) -> OutgoingMessage {
+    let body = StageMessage { batch_id: ticket.batch_id.clone(), ticket_id: ticket.ticket_id.clone(), attempt };
+    OutgoingMessage {
+        queue: format!("ticket-{}", stage.function()),
+        message_id: format!("{}:{}:{}:{attempt}", ticket.batch_id, ticket.ticket_id, stage.function()),
+        session_id: stage.uses_sessions().then(|| ticket.batch_id.to_string()),
+        correlation_id: Some(format!("{}:{}", ticket.batch_id, ticket.ticket_id)),
+        scheduled_at: not_before.filter(|at| *at > Utc::now()),
+        properties: BTreeMap::from([
+            ("batch_id".to_owned(), ticket.batch_id.to_string()),
+            ("ticket_id".to_owned(), ticket.ticket_id.to_string()),
+            ("client_id".to_owned(), ticket.client_id.to_string()),
+        ]),
+        body: serde_json::to_vec(&body).expect("a stage message serialises"),
+    }
+}
+
+impl Pipeline {
+    pub async fn handle(&self, stage: Stage, message: StageMessage) -> Result<Handled, StageError> {
+        let Some(current) = self.store.ticket(&message.batch_id, &message.ticket_id).await? else {
+            return Ok(Handled::UnknownTicket);
+        };
+        let ticket = &current.value;
+        let waiting = ticket.pending();
+        let is_current = waiting.as_ref().is_some_and(|p| p.stage == stage && message.attempt >= p.attempt);
+        if !is_current {
+            self.send_pending(ticket).await?;
+            return Ok(Handled::Stale);
+        }
+        let after = match stage {
+            Stage::Lookup => lookup::run(self, current).await,
+            Stage::Validate => validate::run(self, current).await,
+            Stage::Reserve => reserve::run(self, current).await,
+            Stage::Pay => pay::run(self, current).await,
+            Stage::Notify => notify::run(self, current).await,
+        };
+        let after = match after {
+            Err(StageError::Store(StoreError::Conflict(_))) => {
+                // Someone else moved this ticket on first; follow their state.
+                match self.store.ticket(&message.batch_id, &message.ticket_id).await? {
+                    Some(t) => t,
+                    None => return Ok(Handled::UnknownTicket),
+                }
+            }
+            other => other?,
+        };
+        self.send_pending(&after.value).await?;
+        Ok(Handled::Done(after.value.status))
+    }
+
+    /// Sends the message the ticket is waiting for (a no-op for the broker if it was sent before).
+    pub async fn send_pending(&self, ticket: &Ticket) -> Result<(), BusError> {
+        match ticket.pending() {
+            Some(p) => self.bus.send(&message_for(ticket, p.stage, p.attempt, p.not_before)).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the ticket's new state with its events; on a conflict the exchanges
+    /// are still recorded, because they happened.
+    async fn commit(
+        &self,
+        current: &Versioned<Ticket>,
+        ticket: Ticket,
+        budget: Option<BudgetChange>,
+        exchanges: Vec<Event>,
+        mut events: Vec<Event>,
+    ) -> Result<Versioned<Ticket>, StageError> {
+        let from = current.value.status;
+        if ticket.status != from {
+            let kind = EventKind::StatusChanged { from, to: ticket.status, reason: ticket.reason.clone() };
+            events.push(self.event(&ticket, from.stage(), kind));
+        }
+        let mut all = exchanges.clone();
+        all.extend(events);
+        let update = TicketUpdate { ticket, etag: current.etag.clone(), budget, events: all };
+        match self.store.update_ticket(update).await {
+            Err(e @ StoreError::Conflict(_)) => {
+                self.store.append_events(&exchanges).await?;
+                Err(e.into())
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// A transient failure: schedule the next attempt, or park the ticket with the reason.
+    async fn retry_later(
+        &self,
+        current: &Versioned<Ticket>,
+        mut ticket: Ticket,
+        error: String,
+        at_least: Duration,
+        exchanges: Vec<Event>,
+    ) -> Result<Versioned<Ticket>, StageError> {
+        let now = Utc::now();
+        let delay = self.retry.delay(ticket.attempt + 1, rand::random::<f64>(), at_least);
+        let stage = current.value.status.stage();
+        let mut events = Vec::new();
+        match ticket.fail_transiently(error.clone(), &self.retry, delay, now) {
+            AfterFailure::RetryAt(at) => {
+                events.push(self.event(&ticket, stage, EventKind::RetryScheduled { attempt: ticket.attempt, at, error }))
+            }
+            AfterFailure::Parked if ticket.status.is_end() && ticket.notified => events.push(
+                self.event(&ticket, stage, EventKind::Notified { outcome: ticket.notification.clone().unwrap_or_default() }),
+            ),
+            AfterFailure::Parked => {}
+        }
+        self.commit(current, ticket, None, exchanges, events).await
+    }
+
+    fn event(&self, ticket: &Ticket, stage: Stage, kind: EventKind) -> Event {
+        Event::new(&ticket.batch_id, &ticket.ticket_id, stage, kind, Utc::now())
+    }
+
+    fn exchange_event(&self, ticket: &Ticket, stage: Stage, exchange: Exchange) -> Event {
+        Event::new(&ticket.batch_id, &ticket.ticket_id, stage, EventKind::Exchange(Box::new(exchange)), Utc::now())
+    }
+}

@@ -1,1 +1,136 @@
-//! store
+//! The store seam: batches, tickets, the batch budget and the audit log.
+//!
+//! Shaped for a document database partitioned by batch: every operation
+//! touches one batch's partition, a ticket is replaced only if its ETag still
+//! matches, and a ticket's change, its budget movement and its events are
+//! written together or not at all. [`sqlite::SqliteStore`] is the embedded
+//! implementation used by `ticketpay local`.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use crate::domain::{Batch, BatchId, ClientId, Event, Status, Ticket, TicketId};
+
+/// A document with the version it was read at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub etag: String,
+}
+
+/// A change to the batch budget made together with a ticket change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetChange {
+    /// Hold this many minor units; refused with [`StoreError::InsufficientBudget`] if they do not fit.
+    Reserve(i64),
+    /// Give back minor units held earlier.
+    Release(i64),
+}
+
+/// A conditional ticket change: applied only if the ticket is still at `etag`.
+#[derive(Debug, Clone)]
+pub struct TicketUpdate {
+    pub ticket: Ticket,
+    pub etag: String,
+    pub budget: Option<BudgetChange>,
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} was changed concurrently")]
+    Conflict(String),
+    #[error("the batch budget cannot cover the reservation")]
+    InsufficientBudget,
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store data is invalid: {0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// Worth trying again later (the pipeline redelivers the message).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Conflict(_))
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Created {
+    New,
+    /// The client already uploaded with this idempotency key: here is that batch.
+    Existing(Batch),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TicketPage {
+    pub tickets: Vec<Ticket>,
+    pub next_cursor: Option<String>,
+}
+
+/// A batch's tickets counted by status, and its money.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchSummary {
+    pub counts: BTreeMap<Status, u64>,
+    /// Tickets at an end state whose client has not yet been notified.
+    pub awaiting_notification: u64,
+    pub paid: i64,
+    pub reserved: i64,
+}
+
+impl BatchSummary {
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    pub fn in_progress(&self) -> u64 {
+        self.counts.iter().filter(|(s, _)| !s.is_end()).map(|(_, n)| n).sum()
+    }
+
+    /// Every ticket is at an end state and its client was told.
+    pub fn is_complete(&self) -> bool {
+        self.in_progress() == 0 && self.awaiting_notification == 0
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates the batch, its tickets and their `accepted` events at once, or
+    /// nothing. If the batch's client already used its idempotency key, nothing
+    /// is written and that batch is returned.
+    async fn create_batch(&self, batch: &Batch, tickets: &[Ticket], events: &[Event]) -> Result<Created>;
+    async fn batch(&self, batch_id: &BatchId) -> Result<Option<Batch>>;
+    /// Records that every ticket's first message was sent.
+    async fn mark_enqueued(&self, batch_id: &BatchId) -> Result<()>;
+    /// Records completion once; returns whether this call recorded it.
+    async fn mark_completed(&self, batch_id: &BatchId, at: chrono::DateTime<chrono::Utc>) -> Result<bool>;
+    /// Batches, newest first, of one client or of all.
+    async fn batches(&self, client: Option<&ClientId>, limit: usize) -> Result<Vec<Batch>>;
+    async fn ticket(&self, batch_id: &BatchId, ticket_id: &TicketId) -> Result<Option<Versioned<Ticket>>>;
+    /// Applies a conditional ticket change with its budget change and events, atomically.
+    async fn update_ticket(&self, update: TicketUpdate) -> Result<Versioned<Ticket>>;
+    /// Appends to the audit log. Append-only: events are never changed.
+    async fn append_events(&self, events: &[Event]) -> Result<()>;
+    /// A ticket's events in the order they were appended.
+    async fn events(&self, batch_id: &BatchId, ticket_id: &TicketId) -> Result<Vec<Event>>;
+    /// A page of a batch's tickets ordered by ticket id, optionally of one status.
+    async fn tickets(
+        &self,
+        batch_id: &BatchId,
+        status: Option<Status>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<TicketPage>;
+    async fn summary(&self, batch_id: &BatchId) -> Result<BatchSummary>;
+    /// How many of the batch's tickets are not yet at an end state with their client told.
+    async fn open_tickets(&self, batch_id: &BatchId) -> Result<u64>;
+    /// Tickets carrying this reference, across batches (support looks them up this way).
+    async fn find_by_reference(&self, reference: &str, limit: usize) -> Result<Vec<Ticket>>;
+}

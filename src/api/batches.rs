@@ -1,0 +1,193 @@
+//! Batches: upload (all or nothing), list, and status.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use serde_json::json;
+
+use super::problem::Problem;
+use super::{App, views};
+use crate::domain::upload::{self, Header};
+use crate::domain::{Batch, BatchId, BatchRequest, ClientId, Event, EventKind, PayProgress, Stage, Status, Ticket};
+use crate::stages::message_for;
+use crate::store::Created;
+
+/// Large enough for 5,000 tickets with long references, small enough to refuse abuse.
+pub const MAX_UPLOAD_BYTES: usize = 4 * 1024 * 1024;
+const MAX_IDEMPOTENCY_KEY: usize = 200;
+
+pub async fn upload(
+    State(app): State<Arc<App>>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let key = idempotency_key(&headers)?;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if media != "application/json" && media != "text/csv" {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            format!("Content-Type `{content_type}` is not accepted; send application/json or text/csv"),
+        ));
+    }
+    let bytes = axum::body::to_bytes(body, MAX_UPLOAD_BYTES).await.map_err(|_| {
+        Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", format!("the upload is larger than {MAX_UPLOAD_BYTES} bytes"))
+    })?;
+    let request = if media == "text/csv" {
+        let header = Header {
+            client_id: query.get("client_id").map(String::as_str),
+            currency: query.get("currency").map(String::as_str),
+            budget: query.get("budget").map(String::as_str),
+        };
+        upload::parse_csv(&bytes, &header, &app.authorities)?
+    } else {
+        upload::parse_json(&bytes, &app.authorities)?
+    };
+    accept(&app, request, key).await
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value.to_str().map_err(|_| Problem::bad_request("the Idempotency-Key header must be visible ASCII"))?.trim();
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(Problem::bad_request(format!("the Idempotency-Key header must have 1 to {MAX_IDEMPOTENCY_KEY} characters")));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// Stores the batch and its tickets in one write, then queues every ticket for lookup.
+async fn accept(app: &App, request: BatchRequest, key: Option<String>) -> Result<Response, Problem> {
+    let now = Utc::now();
+    let batch = Batch {
+        batch_id: BatchId::generate(),
+        client_id: request.client_id.clone(),
+        currency: request.currency,
+        budget: request.budget.minor,
+        committed: 0,
+        tickets: request.tickets.len() as u32,
+        idempotency_key: key.clone(),
+        request_digest: request.digest(),
+        enqueued: false,
+        completed_at: None,
+        created_at: now,
+    };
+    let tickets: Vec<Ticket> = request.tickets.into_iter().map(|line| Ticket {
+        batch_id: batch.batch_id.clone(),
+        ticket_id: line.ticket_id,
+        client_id: batch.client_id.clone(),
+        authority: line.authority,
+        reference: line.reference,
+        currency: batch.currency,
+        status: Status::Lookup,
+        amount_due: None,
+        reserved: 0,
+        paid: 0,
+        attempt: 0,
+        retry_at: None,
+        last_error: None,
+        reason: None,
+        parked_stage: None,
+        pay: PayProgress::default(),
+        notified: false,
+        notification: None,
+        created_at: now,
+        updated_at: now,
+    }).collect();
+    let events: Vec<Event> = tickets
+        .iter()
+        .map(|t| Event::new(&t.batch_id, &t.ticket_id, Stage::Lookup, EventKind::Accepted, now))
+        .collect();
+    let batch = match app.pipeline.store.create_batch(&batch, &tickets, &events).await? {
+        Created::New => batch,
+        Created::Existing(existing) if existing.request_digest != batch.request_digest => {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                format!(
+                    "Idempotency-Key `{}` was already used for another upload (batch {})",
+                    key.unwrap_or_default(),
+                    existing.batch_id
+                ),
+            ));
+        }
+        Created::Existing(existing) => existing,
+    };
+    if !batch.enqueued {
+        enqueue(app, &batch).await?;
+    }
+    let body = json!({
+        "batch_id": batch.batch_id,
+        "tickets": batch.tickets,
+        "status_url": format!("/api/batches/{}", batch.batch_id),
+    });
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/api/batches/{}", batch.batch_id))], Json(body)).into_response())
+}
+
+/// Sends every ticket's first message. Safe to repeat: the MessageIds are deterministic.
+async fn enqueue(app: &App, batch: &Batch) -> Result<(), Problem> {
+    let store = &app.pipeline.store;
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store.tickets(&batch.batch_id, Some(Status::Lookup), 1_000, cursor.as_deref()).await?;
+        let messages: Vec<_> = page.tickets.iter().filter(|t| t.attempt == 0).map(|t| message_for(t, Stage::Lookup, 0, None)).collect();
+        app.pipeline.bus.send_batch("ticket-lookup", &messages).await.map_err(|e| {
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-queued",
+                format!("batch {} is stored but not every ticket was queued ({e}); send the same upload again with the same Idempotency-Key", batch.batch_id),
+            )
+        })?;
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    store.mark_enqueued(&batch.batch_id).await?;
+    Ok(())
+}
+
+pub async fn list(State(app): State<Arc<App>>, Query(query): Query<HashMap<String, String>>) -> Result<Response, Problem> {
+    let client = match query.get("client_id") {
+        Some(c) => Some(ClientId::parse(c).map_err(|e| with_field(Problem::bad_request(e), "client_id"))?),
+        None => None,
+    };
+    let limit = parse_limit(&query, 100, 1_000)?;
+    let batches = app.pipeline.store.batches(client.as_ref(), limit).await?;
+    let items: Vec<_> = batches.iter().map(views::batch_item).collect();
+    Ok(Json(json!({ "batches": items })).into_response())
+}
+
+pub async fn status(State(app): State<Arc<App>>, Path(batch_id): Path<String>) -> Result<Response, Problem> {
+    let batch = find_batch(&app, &batch_id).await?;
+    let summary = app.pipeline.store.summary(&batch.batch_id).await?;
+    Ok(Json(views::batch_status(&batch, &summary)).into_response())
+}
+
+pub(super) async fn find_batch(app: &App, batch_id: &str) -> Result<Batch, Problem> {
+    let not_found = || Problem::not_found(format!("no batch `{batch_id}`"));
+    let id = BatchId::parse(batch_id).map_err(|_| not_found())?;
+    app.pipeline.store.batch(&id).await?.ok_or_else(not_found)
+}
+
+pub(super) fn parse_limit(query: &HashMap<String, String>, default: usize, max: usize) -> Result<usize, Problem> {
+    match query.get("limit") {
+        None => Ok(default),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(with_field(Problem::bad_request(format!("limit must be a whole number from 1 to {max}, found `{v}`")), "limit")),
+        },
+    }
+}
+
+pub(super) fn with_field(mut p: Problem, field: &str) -> Problem {
+    p.field = Some(field.to_owned());
+    p
+}

@@ -1,0 +1,51 @@
+//! Tickets: a batch's tickets page by page, one ticket with its timeline, and
+//! lookup by the ticket's own reference.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::batches::{find_batch, parse_limit, with_field};
+use super::problem::Problem;
+use super::{App, views};
+use crate::domain::{Status, TicketId};
+
+pub async fn list(
+    State(app): State<Arc<App>>,
+    Path(batch_id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, Problem> {
+    let batch = find_batch(&app, &batch_id).await?;
+    let status = match query.get("status").filter(|s| !s.is_empty()) {
+        Some(s) => Some(s.parse::<Status>().map_err(|e| with_field(Problem::bad_request(e), "status"))?),
+        None => None,
+    };
+    let limit = parse_limit(&query, 100, 1_000)?;
+    let cursor = query.get("cursor").map(String::as_str).filter(|c| !c.is_empty());
+    let page = app.pipeline.store.tickets(&batch.batch_id, status, limit, cursor).await?;
+    let tickets: Vec<_> = page.tickets.iter().map(views::ticket).collect();
+    Ok(Json(json!({ "tickets": tickets, "next_cursor": page.next_cursor })).into_response())
+}
+
+pub async fn show(State(app): State<Arc<App>>, Path((batch_id, ticket_id)): Path<(String, String)>) -> Result<Response, Problem> {
+    let batch = find_batch(&app, &batch_id).await?;
+    let not_found = || Problem::not_found(format!("no ticket `{ticket_id}` in batch `{batch_id}`"));
+    let id = TicketId::parse(&ticket_id).map_err(|_| not_found())?;
+    let ticket = app.pipeline.store.ticket(&batch.batch_id, &id).await?.ok_or_else(not_found)?;
+    let events = app.pipeline.store.events(&batch.batch_id, &id).await?;
+    Ok(Json(views::ticket_with_timeline(&ticket.value, &events)).into_response())
+}
+
+pub async fn by_reference(State(app): State<Arc<App>>, Query(query): Query<HashMap<String, String>>) -> Result<Response, Problem> {
+    let reference = query
+        .get("reference")
+        .filter(|r| !r.trim().is_empty())
+        .ok_or_else(|| with_field(Problem::bad_request("the `reference` query parameter is required"), "reference"))?;
+    let tickets = app.pipeline.store.find_by_reference(reference.trim(), 100).await?;
+    let tickets: Vec<_> = tickets.iter().map(views::ticket).collect();
+    Ok(Json(json!({ "tickets": tickets })).into_response())
+}

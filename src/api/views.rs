@@ -1,0 +1,80 @@
+//! What the API shows of batches and tickets: amounts as decimal strings.
+
+use serde_json::{Value, json};
+
+use crate::domain::money::format_minor;
+use crate::domain::{Batch, Event, Ticket};
+use crate::store::BatchSummary;
+
+pub fn batch_status(batch: &Batch, summary: &BatchSummary) -> Value {
+    let counts: serde_json::Map<String, Value> =
+        summary.counts.iter().map(|(status, n)| (status.as_str().to_owned(), json!(n))).collect();
+    let money = |minor: i64| format_minor(minor, batch.currency);
+    json!({
+        "batch_id": batch.batch_id,
+        "client_id": batch.client_id,
+        "status": if summary.is_complete() { "completed" } else { "running" },
+        "currency": batch.currency,
+        "budget": money(batch.budget),
+        "reserved": money(summary.reserved),
+        "paid": money(summary.paid),
+        "remaining": money(batch.remaining()),
+        "tickets": batch.tickets,
+        "counts": counts,
+        "awaiting_notification": summary.awaiting_notification,
+        "created_at": batch.created_at,
+        "completed_at": batch.completed_at,
+    })
+}
+
+pub fn batch_item(batch: &Batch) -> Value {
+    json!({
+        "batch_id": batch.batch_id,
+        "client_id": batch.client_id,
+        "status": if batch.completed_at.is_some() { "completed" } else { "running" },
+        "currency": batch.currency,
+        "budget": format_minor(batch.budget, batch.currency),
+        "tickets": batch.tickets,
+        "created_at": batch.created_at,
+        "completed_at": batch.completed_at,
+        "status_url": format!("/api/batches/{}", batch.batch_id),
+    })
+}
+
+pub fn ticket(t: &Ticket) -> Value {
+    let money = |minor: i64| format_minor(minor, t.currency);
+    json!({
+        "batch_id": t.batch_id,
+        "ticket_id": t.ticket_id,
+        "client_id": t.client_id,
+        "authority": t.authority,
+        "reference": t.reference,
+        "status": t.status,
+        "stage": t.status.stage(),
+        "currency": t.currency,
+        "amount_due": t.amount_due.map(money),
+        "reserved": money(t.reserved),
+        "paid": money(t.paid),
+        "attempt": t.attempt,
+        "retry_at": t.retry_at,
+        "last_error": t.last_error,
+        "reason": t.reason,
+        "parked_stage": t.parked_stage,
+        "payment": {
+            "steps_done": t.pay.done,
+            "steps_undone": t.pay.undone,
+            "in_flight": t.pay.in_flight,
+            "failure": t.pay.failure,
+        },
+        "notified": t.notified,
+        "notification": t.notification,
+        "created_at": t.created_at,
+        "updated_at": t.updated_at,
+    })
+}
+
+pub fn ticket_with_timeline(t: &Ticket, events: &[Event]) -> Value {
+    let mut view = ticket(t);
+    view["timeline"] = serde_json::to_value(events).unwrap_or(Value::Null);
+    view
+}

@@ -1,0 +1,140 @@
+//! The handler's settings, read once from the environment (app settings in
+//! Azure, `local.settings.json` Values locally). A missing or malformed
+//! setting stops startup with a message that names it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::domain::{AuthorityCode, RetryPolicy};
+use crate::providers::client::ProviderEndpoints;
+use crate::providers::limits::ClientConfig;
+use crate::providers::redact::Redactor;
+use crate::providers::ProviderName;
+
+/// The authority codes accepted when `TICKETPAY_AUTHORITIES` is not set.
+pub const DEFAULT_AUTHORITIES: &str = "CITY-PARKING,STATE-TOLLS,METRO-TRANSIT,HIGHWAY-PATROL,WATER-UTILITY";
+
+#[derive(Debug, thiserror::Error)]
+#[error("setting {name}: {problem}")]
+pub struct SettingError {
+    pub name: String,
+    pub problem: String,
+}
+
+fn setting_error(name: &str, problem: impl Into<String>) -> SettingError {
+    SettingError { name: name.to_owned(), problem: problem.into() }
+}
+
+/// Reads settings from a source (the process environment, or a map in tests).
+pub struct Settings<'a> {
+    get: Box<dyn Fn(&str) -> Option<String> + 'a>,
+}
+
+impl<'a> Settings<'a> {
+    pub fn from_env() -> Settings<'static> {
+        Settings { get: Box::new(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty())) }
+    }
+
+    pub fn from_map(map: &'a HashMap<String, String>) -> Settings<'a> {
+        Settings { get: Box::new(move |k| map.get(k).cloned().filter(|v| !v.trim().is_empty())) }
+    }
+
+    pub fn optional(&self, name: &str) -> Option<String> {
+        (self.get)(name)
+    }
+
+    pub fn required(&self, name: &str) -> Result<String, SettingError> {
+        self.optional(name).ok_or_else(|| setting_error(name, "is required but not set"))
+    }
+
+    pub fn number<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, SettingError> {
+        match self.optional(name) {
+            None => Ok(default),
+            Some(v) => v.trim().parse().map_err(|_| setting_error(name, format!("`{v}` is not a valid number"))),
+        }
+    }
+
+    pub fn list(&self, name: &str) -> Vec<String> {
+        self.optional(name)
+            .map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Everything the handler needs to run.
+pub struct HandlerConfig {
+    pub port: u16,
+    pub bus_url: String,
+    pub store_path: PathBuf,
+    pub authorities: Vec<AuthorityCode>,
+    pub retry: RetryPolicy,
+    pub endpoints: ProviderEndpoints,
+    pub client: ClientConfig,
+    pub redactor: Redactor,
+}
+
+impl HandlerConfig {
+    pub fn load(s: &Settings<'_>) -> Result<HandlerConfig, SettingError> {
+        let port = s.required("FUNCTIONS_CUSTOMHANDLER_PORT")?;
+        let port = port
+            .parse()
+            .map_err(|_| setting_error("FUNCTIONS_CUSTOMHANDLER_PORT", format!("`{port}` is not a port number")))?;
+        let bus_url = s.required("TICKETPAY_BUS_URL")?;
+        if !bus_url.starts_with("http://") && !bus_url.starts_with("https://") {
+            return Err(setting_error("TICKETPAY_BUS_URL", format!("`{bus_url}` is not an http(s) URL")));
+        }
+        let store_path = PathBuf::from(s.optional("TICKETPAY_DATA_DIR").unwrap_or_else(|| ".ticketpay".into())).join("store.db");
+        let authority_list = s.optional("TICKETPAY_AUTHORITIES").unwrap_or_else(|| DEFAULT_AUTHORITIES.into());
+        let authorities = authority_list
+            .split(',')
+            .map(|a| AuthorityCode::parse(a.trim()).map_err(|e| setting_error("TICKETPAY_AUTHORITIES", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let retry = RetryPolicy {
+            max_attempts: s.number("TICKETPAY_MAX_ATTEMPTS", 8)?,
+            base: Duration::from_millis(s.number("TICKETPAY_RETRY_BASE_MS", 500)?),
+            cap: Duration::from_millis(s.number("TICKETPAY_RETRY_CAP_MS", 60_000)?),
+        };
+        if retry.max_attempts == 0 {
+            return Err(setting_error("TICKETPAY_MAX_ATTEMPTS", "must be at least 1"));
+        }
+        let client = load_client_config(s)?;
+        let endpoints = load_endpoints(s)?;
+        let redactor = Redactor::new(&s.list("TICKETPAY_REDACT_HEADERS"), &s.list("TICKETPAY_REDACT_FIELDS"));
+        Ok(HandlerConfig { port, bus_url, store_path, authorities, retry, endpoints, client, redactor })
+    }
+}
+
+fn load_client_config(s: &Settings<'_>) -> Result<ClientConfig, SettingError> {
+    const NAME: &str = "TICKETPAY_PROVIDERS_CONFIG";
+    let source = s.optional(NAME).unwrap_or_else(|| "realistic".into());
+    let text = crate::providers::scenario_text(&source).map_err(|e| setting_error(NAME, e))?;
+    ClientConfig::from_toml(&text).map_err(|e| setting_error(NAME, format!("{source}: {e}")))
+}
+
+/// Each provider's URL: `TICKETPAY_PROVIDER_URL_<NAME>`, or `TICKETPAY_PROVIDERS_URL/<name>`.
+/// Each provider's key, if it needs one: `TICKETPAY_PROVIDER_KEY_<NAME>`.
+fn load_endpoints(s: &Settings<'_>) -> Result<ProviderEndpoints, SettingError> {
+    let common = s.optional("TICKETPAY_PROVIDERS_URL");
+    let mut base_urls = HashMap::new();
+    let mut api_keys = HashMap::new();
+    for name in ProviderName::ALL {
+        let upper = name.as_str().to_ascii_uppercase();
+        let own = format!("TICKETPAY_PROVIDER_URL_{upper}");
+        let url = match (s.optional(&own), &common) {
+            (Some(url), _) => url,
+            (None, Some(base)) => format!("{}/{}", base.trim_end_matches('/'), name),
+            (None, None) => {
+                return Err(setting_error("TICKETPAY_PROVIDERS_URL", format!("is required (or {own}) to reach the {name} provider")));
+            }
+        };
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(setting_error(&own, format!("`{url}` is not an http(s) URL")));
+        }
+        base_urls.insert(name, url);
+        if let Some(key) = s.optional(&format!("TICKETPAY_PROVIDER_KEY_{upper}")) {
+            api_keys.insert(name, key);
+        }
+    }
+    Ok(ProviderEndpoints { base_urls, api_keys })
+}

@@ -1,0 +1,276 @@
+//! The one HTTP client for every provider: limited, timed, and recorded.
+//! Every request it makes comes back with an [`Exchange`] for the audit trail,
+//! whatever happened to it.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::limits::{ClientConfig, Limiter};
+use super::redact::Redactor;
+use super::wire::{self, CheckRequest, CheckResponse, LookupResponse, OperationRequest, OperationResponse};
+use super::ProviderName;
+use crate::domain::event::{Exchange, HttpRequestRecord, HttpResponseRecord};
+
+/// Why a provider call did not give an answer we can use.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallError {
+    /// The provider said no, for good: do not retry.
+    Permanent { status: u16, error: String },
+    /// The provider asked us to slow down; nothing was applied.
+    Throttled { retry_after: Duration },
+    /// Try again later. For an operation the outcome is unknown: it may have been applied.
+    Transient { error: String },
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Permanent { status, error } => write!(f, "refused ({status}): {error}"),
+            Self::Throttled { retry_after } => write!(f, "throttled (retry after {}s)", retry_after.as_secs()),
+            Self::Transient { error } => f.write_str(error),
+        }
+    }
+}
+
+impl CallError {
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Self::Throttled { retry_after } => *retry_after,
+            _ => Duration::ZERO,
+        }
+    }
+
+    fn outcome(&self) -> &'static str {
+        match self {
+            Self::Permanent { .. } => "refused",
+            Self::Throttled { .. } => "throttled",
+            Self::Transient { error } if error.starts_with("timed out") => "timeout",
+            Self::Transient { .. } => "transient",
+        }
+    }
+}
+
+/// A provider call's result and the record of what was said.
+pub struct Call<T> {
+    pub result: Result<T, CallError>,
+    pub exchange: Exchange,
+}
+
+struct Endpoint {
+    base: String,
+    api_key: Option<String>,
+    limiter: Limiter,
+}
+
+pub struct ProviderClient {
+    http: reqwest::Client,
+    endpoints: HashMap<ProviderName, Endpoint>,
+    timeout: Duration,
+    redactor: Redactor,
+}
+
+/// Where each provider is and how to authenticate to it.
+pub struct ProviderEndpoints {
+    pub base_urls: HashMap<ProviderName, String>,
+    pub api_keys: HashMap<ProviderName, String>,
+}
+
+impl ProviderClient {
+    pub fn new(endpoints: ProviderEndpoints, config: &ClientConfig, redactor: Redactor) -> ProviderClient {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()
+            .expect("the HTTP client builds with static settings");
+        let endpoints = ProviderName::ALL
+            .into_iter()
+            .map(|name| {
+                let limits = config.providers.get(&name).cloned().unwrap_or(super::limits::ProviderLimits {
+                    rate_limit: 0.0,
+                    concurrency_limit: 0,
+                });
+                let endpoint = Endpoint {
+                    base: endpoints.base_urls.get(&name).cloned().unwrap_or_default().trim_end_matches('/').to_owned(),
+                    api_key: endpoints.api_keys.get(&name).cloned(),
+                    limiter: Limiter::new(&limits, config.rate_headroom),
+                };
+                (name, endpoint)
+            })
+            .collect();
+        ProviderClient { http, endpoints, timeout: config.timeout, redactor }
+    }
+
+    pub async fn lookup(&self, authority: &str, ticket_id: &str, currency: &str, attempt: u32) -> Call<LookupResponse> {
+        let path = format!("/tickets/{ticket_id}?currency={currency}");
+        let path = format!("/{authority}{path}");
+        self.typed(ProviderName::Authority, "lookup", Method::GET, path, None, None, attempt).await
+    }
+
+    pub async fn check(&self, provider: ProviderName, request: &CheckRequest, attempt: u32) -> Call<CheckResponse> {
+        let body = serde_json::to_value(request).ok();
+        self.typed(provider, "check", Method::POST, "/checks".into(), None, body, attempt).await
+    }
+
+    /// Applies an operation once: the idempotency key lets the provider (and us) recognise a repeat.
+    pub async fn operate(
+        &self,
+        provider: ProviderName,
+        operation: &str,
+        key: &str,
+        request: &OperationRequest,
+        attempt: u32,
+    ) -> Call<OperationResponse> {
+        let body = serde_json::to_value(request).ok();
+        self.typed(provider, operation, Method::POST, format!("/{operation}"), Some(key), body, attempt).await
+    }
+
+    /// Asks whether an operation with this key was applied: `Ok(None)` if the provider never applied it.
+    pub async fn operation_status(&self, provider: ProviderName, key: &str, attempt: u32) -> Call<Option<OperationResponse>> {
+        let call = self.raw(provider, "status", Method::GET, format!("/operations/{key}"), Some(key), None, attempt).await;
+        let result = match call.result {
+            Ok((_, body)) => decode(body).map(Some),
+            Err(CallError::Permanent { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        };
+        Call { result, exchange: call.exchange }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn typed<T: DeserializeOwned>(
+        &self,
+        provider: ProviderName,
+        operation: &str,
+        method: Method,
+        path: String,
+        key: Option<&str>,
+        body: Option<Value>,
+        attempt: u32,
+    ) -> Call<T> {
+        let call = self.raw(provider, operation, method, path, key, body, attempt).await;
+        Call { result: call.result.and_then(|(_, body)| decode(body)), exchange: call.exchange }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn raw(
+        &self,
+        provider: ProviderName,
+        operation: &str,
+        method: Method,
+        path: String,
+        key: Option<&str>,
+        body: Option<Value>,
+        attempt: u32,
+    ) -> Call<(u16, Value)> {
+        let endpoint = &self.endpoints[&provider];
+        let url = format!("{}{path}", endpoint.base);
+        let mut request = self.http.request(method.clone(), &url).timeout(self.timeout);
+        let mut sent_headers: Vec<(String, String)> = Vec::new();
+        if let Some(key) = key {
+            sent_headers.push((wire::IDEMPOTENCY_KEY.into(), key.into()));
+        }
+        if let Some(api_key) = &endpoint.api_key {
+            sent_headers.push(("Authorization".into(), format!("Bearer {api_key}")));
+        }
+        if body.is_some() {
+            sent_headers.push(("Content-Type".into(), "application/json".into()));
+        }
+        for (k, v) in &sent_headers {
+            request = request.header(k, v);
+        }
+        if let Some(b) = &body {
+            request = request.body(b.to_string());
+        }
+
+        let _permit = endpoint.limiter.acquire().await;
+        let started = Instant::now();
+        let response = request.send().await;
+        let (result, record) = match response {
+            Ok(r) => {
+                let status = r.status();
+                let headers = self.redactor.headers(r.headers().iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))));
+                let retry_after = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let text = match r.text().await {
+                    Ok(t) => t,
+                    Err(e) => String::from_utf8_lossy(format!("<body unreadable: {e}>").as_bytes()).into_owned(),
+                };
+                let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                let result = classify(status, retry_after, &body);
+                if let Err(CallError::Throttled { retry_after }) = &result {
+                    endpoint.limiter.pause(*retry_after);
+                }
+                let record = HttpResponseRecord { status: status.as_u16(), headers, body: self.redactor.body(body.clone()) };
+                (result.map(|()| (status.as_u16(), body)), Some(record))
+            }
+            Err(e) if e.is_timeout() => {
+                (Err(CallError::Transient { error: format!("timed out after {} ms", self.timeout.as_millis()) }), None)
+            }
+            Err(e) => (Err(CallError::Transient { error: format!("connection failed: {}", error_chain(&e)) }), None),
+        };
+        let latency_ms = started.elapsed().as_millis() as u64;
+        let exchange = Exchange {
+            provider,
+            operation: operation.to_owned(),
+            attempt,
+            idempotency_key: key.map(str::to_owned),
+            request: HttpRequestRecord {
+                method: method.to_string(),
+                url,
+                headers: self.redactor.headers(sent_headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+                body: body.map(|b| self.redactor.body(b)).unwrap_or(Value::Null),
+            },
+            response: record,
+            outcome: match &result {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => e.outcome().to_owned(),
+            },
+            error: result.as_ref().err().map(ToString::to_string),
+            latency_ms,
+            trace_id: None,
+        };
+        Call { result, exchange }
+    }
+}
+
+fn classify(status: StatusCode, retry_after: Option<Duration>, body: &Value) -> Result<(), CallError> {
+    if status.is_success() {
+        return Ok(());
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return Err(CallError::Throttled { retry_after: retry_after.unwrap_or(Duration::from_secs(1)) });
+    }
+    let error = body
+        .get("reason")
+        .or_else(|| body.get("error"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| status.to_string());
+    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+        return Err(CallError::Transient { error: format!("{} {error}", status.as_u16()) });
+    }
+    let code = body.get("error").and_then(Value::as_str).unwrap_or(&error).to_owned();
+    let error = if code != error { format!("{code}: {error}") } else { code };
+    Err(CallError::Permanent { status: status.as_u16(), error })
+}
+
+fn decode<T: DeserializeOwned>(body: Value) -> Result<T, CallError> {
+    serde_json::from_value(body).map_err(|e| CallError::Transient { error: format!("unreadable answer: {e}") })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

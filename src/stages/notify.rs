@@ -1,0 +1,53 @@
+//! Notify: tell the client how the ticket ended. A failed notification never
+//! undoes a payment. The batch completes when its last ticket is told.
+
+use chrono::Utc;
+
+use super::{Pipeline, StageError};
+use crate::domain::money::format_minor;
+use crate::domain::{EventKind, Stage, Ticket};
+use crate::providers::client::CallError;
+use crate::providers::wire::{OperationRequest, WireMoney};
+use crate::providers::ProviderName;
+use crate::store::Versioned;
+
+pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
+    let mut ticket = current.value.clone();
+    let key = format!("{}:{}:notify", ticket.batch_id, ticket.ticket_id);
+    let call = p.providers.operate(ProviderName::Notifier, "notify", &key, &request(&ticket), ticket.attempt).await;
+    let exchanges = vec![p.exchange_event(&ticket, Stage::Notify, call.exchange)];
+    let outcome = match call.result {
+        Ok(_) => "sent".to_owned(),
+        Err(CallError::Permanent { error, .. }) => format!("refused: {error}"),
+        Err(e) => return p.retry_later(&current, ticket, e.to_string(), e.retry_after(), exchanges).await,
+    };
+    ticket.notified = true;
+    ticket.notification = Some(outcome.clone());
+    ticket.retry_at = None;
+    ticket.updated_at = Utc::now();
+    let told = p.event(&ticket, Stage::Notify, EventKind::Notified { outcome });
+    let after = p.commit(&current, ticket, None, exchanges, vec![told]).await?;
+    if p.store.open_tickets(&after.value.batch_id).await? == 0 {
+        p.store.mark_completed(&after.value.batch_id, Utc::now()).await?;
+    }
+    Ok(after)
+}
+
+fn request(ticket: &Ticket) -> OperationRequest {
+    let amount = if ticket.paid > 0 { ticket.paid } else { ticket.amount_due.unwrap_or(0) };
+    let mut message = format!("ticket {} is {}", ticket.ticket_id, ticket.status);
+    if ticket.paid > 0 {
+        message.push_str(&format!(": paid {} {}", format_minor(ticket.paid, ticket.currency), ticket.currency));
+    }
+    if let Some(reason) = &ticket.reason {
+        message.push_str(&format!(" ({reason})"));
+    }
+    OperationRequest {
+        batch_id: ticket.batch_id.to_string(),
+        ticket_id: ticket.ticket_id.to_string(),
+        client_id: ticket.client_id.to_string(),
+        authority: ticket.authority.to_string(),
+        amount: WireMoney { minor: amount, currency: ticket.currency.code().into() },
+        message: Some(message),
+    }
+}

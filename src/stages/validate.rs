@@ -1,0 +1,59 @@
+//! Validate: the three validators are asked at once; any rejection is final.
+
+use chrono::Utc;
+use futures::future::join_all;
+
+use super::{Pipeline, StageError};
+use crate::domain::{Stage, Status, Ticket};
+use crate::providers::client::CallError;
+use crate::providers::wire::{CheckRequest, Decision, WireMoney};
+use crate::providers::ProviderName;
+use crate::store::Versioned;
+
+pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
+    let mut ticket = current.value.clone();
+    let request = CheckRequest {
+        batch_id: ticket.batch_id.to_string(),
+        ticket_id: ticket.ticket_id.to_string(),
+        client_id: ticket.client_id.to_string(),
+        authority: ticket.authority.to_string(),
+        amount: WireMoney { minor: ticket.amount_due.unwrap_or(0), currency: ticket.currency.code().into() },
+    };
+    let calls = join_all(ProviderName::VALIDATORS.map(|v| p.providers.check(v, &request, ticket.attempt))).await;
+
+    let mut exchanges = Vec::new();
+    let mut rejection = None;
+    let mut refusal = None;
+    let mut transient: Option<CallError> = None;
+    for (validator, call) in ProviderName::VALIDATORS.into_iter().zip(calls) {
+        exchanges.push(p.exchange_event(&ticket, Stage::Validate, call.exchange));
+        match call.result {
+            Ok(answer) if answer.decision == Decision::Reject => {
+                let reason = answer.reason.unwrap_or_else(|| "no reason given".into());
+                rejection.get_or_insert(format!("{validator}: {reason}"));
+            }
+            Ok(_) => {}
+            Err(CallError::Permanent { error, .. }) => {
+                refusal.get_or_insert(format!("{validator} refused the check: {error}"));
+            }
+            Err(e) => {
+                let slower = transient.as_ref().is_none_or(|t| e.retry_after() > t.retry_after());
+                if slower {
+                    transient = Some(e);
+                }
+            }
+        }
+    }
+    let now = Utc::now();
+    if let Some(reason) = rejection {
+        ticket.end(Status::Rejected, Some(reason), now);
+    } else if let Some(reason) = refusal {
+        ticket.parked_stage = Some(Stage::Validate);
+        ticket.end(Status::Parked, Some(reason), now);
+    } else if let Some(e) = transient {
+        return p.retry_later(&current, ticket, e.to_string(), e.retry_after(), exchanges).await;
+    } else {
+        ticket.move_to(Status::Reserve, now);
+    }
+    p.commit(&current, ticket, None, exchanges, Vec::new()).await
+}

@@ -1,0 +1,472 @@
+//! The embedded store: SQLite on local disk, in WAL mode.
+//!
+//! Ticket rows keep the whole ticket as a JSON document plus the columns
+//! queries need, and a version number that plays the ETag. One writer
+//! connection and one reader connection: readers never wait for writers.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{BatchSummary, BudgetChange, Created, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
+use crate::domain::{Batch, BatchId, ClientId, Currency, Event, Status, Ticket, TicketId};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    budget INTEGER NOT NULL,
+    committed INTEGER NOT NULL CHECK (committed >= 0 AND committed <= budget),
+    tickets INTEGER NOT NULL,
+    idempotency_key TEXT,
+    request_digest TEXT NOT NULL,
+    enqueued INTEGER NOT NULL,
+    completed_at TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS batches_idempotency ON batches(client_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS batches_client ON batches(client_id, batch_id);
+CREATE TABLE IF NOT EXISTS tickets (
+    batch_id TEXT NOT NULL,
+    ticket_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    notified INTEGER NOT NULL,
+    reference TEXT,
+    paid INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (batch_id, ticket_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tickets_status ON tickets(batch_id, status, ticket_id);
+CREATE INDEX IF NOT EXISTS tickets_open ON tickets(batch_id) WHERE notified = 0;
+CREATE INDEX IF NOT EXISTS tickets_reference ON tickets(reference) WHERE reference IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch_id TEXT NOT NULL,
+    ticket_id TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_ticket ON events(batch_id, ticket_id, seq);
+";
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn invalid(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Invalid(e.to_string())
+}
+
+fn open_connection(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(unavailable)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(unavailable)?;
+    // WAL with NORMAL sync survives a killed process (only a power cut may lose the last commits).
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
+        .map_err(unavailable)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
+        }
+        let writer = open_connection(path)?;
+        writer.execute_batch(SCHEMA).map_err(unavailable)?;
+        let reader = open_connection(path)?;
+        Ok(SqliteStore { writer: Arc::new(Mutex::new(writer)), reader: Arc::new(Mutex::new(reader)) })
+    }
+
+    async fn write<R: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<R> + Send + 'static) -> Result<R> {
+        run(self.writer.clone(), f).await
+    }
+
+    async fn read<R: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<R> + Send + 'static) -> Result<R> {
+        run(self.reader.clone(), f).await
+    }
+}
+
+async fn run<R: Send + 'static>(
+    conn: Arc<Mutex<Connection>>,
+    f: impl FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+) -> Result<R> {
+    tokio::task::spawn_blocking(move || {
+        let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut guard)
+    })
+    .await
+    .map_err(unavailable)?
+}
+
+fn batch_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Batch, String)> {
+    let currency: String = row.get("currency")?;
+    let batch_id: String = row.get("batch_id")?;
+    let client_id: String = row.get("client_id")?;
+    let completed: Option<String> = row.get("completed_at")?;
+    let created: String = row.get("created_at")?;
+    let parse_time = |s: &str| s.parse::<DateTime<Utc>>().ok();
+    let batch = Batch {
+        batch_id: BatchId::parse(&batch_id).unwrap_or_else(|_| BatchId::generate()),
+        client_id: ClientId::parse(&client_id).unwrap_or_else(|_| ClientId::parse("invalid").unwrap()),
+        currency: Currency::parse(&currency).unwrap_or_else(|_| Currency::parse("EUR").unwrap()),
+        budget: row.get("budget")?,
+        committed: row.get("committed")?,
+        tickets: row.get("tickets")?,
+        idempotency_key: row.get("idempotency_key")?,
+        request_digest: row.get("request_digest")?,
+        enqueued: row.get("enqueued")?,
+        completed_at: completed.as_deref().and_then(parse_time),
+        created_at: parse_time(&created).unwrap_or_default(),
+    };
+    Ok((batch, batch_id))
+}
+
+const BATCH_COLUMNS: &str = "batch_id, client_id, currency, budget, committed, tickets, idempotency_key, request_digest, enqueued, completed_at, created_at";
+
+fn insert_events(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> Result<()> {
+    let mut stmt = tx
+        .prepare_cached("INSERT INTO events (batch_id, ticket_id, doc) VALUES (?1, ?2, ?3)")
+        .map_err(unavailable)?;
+    for e in events {
+        let doc = serde_json::to_string(e).map_err(invalid)?;
+        stmt.execute(params![e.batch_id.as_str(), e.ticket_id.as_str(), doc]).map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+fn decode_ticket(doc: &str) -> Result<Ticket> {
+    serde_json::from_str(doc).map_err(invalid)
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_batch(&self, batch: &Batch, tickets: &[Ticket], events: &[Event]) -> Result<Created> {
+        let batch = batch.clone();
+        let tickets = tickets.to_vec();
+        let events = events.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            if let Some(key) = &batch.idempotency_key {
+                let existing = tx
+                    .query_row(
+                        &format!("SELECT {BATCH_COLUMNS} FROM batches WHERE client_id = ?1 AND idempotency_key = ?2"),
+                        params![batch.client_id.as_str(), key],
+                        batch_from_row,
+                    )
+                    .optional()
+                    .map_err(unavailable)?;
+                if let Some((existing, _)) = existing {
+                    return Ok(Created::Existing(existing));
+                }
+            }
+            tx.execute(
+                &format!("INSERT INTO batches ({BATCH_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                params![
+                    batch.batch_id.as_str(),
+                    batch.client_id.as_str(),
+                    batch.currency.code(),
+                    batch.budget,
+                    batch.committed,
+                    batch.tickets,
+                    batch.idempotency_key,
+                    batch.request_digest,
+                    batch.enqueued,
+                    batch.completed_at.map(|t| t.to_rfc3339()),
+                    batch.created_at.to_rfc3339(),
+                ],
+            )
+            .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict(format!("batch {}", batch.batch_id)) } else { unavailable(e) })?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO tickets (batch_id, ticket_id, status, notified, reference, paid, reserved, version, doc)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8)",
+                    )
+                    .map_err(unavailable)?;
+                for t in &tickets {
+                    let doc = serde_json::to_string(t).map_err(invalid)?;
+                    stmt.execute(params![
+                        t.batch_id.as_str(),
+                        t.ticket_id.as_str(),
+                        t.status.as_str(),
+                        t.notified,
+                        t.reference.as_ref().map(|r| r.as_str()),
+                        t.paid,
+                        t.reserved,
+                        doc
+                    ])
+                    .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict(format!("ticket {}", t.ticket_id)) } else { unavailable(e) })?;
+                }
+            }
+            insert_events(&tx, &events)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(Created::New)
+        })
+        .await
+    }
+
+    async fn batch(&self, batch_id: &BatchId) -> Result<Option<Batch>> {
+        let id = batch_id.to_string();
+        self.read(move |conn| {
+            conn.query_row(&format!("SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = ?1"), [id], batch_from_row)
+                .optional()
+                .map(|b| b.map(|(b, _)| b))
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn mark_enqueued(&self, batch_id: &BatchId) -> Result<()> {
+        let id = batch_id.to_string();
+        self.write(move |conn| {
+            let n = conn.execute("UPDATE batches SET enqueued = 1 WHERE batch_id = ?1", [&id]).map_err(unavailable)?;
+            if n == 0 { Err(StoreError::NotFound(format!("batch {id}"))) } else { Ok(()) }
+        })
+        .await
+    }
+
+    async fn mark_completed(&self, batch_id: &BatchId, at: DateTime<Utc>) -> Result<bool> {
+        let id = batch_id.to_string();
+        self.write(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE batches SET completed_at = ?2 WHERE batch_id = ?1 AND completed_at IS NULL",
+                    params![id, at.to_rfc3339()],
+                )
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn batches(&self, client: Option<&ClientId>, limit: usize) -> Result<Vec<Batch>> {
+        let client = client.map(ClientId::to_string);
+        self.read(move |conn| {
+            let limit = limit as i64;
+            let mut out = Vec::new();
+            let mut push = |row: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
+                out.push(batch_from_row(row)?.0);
+                Ok(())
+            };
+            match client {
+                Some(c) => {
+                    let mut stmt = conn
+                        .prepare_cached(&format!("SELECT {BATCH_COLUMNS} FROM batches WHERE client_id = ?1 ORDER BY created_at DESC, batch_id DESC LIMIT ?2"))
+                        .map_err(unavailable)?;
+                    let mut rows = stmt.query(params![c, limit]).map_err(unavailable)?;
+                    while let Some(row) = rows.next().map_err(unavailable)? {
+                        push(row).map_err(unavailable)?;
+                    }
+                }
+                None => {
+                    let mut stmt = conn
+                        .prepare_cached(&format!("SELECT {BATCH_COLUMNS} FROM batches ORDER BY created_at DESC, batch_id DESC LIMIT ?1"))
+                        .map_err(unavailable)?;
+                    let mut rows = stmt.query(params![limit]).map_err(unavailable)?;
+                    while let Some(row) = rows.next().map_err(unavailable)? {
+                        push(row).map_err(unavailable)?;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ticket(&self, batch_id: &BatchId, ticket_id: &TicketId) -> Result<Option<Versioned<Ticket>>> {
+        let (b, t) = (batch_id.to_string(), ticket_id.to_string());
+        // Read through the writer so a stage always sees its own last write.
+        self.write(move |conn| {
+            let row: Option<(String, i64)> = conn
+                .prepare_cached("SELECT doc, version FROM tickets WHERE batch_id = ?1 AND ticket_id = ?2")
+                .map_err(unavailable)?
+                .query_row(params![b, t], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(unavailable)?;
+            row.map(|(doc, version)| Ok(Versioned { value: decode_ticket(&doc)?, etag: version.to_string() }))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn update_ticket(&self, update: TicketUpdate) -> Result<Versioned<Ticket>> {
+        self.write(move |conn| {
+            let TicketUpdate { ticket, etag, budget, events } = update;
+            let version: i64 = etag.parse().map_err(|_| StoreError::Conflict(format!("ticket {} (etag {etag})", ticket.ticket_id)))?;
+            let tx = conn.transaction().map_err(unavailable)?;
+            let doc = serde_json::to_string(&ticket).map_err(invalid)?;
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE tickets SET status = ?3, notified = ?4, paid = ?5, reserved = ?6, doc = ?7, version = version + 1
+                     WHERE batch_id = ?1 AND ticket_id = ?2 AND version = ?8",
+                )
+                .map_err(unavailable)?
+                .execute(params![
+                    ticket.batch_id.as_str(),
+                    ticket.ticket_id.as_str(),
+                    ticket.status.as_str(),
+                    ticket.notified,
+                    ticket.paid,
+                    ticket.reserved,
+                    doc,
+                    version
+                ])
+                .map_err(unavailable)?;
+            if changed == 0 {
+                return Err(StoreError::Conflict(format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id)));
+            }
+            match budget {
+                Some(BudgetChange::Reserve(amount)) => {
+                    let n = tx
+                        .execute(
+                            "UPDATE batches SET committed = committed + ?2 WHERE batch_id = ?1 AND committed + ?2 <= budget",
+                            params![ticket.batch_id.as_str(), amount],
+                        )
+                        .map_err(unavailable)?;
+                    if n == 0 {
+                        return Err(StoreError::InsufficientBudget);
+                    }
+                }
+                Some(BudgetChange::Release(amount)) => {
+                    tx.execute(
+                        "UPDATE batches SET committed = committed - ?2 WHERE batch_id = ?1",
+                        params![ticket.batch_id.as_str(), amount],
+                    )
+                    .map_err(unavailable)?;
+                }
+                None => {}
+            }
+            insert_events(&tx, &events)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(Versioned { value: ticket, etag: (version + 1).to_string() })
+        })
+        .await
+    }
+
+    async fn append_events(&self, events: &[Event]) -> Result<()> {
+        let events = events.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            insert_events(&tx, &events)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn events(&self, batch_id: &BatchId, ticket_id: &TicketId) -> Result<Vec<Event>> {
+        let (b, t) = (batch_id.to_string(), ticket_id.to_string());
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT doc FROM events WHERE batch_id = ?1 AND ticket_id = ?2 ORDER BY seq")
+                .map_err(unavailable)?;
+            let docs = stmt
+                .query_map(params![b, t], |r| r.get::<_, String>(0))
+                .map_err(unavailable)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(unavailable)?;
+            docs.iter().map(|d| serde_json::from_str(d).map_err(invalid)).collect()
+        })
+        .await
+    }
+
+    async fn tickets(&self, batch_id: &BatchId, status: Option<Status>, limit: usize, cursor: Option<&str>) -> Result<TicketPage> {
+        let b = batch_id.to_string();
+        let cursor = cursor.unwrap_or("").to_owned();
+        self.read(move |conn| {
+            let fetch = limit as i64 + 1;
+            let docs: Vec<String> = match status {
+                Some(s) => conn
+                    .prepare_cached("SELECT doc FROM tickets WHERE batch_id = ?1 AND status = ?2 AND ticket_id > ?3 ORDER BY ticket_id LIMIT ?4")
+                    .map_err(unavailable)?
+                    .query_map(params![b, s.as_str(), cursor, fetch], |r| r.get(0))
+                    .map_err(unavailable)?
+                    .collect::<rusqlite::Result<_>>(),
+                None => conn
+                    .prepare_cached("SELECT doc FROM tickets WHERE batch_id = ?1 AND ticket_id > ?2 ORDER BY ticket_id LIMIT ?3")
+                    .map_err(unavailable)?
+                    .query_map(params![b, cursor, fetch], |r| r.get(0))
+                    .map_err(unavailable)?
+                    .collect::<rusqlite::Result<_>>(),
+            }
+            .map_err(unavailable)?;
+            let mut tickets = docs.iter().map(|d| decode_ticket(d)).collect::<Result<Vec<_>>>()?;
+            let next_cursor = if tickets.len() > limit {
+                tickets.truncate(limit);
+                tickets.last().map(|t| t.ticket_id.to_string())
+            } else {
+                None
+            };
+            Ok(TicketPage { tickets, next_cursor })
+        })
+        .await
+    }
+
+    async fn summary(&self, batch_id: &BatchId) -> Result<BatchSummary> {
+        let b = batch_id.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT status, COUNT(*), SUM(notified = 0), SUM(paid), SUM(reserved) FROM tickets WHERE batch_id = ?1 GROUP BY status",
+                )
+                .map_err(unavailable)?;
+            let mut rows = stmt.query([b]).map_err(unavailable)?;
+            let mut summary = BatchSummary::default();
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                let status: Status = row.get::<_, String>(0).map_err(unavailable)?.parse().map_err(invalid)?;
+                let count: i64 = row.get(1).map_err(unavailable)?;
+                let unnotified: i64 = row.get(2).map_err(unavailable)?;
+                summary.counts.insert(status, count as u64);
+                if status.is_end() {
+                    summary.awaiting_notification += unnotified as u64;
+                }
+                summary.paid += row.get::<_, i64>(3).map_err(unavailable)?;
+                summary.reserved += row.get::<_, i64>(4).map_err(unavailable)?;
+            }
+            Ok(summary)
+        })
+        .await
+    }
+
+    async fn open_tickets(&self, batch_id: &BatchId) -> Result<u64> {
+        let b = batch_id.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached("SELECT COUNT(*) FROM tickets WHERE batch_id = ?1 AND notified = 0")
+                .map_err(unavailable)?
+                .query_row([b], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn find_by_reference(&self, reference: &str, limit: usize) -> Result<Vec<Ticket>> {
+        let r = reference.to_owned();
+        self.read(move |conn| {
+            let docs: Vec<String> = conn
+                .prepare_cached("SELECT doc FROM tickets WHERE reference = ?1 LIMIT ?2")
+                .map_err(unavailable)?
+                .query_map(params![r, limit as i64], |row| row.get(0))
+                .map_err(unavailable)?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(unavailable)?;
+            docs.iter().map(|d| decode_ticket(d)).collect()
+        })
+        .await
+    }
+}

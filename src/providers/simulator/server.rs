@@ -36,6 +36,7 @@ pub fn router(scenario: Scenario) -> Router {
         .route("/{provider}/operations/{key}", get(status))
         .route("/{provider}/{operation}", post(operate))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(sim)
 }
 
@@ -241,6 +242,10 @@ fn ok<T: Serialize>(body: T) -> Response {
 
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "not_found", None)
+}
+
+async fn method_not_allowed() -> Response {
+    error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
 }
 
 async fn root(State(sim): State<Arc<Sim>>) -> Response {

@@ -4,6 +4,26 @@
 //!
 //! Routes are those of [`crate::providers::wire`], plus `GET /` (readiness)
 //! and `GET /stats`.
+//!
+//! Each provider request is, in order: counted (requests, in flight), checked
+//! against the concurrency then the rate limit (fixed one-second windows;
+//! past either, 429 with `Retry-After: 1`), delayed by the scenario latency,
+//! validated (400 for a missing `Idempotency-Key` or a malformed body), given
+//! its fault draw (500/503, or a hang of `hang_ms` then 504, half of which
+//! apply the operation first), then answered. A keyed operation whose key was
+//! already applied gets the stored answer and is counted as a duplicate; the
+//! same key sent with another operation, ticket or amount gets 422
+//! `idempotency_key_reused`.
+//!
+//! `GET /stats`, per provider (all nine, all measured):
+//! `requests` (every request received, throttled ones included), `in_flight`
+//! (now), `peak_in_flight`, `peak_rps` (most requests received in one
+//! one-second window), `limit_rps` and `limit_in_flight` (0 = unlimited),
+//! `throttled` (429s), `errors` (500/503 answers), `timeouts` (hangs answered
+//! 504, or cut short by the caller); for keyed providers `applied` (distinct
+//! keys), `declined` (422 `declined`), `duplicates` (repeats of an applied
+//! key); for gateway and settlement `charges` (distinct keys applied by
+//! capture/settle) and `duplicate_charges` (repeats of those).
 
 mod scenario;
 mod server;

@@ -1,6 +1,9 @@
 //! The HTTP side of the simulator: one axum router playing all nine providers,
 //! with per-provider limits, latency, faults, idempotency records and counters.
 
+// The `Err` of the helpers below is the HTTP answer itself, built once per request.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;

@@ -1,0 +1,560 @@
+//! The HTTP side of the simulator: one axum router playing all nine providers,
+//! with per-provider limits, latency, faults, idempotency records and counters.
+
+// The `Err` of the helpers below is the HTTP answer itself, built once per request.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use rand::Rng;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::scenario::{ProviderSettings, Scenario, outcome_for};
+use crate::providers::ProviderName;
+use crate::providers::wire::{
+    CheckRequest, CheckResponse, Decision, DueStatus, IDEMPOTENCY_KEY, LookupResponse,
+    OperationRequest, OperationResponse, ProviderError, WireMoney,
+};
+
+/// Builds the router serving every provider for `scenario`.
+pub fn router(scenario: Scenario) -> Router {
+    let sim = Arc::new(Sim::new(scenario));
+    Router::new()
+        .route("/", get(root))
+        .route("/stats", get(stats))
+        .route("/authority/{authority}/tickets/{ticket_id}", get(lookup))
+        .route("/{provider}/operations/{key}", get(status))
+        .route("/{provider}/{operation}", post(operate))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(sim)
+}
+
+// ---- state -------------------------------------------------------------------
+
+struct Sim {
+    scenario: Scenario,
+    started: Instant,
+    /// Distinguishes the references of one simulator run from another's.
+    run_tag: u32,
+    providers: Vec<ProviderState>,
+}
+
+impl Sim {
+    fn new(scenario: Scenario) -> Self {
+        let providers = ProviderName::ALL
+            .into_iter()
+            .map(|p| ProviderState::new(p, scenario.provider(p).clone()))
+            .collect();
+        Sim { scenario, started: Instant::now(), run_tag: rand::rng().random(), providers }
+    }
+
+    fn state(&self, p: ProviderName) -> &ProviderState {
+        // `providers` is built from ProviderName::ALL, in order.
+        &self.providers[ProviderName::ALL.iter().position(|q| *q == p).unwrap_or(0)]
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
+    /// Accepted (not throttled) requests in flight: what the limit applies to.
+    active: AtomicU64,
+    throttled: AtomicU64,
+    errors: AtomicU64,
+    timeouts: AtomicU64,
+    applied: AtomicU64,
+    declined: AtomicU64,
+    duplicates: AtomicU64,
+    charges: AtomicU64,
+    duplicate_charges: AtomicU64,
+    sequence: AtomicU64,
+}
+
+/// Fixed one-second windows by arrival time, since the server started.
+#[derive(Default)]
+struct Window {
+    second: u64,
+    received: u64,
+    accepted: u64,
+    peak_received: u64,
+}
+
+struct Applied {
+    operation: String,
+    ticket_id: String,
+    amount: WireMoney,
+    response: OperationResponse,
+}
+
+struct ProviderState {
+    name: ProviderName,
+    settings: ProviderSettings,
+    counters: Counters,
+    window: Mutex<Window>,
+    applied: Mutex<HashMap<String, Applied>>,
+}
+
+impl ProviderState {
+    fn new(name: ProviderName, settings: ProviderSettings) -> Self {
+        ProviderState {
+            name,
+            settings,
+            counters: Counters::default(),
+            window: Mutex::new(Window::default()),
+            applied: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Decrements a gauge when the request ends, however it ends.
+struct Gauge<'a>(&'a AtomicU64);
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A request the provider accepted; holds its place in the in-flight counts.
+struct Admitted<'a> {
+    _in_flight: Gauge<'a>,
+    _active: Gauge<'a>,
+}
+
+enum Fault {
+    None,
+    Error(StatusCode),
+    Timeout { apply_first: bool },
+}
+
+impl ProviderState {
+    /// Counts the request, then applies the concurrency and rate limits.
+    fn admit(&self, started: Instant) -> Result<Admitted<'_>, Response> {
+        let c = &self.counters;
+        c.requests.fetch_add(1, Relaxed);
+        let now_in_flight = c.in_flight.fetch_add(1, Relaxed) + 1;
+        let in_flight = Gauge(&c.in_flight);
+        c.peak_in_flight.fetch_max(now_in_flight, Relaxed);
+
+        let second = started.elapsed().as_secs();
+        let verdict = {
+            let mut w = lock(&self.window);
+            if w.second != second {
+                w.second = second;
+                w.received = 0;
+                w.accepted = 0;
+            }
+            w.received += 1;
+            w.peak_received = w.peak_received.max(w.received);
+            let conc = u64::from(self.settings.concurrency_limit);
+            let rate = u64::from(self.settings.rate_limit);
+            if conc > 0 && c.active.load(Relaxed) >= conc {
+                Err("too_many_in_flight")
+            } else if rate > 0 && w.accepted >= rate {
+                Err("rate_limited")
+            } else {
+                w.accepted += 1;
+                c.active.fetch_add(1, Relaxed);
+                Ok(())
+            }
+        };
+        match verdict {
+            Ok(()) => Ok(Admitted { _in_flight: in_flight, _active: Gauge(&c.active) }),
+            Err(code) => {
+                c.throttled.fetch_add(1, Relaxed);
+                let mut r = error(StatusCode::TOO_MANY_REQUESTS, code, None);
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                Err(r)
+            }
+        }
+    }
+
+    async fn latency(&self) {
+        let [lo, hi] = self.settings.latency_ms;
+        if hi == 0 {
+            return;
+        }
+        let ms = rand::rng().random_range(lo..=hi);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    fn draw_fault(&self) -> Fault {
+        let s = &self.settings;
+        if s.error_rate == 0.0 && s.timeout_rate == 0.0 {
+            return Fault::None;
+        }
+        let mut rng = rand::rng();
+        let u: f64 = rng.random();
+        if u < s.error_rate {
+            self.counters.errors.fetch_add(1, Relaxed);
+            let status = if rng.random_bool(0.5) {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            Fault::Error(status)
+        } else if u < s.error_rate + s.timeout_rate {
+            self.counters.timeouts.fetch_add(1, Relaxed);
+            Fault::Timeout { apply_first: rng.random_bool(0.5) }
+        } else {
+            Fault::None
+        }
+    }
+
+    /// Holds the request for `hang_ms`, then answers 504.
+    async fn hang(&self) -> Response {
+        tokio::time::sleep(Duration::from_millis(self.settings.hang_ms)).await;
+        error(StatusCode::GATEWAY_TIMEOUT, "timeout", None)
+    }
+}
+
+fn transient(status: StatusCode) -> Response {
+    let code = if status == StatusCode::SERVICE_UNAVAILABLE { "unavailable" } else { "internal_error" };
+    error(status, code, None)
+}
+
+fn error(status: StatusCode, code: &str, reason: Option<String>) -> Response {
+    (status, axum::Json(ProviderError { error: code.to_string(), reason })).into_response()
+}
+
+fn ok<T: Serialize>(body: T) -> Response {
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+// ---- handlers --------------------------------------------------------------
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", None)
+}
+
+async fn method_not_allowed() -> Response {
+    error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
+}
+
+async fn root(State(sim): State<Arc<Sim>>) -> Response {
+    ok(json!({
+        "service": "ticketpay-providers",
+        "scenario": sim.scenario.name,
+        "description": sim.scenario.description,
+    }))
+}
+
+async fn stats(State(sim): State<Arc<Sim>>) -> Response {
+    let mut out = serde_json::Map::new();
+    for ps in &sim.providers {
+        let c = &ps.counters;
+        let peak_rps = lock(&ps.window).peak_received;
+        let mut o = json!({
+            "requests": c.requests.load(Relaxed),
+            "in_flight": c.in_flight.load(Relaxed),
+            "peak_in_flight": c.peak_in_flight.load(Relaxed),
+            "peak_rps": peak_rps,
+            "limit_rps": ps.settings.rate_limit,
+            "limit_in_flight": ps.settings.concurrency_limit,
+            "throttled": c.throttled.load(Relaxed),
+            "errors": c.errors.load(Relaxed),
+            "timeouts": c.timeouts.load(Relaxed),
+        });
+        if operations(ps.name).is_some() {
+            o["applied"] = json!(c.applied.load(Relaxed));
+            o["declined"] = json!(c.declined.load(Relaxed));
+            o["duplicates"] = json!(c.duplicates.load(Relaxed));
+        }
+        if ps.name.takes_money() {
+            o["charges"] = json!(c.charges.load(Relaxed));
+            o["duplicate_charges"] = json!(c.duplicate_charges.load(Relaxed));
+        }
+        out.insert(ps.name.as_str().to_string(), o);
+    }
+    ok(Value::Object(out))
+}
+
+/// The currency asked for: the `currency` query parameter, default EUR.
+fn currency(query: Option<&str>) -> Result<String, Response> {
+    let asked = query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "currency")
+        .map(|(_, v)| v);
+    match asked {
+        None | Some("") => Ok("EUR".to_string()),
+        Some(v) if v.len() == 3 && v.bytes().all(|b| b.is_ascii_alphabetic()) => {
+            Ok(v.to_ascii_uppercase())
+        }
+        Some(v) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            Some(format!("currency `{v}` is not an ISO 4217 code")),
+        )),
+    }
+}
+
+async fn lookup(
+    State(sim): State<Arc<Sim>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let Ok(Path((authority, ticket_id))) = path else {
+        return error(StatusCode::BAD_REQUEST, "bad_request", Some("malformed path".into()));
+    };
+    let ps = sim.state(ProviderName::Authority);
+    let _admitted = match ps.admit(sim.started) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    ps.latency().await;
+    let currency = match currency(query.as_deref()) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match ps.draw_fault() {
+        Fault::None => {}
+        Fault::Error(s) => return transient(s),
+        Fault::Timeout { .. } => return ps.hang().await,
+    }
+    let outcome = outcome_for(&sim.scenario, &ticket_id);
+    if outcome.unknown {
+        return error(StatusCode::NOT_FOUND, "unknown_ticket", None);
+    }
+    let status = if outcome.nothing_due { DueStatus::NothingDue } else { DueStatus::Due };
+    ok(LookupResponse {
+        ticket_id,
+        authority,
+        status,
+        amount_due: WireMoney { minor: outcome.amount_minor, currency },
+    })
+}
+
+/// The keyed operations of a provider: (forward, compensation).
+fn operations(p: ProviderName) -> Option<(&'static str, Option<&'static str>)> {
+    match p {
+        ProviderName::Gateway => Some(("capture", Some("refund"))),
+        ProviderName::Settlement => Some(("settle", Some("cancel"))),
+        ProviderName::Ledger => Some(("post", Some("reverse"))),
+        ProviderName::Receipt => Some(("issue", Some("void"))),
+        ProviderName::Notifier => Some(("notify", None)),
+        _ => None,
+    }
+}
+
+fn reject_reason(p: ProviderName) -> &'static str {
+    match p {
+        ProviderName::Registry => "vehicle is not registered to this client",
+        ProviderName::Fraud => "fraud score above threshold",
+        ProviderName::Sanctions => "client matches a sanctions list",
+        _ => "rejected",
+    }
+}
+
+fn decline_reason(p: ProviderName) -> &'static str {
+    match p {
+        ProviderName::Gateway => "card declined by issuer",
+        ProviderName::Settlement => "authority refused the settlement",
+        ProviderName::Ledger => "ledger account is closed",
+        ProviderName::Receipt => "fiscal service refused the receipt",
+        _ => "declined",
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        error(StatusCode::BAD_REQUEST, "bad_request", Some(format!("malformed body: {e}")))
+    })
+}
+
+async fn operate(
+    State(sim): State<Arc<Sim>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Ok(Path((provider, operation))) = path else {
+        return error(StatusCode::BAD_REQUEST, "bad_request", Some("malformed path".into()));
+    };
+    let Ok(p) = provider.parse::<ProviderName>() else {
+        return error(StatusCode::NOT_FOUND, "unknown_provider", Some(provider));
+    };
+    if ProviderName::VALIDATORS.contains(&p) && operation == "checks" {
+        return check(&sim, p, &body).await;
+    }
+    let Some((forward, compensation)) = operations(p) else {
+        return error(StatusCode::NOT_FOUND, "unknown_operation", Some(format!("{p}/{operation}")));
+    };
+    let is_forward = operation == forward;
+    if !is_forward && compensation != Some(operation.as_str()) {
+        return error(StatusCode::NOT_FOUND, "unknown_operation", Some(format!("{p}/{operation}")));
+    }
+
+    let ps = sim.state(p);
+    let _admitted = match ps.admit(sim.started) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    ps.latency().await;
+
+    let key = match headers.get(IDEMPOTENCY_KEY).map(|v| v.to_str()) {
+        Some(Ok(k)) if !k.is_empty() && k.len() <= 255 => k.to_string(),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_idempotency_key",
+                Some("Idempotency-Key must be 1-255 visible ASCII characters".into()),
+            );
+        }
+        None => return error(StatusCode::BAD_REQUEST, "missing_idempotency_key", None),
+    };
+    let req: OperationRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+
+    let declined = is_forward && outcome_for(&sim.scenario, &req.ticket_id).fails_at == Some(p);
+    match ps.draw_fault() {
+        Fault::None => {}
+        Fault::Error(s) => return transient(s),
+        Fault::Timeout { apply_first } => {
+            if apply_first && !declined {
+                let _ = apply(&sim, ps, &operation, is_forward, &key, &req);
+            }
+            return ps.hang().await;
+        }
+    }
+    if declined {
+        ps.counters.declined.fetch_add(1, Relaxed);
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "declined",
+            Some(decline_reason(p).to_string()),
+        );
+    }
+    apply(&sim, ps, &operation, is_forward, &key, &req)
+}
+
+/// Applies an operation under its idempotency key, or answers with what was
+/// stored for that key (counting the repeat).
+fn apply(
+    sim: &Sim,
+    ps: &ProviderState,
+    operation: &str,
+    is_forward: bool,
+    key: &str,
+    req: &OperationRequest,
+) -> Response {
+    let c = &ps.counters;
+    let charge = is_forward && ps.name.takes_money();
+    let mut applied = lock(&ps.applied);
+    match applied.entry(key.to_string()) {
+        Entry::Occupied(e) => {
+            c.duplicates.fetch_add(1, Relaxed);
+            let a = e.get();
+            if a.operation != operation || a.ticket_id != req.ticket_id || a.amount != req.amount {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    Some(format!(
+                        "key was applied to {} of ticket {} for {} {}",
+                        a.operation, a.ticket_id, a.amount.minor, a.amount.currency
+                    )),
+                );
+            }
+            if charge {
+                c.duplicate_charges.fetch_add(1, Relaxed);
+            }
+            ok(&a.response)
+        }
+        Entry::Vacant(e) => {
+            let seq = c.sequence.fetch_add(1, Relaxed) + 1;
+            let response = OperationResponse {
+                id: format!("{}-{:08x}-{:08}", ps.name, sim.run_tag, seq),
+                operation: operation.to_string(),
+                idempotency_key: key.to_string(),
+                amount: req.amount.clone(),
+            };
+            c.applied.fetch_add(1, Relaxed);
+            if charge {
+                c.charges.fetch_add(1, Relaxed);
+            }
+            let body = ok(&response);
+            e.insert(Applied {
+                operation: operation.to_string(),
+                ticket_id: req.ticket_id.clone(),
+                amount: req.amount.clone(),
+                response,
+            });
+            body
+        }
+    }
+}
+
+async fn check(sim: &Sim, p: ProviderName, body: &[u8]) -> Response {
+    let ps = sim.state(p);
+    let _admitted = match ps.admit(sim.started) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    ps.latency().await;
+    let req: CheckRequest = match parse_json(body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match ps.draw_fault() {
+        Fault::None => {}
+        Fault::Error(s) => return transient(s),
+        Fault::Timeout { .. } => return ps.hang().await,
+    }
+    if outcome_for(&sim.scenario, &req.ticket_id).rejected_by == Some(p) {
+        ok(CheckResponse { decision: Decision::Reject, reason: Some(reject_reason(p).into()) })
+    } else {
+        ok(CheckResponse { decision: Decision::Approve, reason: None })
+    }
+}
+
+async fn status(
+    State(sim): State<Arc<Sim>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Response {
+    let Ok(Path((provider, key))) = path else {
+        return error(StatusCode::BAD_REQUEST, "bad_request", Some("malformed path".into()));
+    };
+    let p = match provider.parse::<ProviderName>() {
+        Ok(p) if operations(p).is_some() => p,
+        _ => return error(StatusCode::NOT_FOUND, "unknown_provider", Some(provider)),
+    };
+    let ps = sim.state(p);
+    let _admitted = match ps.admit(sim.started) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    ps.latency().await;
+    match ps.draw_fault() {
+        Fault::None => {}
+        Fault::Error(s) => return transient(s),
+        Fault::Timeout { .. } => return ps.hang().await,
+    }
+    let found = lock(&ps.applied).get(&key).map(|a| a.response.clone());
+    match found {
+        Some(r) => ok(r),
+        None => error(StatusCode::NOT_FOUND, "not_found", Some(format!("no operation with key {key}"))),
+    }
+}

@@ -1,1 +1,135 @@
-fn main() {}
+//! `ticketpay`: one binary for every role. See the crate documentation for the map.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use ticketpay::cli::{client::ApiClient, demo, progress, submit, trace};
+use ticketpay::host::{self, LocalOptions};
+
+const DEFAULT_URL: &str = "http://127.0.0.1:7071";
+
+#[derive(Parser)]
+#[command(name = "ticketpay", version, about = "Pays large batches of tickets through slow, rate-limited providers, with a full audit trail.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The custom handler the Functions host starts (listens on FUNCTIONS_CUSTOMHANDLER_PORT).
+    Handler,
+    /// The local Functions host: queues, handler and provider simulator on this machine.
+    Local {
+        #[arg(long, default_value_t = 7071)]
+        port: u16,
+        #[arg(long, default_value_t = 7072)]
+        providers_port: u16,
+        /// A provider simulator that is already running (none is started).
+        #[arg(long)]
+        providers_url: Option<String>,
+        /// Scenario for the simulator we start: realistic, zero-latency, faulty, or a TOML file.
+        #[arg(long)]
+        scenario: Option<String>,
+        /// Where queues and state are kept.
+        #[arg(long, default_value = ".ticketpay")]
+        data: PathBuf,
+        /// Where host.json and functions/ are.
+        #[arg(long, default_value = ".")]
+        app_root: PathBuf,
+    },
+    /// The provider simulator: all nine provider roles over HTTP.
+    Providers {
+        #[arg(long, default_value_t = 7072)]
+        port: u16,
+        /// realistic (default), zero-latency, faulty, or a TOML file.
+        #[arg(long)]
+        scenario: Option<String>,
+    },
+    /// Runs the local stack and pays a sample batch, with live progress.
+    Demo {
+        #[arg(long, default_value_t = 5000)]
+        tickets: usize,
+        /// The batch budget in EUR.
+        #[arg(long, default_value = "450000.00")]
+        budget: String,
+        #[arg(long)]
+        scenario: Option<String>,
+        /// Where queues and state are kept (default: a new folder under .ticketpay/).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value_t = 7071)]
+        port: u16,
+        #[arg(long, default_value = ".")]
+        app_root: PathBuf,
+    },
+    /// Uploads a CSV or JSON file of tickets and follows the batch until it completes.
+    Submit {
+        file: PathBuf,
+        #[arg(long)]
+        client: String,
+        #[arg(long)]
+        currency: String,
+        #[arg(long)]
+        budget: String,
+        /// Return once accepted instead of following the batch.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
+        url: String,
+    },
+    /// Shows a batch's progress, amounts and end states.
+    Status {
+        batch: String,
+        #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
+        url: String,
+    },
+    /// Shows one ticket's state, amounts and timeline with every provider exchange.
+    Trace {
+        batch: String,
+        ticket: String,
+        /// Also print each request and response body.
+        #[arg(long)]
+        full: bool,
+        #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
+        url: String,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,ticketpay=info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli.command).await {
+        eprintln!("ticketpay: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Handler => ticketpay::handler::run().await,
+        Command::Local { port, providers_port, providers_url, scenario, data, app_root } => {
+            host::run(LocalOptions { app_root, port, providers_port, providers_url, scenario, data }).await
+        }
+        Command::Providers { port, scenario } => ticketpay::providers::simulator::run(port, scenario).await,
+        Command::Demo { tickets, budget, scenario, data, port, app_root } => {
+            demo::run(demo::DemoOptions { tickets, budget, scenario, data, port, app_root }).await
+        }
+        Command::Submit { file, client, currency, budget, no_wait, url } => {
+            let s = submit::Submission { file: &file, client: &client, currency: &currency, budget: &budget };
+            submit::run(&ApiClient::new(&url), &s, !no_wait).await.map(drop)
+        }
+        Command::Status { batch, url } => {
+            let status = ApiClient::new(&url).get(&format!("/api/batches/{batch}")).await?;
+            print!("{}", progress::summary(&status, None));
+            Ok(())
+        }
+        Command::Trace { batch, ticket, full, url } => trace::run(&ApiClient::new(&url), &batch, &ticket, full).await,
+    }
+}

@@ -179,8 +179,9 @@ impl PayStep {
 pub struct PayProgress {
     /// Steps completed, from the first.
     pub done: u8,
-    /// An operation sent whose outcome we do not know (timeout, crash, 5xx):
-    /// the provider is asked by idempotency key before it is sent again.
+    /// An operation (a payment step, or the notification) recorded before it is
+    /// sent. Until its answer is recorded, its outcome is unknown (timeout, crash,
+    /// 5xx), so the provider is asked by idempotency key before it is sent again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<String>,
     /// Set once a step failed permanently: from then on we only undo.

@@ -26,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use crate::bus::{BusError, BusSender, OutgoingMessage};
 use crate::domain::ticket::AfterFailure;
 use crate::domain::{BatchId, Event, EventKind, Exchange, RetryPolicy, Stage, Status, Ticket, TicketId};
-use crate::providers::client::ProviderClient;
+use crate::providers::client::{CallError, ProviderClient};
+use crate::providers::wire::OperationRequest;
+use crate::providers::ProviderName;
 use crate::store::{BudgetChange, Store, StoreError, TicketUpdate, Versioned};
 
 /// The body of every stage message.
@@ -44,6 +46,13 @@ pub enum StageError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Bus(#[from] BusError),
+}
+
+/// An operation sent at most once: the ticket as it now stands, what was said, and the result.
+struct Sent {
+    current: Versioned<Ticket>,
+    exchanges: Vec<Event>,
+    result: Result<(), CallError>,
 }
 
 /// What an invocation did, for the host's log.
@@ -171,6 +180,39 @@ impl Pipeline {
             AfterFailure::Parked => {}
         }
         self.commit(current, ticket, None, exchanges, events).await
+    }
+
+    /// Sends an operation that must be applied at most once (a payment step, a
+    /// notification). The ticket records it as in flight before it is sent; if an
+    /// earlier attempt lost the answer, the provider is asked by key first.
+    /// `claimed_here`: this invocation recorded the claim itself, so it was not sent yet.
+    async fn send_once(
+        &self,
+        mut current: Versioned<Ticket>,
+        stage: Stage,
+        provider: ProviderName,
+        operation: &str,
+        request: &OperationRequest,
+        claimed_here: bool,
+    ) -> Result<Sent, StageError> {
+        let key = format!("{}:{}:{operation}", current.value.batch_id, current.value.ticket_id);
+        let mut exchanges = Vec::new();
+        if current.value.pay.in_flight.as_deref() != Some(operation) {
+            let mut claimed = current.value.clone();
+            claimed.pay.in_flight = Some(operation.to_owned());
+            current = self.commit(&current, claimed, None, Vec::new(), Vec::new()).await?;
+        } else if !claimed_here {
+            let status = self.providers.operation_status(provider, &key, current.value.attempt).await;
+            exchanges.push(self.exchange_event(&current.value, stage, status.exchange));
+            match status.result {
+                Ok(Some(_)) => return Ok(Sent { current, exchanges, result: Ok(()) }),
+                Ok(None) => {}
+                Err(e) => return Ok(Sent { current, exchanges, result: Err(e) }),
+            }
+        }
+        let call = self.providers.operate(provider, operation, &key, request, current.value.attempt).await;
+        exchanges.push(self.exchange_event(&current.value, stage, call.exchange));
+        Ok(Sent { current, exchanges, result: call.result.map(drop) })
     }
 
     fn event(&self, ticket: &Ticket, stage: Stage, kind: EventKind) -> Event {

@@ -3,7 +3,7 @@
 
 use chrono::Utc;
 
-use super::{Pipeline, StageError};
+use super::{Pipeline, Sent, StageError};
 use crate::domain::money::format_minor;
 use crate::domain::{EventKind, Stage, Ticket};
 use crate::providers::client::CallError;
@@ -12,15 +12,16 @@ use crate::providers::ProviderName;
 use crate::store::Versioned;
 
 pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
+    let request = request(&current.value);
+    let Sent { current, exchanges, result } =
+        p.send_once(current, Stage::Notify, ProviderName::Notifier, "notify", &request, false).await?;
     let mut ticket = current.value.clone();
-    let key = format!("{}:{}:notify", ticket.batch_id, ticket.ticket_id);
-    let call = p.providers.operate(ProviderName::Notifier, "notify", &key, &request(&ticket), ticket.attempt).await;
-    let exchanges = vec![p.exchange_event(&ticket, Stage::Notify, call.exchange)];
-    let outcome = match call.result {
-        Ok(_) => "sent".to_owned(),
+    let outcome = match result {
+        Ok(()) => "sent".to_owned(),
         Err(CallError::Permanent { error, .. }) => format!("refused: {error}"),
         Err(e) => return p.retry_later(&current, ticket, e.to_string(), e.retry_after(), exchanges).await,
     };
+    ticket.pay.in_flight = None;
     ticket.notified = true;
     ticket.notification = Some(outcome.clone());
     ticket.retry_at = None;

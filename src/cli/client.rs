@@ -1,0 +1,71 @@
+//! A small client of ticketpay's own HTTP API, for the command-line tools.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+#[derive(Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl ApiClient {
+    pub fn new(base: &str) -> ApiClient {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("static client settings");
+        ApiClient { http, base: base.trim_end_matches('/').to_owned() }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let response = self.http.get(&url).send().await.with_context(|| format!("cannot reach {url}"))?;
+        read(response).await
+    }
+
+    /// Uploads a batch. Retries a lost connection with the same Idempotency-Key, so it is safe.
+    pub async fn upload(&self, query: &[(&str, &str)], content_type: &str, body: Vec<u8>, key: &str) -> Result<Value> {
+        let url = format!("{}/api/batches", self.base);
+        let mut last = None;
+        for attempt in 0..5u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+            }
+            let sent = self
+                .http
+                .post(&url)
+                .query(query)
+                .header("Content-Type", content_type)
+                .header("Idempotency-Key", key)
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().as_u16() == 503 => last = Some(anyhow::anyhow!("{}", problem_text(r).await)),
+                Ok(r) => return read(r).await,
+                Err(e) => last = Some(anyhow::Error::new(e).context(format!("cannot reach {url}"))),
+            }
+        }
+        Err(last.expect("at least one attempt was made"))
+    }
+}
+
+async fn problem_text(r: reqwest::Response) -> String {
+    let status = r.status();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    match body.get("detail").and_then(Value::as_str) {
+        Some(detail) => format!("{status}: {detail}"),
+        None => status.to_string(),
+    }
+}
+
+async fn read(r: reqwest::Response) -> Result<Value> {
+    if r.status().is_success() {
+        return r.json().await.context("the API answered something that is not JSON");
+    }
+    bail!("{}", problem_text(r).await)
+}

@@ -1,0 +1,68 @@
+//! `ticketpay trace`: one ticket's state, amounts and timeline, every provider exchange included.
+
+use anyhow::Result;
+use serde_json::Value;
+
+use super::client::ApiClient;
+
+pub async fn run(api: &ApiClient, batch_id: &str, ticket_id: &str, full: bool) -> Result<()> {
+    let ticket = api.get(&format!("/api/batches/{batch_id}/tickets/{ticket_id}")).await?;
+    print!("{}", render(&ticket, full));
+    Ok(())
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn render(t: &Value, full: bool) -> String {
+    let mut out = String::new();
+    let currency = text(&t["currency"]);
+    out.push_str(&format!("ticket     {} / {}   authority {}   reference {}\n", text(&t["batch_id"]), text(&t["ticket_id"]), text(&t["authority"]), text(&t["reference"])));
+    out.push_str(&format!("status     {}   notified {}\n", text(&t["status"]), text(&t["notification"])));
+    if !t["reason"].is_null() {
+        out.push_str(&format!("reason     {}\n", text(&t["reason"])));
+    }
+    out.push_str(&format!("amounts    due {} · reserved {} · paid {} {currency}\n", text(&t["amount_due"]), text(&t["reserved"]), text(&t["paid"])));
+    out.push_str("timeline\n");
+    for e in t["timeline"].as_array().into_iter().flatten() {
+        let at = text(&e["at"]);
+        let at = at.get(11..23).unwrap_or(&at).to_owned();
+        let stage = text(&e["stage"]);
+        let line = match e["type"].as_str().unwrap_or("") {
+            "exchange" => {
+                let status = e["response"]["status"].as_u64().map_or("no answer".into(), |s| s.to_string());
+                let key = e["idempotency_key"].as_str().map(|k| format!(" key {k}")).unwrap_or_default();
+                format!(
+                    "{} {} {} -> {status} {} ({} ms, attempt {}){key}",
+                    text(&e["provider"]),
+                    text(&e["request"]["method"]),
+                    text(&e["request"]["url"]),
+                    text(&e["outcome"]),
+                    text(&e["latency_ms"]),
+                    text(&e["attempt"]),
+                )
+            }
+            "status_changed" => {
+                let reason = e["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
+                format!("{} -> {}{reason}", text(&e["from"]), text(&e["to"]))
+            }
+            "retry_scheduled" => format!("retry {} at {}: {}", text(&e["attempt"]), text(&e["at"]), text(&e["error"])),
+            "budget_reserved" => format!("reserved {} {currency}", text(&e["amount"])),
+            "budget_released" => format!("released {} {currency}", text(&e["amount"])),
+            "paid" => format!("paid {} {currency}", text(&e["amount"])),
+            "notified" => format!("client notified: {}", text(&e["outcome"])),
+            other => other.to_owned(),
+        };
+        out.push_str(&format!("  {at}  {stage:<8} {line}\n"));
+        if full && e["type"] == "exchange" {
+            out.push_str(&format!("      request  {}\n", e["request"]["body"]));
+            out.push_str(&format!("      response {}\n", e["response"]["body"]));
+        }
+    }
+    out
+}

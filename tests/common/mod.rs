@@ -1,0 +1,238 @@
+//! Starts the real processes (local host with its handler, provider simulator)
+//! on free loopback ports, each with its own data folder, and talks HTTP to them.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ticketpay");
+pub const APP_ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A child process that is killed when dropped.
+pub struct Process {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Process {
+    /// Starts `ticketpay ARGS` and waits for each of `expect` to appear at the start of a stdout line;
+    /// returns the rest of each such line.
+    pub fn start(args: &[&str], env: &[(&str, &str)], expect: &[&str]) -> (Process, Vec<String>) {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).current_dir(APP_ROOT).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("ticketpay starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                println!("[{}] {line}", std::process::id());
+                if tx.send(line).is_err() {
+                    // nobody listens any more; keep draining so the child never blocks
+                }
+            }
+        });
+        let mut process = Process { child, lines: rx };
+        let found = expect.iter().map(|prefix| process.wait_for_line(prefix, Duration::from_secs(60))).collect();
+        (process, found)
+    }
+
+    pub fn wait_for_line(&mut self, prefix: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.trim().to_owned();
+                    }
+                }
+                Err(_) => panic!("no line starting with `{prefix}` within {within:?}"),
+            }
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.child.wait().expect("the process exits")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The provider simulator on its own, so its counters outlive restarts of the host.
+pub fn simulator(scenario: &str) -> (Process, String) {
+    let (p, found) = Process::start(
+        &["providers", "--port", "0", "--scenario", scenario],
+        &[],
+        &["ticketpay providers: listening on"],
+    );
+    let url = found[0].split_whitespace().next().expect("a URL").to_owned();
+    (p, url)
+}
+
+/// A local host (with its handler) on a free port.
+pub struct Stack {
+    pub host: Process,
+    pub url: String,
+    pub providers_url: String,
+    pub data: PathBuf,
+    pub http: reqwest::blocking::Client,
+}
+
+pub struct StackOptions<'a> {
+    pub scenario: &'a str,
+    pub providers_url: Option<&'a str>,
+    pub data: &'a Path,
+    pub env: &'a [(&'a str, &'a str)],
+    pub extra_args: &'a [&'a str],
+}
+
+impl Stack {
+    pub fn start(opts: StackOptions<'_>) -> Stack {
+        let data = opts.data.to_str().expect("utf-8 path").to_owned();
+        let mut args = vec!["local", "--port", "0", "--providers-port", "0", "--data", &data, "--scenario", opts.scenario];
+        if let Some(url) = opts.providers_url {
+            args.extend(["--providers-url", url]);
+        }
+        args.extend(opts.extra_args);
+        let (host, found) = Process::start(
+            &args,
+            opts.env,
+            &["ticketpay local: listening on", "ticketpay local: providers at", "ticketpay local: ready"],
+        );
+        let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        Stack { host, url: found[0].clone(), providers_url: found[1].clone(), data: opts.data.to_owned(), http }
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        let r = self.http.get(format!("{}{path}", self.url)).send().expect("GET answered");
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().expect("JSON")
+    }
+
+    pub fn get_raw(&self, path: &str) -> reqwest::blocking::Response {
+        self.http.get(format!("{}{path}", self.url)).send().expect("GET answered")
+    }
+
+    pub fn upload_json(&self, body: &Value, key: Option<&str>) -> reqwest::blocking::Response {
+        let mut req = self.http.post(format!("{}/api/batches", self.url)).json(body);
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        req.send().expect("POST answered")
+    }
+
+    pub fn submit(&self, tickets: usize, budget: &str) -> String {
+        let r = self.upload_json(&batch_json("ops", tickets, budget), None);
+        assert_eq!(r.status().as_u16(), 202, "upload accepted");
+        r.json::<Value>().unwrap()["batch_id"].as_str().unwrap().to_owned()
+    }
+
+    pub fn status(&self, batch_id: &str) -> Value {
+        self.get(&format!("/api/batches/{batch_id}"))
+    }
+
+    /// Polls until the batch completes; panics with its last status if it does not within `within`.
+    pub fn wait_complete(&self, batch_id: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.status(batch_id);
+            if status["status"] == "completed" {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "batch not complete within {within:?}: {status}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Every ticket of the batch, page by page.
+    pub fn all_tickets(&self, batch_id: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let page = self.get(&format!("/api/batches/{batch_id}/tickets?limit=1000&cursor={cursor}"));
+            out.extend(page["tickets"].as_array().unwrap().iter().cloned());
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = c.to_owned(),
+                None => return out,
+            }
+        }
+    }
+
+    pub fn queues(&self) -> Value {
+        self.get("/admin/queues")
+    }
+}
+
+pub fn stats(providers_url: &str) -> Value {
+    reqwest::blocking::get(format!("{providers_url}/stats")).unwrap().json().unwrap()
+}
+
+pub fn batch_json(client: &str, tickets: usize, budget: &str) -> Value {
+    let authorities = ["CITY-PARKING", "STATE-TOLLS", "METRO-TRANSIT"];
+    let tickets: Vec<Value> = (1..=tickets)
+        .map(|i| json!({"ticket_id": format!("T{i:06}"), "authority": authorities[i % 3], "reference": format!("REF-{client}-{i}")}))
+        .collect();
+    json!({"client_id": client, "currency": "EUR", "budget": budget, "tickets": tickets})
+}
+
+/// Parses a decimal string in EUR into cents.
+pub fn cents(v: &Value) -> i64 {
+    let s = v.as_str().unwrap_or_else(|| panic!("a decimal string, found {v}"));
+    let (whole, frac) = s.split_once('.').unwrap_or((s, "00"));
+    whole.parse::<i64>().unwrap() * 100 + frac.parse::<i64>().unwrap()
+}
+
+pub const END_STATES: [&str; 6] = ["paid", "not_payable", "rejected", "over_budget", "failed", "parked"];
+
+/// The promises that hold for every completed batch: every ticket at an end
+/// state, paid within budget, the money adding up, nothing charged twice, and
+/// no provider pushed past its limits.
+pub fn assert_batch_invariants(status: &Value, stats: &Value, tickets: u64) {
+    let ended: u64 = END_STATES.iter().map(|s| status["counts"][s].as_u64().unwrap_or(0)).sum();
+    assert_eq!(ended, tickets, "every ticket at an end state: {status}");
+    let (budget, paid, reserved, remaining) =
+        (cents(&status["budget"]), cents(&status["paid"]), cents(&status["reserved"]), cents(&status["remaining"]));
+    assert!(paid <= budget, "paid {paid} within budget {budget}");
+    assert_eq!(reserved, 0, "nothing left reserved once complete");
+    assert_eq!(remaining, budget - paid, "remaining = budget - paid");
+    assert_limits_held(stats);
+}
+
+pub fn assert_limits_held(stats: &Value) {
+    for (name, s) in stats.as_object().unwrap() {
+        if let Some(d) = s.get("duplicate_charges") {
+            assert_eq!(d, 0, "{name} charged twice: {s}");
+        }
+        let (limit_rps, limit_in_flight) = (s["limit_rps"].as_u64().unwrap(), s["limit_in_flight"].as_u64().unwrap());
+        if limit_rps > 0 {
+            assert!(s["peak_rps"].as_u64().unwrap() <= limit_rps, "{name} over its rate limit: {s}");
+        }
+        if limit_in_flight > 0 {
+            assert!(s["peak_in_flight"].as_u64().unwrap() <= limit_in_flight, "{name} over its concurrency limit: {s}");
+        }
+    }
+}

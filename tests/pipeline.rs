@@ -1,0 +1,162 @@
+//! The whole journey on one machine: the real local host, handler and provider
+//! simulator, driven over HTTP as operations would.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use ticketpay::providers::simulator::{Scenario, outcome_for};
+
+/// What the simulator's scenario decides for each ticket, counted.
+fn predicted(scenario: &str, tickets: usize) -> HashMap<&'static str, u64> {
+    let scenario = Scenario::load(Some(scenario)).unwrap();
+    let mut counts = HashMap::new();
+    for i in 1..=tickets {
+        let o = outcome_for(&scenario, &format!("T{i:06}"));
+        let key = if o.unknown || o.nothing_due {
+            "not_payable"
+        } else if o.rejected_by.is_some() {
+            "rejected"
+        } else {
+            "payable"
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn a_5000_ticket_batch_is_paid_within_budget_and_provider_limits() {
+    let data = tempfile::tempdir().unwrap();
+    let stack = Stack::start(StackOptions { scenario: "realistic", providers_url: None, data: data.path(), env: &[], extra_args: &[] });
+    // About 90% of what the payable tickets owe, so some tickets must end over budget.
+    let batch = stack.submit(5000, "460000.00");
+    let status = stack.wait_complete(&batch, Duration::from_secs(600));
+    let stats = stats(&stack.providers_url);
+    assert_batch_invariants(&status, &stats, 5000);
+
+    let expected = predicted("realistic", 5000);
+    assert_eq!(status["counts"]["not_payable"], expected["not_payable"], "{status}");
+    assert_eq!(status["counts"]["rejected"], expected["rejected"], "{status}");
+    assert!(status["counts"]["over_budget"].as_u64().unwrap() > 0, "the budget ran out: {status}");
+    assert!(status["counts"]["failed"].as_u64().unwrap() > 0, "some payments were declined and undone: {status}");
+    assert_eq!(status["counts"]["parked"].as_u64().unwrap_or(0), 0, "no transient faults in this scenario: {status}");
+
+    // Each paid ticket paid exactly what its authority said was due; the batch total is their sum.
+    let scenario = Scenario::load(Some("realistic")).unwrap();
+    let tickets = stack.all_tickets(&batch);
+    assert_eq!(tickets.len(), 5000);
+    let mut paid_total = 0;
+    for t in &tickets {
+        let outcome = outcome_for(&scenario, t["ticket_id"].as_str().unwrap());
+        match t["status"].as_str().unwrap() {
+            "paid" => {
+                assert_eq!(cents(&t["paid"]), outcome.amount_minor, "{t}");
+                paid_total += cents(&t["paid"]);
+            }
+            _ => assert_eq!(cents(&t["paid"]), 0, "{t}"),
+        }
+        assert_eq!(t["notified"], true, "{t}");
+    }
+    assert_eq!(paid_total, cents(&status["paid"]));
+    // Every ticket the gateway captured and kept is a paid ticket; declined payments were refunded.
+    let g = &stats["gateway"];
+    assert_eq!(g["duplicate_charges"], 0);
+}
+
+#[test]
+fn a_faulty_scenario_still_ends_every_ticket_without_double_charges() {
+    let data = tempfile::tempdir().unwrap();
+    let env = [("TICKETPAY_RETRY_BASE_MS", "200"), ("TICKETPAY_RETRY_CAP_MS", "3000"), ("TICKETPAY_MAX_ATTEMPTS", "6")];
+    let stack = Stack::start(StackOptions { scenario: "faulty", providers_url: None, data: data.path(), env: &env, extra_args: &[] });
+    let batch = stack.submit(400, "1000000.00");
+    let status = stack.wait_complete(&batch, Duration::from_secs(600));
+    let stats = stats(&stack.providers_url);
+    assert_batch_invariants(&status, &stats, 400);
+    let faults: u64 = stats.as_object().unwrap().values().map(|s| s["errors"].as_u64().unwrap() + s["timeouts"].as_u64().unwrap()).sum();
+    let throttled: u64 = stats.as_object().unwrap().values().map(|s| s["throttled"].as_u64().unwrap()).sum();
+    assert!(faults > 0, "the scenario injected faults: {stats}");
+    println!("faults {faults}, throttled {throttled}");
+    for s in stats.as_object().unwrap().values() {
+        if let Some(d) = s.get("duplicates") {
+            assert_eq!(d, 0, "no operation was applied twice: {s}");
+        }
+    }
+    for t in stack.all_tickets(&batch) {
+        if t["status"] == "parked" {
+            assert!(t["reason"].as_str().is_some_and(|r| !r.is_empty()), "a parked ticket says why: {t}");
+        }
+        if t["status"] == "paid" {
+            assert!(cents(&t["paid"]) > 0);
+        }
+    }
+}
+
+#[test]
+fn every_message_delivered_twice_changes_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let stack = Stack::start(StackOptions {
+        scenario: "zero-latency",
+        providers_url: None,
+        data: data.path(),
+        env: &[],
+        extra_args: &["--duplicate-deliveries"],
+    });
+    let batch = stack.submit(300, "15000.00");
+    let status = stack.wait_complete(&batch, Duration::from_secs(300));
+    let stats = stats(&stack.providers_url);
+    assert_batch_invariants(&status, &stats, 300);
+    let expected = predicted("zero-latency", 300);
+    assert_eq!(status["counts"]["not_payable"], expected["not_payable"]);
+    assert_eq!(status["counts"]["rejected"], expected["rejected"]);
+    for (name, s) in stats.as_object().unwrap() {
+        if let Some(d) = s.get("duplicates") {
+            assert_eq!(d, 0, "{name} saw an operation twice: {s}");
+        }
+    }
+    // Each ticket's audit trail shows each payment step applied once.
+    for t in stack.all_tickets(&batch).iter().filter(|t| t["status"] == "paid").take(20) {
+        let full = stack.get(&format!("/api/batches/{batch}/tickets/{}", t["ticket_id"].as_str().unwrap()));
+        let applied: Vec<&str> = full["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "exchange" && e["outcome"] == "ok" && e["idempotency_key"].is_string() && e["operation"] != "status")
+            .map(|e| e["operation"].as_str().unwrap())
+            .collect();
+        assert_eq!(applied, ["capture", "settle", "post", "issue", "notify"], "{full}");
+    }
+    let delivered = stack.queues();
+    println!("{delivered}");
+}
+
+#[test]
+fn a_killed_host_restarts_on_the_same_data_and_completes_the_batch() {
+    let data = tempfile::tempdir().unwrap();
+    let (_sim, providers) = simulator("realistic");
+    let opts = || StackOptions { scenario: "realistic", providers_url: Some(&providers), data: data.path(), env: &[], extra_args: &[] };
+    let mut stack = Stack::start(opts());
+    let batch = stack.submit(2000, "80000.00");
+    // Let it get well under way, then kill it without warning.
+    loop {
+        let s = stack.status(&batch);
+        let ended: u64 = END_STATES.iter().map(|e| s["counts"][e].as_u64().unwrap_or(0)).sum();
+        if ended >= 600 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stack.host.kill();
+    let stack = Stack::start(opts());
+    let status = stack.wait_complete(&batch, Duration::from_secs(600));
+    assert_batch_invariants(&status, &stats(&providers), 2000);
+    let tickets = stack.all_tickets(&batch);
+    assert_eq!(tickets.len(), 2000, "no ticket lost");
+    assert!(tickets.iter().all(|t| END_STATES.contains(&t["status"].as_str().unwrap())));
+    let sum: i64 = tickets.iter().map(|t| cents(&t["paid"])).sum();
+    assert_eq!(sum, cents(&status["paid"]));
+    let _: Value = status;
+}

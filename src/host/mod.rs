@@ -1,1 +1,4 @@
 //! The local Functions host.
+
+pub mod config;
+pub mod queue;

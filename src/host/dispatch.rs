@@ -231,3 +231,186 @@ async fn deliver(
     // next message cannot overtake an abandoned one.
     let _ = done.send(m.session_id);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::response::IntoResponse;
+    use base64::Engine;
+    use serde_json::{Value, json};
+
+    use super::super::testkit::*;
+    use super::super::worker::WorkerState;
+
+    async fn send(url: &str, queue: &str, broker: &str, body: &str) {
+        let r = reqwest::Client::new()
+            .post(format!("{url}/{queue}/messages"))
+            .header("BrokerProperties", broker)
+            .header("tenant", "\"acme\"")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+
+    #[tokio::test]
+    async fn invocation_payload_is_the_custom_handler_contract() {
+        let app = app(&[("lookup", "ticket-lookup", false, 10)]);
+        let (handler, calls) = fake_handler(|_, _| ok_json()).await;
+        let (core, _s) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
+        send(&core.url, "ticket-lookup", r#"{"MessageId":"m-1","CorrelationId":"corr","Label":"lbl"}"#, r#"{"ticket":"t1"}"#).await;
+        eventually("one invocation", || calls.lock().unwrap().len() == 1).await;
+        eventually("completion", || core.shared.store.counts(0).unwrap().is_empty()).await;
+
+        let call = calls.lock().unwrap()[0].clone();
+        assert_eq!((call.method.as_str(), call.path_and_query.as_str()), ("POST", "/lookup"));
+        assert_eq!(call.headers["content-type"], "application/json; charset=utf-8");
+        assert!(call.headers["user-agent"].to_str().unwrap().starts_with("Azure-Functions-Host/4."));
+        assert!(call.headers.contains_key("x-azure-functions-hostversion"));
+        uuid::Uuid::parse_str(call.headers["x-azure-functions-invocationid"].to_str().unwrap()).unwrap();
+
+        let v = call.json();
+        let data = v["Data"]["message"].as_str().unwrap();
+        assert_eq!(base64::engine::general_purpose::STANDARD.decode(data).unwrap(), br#"{"ticket":"t1"}"#);
+        let md = &v["Metadata"];
+        assert_eq!(md["DeliveryCount"], "1");
+        assert_eq!(md["MessageId"], "\"m-1\"");
+        assert_eq!(md["CorrelationId"], "\"corr\"");
+        assert_eq!(md["Subject"], "\"lbl\"");
+        assert_eq!(md["Label"], "\"lbl\"");
+        assert!(md["SequenceNumber"].as_str().unwrap().parse::<i64>().is_ok());
+        let token = md["LockToken"].as_str().unwrap();
+        assert!(token.starts_with('"') && token.ends_with('"'));
+        let enq = md["EnqueuedTimeUtc"].as_str().unwrap();
+        chrono::NaiveDateTime::parse_from_str(enq, "%Y-%m-%dT%H:%M:%S").unwrap();
+        assert_eq!(md["EnqueuedTime"].as_str().unwrap(), format!("{enq}+00:00"));
+        assert_eq!(md["ExpiresAtUtc"], "9999-12-31T23:59:59");
+        assert_eq!(md["ApplicationProperties"], json!({"tenant": "acme"}));
+        assert_eq!(md["UserProperties"], json!({"tenant": "acme"}));
+        assert!(md.get("SessionId").is_none() && md.get("ContentType").is_none(), "null properties are left out");
+        assert_eq!(md["sys"]["MethodName"], "lookup");
+        assert!(md["sys"]["UtcNow"].as_str().unwrap().ends_with('Z'));
+        core.stop().await;
+    }
+
+    #[tokio::test]
+    async fn failures_count_deliveries_then_dead_letter() {
+        let app = app(&[("pay", "ticket-pay", false, 3), ("notify", "ticket-notify", false, 10)]);
+        // pay: fails twice (non-2xx, then 200 text/plain), then succeeds. notify: always fails.
+        let (handler, calls) = fake_handler(|_, call| {
+            let v = call.json();
+            let dc = v["Metadata"]["DeliveryCount"].as_str().unwrap().to_string();
+            match (call.path_and_query.as_str(), dc.as_str()) {
+                ("/pay", "1") => fail(),
+                ("/pay", "2") => "ok but not json".into_response(),
+                ("/pay", _) => ok_json(),
+                _ => fail(),
+            }
+        })
+        .await;
+        let (core, _s) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
+        send(&core.url, "ticket-pay", r#"{"MessageId":"p"}"#, "pay me").await;
+        send(&core.url, "ticket-notify", r#"{"MessageId":"n"}"#, "tell them").await;
+        eventually("settled", || {
+            let c = core.shared.store.counts(0).unwrap();
+            !c.contains_key("ticket-pay") && c.get("ticket-notify").is_some_and(|n| n.dead_lettered == 1 && n.locked == 0)
+        })
+        .await;
+        let seen = |path: &str| -> Vec<String> {
+            calls.lock().unwrap().iter().filter(|c| c.path_and_query == path)
+                .map(|c| c.json()["Metadata"]["DeliveryCount"].as_str().unwrap().to_string()).collect()
+        };
+        assert_eq!(seen("/pay"), ["1", "2", "3"]);
+        assert_eq!(seen("/notify").len(), 10);
+        assert_eq!(seen("/notify").last().unwrap(), "10");
+        let dl = core.shared.store.dead_letters("ticket-notify", 10).unwrap();
+        assert_eq!(dl[0].reason, "MaxDeliveryCountExceeded");
+        assert!(dl[0].description.as_deref().unwrap().contains("500"), "{:?}", dl[0].description);
+        let q = admin(&core.url).await;
+        assert_eq!(q["ticket-notify"]["dead_lettered"], 1);
+        core.stop().await;
+    }
+
+    // The fake handler blocks its thread while "working": give it threads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+    async fn sessions_are_processed_one_message_at_a_time() {
+        let app = app(&[("reserve", "ticket-reserve", true, 10)]);
+        let active: std::sync::Arc<Mutex<Vec<String>>> = Default::default();
+        let peak_sessions = std::sync::Arc::new(AtomicUsize::new(0));
+        let order: std::sync::Arc<Mutex<Vec<(String, String)>>> = Default::default();
+        let (a, p, o) = (active.clone(), peak_sessions.clone(), order.clone());
+        let (handler, _calls) = fake_handler(move |_, call| {
+            let v = call.json();
+            let sid: String = serde_json::from_str(v["Metadata"]["SessionId"].as_str().unwrap()).unwrap();
+            let body = base64::engine::general_purpose::STANDARD.decode(v["Data"]["message"].as_str().unwrap()).unwrap();
+            {
+                let mut act = a.lock().unwrap();
+                assert!(!act.contains(&sid), "two deliveries of session {sid} at once");
+                act.push(sid.clone());
+                p.fetch_max(act.len(), Ordering::SeqCst);
+            }
+            o.lock().unwrap().push((sid.clone(), String::from_utf8(body).unwrap()));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            a.lock().unwrap().retain(|s| s != &sid);
+            ok_json()
+        })
+        .await;
+        let (core, _s) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
+        let mut batch = Vec::new();
+        for i in 0..5 {
+            for s in ["A", "B", "C", "D"] {
+                batch.push(json!({"Body": format!("{s}{i}"), "BrokerProperties": {"SessionId": s, "MessageId": format!("{s}{i}")}}));
+            }
+        }
+        let r = reqwest::Client::new()
+            .post(format!("{}/ticket-reserve/messages", core.url))
+            .header("content-type", super::super::servicebus::BATCH_CONTENT_TYPE)
+            .body(Value::Array(batch).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        eventually("all delivered", || order.lock().unwrap().len() == 20).await;
+        let peak = peak_sessions.load(Ordering::SeqCst);
+        assert!((2..=3).contains(&peak), "sessions in parallel, at most maxConcurrentSessions=3: {peak}");
+        for s in ["A", "B", "C", "D"] {
+            let got: Vec<_> = order.lock().unwrap().iter().filter(|(x, _)| x == s).map(|(_, b)| b.clone()).collect();
+            assert_eq!(got, (0..5).map(|i| format!("{s}{i}")).collect::<Vec<_>>(), "FIFO within session {s}");
+        }
+        core.stop().await;
+    }
+
+    #[tokio::test]
+    async fn nothing_is_delivered_while_the_handler_is_down() {
+        let app = app(&[("lookup", "ticket-lookup", false, 2)]);
+        let (handler, calls) = fake_handler(|_, _| ok_json()).await;
+        let (core, state) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Starting).await;
+        send(&core.url, "ticket-lookup", r#"{"MessageId":"x"}"#, "x").await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(calls.lock().unwrap().is_empty());
+        state.send(WorkerState::Ready).unwrap();
+        eventually("delivered once ready", || calls.lock().unwrap().len() == 1).await;
+        assert_eq!(calls.lock().unwrap()[0].json()["Metadata"]["DeliveryCount"], "1");
+        core.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_handler_does_not_burn_deliveries() {
+        let app = app(&[("lookup", "ticket-lookup", false, 2)]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // Ready, but nobody listens: connection refused.
+        let (core, state) = core(app.path(), &app.path().join("data"), &format!("http://127.0.0.1:{port}"), WorkerState::Ready).await;
+        send(&core.url, "ticket-lookup", r#"{"MessageId":"x"}"#, "x").await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        state.send(WorkerState::Down("exited".into())).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let c = core.shared.store.counts(0).unwrap()["ticket-lookup"];
+        assert_eq!((c.dead_lettered, c.locked), (0, 0));
+        let m = core.shared.store.receive("ticket-lookup", 1, None, std::time::Duration::from_secs(1), super::now_ms()).unwrap();
+        assert_eq!(m.messages[0].delivery_count, 1, "refused connections were not counted");
+        core.stop().await;
+    }
+}

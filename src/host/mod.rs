@@ -13,6 +13,8 @@ pub mod servicebus;
 pub mod worker;
 
 #[cfg(test)]
+mod e2e;
+#[cfg(test)]
 mod testkit;
 
 use std::collections::{BTreeMap, HashMap};

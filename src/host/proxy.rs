@@ -61,3 +61,47 @@ pub(crate) async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Respo
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    use super::super::testkit::*;
+    use super::super::worker::WorkerState;
+
+    #[tokio::test]
+    async fn forwards_the_original_request_and_returns_the_response_as_is() {
+        let app = app(&[]);
+        let (handler, calls) = fake_handler(|_, _| {
+            (StatusCode::CREATED, [("content-type", "application/json"), ("location", "/api/batches/b1"), ("x-custom", "1")], r#"{"id":"b1"}"#)
+                .into_response()
+        })
+        .await;
+        let (core, state) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
+        let c = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let r = c
+            .put(format!("{}/api/batches?client=acme&x=1", core.url))
+            .header("Idempotency-Key", "k1")
+            .header("content-type", "text/csv")
+            .body("id,amount\n1,2\n")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(r.headers()["location"], "/api/batches/b1");
+        assert_eq!(r.headers()["x-custom"], "1");
+        assert_eq!(r.text().await.unwrap(), r#"{"id":"b1"}"#);
+        let call = calls.lock().unwrap()[0].clone();
+        assert_eq!((call.method.as_str(), call.path_and_query.as_str()), ("PUT", "/api/batches?client=acme&x=1"));
+        assert_eq!(call.headers["idempotency-key"], "k1");
+        assert_eq!(call.headers["content-type"], "text/csv");
+        assert_eq!(call.body, b"id,amount\n1,2\n");
+
+        state.send(WorkerState::Down("exited".into())).unwrap();
+        let r = c.get(format!("{}/api/batches", core.url)).send().await.unwrap();
+        assert_eq!(r.status(), 502);
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        core.stop().await;
+    }
+}

@@ -105,9 +105,9 @@ async fn local_host_runs_a_real_handler_process() {
     let env: Value = c.get(format!("{}/api/env", h.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(env["FUNCTIONS_CUSTOMHANDLER_PORT"], env["FUNCTIONS_HTTPWORKER_PORT"]);
     assert!(env["FUNCTIONS_CUSTOMHANDLER_WORKER_ID"].is_string());
-    assert_eq!(env["FUNCTIONS_APP_ROOT_PATH"], json!(app.path()));
+    assert_eq!(env["FUNCTIONS_APP_ROOT_PATH"], json!(app.path().canonicalize().unwrap()));
     assert_eq!(env["TICKETPAY_BUS_URL"], json!(h.url));
-    assert_eq!(env["TICKETPAY_DATA_DIR"], json!(data));
+    assert_eq!(env["TICKETPAY_DATA_DIR"], json!(data.canonicalize().unwrap()));
     assert_eq!(env["TICKETPAY_PROVIDERS_URL"], json!(h.providers_url));
     assert_eq!(env["TICKETPAY_PROVIDERS_CONFIG"], "realistic");
     assert_eq!(env["CUSTOM_SETTING"], "yes");

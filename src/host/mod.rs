@@ -214,9 +214,11 @@ impl LocalHost {
     pub async fn start(opts: LocalOptions) -> Result<LocalHost> {
         let cwd = std::env::current_dir()?;
         let app_root = cwd.join(&opts.app_root);
+        let app_root = app_root.canonicalize().with_context(|| format!("app root {} not found", app_root.display()))?;
         let config = HostConfig::load(&app_root)?;
         let data = cwd.join(&opts.data);
         std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
+        let data = data.canonicalize()?;
         let settings = read_settings(&app_root)?;
 
         let listener = TcpListener::bind(("127.0.0.1", opts.port))
@@ -274,7 +276,15 @@ impl LocalHost {
 
         let (state_tx, state_rx) = watch::channel(WorkerState::Starting);
         let handler_url = format!("http://127.0.0.1:{handler_port}");
-        let core = Core::start(config, &data, listener, handler_url, state_rx).await?;
+        let core = match Core::start(config, &data, listener, handler_url, state_rx).await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(s) = simulator {
+                    s.abort();
+                }
+                return Err(e);
+            }
+        };
         let worker = Worker::start(WorkerSpec { program, args, cwd: cwd_handler, env, port: handler_port }, state_tx);
         if let Err(e) = worker.wait_ready().await {
             worker.stop().await;

@@ -1,1 +1,388 @@
-//! The local Functions host.
+//! The local Functions host (`ticketpay local`): reads the same host.json and
+//! functions/*/function.json as Azure, starts the custom handler exactly as
+//! the real host does, serves the Service Bus REST send endpoints on
+//! loopback, delivers queue messages with Service Bus semantics from durable
+//! SQLite queues, and proxies HTTP functions to the handler.
+
+pub mod config;
+pub mod dispatch;
+pub mod invoke;
+pub mod proxy;
+pub mod queue;
+pub mod servicebus;
+pub mod worker;
+
+#[cfg(test)]
+mod e2e;
+#[cfg(test)]
+mod testkit;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use axum::Router;
+use axum::routing::any;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use config::{HostConfig, QueueTrigger};
+use queue::{Store, now_ms};
+use worker::{Worker, WorkerSpec, WorkerState};
+
+/// What `ticketpay local` is given.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// Where host.json lives.
+    pub app_root: PathBuf,
+    /// Port of the host (0 = any free port).
+    pub port: u16,
+    /// Where to start the provider simulator (0 = any free port).
+    pub providers_port: u16,
+    /// A simulator already running: do not start one.
+    pub providers_url: Option<String>,
+    /// Scenario name or file for the simulator we start.
+    pub scenario: Option<String>,
+    /// Durable state, default `./.ticketpay`.
+    pub data: PathBuf,
+}
+
+/// One queue-triggered function and the queue it drains.
+pub(crate) struct QueueSpec {
+    pub function: String,
+    pub trigger: QueueTrigger,
+    /// Woken when a message arrives on the queue.
+    pub wake: Notify,
+}
+
+/// What the HTTP endpoints and the dispatchers share.
+pub(crate) struct Shared {
+    pub config: HostConfig,
+    pub store: Store,
+    /// By queue name, lower-cased (Service Bus entity names are case-insensitive).
+    pub queues: BTreeMap<String, Arc<QueueSpec>>,
+    /// `http://127.0.0.1:{handler port}`.
+    pub handler_url: String,
+    pub worker: watch::Receiver<WorkerState>,
+    /// Client for the handler: no proxy, no redirects, pooled.
+    pub client: reqwest::Client,
+}
+
+impl Shared {
+    pub fn handler_ready(&self) -> bool {
+        matches!(*self.worker.borrow(), WorkerState::Ready)
+    }
+
+    pub fn queue(&self, name: &str) -> Option<&Arc<QueueSpec>> {
+        self.queues.get(&name.to_ascii_lowercase())
+    }
+}
+
+/// The store, the HTTP server and the dispatchers, for a handler reachable at
+/// `handler_url` (the process itself is someone else's business).
+pub(crate) struct Core {
+    pub url: String,
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub shared: Arc<Shared>,
+    dispatch: dispatch::Dispatch,
+    server: JoinHandle<()>,
+    server_stop: oneshot::Sender<()>,
+    pruner: JoinHandle<()>,
+}
+
+impl Core {
+    pub(crate) async fn start(
+        config: HostConfig,
+        data: &Path,
+        listener: TcpListener,
+        handler_url: String,
+        worker: watch::Receiver<WorkerState>,
+    ) -> Result<Core> {
+        let db = data.join("queues.db");
+        let store = {
+            let db = db.clone();
+            tokio::task::spawn_blocking(move || Store::open(&db)).await??
+        };
+        let queues: BTreeMap<String, Arc<QueueSpec>> = config
+            .queue_functions()
+            .map(|(f, q)| {
+                let spec = QueueSpec { function: f.name.clone(), trigger: q.clone(), wake: Notify::new() };
+                (q.queue.to_ascii_lowercase(), Arc::new(spec))
+            })
+            .collect();
+        let max_delivery: HashMap<String, u32> =
+            queues.values().map(|s| (s.trigger.queue.clone(), s.trigger.settings.max_delivery_count)).collect();
+        let released = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.release_stale_locks(&max_delivery, now_ms())).await??
+        };
+        if released > 0 {
+            tracing::info!("released {released} message lock(s) left by the previous run; they will be redelivered");
+        }
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()?;
+        let prefix = config.route_prefix.clone();
+        let proxy_http = config.has_http_function();
+        if proxy_http && !config.proxy_http {
+            tracing::warn!(
+                "host.json customHandler.enableProxyingHttpRequest is not true; ticketpay local proxies HTTP functions anyway"
+            );
+        }
+        let shared = Arc::new(Shared { config, store, queues, handler_url, worker, client });
+
+        let mut app = servicebus::routes();
+        if proxy_http {
+            if prefix.is_empty() {
+                app = app.fallback(proxy::forward);
+            } else {
+                app = app
+                    .route(&format!("/{prefix}"), any(proxy::forward))
+                    .route(&format!("/{prefix}/"), any(proxy::forward))
+                    .route(&format!("/{prefix}/{{*rest}}"), any(proxy::forward));
+            }
+        }
+        let app: Router = app.with_state(shared.clone());
+        let url = format!("http://{}", listener.local_addr()?);
+        let (server_stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("host HTTP server failed: {e}");
+            }
+        });
+
+        let dispatch = dispatch::Dispatch::start(shared.clone());
+        let pruner = {
+            let store = shared.store.clone();
+            let window = shared.queues.values().map(|q| q.trigger.settings.duplicate_detection_window).max();
+            tokio::spawn(async move {
+                let Some(window) = window else { return };
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    let store = store.clone();
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.prune_dedup(window, now_ms())).await {
+                        tracing::warn!("cannot prune duplicate-detection history: {e:#}");
+                    }
+                }
+            })
+        };
+        Ok(Core { url, shared, dispatch, server, server_stop, pruner })
+    }
+
+    /// Stop delivering, wait (bounded) for in-flight invocations, then stop serving.
+    pub(crate) async fn stop_delivering(&mut self, bound: Duration) {
+        let d = std::mem::replace(&mut self.dispatch, dispatch::Dispatch::idle());
+        d.stop(bound).await;
+    }
+
+    pub(crate) async fn stop(mut self) {
+        self.stop_delivering(Duration::from_secs(10)).await;
+        self.pruner.abort();
+        let _ = self.server_stop.send(());
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.server).await.is_err() {
+            self.server.abort();
+        }
+    }
+}
+
+/// A running local host.
+pub struct LocalHost {
+    /// `http://127.0.0.1:{port}`: HTTP functions under `/api`, Service Bus REST, `/admin/queues`.
+    pub url: String,
+    pub providers_url: String,
+    core: Core,
+    worker: Worker,
+    simulator: Option<JoinHandle<()>>,
+}
+
+const DEFAULT_SCENARIO: &str = "realistic";
+
+impl LocalHost {
+    /// Starts everything; returns once the handler answered readiness.
+    pub async fn start(opts: LocalOptions) -> Result<LocalHost> {
+        let cwd = std::env::current_dir()?;
+        let app_root = cwd.join(&opts.app_root);
+        let app_root = app_root.canonicalize().with_context(|| format!("app root {} not found", app_root.display()))?;
+        let config = HostConfig::load(&app_root)?;
+        let data = cwd.join(&opts.data);
+        std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
+        let data = data.canonicalize()?;
+        let settings = read_settings(&app_root)?;
+
+        let listener = TcpListener::bind(("127.0.0.1", opts.port))
+            .await
+            .with_context(|| format!("cannot listen on 127.0.0.1:{}", opts.port))?;
+        let host_port = listener.local_addr()?.port();
+
+        // The provider simulator, unless one is given.
+        let mut simulator = None;
+        let mut providers_config = None;
+        let providers_url = match opts.providers_url.clone().or_else(|| settings.get("TICKETPAY_PROVIDERS_URL").cloned()) {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => {
+                let l = TcpListener::bind(("127.0.0.1", opts.providers_port))
+                    .await
+                    .with_context(|| format!("cannot listen on 127.0.0.1:{} for the provider simulator", opts.providers_port))?;
+                let url = format!("http://{}", l.local_addr()?);
+                let scenario = opts.scenario.clone().unwrap_or_else(|| DEFAULT_SCENARIO.to_string());
+                // A scenario file relative to our directory must still be found from the handler's.
+                let scenario = match Path::new(&scenario) {
+                    p if p.is_file() => cwd.join(p).to_string_lossy().into_owned(),
+                    _ => scenario,
+                };
+                simulator = Some(start_simulator(l, Some(&scenario)).await?);
+                providers_config = Some(scenario);
+                url
+            }
+        };
+
+        let handler_port = free_port()?;
+        let program = worker::resolve_executable(&app_root, &config.executable)?;
+        let lookup = |k: &str| settings.get(k).cloned().or_else(|| std::env::var(k).ok());
+        let args = config.arguments.iter().map(|a| worker::expand(a, lookup)).collect();
+        let cwd_handler =
+            if config.working_directory.is_empty() { app_root.clone() } else { app_root.join(&config.working_directory) };
+        let mut env: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut set = |k: &str, v: String, only_if_unset: bool| {
+            if only_if_unset && settings.contains_key(k) {
+                return;
+            }
+            env.retain(|(name, _)| name != k);
+            env.push((k.to_string(), v));
+        };
+        set("FUNCTIONS_CUSTOMHANDLER_PORT", handler_port.to_string(), false);
+        set("FUNCTIONS_HTTPWORKER_PORT", handler_port.to_string(), false);
+        set("FUNCTIONS_CUSTOMHANDLER_WORKER_ID", uuid::Uuid::new_v4().to_string(), false);
+        set("FUNCTIONS_APP_ROOT_PATH", app_root.to_string_lossy().into_owned(), false);
+        set("FUNCTIONS_WORKER_RUNTIME", "custom".into(), true);
+        set("TICKETPAY_BUS_URL", format!("http://127.0.0.1:{host_port}"), true);
+        set("TICKETPAY_DATA_DIR", data.to_string_lossy().into_owned(), true);
+        set("TICKETPAY_PROVIDERS_URL", providers_url.clone(), true);
+        if let Some(pc) = providers_config {
+            set("TICKETPAY_PROVIDERS_CONFIG", pc, true);
+        }
+
+        let (state_tx, state_rx) = watch::channel(WorkerState::Starting);
+        let handler_url = format!("http://127.0.0.1:{handler_port}");
+        let core = match Core::start(config, &data, listener, handler_url, state_rx).await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(s) = simulator {
+                    s.abort();
+                }
+                return Err(e);
+            }
+        };
+        let worker = Worker::start(WorkerSpec { program, args, cwd: cwd_handler, env, port: handler_port }, state_tx);
+        if let Err(e) = worker.wait_ready().await {
+            worker.stop().await;
+            core.stop().await;
+            if let Some(s) = simulator {
+                s.abort();
+            }
+            return Err(e);
+        }
+        Ok(LocalHost { url: core.url.clone(), providers_url, core, worker, simulator })
+    }
+
+    /// Stops delivering, waits for in-flight invocations (at most ~10 s),
+    /// stops the handler, the HTTP server and the simulator.
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.core.stop_delivering(Duration::from_secs(10)).await;
+        self.worker.stop().await;
+        self.core.stop().await;
+        if let Some(s) = self.simulator {
+            s.abort();
+        }
+        Ok(())
+    }
+}
+
+/// `ticketpay local`: start, announce on stdout, run until Ctrl-C or
+/// SIGTERM, shut down.
+pub async fn run(opts: LocalOptions) -> Result<()> {
+    use std::io::Write;
+    let host = LocalHost::start(opts).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ticketpay local: listening on {}", host.url)?;
+        writeln!(out, "ticketpay local: providers at {}", host.providers_url)?;
+        writeln!(out, "ticketpay local: ready")?;
+        out.flush()?;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    host.shutdown().await
+}
+
+/// `Values` of `{app_root}/local.settings.json`, if the file exists.
+fn read_settings(app_root: &Path) -> Result<BTreeMap<String, String>> {
+    let path = app_root.join("local.settings.json");
+    if !path.exists() {
+        return Ok(BTreeMap::new());
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let Some(values) = json.get("Values") else { return Ok(BTreeMap::new()) };
+    let values = values.as_object().ok_or_else(|| anyhow!("{}: Values must be an object", path.display()))?;
+    Ok(values
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), v)
+        })
+        .collect())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts the provider simulator on `listener`.
+///
+/// PLACEHOLDER until `crate::providers::simulator` exists; the body becomes:
+/// ```ignore
+/// let scenario = crate::providers::simulator::Scenario::load(scenario)?;
+/// Ok(tokio::spawn(async move {
+///     if let Err(e) = crate::providers::simulator::serve(listener, scenario).await {
+///         tracing::error!("provider simulator failed: {e:#}");
+///     }
+/// }))
+/// ```
+async fn start_simulator(listener: TcpListener, scenario: Option<&str>) -> Result<JoinHandle<()>> {
+    let scenario = scenario.unwrap_or(DEFAULT_SCENARIO).to_string();
+    let app = Router::new().fallback(move || {
+        let scenario = scenario.clone();
+        async move {
+            servicebus::problem(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("the provider simulator is not built into this binary yet (scenario {scenario})"),
+            )
+        }
+    });
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("provider simulator failed: {e}");
+        }
+    }))
+}

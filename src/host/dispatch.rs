@@ -1,0 +1,462 @@
+//! Delivery: one dispatcher task per queue-triggered function takes visible
+//! messages under a peek-lock (respecting maxConcurrentCalls, and for session
+//! queues one message per session and maxConcurrentSessions), invokes the
+//! handler, and settles each delivery. Settlements are written in batches.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::invoke::{self, InvokeError};
+use super::queue::{Message, Settled, Settlement, Store, now_ms};
+use super::{QueueSpec, Shared};
+
+/// The running dispatchers.
+pub struct Dispatch {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    settler: JoinHandle<()>,
+}
+
+impl Dispatch {
+    pub(crate) fn start(shared: Arc<Shared>) -> Dispatch {
+        let (stop, stop_rx) = watch::channel(false);
+        let (settler, settler_task) = Settler::start(shared.store.clone());
+        let tasks = shared
+            .queues
+            .values()
+            .map(|spec| tokio::spawn(run_queue(shared.clone(), spec.clone(), settler.clone(), stop_rx.clone())))
+            .collect();
+        Dispatch { stop, tasks, settler: settler_task }
+    }
+
+    /// Nothing running (after a stop).
+    pub(crate) fn idle() -> Dispatch {
+        Dispatch { stop: watch::channel(true).0, tasks: Vec::new(), settler: tokio::spawn(async {}) }
+    }
+
+    /// Stops taking messages and waits (at most `bound`) for in-flight
+    /// invocations to finish and be settled. Whatever is still running after
+    /// that keeps its lock and is redelivered at the next start.
+    pub async fn stop(self, bound: Duration) {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + bound;
+        for t in self.tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                tracing::warn!("in-flight invocations did not finish within {bound:?}; they will be redelivered");
+                abort.abort();
+            }
+        }
+        self.settler.abort();
+    }
+}
+
+type SettleOp = (i64, String, Settlement, oneshot::Sender<Settled>);
+
+/// Groups settlements arriving together into one transaction.
+#[derive(Clone)]
+struct Settler {
+    tx: mpsc::UnboundedSender<SettleOp>,
+}
+
+impl Settler {
+    fn start(store: Store) -> (Settler, JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<SettleOp>();
+        let task = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 512 {
+                    match rx.try_recv() {
+                        Ok(op) => batch.push(op),
+                        Err(_) => break,
+                    }
+                }
+                let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|(s, t, h, r)| ((s, t, h), r)).unzip();
+                let store = store.clone();
+                let res = tokio::task::spawn_blocking(move || store.settle(&ops, now_ms())).await;
+                match res {
+                    Ok(Ok(results)) => {
+                        for (r, reply) in results.into_iter().zip(replies) {
+                            let _ = reply.send(r);
+                        }
+                    }
+                    Ok(Err(e)) => tracing::error!("cannot settle messages (they stay locked until the next start): {e:#}"),
+                    Err(e) => tracing::error!("settlement task failed: {e}"),
+                }
+            }
+        });
+        (Settler { tx }, task)
+    }
+
+    async fn settle(&self, seq: i64, token: String, how: Settlement) -> Option<Settled> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send((seq, token, how, reply)).ok()?;
+        rx.await.ok()
+    }
+}
+
+/// How long one delivery may run: the lock is renewed up to
+/// maxAutoLockRenewalDuration (never shorter than one lockDuration), and the
+/// invocation is cut at functionTimeout, whichever comes first.
+fn delivery_limit(shared: &Shared, spec: &QueueSpec) -> Duration {
+    let lock = spec.trigger.settings.lock_duration.max(shared.config.max_auto_lock_renewal);
+    match shared.config.function_timeout {
+        Some(t) => t.min(lock),
+        None => lock,
+    }
+}
+
+async fn run_queue(shared: Arc<Shared>, spec: Arc<QueueSpec>, settler: Settler, mut stop: watch::Receiver<bool>) {
+    let mut worker = shared.worker.clone();
+    let mut worker_alive = true;
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Option<String>>();
+    let mut in_flight = 0usize;
+    let mut busy: HashSet<String> = HashSet::new();
+    let sessions = spec.trigger.sessions;
+    let limit = if sessions {
+        shared.config.max_concurrent_calls.min(shared.config.max_concurrent_sessions)
+    } else {
+        shared.config.max_concurrent_calls
+    };
+    let run_for = delivery_limit(&shared, &spec);
+    // The recorded lock outlives the delivery limit a little: the delivery
+    // task always settles or gives up before it.
+    let lock_for = run_for + Duration::from_secs(5);
+    let queue = spec.trigger.queue.clone();
+
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let mut sleep_for = None;
+        if shared.handler_ready() && in_flight < limit {
+            let store = shared.store.clone();
+            let q = queue.clone();
+            let max = limit - in_flight;
+            let busy_now = sessions.then(|| busy.clone());
+            let received = tokio::task::spawn_blocking(move || store.receive(&q, max, busy_now.as_ref(), lock_for, now_ms())).await;
+            match received {
+                Ok(Ok(r)) => {
+                    if r.expired > 0 {
+                        tracing::warn!(queue = %queue, "{} expired message(s) moved to the dead-letter queue", r.expired);
+                    }
+                    for m in r.messages {
+                        in_flight += 1;
+                        if let Some(s) = &m.session_id {
+                            busy.insert(s.clone());
+                        }
+                        tokio::spawn(deliver(shared.clone(), spec.clone(), settler.clone(), m, run_for, done_tx.clone()));
+                    }
+                    sleep_for = r.next_due.map(|t| Duration::from_millis((t - now_ms()).max(0) as u64));
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(queue = %queue, "cannot receive: {e:#}");
+                    sleep_for = Some(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    tracing::error!(queue = %queue, "receive task failed: {e}");
+                    sleep_for = Some(Duration::from_secs(1));
+                }
+            }
+        }
+        let sleep = async {
+            match sleep_for {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = spec.wake.notified() => {}
+            Some(session) = done_rx.recv() => {
+                in_flight -= 1;
+                if let Some(s) = session { busy.remove(&s); }
+                while let Ok(session) = done_rx.try_recv() {
+                    in_flight -= 1;
+                    if let Some(s) = session { busy.remove(&s); }
+                }
+            }
+            _ = sleep => {}
+            r = worker.changed(), if worker_alive => { if r.is_err() { worker_alive = false; } }
+            r = stop.changed() => { if r.is_err() { break; } }
+        }
+    }
+    while in_flight > 0 {
+        if done_rx.recv().await.is_none() {
+            break;
+        }
+        in_flight -= 1;
+    }
+}
+
+async fn deliver(
+    shared: Arc<Shared>,
+    spec: Arc<QueueSpec>,
+    settler: Settler,
+    m: Message,
+    run_for: Duration,
+    done: mpsc::UnboundedSender<Option<String>>,
+) {
+    let result = tokio::time::timeout(run_for, invoke::invoke(&shared.client, &shared.handler_url, &spec, &m)).await;
+    let how = match result {
+        Ok(Ok(())) => Settlement::Complete,
+        Ok(Err(InvokeError::NotDelivered(e))) => {
+            tracing::debug!(function = %spec.function, message_id = %m.message_id, "handler not reachable ({e}); message released");
+            Settlement::Release
+        }
+        Ok(Err(InvokeError::Failed(e))) => {
+            tracing::warn!(function = %spec.function, message_id = %m.message_id, delivery_count = m.delivery_count, "invocation failed: {e}");
+            Settlement::Abandon { max_delivery_count: spec.trigger.settings.max_delivery_count, reason: e }
+        }
+        Err(_) => {
+            let e = format!("invocation timed out after {run_for:?}");
+            tracing::warn!(function = %spec.function, message_id = %m.message_id, delivery_count = m.delivery_count, "{e}");
+            Settlement::Abandon { max_delivery_count: spec.trigger.settings.max_delivery_count, reason: e }
+        }
+    };
+    match settler.settle(m.sequence_number, m.lock_token.clone(), how).await {
+        Some(Settled::DeadLettered) => tracing::warn!(
+            function = %spec.function, queue = %spec.trigger.queue, message_id = %m.message_id,
+            "message moved to the dead-letter queue after {} deliveries", m.delivery_count
+        ),
+        Some(Settled::LockLost) => {
+            tracing::warn!(function = %spec.function, message_id = %m.message_id, "lock lost before settlement")
+        }
+        _ => {}
+    }
+    // Release the slot only once the settlement is written, so a session's
+    // next message cannot overtake an abandoned one.
+    let _ = done.send(m.session_id);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::response::IntoResponse;
+    use base64::Engine;
+    use serde_json::{Value, json};
+
+    use super::super::testkit::*;
+    use super::super::worker::WorkerState;
+
+    async fn send(url: &str, queue: &str, broker: &str, body: &str) {
+        let r = reqwest::Client::new()
+            .post(format!("{url}/{queue}/messages"))
+            .header("BrokerProperties", broker)
+            .header("tenant", "\"acme\"")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+
+    #[tokio::test]
+    async fn invocation_payload_is_the_custom_handler_contract() {
+        let app = app(&[("lookup", "ticket-lookup", false, 10)]);
+        let (handler, calls) = fake_handler(|_, _| ok_json()).await;
+        let (core, _s) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
+        send(&core.url, "ticket-lookup", r#"{"MessageId":"m-1","CorrelationId":"corr","Label":"lbl"}"#, r#"{"ticket":"t1"}"#).await;
+        eventually("one invocation", || calls.lock().unwrap().len() == 1).await;
+        eventually("completion", || core.shared.store.counts(0).unwrap().is_empty()).await;
+
+        let call = calls.lock().unwrap()[0].clone();
+        assert_eq!((call.method.as_str(), call.path_and_query.as_str()), ("POST", "/lookup"));
+        assert_eq!(call.headers["content-type"], "application/json; charset=utf-8");
+        assert!(call.headers["user-agent"].to_str().unwrap().starts_with("Azure-Functions-Host/4."));
+        assert!(call.headers.contains_key("x-azure-functions-hostversion"));
+        uuid::Uuid::parse_str(call.headers["x-azure-functions-invocationid"].to_str().unwrap()).unwrap();
+
+        let v = call.json();
+        let data = v["Data"]["message"].as_str().unwrap();
+        assert_eq!(base64::engine::general_purpose::STANDARD.decode(data).unwrap(), br#"{"ticket":"t1"}"#);
+        let md = &v["Metadata"];
+        assert_eq!(md["DeliveryCount"], "1");
+        assert_eq!(md["MessageId"], "\"m-1\"");
+        assert_eq!(md["CorrelationId"], "\"corr\"");
+        assert_eq!(md["Subject"], "\"lbl\"");
+        assert_eq!(md["Label"], "\"lbl\"");
+        assert!(md["SequenceNumber"].as_str().unwrap().parse::<i64>().is_ok());
+        let token = md["LockToken"].as_str().unwrap();
+        assert!(token.starts_with('"') && token.ends_with('"'));
+        let enq = md["EnqueuedTimeUtc"].as_str().unwrap();
+        chrono::NaiveDateTime::parse_from_str(enq, "%Y-%m-%dT%H:%M:%S").unwrap();
+        assert_eq!(md["EnqueuedTime"].as_str().unwrap(), format!("{enq}+00:00"));
+        assert_eq!(md["ExpiresAtUtc"], "9999-12-31T23:59:59");
+        assert_eq!(md["ApplicationProperties"], json!({"tenant": "acme"}));
+        assert_eq!(md["UserProperties"], json!({"tenant": "acme"}));
+        assert!(md.get("SessionId").is_none() && md.get("ContentType").is_none(), "null properties are left out");
+        assert_eq!(md["sys"]["MethodName"], "lookup");
+        assert!(md["sys"]["UtcNow"].as_str().unwrap().ends_with('Z'));
+        core.stop().await;
+    }
+
+    #[tokio::test]
+    async fn failures_count_deliveries_then_dead_letter() {
+        let app = app(&[("pay", "ticket-pay", false, 3), ("notify", "ticket-notify", false, 10)]);
+        // pay: fails twice (non-2xx, then 200 text/plain), then succeeds. notify: always fails.
+        let (handler, calls) = fake_handler(|_, call| {
+            let v = call.json();
+            let dc = v["Metadata"]["DeliveryCount"].as_str().unwrap().to_string();
+            match (call.path_and_query.as_str(), dc.as_str()) {
+                ("/pay", "1") => fail(),
+                ("/pay", "2") => "ok but not json".into_response(),
+                ("/pay", _) => ok_json(),
+                _ => fail(),
+            }
+        })
+        .await;
+        let (core, _s) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
+        send(&core.url, "ticket-pay", r#"{"MessageId":"p"}"#, "pay me").await;
+        send(&core.url, "ticket-notify", r#"{"MessageId":"n"}"#, "tell them").await;
+        eventually("settled", || {
+            let c = core.shared.store.counts(0).unwrap();
+            !c.contains_key("ticket-pay") && c.get("ticket-notify").is_some_and(|n| n.dead_lettered == 1 && n.locked == 0)
+        })
+        .await;
+        let seen = |path: &str| -> Vec<String> {
+            calls.lock().unwrap().iter().filter(|c| c.path_and_query == path)
+                .map(|c| c.json()["Metadata"]["DeliveryCount"].as_str().unwrap().to_string()).collect()
+        };
+        assert_eq!(seen("/pay"), ["1", "2", "3"]);
+        assert_eq!(seen("/notify").len(), 10);
+        assert_eq!(seen("/notify").last().unwrap(), "10");
+        let dl = core.shared.store.dead_letters("ticket-notify", 10).unwrap();
+        assert_eq!(dl[0].reason, "MaxDeliveryCountExceeded");
+        assert!(dl[0].description.as_deref().unwrap().contains("500"), "{:?}", dl[0].description);
+        let q = admin(&core.url).await;
+        assert_eq!(q["ticket-notify"]["dead_lettered"], 1);
+        core.stop().await;
+    }
+
+    // The fake handler blocks its thread while "working": give it threads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+    async fn sessions_are_processed_one_message_at_a_time() {
+        let app = app(&[("reserve", "ticket-reserve", true, 10)]);
+        let active: std::sync::Arc<Mutex<Vec<String>>> = Default::default();
+        let peak_sessions = std::sync::Arc::new(AtomicUsize::new(0));
+        let order: std::sync::Arc<Mutex<Vec<(String, String)>>> = Default::default();
+        let (a, p, o) = (active.clone(), peak_sessions.clone(), order.clone());
+        let (handler, _calls) = fake_handler(move |_, call| {
+            let v = call.json();
+            let sid: String = serde_json::from_str(v["Metadata"]["SessionId"].as_str().unwrap()).unwrap();
+            let body = base64::engine::general_purpose::STANDARD.decode(v["Data"]["message"].as_str().unwrap()).unwrap();
+            {
+                let mut act = a.lock().unwrap();
+                assert!(!act.contains(&sid), "two deliveries of session {sid} at once");
+                act.push(sid.clone());
+                p.fetch_max(act.len(), Ordering::SeqCst);
+            }
+            o.lock().unwrap().push((sid.clone(), String::from_utf8(body).unwrap()));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            a.lock().unwrap().retain(|s| s != &sid);
+            ok_json()
+        })
+        .await;
+        let (core, _s) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
+        let mut batch = Vec::new();
+        for i in 0..5 {
+            for s in ["A", "B", "C", "D"] {
+                batch.push(json!({"Body": format!("{s}{i}"), "BrokerProperties": {"SessionId": s, "MessageId": format!("{s}{i}")}}));
+            }
+        }
+        let r = reqwest::Client::new()
+            .post(format!("{}/ticket-reserve/messages", core.url))
+            .header("content-type", super::super::servicebus::BATCH_CONTENT_TYPE)
+            .body(Value::Array(batch).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        eventually("all delivered", || order.lock().unwrap().len() == 20).await;
+        let peak = peak_sessions.load(Ordering::SeqCst);
+        assert!((2..=3).contains(&peak), "sessions in parallel, at most maxConcurrentSessions=3: {peak}");
+        for s in ["A", "B", "C", "D"] {
+            let got: Vec<_> = order.lock().unwrap().iter().filter(|(x, _)| x == s).map(|(_, b)| b.clone()).collect();
+            assert_eq!(got, (0..5).map(|i| format!("{s}{i}")).collect::<Vec<_>>(), "FIFO within session {s}");
+        }
+        core.stop().await;
+    }
+
+    #[tokio::test]
+    async fn nothing_is_delivered_while_the_handler_is_down() {
+        let app = app(&[("lookup", "ticket-lookup", false, 2)]);
+        let (handler, calls) = fake_handler(|_, _| ok_json()).await;
+        let (core, state) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Starting).await;
+        send(&core.url, "ticket-lookup", r#"{"MessageId":"x"}"#, "x").await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(calls.lock().unwrap().is_empty());
+        state.send(WorkerState::Ready).unwrap();
+        eventually("delivered once ready", || calls.lock().unwrap().len() == 1).await;
+        assert_eq!(calls.lock().unwrap()[0].json()["Metadata"]["DeliveryCount"], "1");
+        core.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_handler_does_not_burn_deliveries() {
+        let app = app(&[("lookup", "ticket-lookup", false, 2)]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // Ready, but nobody listens: connection refused.
+        let (core, state) = core(app.path(), &app.path().join("data"), &format!("http://127.0.0.1:{port}"), WorkerState::Ready).await;
+        send(&core.url, "ticket-lookup", r#"{"MessageId":"x"}"#, "x").await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        state.send(WorkerState::Down("exited".into())).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let c = core.shared.store.counts(0).unwrap()["ticket-lookup"];
+        assert_eq!((c.dead_lettered, c.locked), (0, 0));
+        let m = core.shared.store.receive("ticket-lookup", 1, None, std::time::Duration::from_secs(1), super::now_ms()).unwrap();
+        assert_eq!(m.messages[0].delivery_count, 1, "refused connections were not counted");
+        core.stop().await;
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::super::testkit::*;
+    use super::super::worker::WorkerState;
+
+    /// `cargo test --lib host::dispatch::bench -- --ignored --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn throughput() {
+        let app = app(&[("lookup", "ticket-lookup", false, 10)]);
+        let (handler, calls) = fake_handler(|_, _| ok_json()).await;
+        let (core, _s) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
+        let n = 5000;
+        let start = std::time::Instant::now();
+        let c = reqwest::Client::new();
+        let mut tasks = Vec::new();
+        for w in 0..32 {
+            let (c, url) = (c.clone(), core.url.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in (w..n).step_by(32) {
+                    let r = c
+                        .post(format!("{url}/ticket-lookup/messages"))
+                        .header("BrokerProperties", format!(r#"{{"MessageId":"m{i}"}}"#))
+                        .body(format!(r#"{{"ticket":"{i}"}}"#))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 201);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let sent = start.elapsed();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while calls.lock().unwrap().len() < n || !core.shared.store.counts(0).unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let all = start.elapsed();
+        println!("{n} messages: sent in {sent:?}, sent+delivered+completed in {all:?} = {:.0}/s", n as f64 / all.as_secs_f64());
+        core.stop().await;
+    }
+}

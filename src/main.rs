@@ -39,6 +39,9 @@ enum Command {
         /// Where host.json and functions/ are.
         #[arg(long, default_value = ".")]
         app_root: PathBuf,
+        /// Fault injection: deliver every message twice at once.
+        #[arg(long)]
+        duplicate_deliveries: bool,
     },
     /// The provider simulator: all nine provider roles over HTTP.
     Providers {
@@ -114,8 +117,9 @@ async fn main() {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Handler => ticketpay::handler::run().await,
-        Command::Local { port, providers_port, providers_url, scenario, data, app_root } => {
-            host::run(LocalOptions { app_root, port, providers_port, providers_url, scenario, data }).await
+        Command::Local { port, providers_port, providers_url, scenario, data, app_root, duplicate_deliveries } => {
+            let opts = LocalOptions { app_root, port, providers_port, providers_url, scenario, data, duplicate_deliveries };
+            host::run(opts).await
         }
         Command::Providers { port, scenario } => ticketpay::providers::simulator::run(port, scenario).await,
         Command::Demo { tickets, budget, scenario, data, port, app_root } => {

@@ -41,6 +41,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         providers_url: None,
         scenario: opts.scenario.clone(),
         data: data.clone(),
+        duplicate_deliveries: false,
     })
     .await?;
     println!("local host at {} · providers at {}", host.url, host.providers_url);

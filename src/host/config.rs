@@ -33,6 +33,9 @@ pub struct HostConfig {
     pub max_auto_lock_renewal: Duration,
     /// Every function folder, sorted by name.
     pub functions: Vec<FunctionConfig>,
+    /// Fault injection, not from host.json: deliver every message twice at once,
+    /// as at-least-once delivery allows, to prove the stages idempotent.
+    pub duplicate_deliveries: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +165,7 @@ impl HostConfig {
         }
 
         Ok(HostConfig {
+            duplicate_deliveries: false,
             app_root: app_root.to_path_buf(),
             executable,
             arguments,

@@ -200,7 +200,16 @@ async fn deliver(
     run_for: Duration,
     done: mpsc::UnboundedSender<Option<String>>,
 ) {
-    let result = tokio::time::timeout(run_for, invoke::invoke(&shared.client, &shared.handler_url, &spec, &m)).await;
+    let once = || invoke::invoke(&shared.client, &shared.handler_url, &spec, &m);
+    let result = if shared.config.duplicate_deliveries {
+        tokio::time::timeout(run_for, async {
+            let (a, b) = tokio::join!(once(), once());
+            a.and(b)
+        })
+        .await
+    } else {
+        tokio::time::timeout(run_for, once()).await
+    };
     let how = match result {
         Ok(Ok(())) => Settlement::Complete,
         Ok(Err(InvokeError::NotDelivered(e))) => {
@@ -411,52 +420,6 @@ mod tests {
         assert_eq!((c.dead_lettered, c.locked), (0, 0));
         let m = core.shared.store.receive("ticket-lookup", 1, None, std::time::Duration::from_secs(1), super::now_ms()).unwrap();
         assert_eq!(m.messages[0].delivery_count, 1, "refused connections were not counted");
-        core.stop().await;
-    }
-}
-
-#[cfg(test)]
-mod bench {
-    use super::super::testkit::*;
-    use super::super::worker::WorkerState;
-
-    /// `cargo test --lib host::dispatch::bench -- --ignored --nocapture`
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore]
-    async fn throughput() {
-        let app = app(&[("lookup", "ticket-lookup", false, 10)]);
-        let (handler, calls) = fake_handler(|_, _| ok_json()).await;
-        let (core, _s) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
-        let n = 5000;
-        let start = std::time::Instant::now();
-        let c = reqwest::Client::new();
-        let mut tasks = Vec::new();
-        for w in 0..32 {
-            let (c, url) = (c.clone(), core.url.clone());
-            tasks.push(tokio::spawn(async move {
-                for i in (w..n).step_by(32) {
-                    let r = c
-                        .post(format!("{url}/ticket-lookup/messages"))
-                        .header("BrokerProperties", format!(r#"{{"MessageId":"m{i}"}}"#))
-                        .body(format!(r#"{{"ticket":"{i}"}}"#))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status(), 201);
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let sent = start.elapsed();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while calls.lock().unwrap().len() < n || !core.shared.store.counts(0).unwrap().is_empty() {
-            assert!(std::time::Instant::now() < deadline);
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        let all = start.elapsed();
-        println!("{n} messages: sent in {sent:?}, sent+delivered+completed in {all:?} = {:.0}/s", n as f64 / all.as_secs_f64());
         core.stop().await;
     }
 }

@@ -13,7 +13,6 @@ pub mod servicebus;
 pub mod worker;
 
 #[cfg(test)]
-mod e2e;
 #[cfg(test)]
 mod testkit;
 
@@ -48,6 +47,8 @@ pub struct LocalOptions {
     pub scenario: Option<String>,
     /// Durable state, default `./.ticketpay`.
     pub data: PathBuf,
+    /// Deliver every message twice at once (fault injection).
+    pub duplicate_deliveries: bool,
 }
 
 /// One queue-triggered function and the queue it drains.
@@ -215,7 +216,8 @@ impl LocalHost {
         let cwd = std::env::current_dir()?;
         let app_root = cwd.join(&opts.app_root);
         let app_root = app_root.canonicalize().with_context(|| format!("app root {} not found", app_root.display()))?;
-        let config = HostConfig::load(&app_root)?;
+        let mut config = HostConfig::load(&app_root)?;
+        config.duplicate_deliveries = opts.duplicate_deliveries;
         let data = cwd.join(&opts.data);
         std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
         let data = data.canonicalize()?;
@@ -359,30 +361,11 @@ fn free_port() -> Result<u16> {
 }
 
 /// Starts the provider simulator on `listener`.
-///
-/// PLACEHOLDER until `crate::providers::simulator` exists; the body becomes:
-/// ```ignore
-/// let scenario = crate::providers::simulator::Scenario::load(scenario)?;
-/// Ok(tokio::spawn(async move {
-///     if let Err(e) = crate::providers::simulator::serve(listener, scenario).await {
-///         tracing::error!("provider simulator failed: {e:#}");
-///     }
-/// }))
-/// ```
 async fn start_simulator(listener: TcpListener, scenario: Option<&str>) -> Result<JoinHandle<()>> {
-    let scenario = scenario.unwrap_or(DEFAULT_SCENARIO).to_string();
-    let app = Router::new().fallback(move || {
-        let scenario = scenario.clone();
-        async move {
-            servicebus::problem(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                format!("the provider simulator is not built into this binary yet (scenario {scenario})"),
-            )
-        }
-    });
+    let scenario = crate::providers::simulator::Scenario::load(scenario)?;
     Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("provider simulator failed: {e}");
+        if let Err(e) = crate::providers::simulator::serve(listener, scenario).await {
+            tracing::error!("provider simulator failed: {e:#}");
         }
     }))
 }

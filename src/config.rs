@@ -69,6 +69,7 @@ pub struct HandlerConfig {
     pub store_path: PathBuf,
     pub authorities: Vec<AuthorityCode>,
     pub retry: RetryPolicy,
+    pub claim_lease: Duration,
     pub endpoints: ProviderEndpoints,
     pub client: ClientConfig,
     pub redactor: Redactor,
@@ -99,9 +100,11 @@ impl HandlerConfig {
             return Err(setting_error("TICKETPAY_MAX_ATTEMPTS", "must be at least 1"));
         }
         let client = load_client_config(s)?;
+        // A claimant is done within one slot wait and one call; twice that, and it is gone.
+        let claim_lease = 2 * (crate::providers::client::MAX_SLOT_WAIT + client.timeout);
         let endpoints = load_endpoints(s)?;
         let redactor = Redactor::new(&s.list("TICKETPAY_REDACT_HEADERS"), &s.list("TICKETPAY_REDACT_FIELDS"));
-        Ok(HandlerConfig { port, bus_url, store_path, authorities, retry, endpoints, client, redactor })
+        Ok(HandlerConfig { port, bus_url, store_path, authorities, retry, claim_lease, endpoints, client, redactor })
     }
 }
 

@@ -105,7 +105,7 @@ enum Command {
 async fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,ticketpay=info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,ticketpay=info,ticketpay::host::invoke=warn".into()))
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(cli.command).await {

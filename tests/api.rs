@@ -69,7 +69,7 @@ fn bad_uploads_are_refused_and_leave_nothing_behind() {
     // Nothing stored, nothing queued.
     assert_eq!(s.get("/api/batches")["batches"], json!([]));
     let queues = s.queues();
-    for (name, q) in queues["queues"].as_object().unwrap() {
+    for (name, q) in queues.as_object().unwrap() {
         for key in ["active", "scheduled", "locked", "dead_lettered"] {
             assert_eq!(q[key].as_u64().unwrap_or(0), 0, "{name}: {q}");
         }

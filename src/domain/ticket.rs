@@ -184,6 +184,11 @@ pub struct PayProgress {
     /// 5xx), so the provider is asked by idempotency key before it is sent again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<String>,
+    /// When a live invocation claimed the in-flight operation. Cleared when that
+    /// invocation gives up (its answer was lost): then anyone may resolve it.
+    /// A claim older than the lease belongs to an invocation that died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_at: Option<DateTime<Utc>>,
     /// Set once a step failed permanently: from then on we only undo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
@@ -204,19 +209,54 @@ impl PayProgress {
         }
     }
 
+    /// Records `operation` as about to be sent by the caller.
+    pub fn claim(&mut self, operation: &str, now: DateTime<Utc>) {
+        self.in_flight = Some(operation.to_owned());
+        self.claimed_at = Some(now);
+    }
+
+    /// The claimant lost the answer and stops: the outcome stays unknown, for anyone to resolve.
+    pub fn release_claim(&mut self) {
+        self.claimed_at = None;
+    }
+
+    pub fn clear_claim(&mut self) {
+        self.in_flight = None;
+        self.claimed_at = None;
+    }
+
+    /// Who may act on `operation` now.
+    pub fn claim_on(&self, operation: &str, now: DateTime<Utc>, lease: Duration) -> Claim {
+        if self.in_flight.as_deref() != Some(operation) {
+            return Claim::Free;
+        }
+        let lease = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+        match self.claimed_at {
+            Some(at) if now < at + lease => Claim::Held { until: at + lease },
+            _ => Claim::Unknown,
+        }
+    }
+
     /// The operation in flight was applied: count it and claim the next one.
-    pub fn applied(&mut self) {
+    pub fn applied(&mut self, now: DateTime<Utc>) {
         match self.failure {
             None => self.done += 1,
             Some(_) => self.undone += 1,
         }
-        self.in_flight = self.next_operation().map(|(_, op)| op.to_owned());
+        self.claim_next(now);
     }
 
     /// A step was declined for good: from now on, undo what was done.
-    pub fn declined(&mut self, reason: String) {
+    pub fn declined(&mut self, reason: String, now: DateTime<Utc>) {
         self.failure = Some(reason);
-        self.in_flight = self.next_operation().map(|(_, op)| op.to_owned());
+        self.claim_next(now);
+    }
+
+    fn claim_next(&mut self, now: DateTime<Utc>) {
+        match self.next_operation() {
+            Some((_, op)) => self.claim(op, now),
+            None => self.clear_claim(),
+        }
     }
 
     /// The next done step to undo, once compensating.
@@ -264,6 +304,17 @@ pub struct Ticket {
     pub notification: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// The state of an at-most-once operation, seen by an invocation about to send it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Nobody has claimed it: claim it, then send it.
+    Free,
+    /// A live invocation is sending it: leave it alone until then.
+    Held { until: DateTime<Utc> },
+    /// It was sent and the answer lost: ask the provider before sending again.
+    Unknown,
 }
 
 /// The message a ticket in its current state is waiting for.
@@ -474,17 +525,32 @@ mod tests {
 
     #[test]
     fn each_applied_operation_claims_the_next_one() {
+        let now = Utc::now();
         let mut pay = PayProgress::default();
         assert_eq!(pay.next_operation(), Some((PayStep::Capture, "capture")));
-        pay.applied();
+        pay.applied(now);
         assert_eq!((pay.done, pay.in_flight.as_deref()), (1, Some("settle")));
-        pay.applied();
-        pay.declined("ledger down for good".into());
+        pay.applied(now);
+        pay.declined("ledger down for good".into(), now);
         assert_eq!(pay.in_flight.as_deref(), Some("cancel"), "undo starts with the last done step");
-        pay.applied();
+        pay.applied(now);
         assert_eq!(pay.in_flight.as_deref(), Some("refund"));
-        pay.applied();
-        assert_eq!((pay.undone, pay.in_flight.as_deref()), (2, None));
+        pay.applied(now);
+        assert_eq!((pay.undone, pay.in_flight.as_deref(), pay.claimed_at), (2, None, None));
         assert_eq!(pay.next_operation(), None);
+    }
+
+    #[test]
+    fn a_claim_is_held_for_its_lease_then_its_outcome_is_unknown() {
+        let now = Utc::now();
+        let lease = Duration::from_secs(60);
+        let mut pay = PayProgress::default();
+        assert_eq!(pay.claim_on("capture", now, lease), Claim::Free);
+        pay.claim("capture", now);
+        assert_eq!(pay.claim_on("capture", now, lease), Claim::Held { until: now + chrono::Duration::seconds(60) });
+        assert_eq!(pay.claim_on("settle", now, lease), Claim::Free);
+        assert_eq!(pay.claim_on("capture", now + chrono::Duration::seconds(61), lease), Claim::Unknown, "the claimant died");
+        pay.release_claim();
+        assert_eq!(pay.claim_on("capture", now, lease), Claim::Unknown, "the claimant gave up");
     }
 }

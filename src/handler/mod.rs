@@ -55,6 +55,7 @@ async fn invoke(State(app): State<Arc<App>>, Path(function): Path<String>, body:
             let log = match handled {
                 Handled::Done(status) => format!("{stage} {}/{}: now {status}", message.batch_id, message.ticket_id),
                 Handled::Stale => format!("{stage} {}/{}: stale message, nothing to do", message.batch_id, message.ticket_id),
+                Handled::Deferred => format!("{stage} {}/{}: in progress elsewhere, checking back later", message.batch_id, message.ticket_id),
                 Handled::UnknownTicket => format!("{stage} {}/{}: no such ticket, dropped", message.batch_id, message.ticket_id),
             };
             Json(json!({ "Outputs": {}, "Logs": [log] })).into_response()
@@ -78,6 +79,7 @@ pub fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
         bus: BusSender::new(&config.bus_url),
         providers: ProviderClient::new(config.endpoints, &config.client, config.redactor),
         retry: config.retry,
+        claim_lease: config.claim_lease,
     };
     Ok(Arc::new(App { pipeline, authorities: config.authorities }))
 }

@@ -15,6 +15,10 @@ use super::wire::{self, CheckRequest, CheckResponse, LookupResponse, OperationRe
 use super::ProviderName;
 use crate::domain::event::{Exchange, HttpRequestRecord, HttpResponseRecord};
 
+/// The longest a call waits for its turn under the provider's limits before
+/// giving up with a transient error (so every call ends in bounded time).
+pub const MAX_SLOT_WAIT: Duration = Duration::from_secs(20);
+
 /// Why a provider call did not give an answer we can use.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CallError {
@@ -165,78 +169,101 @@ impl ProviderClient {
         attempt: u32,
     ) -> Call<(u16, Value)> {
         let endpoint = &self.endpoints[&provider];
-        let url = format!("{}{path}", endpoint.base);
-        let mut request = self.http.request(method.clone(), &url).timeout(self.timeout);
-        let mut sent_headers: Vec<(String, String)> = Vec::new();
+        let mut headers: Vec<(String, String)> = Vec::new();
         if let Some(key) = key {
-            sent_headers.push((wire::IDEMPOTENCY_KEY.into(), key.into()));
+            headers.push((wire::IDEMPOTENCY_KEY.into(), key.into()));
         }
         if let Some(api_key) = &endpoint.api_key {
-            sent_headers.push(("Authorization".into(), format!("Bearer {api_key}")));
+            headers.push(("Authorization".into(), format!("Bearer {api_key}")));
         }
         if body.is_some() {
-            sent_headers.push(("Content-Type".into(), "application/json".into()));
+            headers.push(("Content-Type".into(), "application/json".into()));
         }
-        for (k, v) in &sent_headers {
+        let sending = Sending {
+            provider,
+            operation: operation.to_owned(),
+            attempt,
+            key: key.map(str::to_owned),
+            method,
+            url: format!("{}{path}", endpoint.base),
+            headers,
+            body,
+        };
+        let Ok(_permit) = tokio::time::timeout(MAX_SLOT_WAIT, endpoint.limiter.acquire()).await else {
+            let error = format!("no free slot at {provider} within {}s; not sent", MAX_SLOT_WAIT.as_secs());
+            let result = Err(CallError::Transient { error });
+            return Call { exchange: self.record(sending, None, result.as_ref().map(drop), 0), result };
+        };
+        let mut request = self.http.request(sending.method.clone(), &sending.url).timeout(self.timeout);
+        for (k, v) in &sending.headers {
             request = request.header(k, v);
         }
-        if let Some(b) = &body {
+        if let Some(b) = &sending.body {
             request = request.body(b.to_string());
         }
-
-        let _permit = endpoint.limiter.acquire().await;
         let started = Instant::now();
-        let response = request.send().await;
-        let (result, record) = match response {
-            Ok(r) => {
-                let status = r.status();
-                let headers = self.redactor.headers(r.headers().iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))));
-                let retry_after = r
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
-                let text = match r.text().await {
-                    Ok(t) => t,
-                    Err(e) => String::from_utf8_lossy(format!("<body unreadable: {e}>").as_bytes()).into_owned(),
-                };
-                let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-                let result = classify(status, retry_after, &body);
-                if let Err(CallError::Throttled { retry_after }) = &result {
-                    endpoint.limiter.pause(*retry_after);
-                }
-                let record = HttpResponseRecord { status: status.as_u16(), headers, body: self.redactor.body(body.clone()) };
-                (result.map(|()| (status.as_u16(), body)), Some(record))
-            }
+        let (result, response) = match request.send().await {
+            Ok(r) => self.answer(endpoint, r).await,
             Err(e) if e.is_timeout() => {
                 (Err(CallError::Transient { error: format!("timed out after {} ms", self.timeout.as_millis()) }), None)
             }
             Err(e) => (Err(CallError::Transient { error: format!("connection failed: {}", error_chain(&e)) }), None),
         };
         let latency_ms = started.elapsed().as_millis() as u64;
-        let exchange = Exchange {
-            provider,
-            operation: operation.to_owned(),
-            attempt,
-            idempotency_key: key.map(str::to_owned),
+        Call { exchange: self.record(sending, response, result.as_ref().map(drop), latency_ms), result }
+    }
+
+    /// Reads an answer: what it means for the call, and the record of it.
+    async fn answer(&self, endpoint: &Endpoint, r: reqwest::Response) -> (Result<(u16, Value), CallError>, Option<HttpResponseRecord>) {
+        let status = r.status();
+        let headers = self.redactor.headers(r.headers().iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))));
+        let retry_after = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = r.text().await.unwrap_or_else(|e| format!("<body unreadable: {e}>"));
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let result = classify(status, retry_after, &body);
+        if let Err(CallError::Throttled { retry_after }) = &result {
+            endpoint.limiter.pause(*retry_after);
+        }
+        let record = HttpResponseRecord { status: status.as_u16(), headers, body: self.redactor.body(body.clone()) };
+        (result.map(|()| (status.as_u16(), body)), Some(record))
+    }
+
+    fn record(&self, s: Sending, response: Option<HttpResponseRecord>, result: Result<(), &CallError>, latency_ms: u64) -> Exchange {
+        Exchange {
+            provider: s.provider,
+            operation: s.operation,
+            attempt: s.attempt,
+            idempotency_key: s.key,
             request: HttpRequestRecord {
-                method: method.to_string(),
-                url,
-                headers: self.redactor.headers(sent_headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
-                body: body.map(|b| self.redactor.body(b)).unwrap_or(Value::Null),
+                method: s.method.to_string(),
+                url: s.url,
+                headers: self.redactor.headers(s.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+                body: s.body.map(|b| self.redactor.body(b)).unwrap_or(Value::Null),
             },
-            response: record,
-            outcome: match &result {
-                Ok(_) => "ok".to_owned(),
-                Err(e) => e.outcome().to_owned(),
-            },
-            error: result.as_ref().err().map(ToString::to_string),
+            response,
+            outcome: result.map_or_else(|e| e.outcome().to_owned(), |()| "ok".to_owned()),
+            error: result.err().map(ToString::to_string),
             latency_ms,
             trace_id: None,
-        };
-        Call { result, exchange }
+        }
     }
+}
+
+/// A request about to go out, as it will be recorded.
+struct Sending {
+    provider: ProviderName,
+    operation: String,
+    attempt: u32,
+    key: Option<String>,
+    method: Method,
+    url: String,
+    headers: Vec<(String, String)>,
+    body: Option<Value>,
 }
 
 fn classify(status: StatusCode, retry_after: Option<Duration>, body: &Value) -> Result<(), CallError> {

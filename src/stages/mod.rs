@@ -24,7 +24,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{BusError, BusSender, OutgoingMessage};
-use crate::domain::ticket::AfterFailure;
+use crate::domain::ticket::{AfterFailure, Claim};
 use crate::domain::{BatchId, Event, EventKind, Exchange, RetryPolicy, Stage, Status, Ticket, TicketId};
 use crate::providers::client::{CallError, ProviderClient};
 use crate::providers::wire::OperationRequest;
@@ -46,6 +46,9 @@ pub enum StageError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// Another invocation is sending this ticket's operation right now.
+    #[error("another invocation holds the ticket until {until}")]
+    Busy { until: chrono::DateTime<Utc> },
 }
 
 /// An operation sent at most once: the ticket as it now stands, what was said, and the result.
@@ -61,6 +64,8 @@ pub enum Handled {
     Done(Status),
     /// The message was not the one the ticket waits for: nothing changed.
     Stale,
+    /// Another invocation is working on the ticket; this message comes back to check on it later.
+    Deferred,
     UnknownTicket,
 }
 
@@ -69,6 +74,9 @@ pub struct Pipeline {
     pub bus: BusSender,
     pub providers: ProviderClient,
     pub retry: RetryPolicy,
+    /// How long a claim on an at-most-once operation protects its claimant.
+    /// Longer than any one provider call may take, limiter wait included.
+    pub claim_lease: Duration,
 }
 
 /// The message that moves a ticket into `stage`, for `attempt`.
@@ -94,11 +102,11 @@ impl Pipeline {
         let Some(current) = self.store.ticket(&message.batch_id, &message.ticket_id).await? else {
             return Ok(Handled::UnknownTicket);
         };
-        let ticket = &current.value;
+        let ticket = current.value.clone();
         let waiting = ticket.pending();
         let is_current = waiting.as_ref().is_some_and(|p| p.stage == stage && message.attempt >= p.attempt);
         if !is_current {
-            self.send_pending(ticket).await?;
+            self.send_pending(&ticket).await?;
             return Ok(Handled::Stale);
         }
         let after = match stage {
@@ -109,6 +117,13 @@ impl Pipeline {
             Stage::Notify => notify::run(self, current).await,
         };
         let after = match after {
+            Err(StageError::Busy { until }) => {
+                // If the claimant died, this copy resolves the operation once its claim lapses.
+                let mut recheck = message_for(&ticket, stage, message.attempt, Some(until));
+                recheck.message_id = format!("{}:recheck:{}", recheck.message_id, until.timestamp_millis());
+                self.bus.send(&recheck).await?;
+                return Ok(Handled::Deferred);
+            }
             Err(StageError::Store(StoreError::Conflict(_))) => {
                 // Someone else moved this ticket on first; follow their state.
                 match self.store.ticket(&message.batch_id, &message.ticket_id).await? {
@@ -170,6 +185,7 @@ impl Pipeline {
         let delay = self.retry.delay(ticket.attempt + 1, rand::random::<f64>(), at_least);
         let stage = current.value.status.stage();
         let mut events = Vec::new();
+        ticket.pay.release_claim();
         match ticket.fail_transiently(error.clone(), &self.retry, delay, now) {
             AfterFailure::RetryAt(at) => {
                 events.push(self.event(&ticket, stage, EventKind::RetryScheduled { attempt: ticket.attempt, at, error }))
@@ -197,22 +213,31 @@ impl Pipeline {
     ) -> Result<Sent, StageError> {
         let key = format!("{}:{}:{operation}", current.value.batch_id, current.value.ticket_id);
         let mut exchanges = Vec::new();
-        if current.value.pay.in_flight.as_deref() != Some(operation) {
-            let mut claimed = current.value.clone();
-            claimed.pay.in_flight = Some(operation.to_owned());
-            current = self.commit(&current, claimed, None, Vec::new(), Vec::new()).await?;
-        } else if !claimed_here {
-            let status = self.providers.operation_status(provider, &key, current.value.attempt).await;
-            exchanges.push(self.exchange_event(&current.value, stage, status.exchange));
-            match status.result {
-                Ok(Some(_)) => return Ok(Sent { current, exchanges, result: Ok(()) }),
-                Ok(None) => {}
-                Err(e) => return Ok(Sent { current, exchanges, result: Err(e) }),
+        let now = Utc::now();
+        let claim = if claimed_here { Claim::Free } else { current.value.pay.claim_on(operation, now, self.claim_lease) };
+        match claim {
+            _ if claimed_here => {}
+            Claim::Held { until } => return Err(StageError::Busy { until }),
+            Claim::Free => current = self.claim(&current, operation, Vec::new()).await?,
+            Claim::Unknown => {
+                let status = self.providers.operation_status(provider, &key, current.value.attempt).await;
+                exchanges.push(self.exchange_event(&current.value, stage, status.exchange));
+                match status.result {
+                    Ok(Some(_)) => return Ok(Sent { current, exchanges, result: Ok(()) }),
+                    Ok(None) => current = self.claim(&current, operation, std::mem::take(&mut exchanges)).await?,
+                    Err(e) => return Ok(Sent { current, exchanges, result: Err(e) }),
+                }
             }
         }
         let call = self.providers.operate(provider, operation, &key, request, current.value.attempt).await;
         exchanges.push(self.exchange_event(&current.value, stage, call.exchange));
         Ok(Sent { current, exchanges, result: call.result.map(drop) })
+    }
+
+    async fn claim(&self, current: &Versioned<Ticket>, operation: &str, exchanges: Vec<Event>) -> Result<Versioned<Ticket>, StageError> {
+        let mut claimed = current.value.clone();
+        claimed.pay.claim(operation, Utc::now());
+        self.commit(current, claimed, None, exchanges, Vec::new()).await
     }
 
     fn event(&self, ticket: &Ticket, stage: Stage, kind: EventKind) -> Event {

@@ -21,7 +21,7 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
         Err(CallError::Permanent { error, .. }) => format!("refused: {error}"),
         Err(e) => return p.retry_later(&current, ticket, e.to_string(), e.retry_after(), exchanges).await,
     };
-    ticket.pay.in_flight = None;
+    ticket.pay.clear_claim();
     ticket.notified = true;
     ticket.notification = Some(outcome.clone());
     ticket.retry_at = None;

@@ -20,19 +20,20 @@ pub(super) async fn run(p: &Pipeline, mut current: Versioned<Ticket>) -> Result<
         let Sent { current: sent, exchanges, result } =
             p.send_once(current, Stage::Pay, provider, operation, &request, claimed_here).await?;
         let mut next = sent.value.clone();
+        let now = Utc::now();
         match result {
-            Ok(()) => next.pay.applied(),
+            Ok(()) => next.pay.applied(now),
             Err(CallError::Permanent { error, .. }) if next.pay.failure.is_none() => {
-                next.pay.declined(format!("{provider} declined {operation}: {error}"));
+                next.pay.declined(format!("{provider} declined {operation}: {error}"), now);
             }
             Err(CallError::Permanent { error, .. }) => {
                 let reason = format!(
                     "{provider} refused {operation} while undoing a declined payment ({}): {error}; needs an operator",
                     next.pay.failure.as_deref().unwrap_or_default()
                 );
-                next.pay.in_flight = None;
+                next.pay.clear_claim();
                 next.parked_stage = Some(Stage::Pay);
-                next.end(Status::Parked, Some(reason), Utc::now());
+                next.end(Status::Parked, Some(reason), now);
                 return p.commit(&sent, next, None, exchanges, Vec::new()).await;
             }
             Err(e) => return p.retry_later(&sent, next, e.to_string(), e.retry_after(), exchanges).await,

@@ -79,6 +79,7 @@ fn a_faulty_scenario_still_ends_every_ticket_without_double_charges() {
     let faults: u64 = stats.as_object().unwrap().values().map(|s| s["errors"].as_u64().unwrap() + s["timeouts"].as_u64().unwrap()).sum();
     let throttled: u64 = stats.as_object().unwrap().values().map(|s| s["throttled"].as_u64().unwrap()).sum();
     assert!(faults > 0, "the scenario injected faults: {stats}");
+    assert!(throttled > 0, "the providers answered 429s: {stats}");
     println!("faults {faults}, throttled {throttled}");
     for s in stats.as_object().unwrap().values() {
         if let Some(d) = s.get("duplicates") {
@@ -133,22 +134,34 @@ fn every_message_delivered_twice_changes_nothing() {
     println!("{delivered}");
 }
 
+fn wait_until_ended(stack: &Stack, batch: &str, at_least: u64) {
+    loop {
+        let s = stack.status(batch);
+        let ended: u64 = END_STATES.iter().map(|e| s["counts"][e].as_u64().unwrap_or(0)).sum();
+        if ended >= at_least {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
-fn a_killed_host_restarts_on_the_same_data_and_completes_the_batch() {
+fn a_killed_handler_and_a_killed_host_lose_nothing() {
     let data = tempfile::tempdir().unwrap();
     let (_sim, providers) = simulator("realistic");
     let opts = || StackOptions { scenario: "realistic", providers_url: Some(&providers), data: data.path(), env: &[], extra_args: &[] };
     let mut stack = Stack::start(opts());
     let batch = stack.submit(2000, "80000.00");
-    // Let it get well under way, then kill it without warning.
-    loop {
-        let s = stack.status(&batch);
-        let ended: u64 = END_STATES.iter().map(|e| s["counts"][e].as_u64().unwrap_or(0)).sum();
-        if ended >= 600 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+
+    // The host restarts a handler that dies mid-batch.
+    wait_until_ended(&stack, &batch, 300);
+    let handlers = stack.host.children();
+    assert_eq!(handlers.len(), 1, "the host runs one handler: {handlers:?}");
+    unsafe { libc::kill(handlers[0], libc::SIGKILL) };
+    wait_until_ended(&stack, &batch, 700);
+    assert_ne!(stack.host.children(), handlers, "a new handler took over");
+
+    // Then the host itself is killed without warning, and started again on the same data.
     stack.host.kill();
     let stack = Stack::start(opts());
     let status = stack.wait_complete(&batch, Duration::from_secs(600));

@@ -66,6 +66,17 @@ impl Process {
         let _ = self.child.wait();
     }
 
+    /// The pids of this process's children (the local host's handler).
+    pub fn children(&self) -> Vec<i32> {
+        let pid = self.child.id();
+        let mut out = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+            let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            out.extend(list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+        out
+    }
+
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         unsafe {

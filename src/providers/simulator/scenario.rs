@@ -72,6 +72,9 @@ pub struct ProviderSettings {
     pub error_rate: f64,
     /// Probability of holding the request for `hang_ms`, then answering 504.
     pub timeout_rate: f64,
+    /// Probability of answering 429 (Retry-After: 1) whatever the load: a provider
+    /// that sheds load on its own terms.
+    pub throttle_rate: f64,
     pub hang_ms: u64,
 }
 
@@ -89,6 +92,7 @@ impl Default for ProviderSettings {
             concurrency_limit: 0,
             error_rate: 0.0,
             timeout_rate: 0.0,
+            throttle_rate: 0.0,
             hang_ms: 10_000,
         }
     }
@@ -142,6 +146,7 @@ struct RawProvider {
     concurrency_limit: Option<u32>,
     error_rate: Option<f64>,
     timeout_rate: Option<f64>,
+    throttle_rate: Option<f64>,
     hang_ms: Option<u64>,
 }
 
@@ -176,6 +181,9 @@ impl RawProvider {
         }
         if let Some(p) = self.timeout_rate {
             s.timeout_rate = probability(&format!("{table}.timeout_rate"), p)?;
+        }
+        if let Some(p) = self.throttle_rate {
+            s.throttle_rate = probability(&format!("{table}.throttle_rate"), p)?;
         }
         if let Some(h) = self.hang_ms {
             if h > 600_000 {

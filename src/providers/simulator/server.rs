@@ -172,6 +172,8 @@ impl ProviderState {
                 Err("too_many_in_flight")
             } else if rate > 0 && w.accepted >= rate {
                 Err("rate_limited")
+            } else if self.settings.throttle_rate > 0.0 && rand::rng().random_bool(self.settings.throttle_rate) {
+                Err("throttled")
             } else {
                 w.accepted += 1;
                 c.active.fetch_add(1, Relaxed);

@@ -17,7 +17,7 @@ use crate::domain::event::{Exchange, HttpRequestRecord, HttpResponseRecord};
 
 /// The longest a call waits for its turn under the provider's limits before
 /// giving up with a transient error (so every call ends in bounded time).
-pub const MAX_SLOT_WAIT: Duration = Duration::from_secs(20);
+pub const MAX_SLOT_WAIT: Duration = Duration::from_secs(10);
 
 /// Why a provider call did not give an answer we can use.
 #[derive(Debug, Clone, PartialEq)]

@@ -119,8 +119,10 @@ impl Pipeline {
         let after = match after {
             Err(StageError::Busy { until }) => {
                 // If the claimant died, this copy resolves the operation once its claim lapses.
-                let mut recheck = message_for(&ticket, stage, message.attempt, Some(until));
-                recheck.message_id = format!("{}:recheck:{}", recheck.message_id, until.timestamp_millis());
+                // Scheduled times have whole seconds on the wire: aim past the lapse, never before it.
+                let after_lapse = until + chrono::Duration::seconds(2);
+                let mut recheck = message_for(&ticket, stage, message.attempt, Some(after_lapse));
+                recheck.message_id = format!("{}:recheck:{}", recheck.message_id, uuid::Uuid::new_v4().simple());
                 self.bus.send(&recheck).await?;
                 return Ok(Handled::Deferred);
             }

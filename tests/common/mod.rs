@@ -144,6 +144,16 @@ impl Stack {
         r.json().expect("JSON")
     }
 
+    /// A GET that may find the handler restarting (502): `None` then.
+    pub fn try_get(&self, path: &str) -> Option<Value> {
+        let r = self.http.get(format!("{}{path}", self.url)).send().ok()?;
+        if r.status().as_u16() == 502 {
+            return None;
+        }
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().ok()
+    }
+
     pub fn get_raw(&self, path: &str) -> reqwest::blocking::Response {
         self.http.get(format!("{}{path}", self.url)).send().expect("GET answered")
     }
@@ -170,7 +180,7 @@ impl Stack {
     pub fn wait_complete(&self, batch_id: &str, within: Duration) -> Value {
         let deadline = Instant::now() + within;
         loop {
-            let status = self.status(batch_id);
+            let status = self.try_get(&format!("/api/batches/{batch_id}")).unwrap_or(Value::Null);
             if status["status"] == "completed" {
                 return status;
             }

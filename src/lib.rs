@@ -1,6 +1,36 @@
 //! ticketpay pays large batches of tickets (fines, tolls, bills) through slow,
 //! rate-limited providers, and can always say where every ticket is and exactly
 //! what each provider was sent and answered.
+//!
+//! # The map
+//!
+//! A batch is uploaded through the HTTP [`api`]; every ticket then travels a
+//! pipeline of [`stages`], one queue and one function each:
+//!
+//! ```text
+//! upload ─▶ lookup ─▶ validate ─▶ reserve ─▶ pay ─▶ notify
+//!           authority  registry    budget     gateway   notifier
+//!                      fraud       (atomic)   settlement
+//!                      sanctions              ledger
+//!                                             receipt
+//! ```
+//!
+//! - [`domain`]: the business with no I/O: money, ids, a ticket's journey and
+//!   its rules, batches and budgets, the audit events, parsing an upload.
+//! - [`stages`]: one file per stage, each reading like the business step; the
+//!   shared rules (idempotency, retries, parking) live in `stages/mod.rs`.
+//! - [`providers`]: the nine provider roles, their wire format, the one HTTP
+//!   client (rate and concurrency limits, redaction, the audit record of every
+//!   exchange) and the simulator that plays them all on this machine.
+//! - Two seams: [`store`] (batches, tickets, budget, events; embedded SQLite
+//!   here, Cosmos DB in Azure) and [`bus`] (sending the next stage's message
+//!   through the Service Bus REST API, to Azure or to the local host).
+//! - Two hosts for the same [`handler`]: the Azure Functions host, or
+//!   [`host`], the local Functions host that reads the same `host.json` and
+//!   `functions/*/function.json`, serves the Service Bus REST endpoints and
+//!   delivers messages with Service Bus semantics from durable local queues.
+//! - [`cli`]: the tools for people (demo, submit, status, trace); [`config`]:
+//!   the handler's settings.
 
 pub mod api;
 pub mod bus;

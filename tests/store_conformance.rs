@@ -1,0 +1,290 @@
+//! The store contract, one suite for every implementation of the seam.
+//! Each backend gets the same tests and must give the same results.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use ticketpay::domain::{
+    AuthorityCode, Batch, BatchId, ClientId, Currency, Event, EventKind, PayProgress, Reference, Stage, Status, Ticket,
+    TicketId,
+};
+use ticketpay::store::sqlite::SqliteStore;
+use ticketpay::store::{BudgetChange, Created, Store, StoreError, TicketUpdate};
+
+fn batch(client: &str, budget: i64, tickets: u32, key: Option<&str>) -> Batch {
+    Batch {
+        batch_id: BatchId::generate(),
+        client_id: ClientId::parse(client).unwrap(),
+        currency: Currency::parse("EUR").unwrap(),
+        budget,
+        committed: 0,
+        tickets,
+        idempotency_key: key.map(str::to_owned),
+        request_digest: "digest".into(),
+        enqueued: false,
+        completed_at: None,
+        created_at: Utc::now(),
+    }
+}
+
+fn tickets(b: &Batch, n: u32) -> Vec<Ticket> {
+    (0..n)
+        .map(|i| Ticket {
+            batch_id: b.batch_id.clone(),
+            ticket_id: TicketId::parse(&format!("t{i:04}")).unwrap(),
+            client_id: b.client_id.clone(),
+            authority: AuthorityCode::parse("CITY-PARKING").unwrap(),
+            reference: Some(Reference::parse(&format!("{}-ref-{i}", b.batch_id)).unwrap()),
+            currency: b.currency,
+            status: Status::Lookup,
+            amount_due: None,
+            reserved: 0,
+            paid: 0,
+            attempt: 0,
+            retry_at: None,
+            last_error: None,
+            reason: None,
+            parked_stage: None,
+            pay: PayProgress::default(),
+            notified: false,
+            notification: None,
+            created_at: b.created_at,
+            updated_at: b.created_at,
+        })
+        .collect()
+}
+
+fn accepted(ts: &[Ticket]) -> Vec<Event> {
+    ts.iter().map(|t| Event::new(&t.batch_id, &t.ticket_id, Stage::Lookup, EventKind::Accepted, Utc::now())).collect()
+}
+
+async fn seeded(store: &dyn Store, budget: i64, n: u32) -> (Batch, Vec<Ticket>) {
+    let b = batch("acme", budget, n, None);
+    let ts = tickets(&b, n);
+    assert_eq!(store.create_batch(&b, &ts, &accepted(&ts)).await.unwrap(), Created::New);
+    (b, ts)
+}
+
+fn moved(t: &Ticket, status: Status) -> Ticket {
+    let mut t = t.clone();
+    t.status = status;
+    t
+}
+
+async fn batches_and_tickets_are_created_once(store: Arc<dyn Store>) {
+    let (b, ts) = seeded(store.as_ref(), 1_000, 3).await;
+    assert!(matches!(store.create_batch(&b, &ts, &[]).await, Err(StoreError::Conflict(_))), "the same batch twice");
+    let got = store.batch(&b.batch_id).await.unwrap().unwrap();
+    assert_eq!(got, b);
+    assert_eq!(store.tickets(&b.batch_id, None, 10, None).await.unwrap().tickets.len(), 3);
+
+    let keyed = batch("acme", 500, 1, Some("key-1"));
+    let kt = tickets(&keyed, 1);
+    assert_eq!(store.create_batch(&keyed, &kt, &[]).await.unwrap(), Created::New);
+    let retry = batch("acme", 500, 1, Some("key-1"));
+    let rt = tickets(&retry, 1);
+    match store.create_batch(&retry, &rt, &[]).await.unwrap() {
+        Created::Existing(existing) => assert_eq!(existing.batch_id, keyed.batch_id),
+        Created::New => panic!("the idempotency key was used already"),
+    }
+    assert!(store.batch(&retry.batch_id).await.unwrap().is_none(), "nothing of the retry was stored");
+    let other_client = batch("globex", 500, 1, Some("key-1"));
+    let ot = tickets(&other_client, 1);
+    assert_eq!(store.create_batch(&other_client, &ot, &[]).await.unwrap(), Created::New, "keys are per client");
+    assert!(store.batch(&BatchId::parse("b-missing").unwrap()).await.unwrap().is_none());
+}
+
+async fn transitions_are_conditional_and_apply_once(store: Arc<dyn Store>) {
+    let (b, ts) = seeded(store.as_ref(), 1_000, 1).await;
+    let current = store.ticket(&b.batch_id, &ts[0].ticket_id).await.unwrap().unwrap();
+    let update = TicketUpdate { ticket: moved(&current.value, Status::Validate), etag: current.etag.clone(), budget: None, events: vec![] };
+    let after = store.update_ticket(update.clone()).await.unwrap();
+    assert_ne!(after.etag, current.etag);
+    assert!(matches!(store.update_ticket(update).await, Err(StoreError::Conflict(_))), "a redelivered transition");
+    let stored = store.ticket(&b.batch_id, &ts[0].ticket_id).await.unwrap().unwrap();
+    assert_eq!(stored.value.status, Status::Validate);
+    assert_eq!(stored.etag, after.etag);
+
+    // A reservation redelivered with the old version does not hold the money twice.
+    let reserve = TicketUpdate {
+        ticket: { let mut t = moved(&stored.value, Status::Pay); t.reserved = 300; t },
+        etag: stored.etag.clone(),
+        budget: Some(BudgetChange::Reserve(300)),
+        events: vec![],
+    };
+    store.update_ticket(reserve.clone()).await.unwrap();
+    assert!(matches!(store.update_ticket(reserve).await, Err(StoreError::Conflict(_))));
+    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed, 300);
+}
+
+async fn concurrent_reservations_never_overspend(store: Arc<dyn Store>) {
+    let (b, ts) = seeded(store.as_ref(), 10_000, 60).await;
+    let mut tasks = Vec::new();
+    for t in ts {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let current = store.ticket(&t.batch_id, &t.ticket_id).await.unwrap().unwrap();
+            let mut next = moved(&current.value, Status::Pay);
+            next.reserved = 700;
+            let update = TicketUpdate { ticket: next, etag: current.etag, budget: Some(BudgetChange::Reserve(700)), events: vec![] };
+            match store.update_ticket(update).await {
+                Ok(_) => true,
+                Err(StoreError::InsufficientBudget) => false,
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }));
+    }
+    let mut reserved = 0;
+    for task in tasks {
+        reserved += i64::from(task.await.unwrap());
+    }
+    assert_eq!(reserved, 14, "10,000 holds exactly 14 reservations of 700");
+    let batch = store.batch(&b.batch_id).await.unwrap().unwrap();
+    let summary = store.summary(&b.batch_id).await.unwrap();
+    assert_eq!(batch.committed, 9_800);
+    assert!(batch.committed <= batch.budget);
+    assert_eq!(summary.reserved, 9_800, "the tickets hold what the budget says is held");
+    assert_eq!(batch.remaining(), batch.budget - summary.reserved - summary.paid);
+    assert_eq!(summary.counts[&Status::Pay], 14);
+    assert_eq!(summary.counts[&Status::Lookup], 46, "a refused reservation changed nothing");
+}
+
+async fn a_failed_payment_releases_its_reservation(store: Arc<dyn Store>) {
+    let (b, ts) = seeded(store.as_ref(), 1_000, 2).await;
+    let mut versions = Vec::new();
+    for t in &ts {
+        let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
+        let mut next = moved(&current.value, Status::Pay);
+        next.reserved = 400;
+        let u = TicketUpdate { ticket: next, etag: current.etag, budget: Some(BudgetChange::Reserve(400)), events: vec![] };
+        versions.push(store.update_ticket(u).await.unwrap());
+    }
+    let mut paid = versions[0].value.clone();
+    (paid.status, paid.paid, paid.reserved) = (Status::Paid, 400, 0);
+    store.update_ticket(TicketUpdate { ticket: paid, etag: versions[0].etag.clone(), budget: None, events: vec![] }).await.unwrap();
+    let mut failed = versions[1].value.clone();
+    (failed.status, failed.reserved) = (Status::Failed, 0);
+    let release = TicketUpdate { ticket: failed, etag: versions[1].etag.clone(), budget: Some(BudgetChange::Release(400)), events: vec![] };
+    store.update_ticket(release).await.unwrap();
+
+    let batch = store.batch(&b.batch_id).await.unwrap().unwrap();
+    let summary = store.summary(&b.batch_id).await.unwrap();
+    assert_eq!((batch.committed, summary.paid, summary.reserved), (400, 400, 0));
+    assert_eq!(batch.remaining(), 600);
+    assert_eq!(batch.remaining(), batch.budget - summary.reserved - summary.paid);
+}
+
+async fn events_are_appended_and_read_in_order(store: Arc<dyn Store>) {
+    let (b, ts) = seeded(store.as_ref(), 1_000, 2).await;
+    let t = &ts[0];
+    let kinds: Vec<EventKind> = (0..20).map(|i| EventKind::Notified { outcome: format!("n{i}") }).collect();
+    for chunk in kinds.chunks(7) {
+        let events: Vec<Event> = chunk.iter().map(|k| Event::new(&t.batch_id, &t.ticket_id, Stage::Notify, k.clone(), Utc::now())).collect();
+        store.append_events(&events).await.unwrap();
+    }
+    let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
+    let with_change = Event::new(&t.batch_id, &t.ticket_id, Stage::Lookup, EventKind::Paid { amount: "1.00".into() }, Utc::now());
+    let u = TicketUpdate { ticket: moved(&current.value, Status::Validate), etag: current.etag, budget: None, events: vec![with_change.clone()] };
+    store.update_ticket(u).await.unwrap();
+    let stale = TicketUpdate { ticket: moved(&current.value, Status::Rejected), etag: "0".into(), budget: None, events: vec![with_change.clone()] };
+    assert!(store.update_ticket(stale).await.is_err());
+
+    let read = store.events(&b.batch_id, &t.ticket_id).await.unwrap();
+    assert_eq!(read.len(), 1 + 20 + 1, "accepted, twenty notes, one change; the refused change wrote nothing");
+    assert_eq!(read[0].kind, EventKind::Accepted);
+    for (i, e) in read[1..21].iter().enumerate() {
+        assert_eq!(e.kind, EventKind::Notified { outcome: format!("n{i}") });
+    }
+    assert_eq!(read[21], with_change);
+    assert_eq!(store.events(&b.batch_id, &ts[1].ticket_id).await.unwrap().len(), 1, "another ticket's log is its own");
+}
+
+async fn tickets_page_by_id_and_filter_by_status(store: Arc<dyn Store>) {
+    let (b, ts) = seeded(store.as_ref(), 1_000, 25).await;
+    for t in ts.iter().step_by(5) {
+        let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
+        let mut done = moved(&current.value, Status::NotPayable);
+        done.notified = true;
+        store.update_ticket(TicketUpdate { ticket: done, etag: current.etag, budget: None, events: vec![] }).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store.tickets(&b.batch_id, None, 10, cursor.as_deref()).await.unwrap();
+        seen.extend(page.tickets.iter().map(|t| t.ticket_id.to_string()));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = ts.iter().map(|t| t.ticket_id.to_string()).collect();
+    assert_eq!(seen, expected, "every ticket once, in id order");
+    let ended = store.tickets(&b.batch_id, Some(Status::NotPayable), 100, None).await.unwrap();
+    assert_eq!(ended.tickets.len(), 5);
+    assert!(ended.next_cursor.is_none());
+    assert!(ended.tickets.iter().all(|t| t.status == Status::NotPayable));
+    assert_eq!(store.open_tickets(&b.batch_id).await.unwrap(), 20);
+    let summary = store.summary(&b.batch_id).await.unwrap();
+    assert_eq!((summary.counts[&Status::Lookup], summary.counts[&Status::NotPayable], summary.awaiting_notification), (20, 5, 0));
+
+    assert!(store.mark_completed(&b.batch_id, Utc::now()).await.unwrap());
+    assert!(!store.mark_completed(&b.batch_id, Utc::now()).await.unwrap(), "completion is recorded once");
+    store.mark_enqueued(&b.batch_id).await.unwrap();
+    assert!(store.batch(&b.batch_id).await.unwrap().unwrap().enqueued);
+
+    let reference = ts[3].reference.as_ref().unwrap().as_str();
+    let found = store.find_by_reference(reference, 10).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].ticket_id, ts[3].ticket_id);
+}
+
+async fn batches_are_listed_by_client_newest_first(store: Arc<dyn Store>) {
+    let mut acme = Vec::new();
+    for i in 0..3 {
+        let mut b = batch("acme", 100, 1, None);
+        b.created_at = Utc::now() + chrono::Duration::seconds(i);
+        store.create_batch(&b, &tickets(&b, 1), &[]).await.unwrap();
+        acme.push(b.batch_id);
+    }
+    let g = batch("globex", 100, 1, None);
+    store.create_batch(&g, &tickets(&g, 1), &[]).await.unwrap();
+    let listed: Vec<BatchId> =
+        store.batches(Some(&ClientId::parse("acme").unwrap()), 10).await.unwrap().into_iter().map(|b| b.batch_id).collect();
+    acme.reverse();
+    assert_eq!(listed, acme);
+    assert_eq!(store.batches(None, 10).await.unwrap().len(), 4);
+    assert_eq!(store.batches(None, 2).await.unwrap().len(), 2);
+}
+
+macro_rules! conformance {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+
+            async fn store() -> (Arc<dyn Store>, Box<dyn std::any::Any>) {
+                $make
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn batches_and_tickets_are_created_once() { let (s, _keep) = store().await; super::batches_and_tickets_are_created_once(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn transitions_are_conditional_and_apply_once() { let (s, _keep) = store().await; super::transitions_are_conditional_and_apply_once(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_reservations_never_overspend() { let (s, _keep) = store().await; super::concurrent_reservations_never_overspend(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_failed_payment_releases_its_reservation() { let (s, _keep) = store().await; super::a_failed_payment_releases_its_reservation(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn events_are_appended_and_read_in_order() { let (s, _keep) = store().await; super::events_are_appended_and_read_in_order(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tickets_page_by_id_and_filter_by_status() { let (s, _keep) = store().await; super::tickets_page_by_id_and_filter_by_status(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn batches_are_listed_by_client_newest_first() { let (s, _keep) = store().await; super::batches_are_listed_by_client_newest_first(s).await }
+        }
+    };
+}
+
+conformance!(sqlite, {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
+    (Arc::new(store) as Arc<dyn Store>, Box::new(dir) as Box<dyn std::any::Any>)
+});

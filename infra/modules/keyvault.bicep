@@ -21,6 +21,8 @@ var secretsOfficerRoleId = 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7' // Key Vault S
 
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   // checkov:skip=CKV_AZURE_189:Public network access is needed: without a VNet, Flex Consumption resolves Key Vault references over the public endpoint; RBAC mode, Entra tokens only.
+  // checkov:skip=CKV_AZURE_110:Purge protection is irreversible and would block `azd down --purge` (see below).
+  // checkov:skip=CKV_AZURE_42:Purge protection is irreversible and would block `azd down --purge`; the vault holds only provider keys that operators can set again, and soft delete stays on.
   // checkov:skip=CKV_AZURE_109:Flex Consumption without a VNet resolves Key Vault references over the public endpoint; every read needs an Entra token and an RBAC role.
   name: name
   location: location
@@ -34,7 +36,9 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
     enableRbacAuthorization: true
     enableSoftDelete: true
     softDeleteRetentionInDays: 7
-    enablePurgeProtection: true
+    // No purge protection (the property only accepts true, and true is irreversible):
+    // `azd down --purge` must be able to delete the vault so the environment can be
+    // recreated under the same name. Soft delete still keeps deleted secrets 7 days.
     publicNetworkAccess: 'Enabled'
     networkAcls: {
       bypass: 'AzureServices'

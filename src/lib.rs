@@ -30,7 +30,8 @@
 //!   `functions/*/function.json`, serves the Service Bus REST endpoints and
 //!   delivers messages with Service Bus semantics from durable local queues.
 //! - [`cli`]: the tools for people (demo, submit, status, trace); [`config`]:
-//!   the handler's settings.
+//!   the handler's settings; [`telemetry`]: one distributed trace per ticket,
+//!   exported to Application Insights or OTLP.
 
 pub mod api;
 pub mod bus;
@@ -43,3 +44,4 @@ pub mod providers;
 pub mod shutdown;
 pub mod stages;
 pub mod store;
+pub mod telemetry;

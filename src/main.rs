@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use ticketpay::cli::{client::ApiClient, demo, progress, submit, trace};
 use ticketpay::host::{self, LocalOptions};
+use ticketpay::telemetry::{self, Exporter, Telemetry};
 
 const DEFAULT_URL: &str = "http://127.0.0.1:7071";
 
@@ -104,11 +105,18 @@ enum Command {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,ticketpay=info,ticketpay::host::invoke=warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = run(cli.command).await {
+    // Only the handler exports spans; the other roles log to stderr.
+    let exporter = if matches!(cli.command, Command::Handler) { Exporter::from_env() } else { Exporter::None };
+    match Telemetry::init(exporter, "warn,ticketpay=info,ticketpay::host::invoke=warn") {
+        Ok(t) => telemetry::install(t),
+        Err(e) => {
+            eprintln!("ticketpay: {e:#}");
+            std::process::exit(1);
+        }
+    }
+    let outcome = run(cli.command).await;
+    telemetry::shutdown();
+    if let Err(e) = outcome {
         eprintln!("ticketpay: {e:#}");
         std::process::exit(1);
     }

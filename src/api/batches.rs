@@ -15,7 +15,10 @@ use super::problem::Problem;
 use super::{App, views};
 use crate::domain::upload::{self, Header};
 use crate::domain::{Batch, BatchId, BatchRequest, ClientId, Event, EventKind, PayProgress, Stage, Status, Ticket};
+use crate::bus::OutgoingMessage;
 use crate::stages::message_for;
+use crate::telemetry;
+use tracing::Instrument;
 use crate::store::Created;
 
 /// Large enough for 5,000 tickets with long references, small enough to refuse abuse.
@@ -51,7 +54,21 @@ pub async fn upload(
     } else {
         upload::parse_json(&bytes, &app.authorities)?
     };
-    accept(&app, request, key).await
+    let span = tracing::info_span!(
+        "upload",
+        otel.name = "POST /api/batches",
+        otel.kind = "server",
+        batch_id = tracing::field::Empty,
+        client_id = %request.client_id,
+        tickets = request.tickets.len(),
+        stage = "upload",
+        outcome = tracing::field::Empty,
+    );
+    let accepted = accept(&app, request, key).instrument(span.clone()).await;
+    span.record("outcome", if accepted.is_ok() { "accepted" } else { "refused" });
+    drop(span);
+    telemetry::flush().await;
+    accepted
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
@@ -120,6 +137,7 @@ async fn accept(app: &App, request: BatchRequest, key: Option<String>) -> Result
         }
         Created::Existing(existing) => existing,
     };
+    tracing::Span::current().record("batch_id", batch.batch_id.as_str());
     if !batch.enqueued {
         enqueue(app, &batch).await?;
     }
@@ -137,7 +155,7 @@ async fn enqueue(app: &App, batch: &Batch) -> Result<(), Problem> {
     let mut cursor: Option<String> = None;
     loop {
         let page = store.tickets(&batch.batch_id, Some(Status::Lookup), 1_000, cursor.as_deref()).await?;
-        let messages: Vec<_> = page.tickets.iter().filter(|t| t.attempt == 0).map(|t| message_for(t, Stage::Lookup, 0, None)).collect();
+        let messages: Vec<_> = page.tickets.iter().filter(|t| t.attempt == 0).map(first_message).collect();
         app.pipeline.bus.send_batch("ticket-lookup", &messages).await.map_err(|e| {
             Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -152,6 +170,26 @@ async fn enqueue(app: &App, batch: &Batch) -> Result<(), Problem> {
     }
     store.mark_enqueued(&batch.batch_id).await?;
     Ok(())
+}
+
+/// A ticket's first message, which starts the ticket's own trace; that trace links to the upload.
+fn first_message(ticket: &Ticket) -> OutgoingMessage {
+    let root = tracing::info_span!(
+        parent: None,
+        "ticket accepted",
+        otel.kind = "producer",
+        batch_id = %ticket.batch_id,
+        ticket_id = %ticket.ticket_id,
+        client_id = %ticket.client_id,
+        stage = "upload",
+        attempt = 0,
+        outcome = "accepted",
+        "messaging.destination.name" = "ticket-lookup",
+    );
+    telemetry::link(&root, &tracing::Span::current());
+    let mut message = message_for(ticket, Stage::Lookup, 0, None);
+    message.properties.extend(telemetry::context_properties(&root));
+    message
 }
 
 pub async fn list(State(app): State<Arc<App>>, Query(query): Query<HashMap<String, String>>) -> Result<Response, Problem> {

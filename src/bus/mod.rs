@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use tracing::Instrument;
 
 /// A message for a queue, with the broker properties the pipeline relies on.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,7 +89,31 @@ impl BusSender {
         format!("{}/{queue}/messages", self.base)
     }
 
+    /// Sends one message, in a producer span whose trace context the message carries.
     pub async fn send(&self, m: &OutgoingMessage) -> Result<(), BusError> {
+        let prop = |k: &str| m.properties.get(k).map(String::as_str).unwrap_or_default();
+        let span = tracing::info_span!(
+            "send",
+            otel.name = %format!("send {}", m.queue),
+            otel.kind = "producer",
+            "messaging.system" = "servicebus",
+            "messaging.destination.name" = %m.queue,
+            "messaging.message.id" = %m.message_id,
+            batch_id = prop("batch_id"),
+            ticket_id = prop("ticket_id"),
+            client_id = prop("client_id"),
+            stage = prop("stage"),
+            attempt = prop("attempt"),
+            outcome = tracing::field::Empty,
+        );
+        let mut m = m.clone();
+        m.properties.extend(crate::telemetry::context_properties(&span));
+        let sent = self.send_one(&m).instrument(span.clone()).await;
+        span.record("outcome", if sent.is_ok() { "sent" } else { "failed" });
+        sent
+    }
+
+    async fn send_one(&self, m: &OutgoingMessage) -> Result<(), BusError> {
         let broker = Value::Object(broker_properties(m)).to_string();
         self.with_retries(|| {
             let mut req = self

@@ -22,7 +22,10 @@ use crate::bus::BusSender;
 use crate::config::{HandlerConfig, Settings};
 use crate::domain::Stage;
 use crate::providers::client::ProviderClient;
-use crate::stages::{Handled, Pipeline, StageMessage};
+use crate::stages::{Pipeline, StageMessage};
+use crate::telemetry;
+use tracing::Instrument;
+use tracing::field::Empty;
 use crate::store::sqlite::SqliteStore;
 use invocation::Invocation;
 
@@ -50,21 +53,42 @@ async fn invoke(State(app): State<Arc<App>>, Path(function): Path<String>, body:
         // Failing makes the host redeliver it and, in the end, dead-letter it, where an operator sees it.
         Err(e) => return failure(StatusCode::BAD_REQUEST, format!("not a {stage} message: {e}")),
     };
-    match app.pipeline.handle(stage, message.clone()).await {
+    let span = tracing::info_span!(
+        "invocation",
+        otel.name = %stage,
+        otel.kind = "consumer",
+        otel.status_code = Empty,
+        batch_id = %message.batch_id,
+        ticket_id = %message.ticket_id,
+        client_id = Empty,
+        stage = %stage,
+        attempt = message.attempt,
+        outcome = Empty,
+        delivery_count = invocation.delivery_count,
+        "messaging.system" = "servicebus",
+        "messaging.destination.name" = %format!("ticket-{}", stage.function()),
+        "messaging.message.id" = invocation.message_id.as_deref().unwrap_or_default(),
+    );
+    telemetry::continue_from(&span, &invocation.application_properties);
+    let handled = app.pipeline.handle(stage, message.clone()).instrument(span.clone()).await;
+    let reply = match handled {
         Ok(handled) => {
-            let log = match handled {
-                Handled::Done(status) => format!("{stage} {}/{}: now {status}", message.batch_id, message.ticket_id),
-                Handled::Stale => format!("{stage} {}/{}: stale message, nothing to do", message.batch_id, message.ticket_id),
-                Handled::Deferred => format!("{stage} {}/{}: in progress elsewhere, checking back later", message.batch_id, message.ticket_id),
-                Handled::UnknownTicket => format!("{stage} {}/{}: no such ticket, dropped", message.batch_id, message.ticket_id),
-            };
+            let outcome = handled.outcome(stage);
+            span.record("outcome", outcome.as_str());
+            span.record("otel.status_code", "ok");
+            let log = format!("{stage} {}/{}: {outcome}", message.batch_id, message.ticket_id);
             Json(json!({ "Outputs": {}, "Logs": [log] })).into_response()
         }
         Err(e) => {
-            tracing::warn!(%stage, batch_id = %message.batch_id, ticket_id = %message.ticket_id, error = %e, delivery = invocation.delivery_count, "invocation failed");
+            span.record("outcome", "error");
+            span.record("otel.status_code", "error");
+            tracing::warn!(parent: &span, error = %e, "invocation failed; the host will deliver the message again");
             failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
-    }
+    };
+    drop(span);
+    telemetry::flush().await;
+    reply
 }
 
 fn failure(status: StatusCode, error: String) -> Response {

@@ -14,6 +14,31 @@ use super::redact::Redactor;
 use super::wire::{self, CheckRequest, CheckResponse, LookupResponse, OperationRequest, OperationResponse};
 use super::ProviderName;
 use crate::domain::event::{Exchange, HttpRequestRecord, HttpResponseRecord};
+use crate::domain::{Stage, Ticket};
+use tracing::Instrument;
+use tracing::field::Empty;
+
+/// Who is calling: every provider call's span carries it.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub batch_id: &'a str,
+    pub ticket_id: &'a str,
+    pub client_id: &'a str,
+    pub stage: Stage,
+    pub attempt: u32,
+}
+
+impl<'a> Caller<'a> {
+    pub fn of(ticket: &'a Ticket, stage: Stage) -> Caller<'a> {
+        Caller {
+            batch_id: ticket.batch_id.as_str(),
+            ticket_id: ticket.ticket_id.as_str(),
+            client_id: ticket.client_id.as_str(),
+            stage,
+            attempt: ticket.attempt,
+        }
+    }
+}
 
 /// The longest a call waits for its turn under the provider's limits before
 /// giving up with a transient error (so every call ends in bounded time).
@@ -107,15 +132,14 @@ impl ProviderClient {
         ProviderClient { http, endpoints, timeout: config.timeout, redactor }
     }
 
-    pub async fn lookup(&self, authority: &str, ticket_id: &str, currency: &str, attempt: u32) -> Call<LookupResponse> {
-        let path = format!("/tickets/{ticket_id}?currency={currency}");
-        let path = format!("/{authority}{path}");
-        self.typed(ProviderName::Authority, "lookup", Method::GET, path, None, None, attempt).await
+    pub async fn lookup(&self, authority: &str, currency: &str, caller: &Caller<'_>) -> Call<LookupResponse> {
+        let path = format!("/{authority}/tickets/{}?currency={currency}", caller.ticket_id);
+        self.typed(ProviderName::Authority, "lookup", Method::GET, path, None, None, caller).await
     }
 
-    pub async fn check(&self, provider: ProviderName, request: &CheckRequest, attempt: u32) -> Call<CheckResponse> {
+    pub async fn check(&self, provider: ProviderName, request: &CheckRequest, caller: &Caller<'_>) -> Call<CheckResponse> {
         let body = serde_json::to_value(request).ok();
-        self.typed(provider, "check", Method::POST, "/checks".into(), None, body, attempt).await
+        self.typed(provider, "check", Method::POST, "/checks".into(), None, body, caller).await
     }
 
     /// Applies an operation once: the idempotency key lets the provider (and us) recognise a repeat.
@@ -125,15 +149,15 @@ impl ProviderClient {
         operation: &str,
         key: &str,
         request: &OperationRequest,
-        attempt: u32,
+        caller: &Caller<'_>,
     ) -> Call<OperationResponse> {
         let body = serde_json::to_value(request).ok();
-        self.typed(provider, operation, Method::POST, format!("/{operation}"), Some(key), body, attempt).await
+        self.typed(provider, operation, Method::POST, format!("/{operation}"), Some(key), body, caller).await
     }
 
     /// Asks whether an operation with this key was applied: `Ok(None)` if the provider never applied it.
-    pub async fn operation_status(&self, provider: ProviderName, key: &str, attempt: u32) -> Call<Option<OperationResponse>> {
-        let call = self.raw(provider, "status", Method::GET, format!("/operations/{key}"), Some(key), None, attempt).await;
+    pub async fn operation_status(&self, provider: ProviderName, key: &str, caller: &Caller<'_>) -> Call<Option<OperationResponse>> {
+        let call = self.raw(provider, "status", Method::GET, format!("/operations/{key}"), Some(key), None, caller).await;
         let result = match call.result {
             Ok((_, body)) => decode(body).map(Some),
             Err(CallError::Permanent { status: 404, .. }) => Ok(None),
@@ -151,9 +175,9 @@ impl ProviderClient {
         path: String,
         key: Option<&str>,
         body: Option<Value>,
-        attempt: u32,
+        caller: &Caller<'_>,
     ) -> Call<T> {
-        let call = self.raw(provider, operation, method, path, key, body, attempt).await;
+        let call = self.raw(provider, operation, method, path, key, body, caller).await;
         Call { result: call.result.and_then(|(_, body)| decode(body)), exchange: call.exchange }
     }
 
@@ -166,9 +190,71 @@ impl ProviderClient {
         path: String,
         key: Option<&str>,
         body: Option<Value>,
-        attempt: u32,
+        caller: &Caller<'_>,
     ) -> Call<(u16, Value)> {
         let endpoint = &self.endpoints[&provider];
+        let url = format!("{}{path}", endpoint.base);
+        let span = tracing::info_span!(
+            "provider call",
+            otel.name = %format!("{provider} {operation}"),
+            otel.kind = "client",
+            otel.status_code = Empty,
+            "peer.service" = %provider,
+            operation,
+            "http.request.method" = %method,
+            "url.full" = %url,
+            "http.response.status_code" = Empty,
+            batch_id = caller.batch_id,
+            ticket_id = caller.ticket_id,
+            client_id = caller.client_id,
+            stage = %caller.stage,
+            attempt = caller.attempt,
+            outcome = Empty,
+            idempotency_key = key.unwrap_or_default(),
+        );
+        let mut call = self.send(endpoint, provider, operation, method, url, key, body, caller.attempt).instrument(span.clone()).await;
+        call.exchange.trace_id = crate::telemetry::trace_id(&span);
+        let e = &call.exchange;
+        let status = e.response.as_ref().map(|r| r.status);
+        if let Some(status) = status {
+            span.record("http.response.status_code", status);
+        }
+        span.record("outcome", e.outcome.as_str());
+        span.record("otel.status_code", if call.result.is_ok() { "ok" } else { "error" });
+        let request = serde_json::to_string(&e.request).unwrap_or_default();
+        let response = e.response.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()).unwrap_or_default();
+        tracing::info!(
+            parent: &span,
+            batch_id = caller.batch_id,
+            ticket_id = caller.ticket_id,
+            client_id = caller.client_id,
+            stage = %caller.stage,
+            provider = %provider,
+            operation,
+            attempt = caller.attempt,
+            idempotency_key = key.unwrap_or_default(),
+            status = status.map(|s| s.to_string()).unwrap_or_default(),
+            outcome = %e.outcome,
+            latency_ms = e.latency_ms,
+            request,
+            response,
+            "provider exchange"
+        );
+        call
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        endpoint: &Endpoint,
+        provider: ProviderName,
+        operation: &str,
+        method: Method,
+        url: String,
+        key: Option<&str>,
+        body: Option<Value>,
+        attempt: u32,
+    ) -> Call<(u16, Value)> {
         let mut headers: Vec<(String, String)> = Vec::new();
         if let Some(key) = key {
             headers.push((wire::IDEMPOTENCY_KEY.into(), key.into()));
@@ -185,7 +271,7 @@ impl ProviderClient {
             attempt,
             key: key.map(str::to_owned),
             method,
-            url: format!("{}{path}", endpoint.base),
+            url,
             headers,
             body,
         };

@@ -4,16 +4,14 @@ use chrono::Utc;
 
 use super::{Pipeline, StageError};
 use crate::domain::{Stage, Status, Ticket};
-use crate::providers::client::CallError;
+use crate::providers::client::{CallError, Caller};
 use crate::providers::wire::DueStatus;
 use crate::store::Versioned;
 
 pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
     let mut ticket = current.value.clone();
-    let call = p
-        .providers
-        .lookup(ticket.authority.as_str(), ticket.ticket_id.as_str(), ticket.currency.code(), ticket.attempt)
-        .await;
+    let caller = Caller::of(&current.value, Stage::Lookup);
+    let call = p.providers.lookup(ticket.authority.as_str(), ticket.currency.code(), &caller).await;
     let exchanges = vec![p.exchange_event(&ticket, Stage::Lookup, call.exchange)];
     let now = Utc::now();
     match call.result {

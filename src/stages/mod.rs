@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::bus::{BusError, BusSender, OutgoingMessage};
 use crate::domain::ticket::{AfterFailure, Claim};
-use crate::domain::{BatchId, Event, EventKind, Exchange, RetryPolicy, Stage, Status, Ticket, TicketId};
-use crate::providers::client::{CallError, ProviderClient};
+use crate::domain::{BatchId, Event, EventKind, Exchange, RetryPolicy, Stage, Ticket, TicketId};
+use crate::providers::client::{CallError, Caller, ProviderClient};
 use crate::providers::wire::OperationRequest;
 use crate::providers::ProviderName;
 use crate::store::{BudgetChange, Store, StoreError, TicketUpdate, Versioned};
@@ -61,7 +61,8 @@ struct Sent {
 /// What an invocation did, for the host's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
-    Done(Status),
+    /// The stage ran; the ticket as it now stands.
+    Done(Box<Ticket>),
     /// The message was not the one the ticket waits for: nothing changed.
     Stale,
     /// Another invocation is working on the ticket; this message comes back to check on it later.
@@ -92,8 +93,25 @@ pub fn message_for(ticket: &Ticket, stage: Stage, attempt: u32, not_before: Opti
             ("batch_id".to_owned(), ticket.batch_id.to_string()),
             ("ticket_id".to_owned(), ticket.ticket_id.to_string()),
             ("client_id".to_owned(), ticket.client_id.to_string()),
+            ("stage".to_owned(), stage.function().to_owned()),
+            ("attempt".to_owned(), attempt.to_string()),
         ]),
         body: serde_json::to_vec(&body).expect("a stage message serialises"),
+    }
+}
+
+impl Handled {
+    /// What the invocation came to, for its span: the ticket's new status, or
+    /// `retry` / `notified`, `stale`, `deferred`, `unknown_ticket`.
+    pub fn outcome(&self, stage: Stage) -> String {
+        match self {
+            Handled::Done(t) if t.pending().is_some_and(|p| p.stage == stage) => "retry".into(),
+            Handled::Done(_) if stage == Stage::Notify => "notified".into(),
+            Handled::Done(t) => t.status.to_string(),
+            Handled::Stale => "stale".into(),
+            Handled::Deferred => "deferred".into(),
+            Handled::UnknownTicket => "unknown_ticket".into(),
+        }
     }
 }
 
@@ -103,6 +121,7 @@ impl Pipeline {
             return Ok(Handled::UnknownTicket);
         };
         let ticket = current.value.clone();
+        tracing::Span::current().record("client_id", ticket.client_id.as_str());
         let waiting = ticket.pending();
         let is_current = waiting.as_ref().is_some_and(|p| p.stage == stage && message.attempt >= p.attempt);
         if !is_current {
@@ -136,7 +155,7 @@ impl Pipeline {
             other => other?,
         };
         self.send_pending(&after.value).await?;
-        Ok(Handled::Done(after.value.status))
+        Ok(Handled::Done(Box::new(after.value)))
     }
 
     /// Sends the message the ticket is waiting for (a no-op for the broker if it was sent before).
@@ -222,7 +241,7 @@ impl Pipeline {
             Claim::Held { until } => return Err(StageError::Busy { until }),
             Claim::Free => current = self.claim(&current, operation, Vec::new()).await?,
             Claim::Unknown => {
-                let status = self.providers.operation_status(provider, &key, current.value.attempt).await;
+                let status = self.providers.operation_status(provider, &key, &Caller::of(&current.value, stage)).await;
                 exchanges.push(self.exchange_event(&current.value, stage, status.exchange));
                 match status.result {
                     Ok(Some(_)) => return Ok(Sent { current, exchanges, result: Ok(()) }),
@@ -231,7 +250,7 @@ impl Pipeline {
                 }
             }
         }
-        let call = self.providers.operate(provider, operation, &key, request, current.value.attempt).await;
+        let call = self.providers.operate(provider, operation, &key, request, &Caller::of(&current.value, stage)).await;
         exchanges.push(self.exchange_event(&current.value, stage, call.exchange));
         Ok(Sent { current, exchanges, result: call.result.map(drop) })
     }

@@ -5,7 +5,7 @@ use futures::future::join_all;
 
 use super::{Pipeline, StageError};
 use crate::domain::{Stage, Status, Ticket};
-use crate::providers::client::CallError;
+use crate::providers::client::{CallError, Caller};
 use crate::providers::wire::{CheckRequest, Decision, WireMoney};
 use crate::providers::ProviderName;
 use crate::store::Versioned;
@@ -19,7 +19,8 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
         authority: ticket.authority.to_string(),
         amount: WireMoney { minor: ticket.amount_due.unwrap_or(0), currency: ticket.currency.code().into() },
     };
-    let calls = join_all(ProviderName::VALIDATORS.map(|v| p.providers.check(v, &request, ticket.attempt))).await;
+    let caller = Caller::of(&current.value, Stage::Validate);
+    let calls = join_all(ProviderName::VALIDATORS.map(|v| p.providers.check(v, &request, &caller))).await;
 
     let mut exchanges = Vec::new();
     let mut rejection = None;

@@ -192,6 +192,7 @@ fn service_bus_queues_match_the_queue_triggers() {
 /// Settings in local.settings.json.example that the Bicep does not set by name, and why.
 const NOT_SET_BY_NAME: &[(&str, &str)] = &[
     ("TICKETPAY_DATA_DIR", "local only: folder of the embedded store; in Azure the store is Cosmos DB (CosmosDb__*)"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "local only: an OTLP collector; in Azure spans go to Application Insights"),
     (
         "TICKETPAY_PROVIDER_URL_GATEWAY",
         "an example of TICKETPAY_PROVIDER_URL_<NAME>: set for each provider in the `providerUrls` parameter (checked below)",

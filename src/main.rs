@@ -107,7 +107,7 @@ async fn main() {
     let cli = Cli::parse();
     // Only the handler exports spans; the other roles log to stderr.
     let exporter = if matches!(cli.command, Command::Handler) { Exporter::from_env() } else { Exporter::None };
-    match Telemetry::init(exporter, "warn,ticketpay=info,ticketpay::host::invoke=warn") {
+    match Telemetry::init(exporter, "warn,ticketpay=info,ticketpay::host::invoke=warn,ticketpay::audit=warn") {
         Ok(t) => telemetry::install(t),
         Err(e) => {
             eprintln!("ticketpay: {e:#}");

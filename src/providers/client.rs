@@ -224,6 +224,7 @@ impl ProviderClient {
         let request = serde_json::to_string(&e.request).unwrap_or_default();
         let response = e.response.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()).unwrap_or_default();
         tracing::info!(
+            target: "ticketpay::audit",
             parent: &span,
             batch_id = caller.batch_id,
             ticket_id = caller.ticket_id,

@@ -90,6 +90,15 @@ enum Command {
         #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
         url: String,
     },
+    /// Sends a batch's parked tickets back into the pipeline, each where it stopped.
+    Redrive {
+        batch: String,
+        /// Only list what would be redriven.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
+        url: String,
+    },
     /// Shows one ticket's state, amounts and timeline with every provider exchange.
     Trace {
         batch: String,
@@ -140,6 +149,15 @@ async fn run(command: Command) -> Result<()> {
         Command::Status { batch, url } => {
             let status = ApiClient::new(&url).get(&format!("/api/batches/{batch}")).await?;
             print!("{}", progress::summary(&status, None));
+            Ok(())
+        }
+        Command::Redrive { batch, dry_run, url } => {
+            let answer = ApiClient::new(&url).post(&format!("/api/batches/{batch}/redrive"), &serde_json::json!({ "dry_run": dry_run })).await?;
+            let verb = if dry_run { "would redrive" } else { "redrove" };
+            println!("{verb} {} parked ticket(s) of batch {batch}", answer["count"]);
+            for t in answer["tickets"].as_array().into_iter().flatten() {
+                println!("  {:<20} at {:<9} parked because: {}", t["ticket_id"].as_str().unwrap_or(""), t["stage"].as_str().unwrap_or(""), t["reason"].as_str().unwrap_or(""));
+            }
             Ok(())
         }
         Command::Trace { batch, ticket, full, url } => trace::run(&ApiClient::new(&url), &batch, &ticket, full).await,

@@ -86,7 +86,12 @@ fn a_faulty_scenario_still_ends_every_ticket_without_double_charges() {
             assert_eq!(d, 0, "no operation was applied twice: {s}");
         }
     }
+    let mut retried = 0;
     for t in stack.all_tickets(&batch) {
+        // Support can read every ticket's audit trail, retries and all.
+        let full = stack.get(&format!("/api/batches/{batch}/tickets/{}", t["ticket_id"].as_str().unwrap()));
+        let timeline = full["timeline"].as_array().unwrap();
+        retried += usize::from(timeline.iter().any(|e| e["type"] == "retry_scheduled"));
         if t["status"] == "parked" {
             assert!(t["reason"].as_str().is_some_and(|r| !r.is_empty()), "a parked ticket says why: {t}");
         }
@@ -94,6 +99,7 @@ fn a_faulty_scenario_still_ends_every_ticket_without_double_charges() {
             assert!(cents(&t["paid"]) > 0);
         }
     }
+    assert!(retried > 0, "some tickets were retried");
 }
 
 #[test]
@@ -171,4 +177,49 @@ fn a_killed_handler_and_a_killed_host_lose_nothing() {
     assert!(tickets.iter().all(|t| END_STATES.contains(&t["status"].as_str().unwrap())));
     let sum: i64 = tickets.iter().map(|t| cents(&t["paid"])).sum();
     assert_eq!(sum, cents(&status["paid"]));
+}
+
+#[test]
+fn parked_tickets_are_redriven_once_the_provider_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = dir.path().join("authority-down.toml");
+    std::fs::write(&down, "description = \"the authority is down\"\n[providers.authority]\nerror_rate = 1.0\n").unwrap();
+    let data = dir.path().join("data");
+    let env = [("TICKETPAY_MAX_ATTEMPTS", "3"), ("TICKETPAY_RETRY_BASE_MS", "50"), ("TICKETPAY_RETRY_CAP_MS", "200")];
+    let (mut sim, url) = simulator(down.to_str().unwrap());
+    let opts = |url| StackOptions { scenario: "zero-latency", providers_url: Some(url), data: &data, env: &env, extra_args: &[] };
+    let stack = Stack::start(opts(&url));
+    let batch = stack.submit(30, "100000.00");
+    let status = stack.wait_complete(&batch, Duration::from_secs(120));
+    assert_eq!(status["counts"]["parked"], 30, "{status}");
+    for t in stack.all_tickets(&batch) {
+        assert_eq!(t["parked_stage"], "lookup", "{t}");
+        let reason = t["reason"].as_str().unwrap();
+        assert!(reason.contains("lookup") && reason.contains("after 3 attempts"), "{reason}");
+    }
+    let dry = stack.post(&format!("/api/batches/{batch}/redrive"), &serde_json::json!({"dry_run": true}));
+    assert_eq!(dry["count"], 30);
+    assert_eq!(stack.status(&batch)["counts"]["parked"], 30, "a dry run changes nothing");
+
+    // The authority is back; the host restarts pointed at it, on the same data.
+    drop(stack);
+    sim.kill();
+    let (_sim, url) = simulator("zero-latency");
+    let stack = Stack::start(opts(&url));
+    let redriven = stack.post(&format!("/api/batches/{batch}/redrive"), &serde_json::json!({}));
+    assert_eq!(redriven["count"], 30);
+    assert!(redriven["tickets"].as_array().unwrap().iter().all(|t| t["stage"] == "lookup"));
+    let status = stack.wait_complete(&batch, Duration::from_secs(120));
+    assert_batch_invariants(&status, &stats(&url), 30);
+    assert_eq!(status["counts"]["parked"].as_u64().unwrap_or(0), 0, "{status}");
+    let expected = predicted("zero-latency", 30);
+    assert_eq!(status["counts"]["not_payable"].as_u64().unwrap_or(0), expected.get("not_payable").copied().unwrap_or(0));
+    let again = stack.post(&format!("/api/batches/{batch}/redrive"), &serde_json::json!({}));
+    assert_eq!(again["count"], 0, "nothing left to redrive");
+
+    let t = stack.get(&format!("/api/batches/{batch}/tickets/T000001"));
+    assert_eq!(t["redrives"], 1);
+    let kinds: Vec<&str> = t["timeline"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let redriven_at = kinds.iter().position(|k| *k == "redriven").expect("the redrive is in the audit trail");
+    assert!(kinds[..redriven_at].contains(&"notified") && kinds[redriven_at..].contains(&"notified"), "told when parked, and again at the end: {kinds:?}");
 }

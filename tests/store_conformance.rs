@@ -48,6 +48,7 @@ fn tickets(b: &Batch, n: u32) -> Vec<Ticket> {
             pay: PayProgress::default(),
             notified: false,
             notification: None,
+            redrives: 0,
             created_at: b.created_at,
             updated_at: b.created_at,
         })

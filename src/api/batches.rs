@@ -115,6 +115,7 @@ async fn accept(app: &App, request: BatchRequest, key: Option<String>) -> Result
         pay: PayProgress::default(),
         notified: false,
         notification: None,
+        redrives: 0,
         created_at: now,
         updated_at: now,
     }).collect();

@@ -3,6 +3,7 @@
 
 mod batches;
 pub mod problem;
+mod redrive;
 mod tickets;
 mod views;
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::domain::AuthorityCode;
@@ -31,6 +32,7 @@ pub fn router() -> Router<Arc<App>> {
         .route("/api/authorities", get(authorities))
         .route("/api/batches", get(batches::list).post(batches::upload))
         .route("/api/batches/{batch_id}", get(batches::status))
+        .route("/api/batches/{batch_id}/redrive", post(redrive::redrive))
         .route("/api/batches/{batch_id}/tickets", get(tickets::list))
         .route("/api/batches/{batch_id}/tickets/{ticket_id}", get(tickets::show))
         .route("/api/tickets", get(tickets::by_reference))

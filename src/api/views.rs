@@ -23,7 +23,7 @@ pub fn batch_status(batch: &Batch, summary: &BatchSummary) -> Value {
         "counts": counts,
         "awaiting_notification": summary.awaiting_notification,
         "created_at": batch.created_at,
-        "completed_at": batch.completed_at,
+        "completed_at": if summary.is_complete() { batch.completed_at } else { None },
     })
 }
 
@@ -68,6 +68,7 @@ pub fn ticket(t: &Ticket) -> Value {
         },
         "notified": t.notified,
         "notification": t.notification,
+        "redrives": t.redrives,
         "created_at": t.created_at,
         "updated_at": t.updated_at,
     })

@@ -27,6 +27,12 @@ impl ApiClient {
         read(response).await
     }
 
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let response = self.http.post(&url).json(body).send().await.with_context(|| format!("cannot reach {url}"))?;
+        read(response).await
+    }
+
     /// Uploads a batch. Retries a lost connection with the same Idempotency-Key, so it is safe.
     pub async fn upload(&self, query: &[(&str, &str)], content_type: &str, body: Vec<u8>, key: &str) -> Result<Value> {
         let url = format!("{}/api/batches", self.base);

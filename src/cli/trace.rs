@@ -51,11 +51,12 @@ pub fn render(t: &Value, full: bool) -> String {
                 let reason = e["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
                 format!("{} -> {}{reason}", text(&e["from"]), text(&e["to"]))
             }
-            "retry_scheduled" => format!("retry {} at {}: {}", text(&e["attempt"]), text(&e["at"]), text(&e["error"])),
+            "retry_scheduled" => format!("retry {} at {}: {}", text(&e["attempt"]), text(&e["retry_at"]), text(&e["error"])),
             "budget_reserved" => format!("reserved {} {currency}", text(&e["amount"])),
             "budget_released" => format!("released {} {currency}", text(&e["amount"])),
             "paid" => format!("paid {} {currency}", text(&e["amount"])),
             "notified" => format!("client notified: {}", text(&e["outcome"])),
+            "redriven" => format!("redriven to {} by an operator (parked because: {})", text(&e["to_stage"]), text(&e["parked_because"])),
             other => other.to_owned(),
         };
         out.push_str(&format!("  {at}  {stage:<8} {line}\n"));

@@ -24,6 +24,12 @@ pub struct Event {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     Accepted,
+    /// An operator sent the parked ticket back into the pipeline.
+    Redriven {
+        /// Where the ticket re-entered (the event's own `stage` is where it was parked).
+        to_stage: Stage,
+        parked_because: String,
+    },
     StatusChanged {
         from: Status,
         to: Status,
@@ -32,7 +38,7 @@ pub enum EventKind {
     },
     RetryScheduled {
         attempt: u32,
-        at: DateTime<Utc>,
+        retry_at: DateTime<Utc>,
         error: String,
     },
     BudgetReserved {
@@ -90,5 +96,44 @@ pub struct HttpResponseRecord {
 impl Event {
     pub fn new(batch_id: &BatchId, ticket_id: &TicketId, stage: Stage, kind: EventKind, at: DateTime<Utc>) -> Event {
         Event { batch_id: batch_id.clone(), ticket_id: ticket_id.clone(), at, stage, kind }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_of_event_reads_back_as_written() {
+        let (b, t) = (BatchId::parse("b1").unwrap(), TicketId::parse("t1").unwrap());
+        let record = HttpRequestRecord { method: "POST".into(), url: "http://p/x".into(), headers: BTreeMap::new(), body: serde_json::json!({"a": 1}) };
+        let kinds = vec![
+            EventKind::Accepted,
+            EventKind::Redriven { to_stage: Stage::Pay, parked_because: "down".into() },
+            EventKind::StatusChanged { from: Status::Lookup, to: Status::Validate, reason: Some("r".into()) },
+            EventKind::RetryScheduled { attempt: 2, retry_at: Utc::now(), error: "503".into() },
+            EventKind::BudgetReserved { amount: "1.00".into() },
+            EventKind::BudgetReleased { amount: "1.00".into() },
+            EventKind::Paid { amount: "1.00".into() },
+            EventKind::Notified { outcome: "sent".into() },
+            EventKind::Exchange(Box::new(Exchange {
+                provider: ProviderName::Gateway,
+                operation: "capture".into(),
+                attempt: 1,
+                idempotency_key: Some("k".into()),
+                request: record,
+                response: Some(HttpResponseRecord { status: 200, headers: BTreeMap::new(), body: serde_json::Value::Null }),
+                outcome: "ok".into(),
+                error: None,
+                latency_ms: 3,
+                trace_id: Some("0af7651916cd43dd8448eb211c80319c".into()),
+            })),
+        ];
+        for kind in kinds {
+            let event = Event::new(&b, &t, Stage::Pay, kind, Utc::now());
+            let json = serde_json::to_string(&event).unwrap();
+            let back: Event = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert_eq!(back, event);
+        }
     }
 }

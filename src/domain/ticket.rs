@@ -302,6 +302,9 @@ pub struct Ticket {
     pub notified: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notification: Option<String>,
+    /// How many times an operator sent this ticket back into the pipeline.
+    #[serde(default)]
+    pub redrives: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -359,6 +362,31 @@ impl RetryPolicy {
 }
 
 impl Ticket {
+    /// Puts a parked ticket back at the stage where it stopped; its client will
+    /// be told again how it ends. An operation whose answer was lost stays
+    /// unknown, so the provider is asked about it before anything is re-sent.
+    pub fn redrive(&mut self, now: DateTime<Utc>) -> Result<Stage, String> {
+        if self.status != Status::Parked {
+            return Err(format!("ticket {} is {}; only parked tickets are redriven", self.ticket_id, self.status));
+        }
+        let stage = self.parked_stage.ok_or_else(|| format!("ticket {} was parked without a stage", self.ticket_id))?;
+        let status = match stage {
+            Stage::Lookup => Status::Lookup,
+            Stage::Validate => Status::Validate,
+            Stage::Reserve => Status::Reserve,
+            Stage::Pay => Status::Pay,
+            Stage::Notify => return Err(format!("ticket {} cannot re-enter notify", self.ticket_id)),
+        };
+        self.redrives += 1;
+        self.move_to(status, now);
+        self.parked_stage = None;
+        self.reason = None;
+        self.notified = false;
+        self.notification = None;
+        self.pay.release_claim();
+        Ok(stage)
+    }
+
     pub fn money(&self, minor: i64) -> Money {
         Money::new(minor, self.currency)
     }
@@ -445,6 +473,7 @@ mod tests {
             pay: PayProgress::default(),
             notified: false,
             notification: None,
+            redrives: 0,
             created_at: now,
             updated_at: now,
         }
@@ -483,6 +512,23 @@ mod tests {
         assert_eq!(t.parked_stage, Some(Stage::Validate));
         assert!(t.reason.as_deref().unwrap().contains("timeout"));
         assert_eq!(t.pending().unwrap().stage, Stage::Notify, "a parked ticket is still notified");
+    }
+
+    #[test]
+    fn a_parked_ticket_is_redriven_to_the_stage_where_it_stopped() {
+        let policy = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };
+        let mut t = ticket(Status::Pay);
+        t.reserved = 900;
+        t.pay.claim("settle", Utc::now());
+        t.fail_transiently("settlement down".into(), &policy, Duration::ZERO, Utc::now());
+        t.pay.release_claim();
+        t.notified = true;
+        assert_eq!(t.status, Status::Parked);
+        assert_eq!(t.redrive(Utc::now()), Ok(Stage::Pay));
+        assert_eq!((t.status, t.attempt, t.redrives, t.notified), (Status::Pay, 0, 1, false));
+        assert_eq!(t.reserved, 900, "the reservation is still held");
+        assert_eq!(t.pay.claim_on("settle", Utc::now(), Duration::from_secs(60)), Claim::Unknown, "the lost answer is asked for first");
+        assert!(t.redrive(Utc::now()).unwrap_err().contains("only parked"));
     }
 
     #[test]

@@ -85,7 +85,10 @@ pub fn message_for(ticket: &Ticket, stage: Stage, attempt: u32, not_before: Opti
     let body = StageMessage { batch_id: ticket.batch_id.clone(), ticket_id: ticket.ticket_id.clone(), attempt };
     OutgoingMessage {
         queue: format!("ticket-{}", stage.function()),
-        message_id: format!("{}:{}:{}:{attempt}", ticket.batch_id, ticket.ticket_id, stage.function()),
+        message_id: match ticket.redrives {
+            0 => format!("{}:{}:{}:{attempt}", ticket.batch_id, ticket.ticket_id, stage.function()),
+            n => format!("{}:{}:{}:{attempt}:r{n}", ticket.batch_id, ticket.ticket_id, stage.function()),
+        },
         session_id: stage.uses_sessions().then(|| ticket.batch_id.to_string()),
         correlation_id: Some(format!("{}:{}", ticket.batch_id, ticket.ticket_id)),
         scheduled_at: not_before.filter(|at| *at > Utc::now()),
@@ -158,6 +161,21 @@ impl Pipeline {
         Ok(Handled::Done(Box::new(after.value)))
     }
 
+    /// Sends a parked ticket back into the pipeline at the stage where it stopped,
+    /// recording who asked in its audit trail.
+    /// `None` if the ticket is not (or no longer) parked.
+    pub async fn redrive(&self, current: Versioned<Ticket>) -> Result<Option<Stage>, StageError> {
+        let mut ticket = current.value.clone();
+        let parked_because = ticket.reason.clone().unwrap_or_default();
+        let Ok(stage) = ticket.redrive(Utc::now()) else {
+            return Ok(None);
+        };
+        let redriven = self.event(&ticket, stage, EventKind::Redriven { to_stage: stage, parked_because });
+        let after = self.commit(&current, ticket, None, Vec::new(), vec![redriven]).await?;
+        self.send_pending(&after.value).await?;
+        Ok(Some(stage))
+    }
+
     /// Sends the message the ticket is waiting for (a no-op for the broker if it was sent before).
     pub async fn send_pending(&self, ticket: &Ticket) -> Result<(), BusError> {
         match ticket.pending() {
@@ -209,7 +227,7 @@ impl Pipeline {
         ticket.pay.release_claim();
         match ticket.fail_transiently(error.clone(), &self.retry, delay, now) {
             AfterFailure::RetryAt(at) => {
-                events.push(self.event(&ticket, stage, EventKind::RetryScheduled { attempt: ticket.attempt, at, error }))
+                events.push(self.event(&ticket, stage, EventKind::RetryScheduled { attempt: ticket.attempt, retry_at: at, error }))
             }
             AfterFailure::Parked if ticket.status.is_end() && ticket.notified => events.push(
                 self.event(&ticket, stage, EventKind::Notified { outcome: ticket.notification.clone().unwrap_or_default() }),

@@ -158,6 +158,12 @@ impl Stack {
         self.http.get(format!("{}{path}", self.url)).send().expect("GET answered")
     }
 
+    pub fn post(&self, path: &str, body: &Value) -> Value {
+        let r = self.http.post(format!("{}{path}", self.url)).json(body).send().expect("POST answered");
+        assert!(r.status().is_success(), "POST {path}: {}", r.status());
+        r.json().expect("JSON")
+    }
+
     pub fn upload_json(&self, body: &Value, key: Option<&str>) -> reqwest::blocking::Response {
         let mut req = self.http.post(format!("{}/api/batches", self.url)).json(body);
         if let Some(k) = key {

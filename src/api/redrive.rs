@@ -1,0 +1,59 @@
+//! Redrive: an operator sends a batch's parked tickets back into the pipeline,
+//! each at the stage where it stopped. `{"dry_run": true}` only lists them.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::batches::find_batch;
+use super::problem::Problem;
+use super::App;
+use crate::domain::Status;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedriveRequest {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+pub async fn redrive(State(app): State<Arc<App>>, Path(batch_id): Path<String>, body: Bytes) -> Result<Response, Problem> {
+    let batch = find_batch(&app, &batch_id).await?;
+    let request: RedriveRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RedriveRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| Problem::bad_request(format!("malformed redrive request: {e}")))?
+    };
+    let store = &app.pipeline.store;
+    let mut tickets = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store.tickets(&batch.batch_id, Some(Status::Parked), 500, cursor.as_deref()).await?;
+        for t in &page.tickets {
+            let entry = json!({ "ticket_id": t.ticket_id, "stage": t.parked_stage, "reason": t.reason });
+            if request.dry_run {
+                tickets.push(entry);
+                continue;
+            }
+            let Some(current) = store.ticket(&t.batch_id, &t.ticket_id).await? else { continue };
+            let redriven = app.pipeline.redrive(current).await.map_err(|e| {
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("ticket {}: {e}; redrive again", t.ticket_id))
+            })?;
+            if redriven.is_some() {
+                tickets.push(entry);
+            }
+        }
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    let body = json!({ "batch_id": batch.batch_id, "dry_run": request.dry_run, "count": tickets.len(), "tickets": tickets });
+    Ok(Json(body).into_response())
+}

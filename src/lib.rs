@@ -40,6 +40,7 @@ pub mod config;
 pub mod domain;
 pub mod handler;
 pub mod host;
+pub mod package;
 pub mod providers;
 pub mod shutdown;
 pub mod stages;

@@ -99,6 +99,16 @@ enum Command {
         #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
         url: String,
     },
+    /// Builds the deployment package: a folder (and a zip beside it) with host.json, the function folders and the binary.
+    Package {
+        #[arg(long, default_value = ".azure/package")]
+        out: PathBuf,
+        #[arg(long, default_value = ".")]
+        app_root: PathBuf,
+        /// The Linux x86_64 binary to ship (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Shows one ticket's state, amounts and timeline with every provider exchange.
     Trace {
         batch: String,
@@ -158,6 +168,11 @@ async fn run(command: Command) -> Result<()> {
             for t in answer["tickets"].as_array().into_iter().flatten() {
                 println!("  {:<20} at {:<9} parked because: {}", t["ticket_id"].as_str().unwrap_or(""), t["stage"].as_str().unwrap_or(""), t["reason"].as_str().unwrap_or(""));
             }
+            Ok(())
+        }
+        Command::Package { out, app_root, binary } => {
+            let p = ticketpay::package::build(&ticketpay::package::PackageOptions { app_root, out, binary })?;
+            println!("package {} ({} functions: {}) and {}", p.folder.display(), p.functions.len(), p.functions.join(", "), p.zip.display());
             Ok(())
         }
         Command::Trace { batch, ticket, full, url } => trace::run(&ApiClient::new(&url), &batch, &ticket, full).await,

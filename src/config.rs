@@ -62,10 +62,74 @@ impl<'a> Settings<'a> {
     }
 }
 
+/// Where next-stage messages go, and how the sender proves who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusConfig {
+    /// The local host's Service Bus REST endpoints: no authentication.
+    Local { url: String },
+    /// An Azure Service Bus namespace, reached with an Entra token.
+    Azure { url: String, identity: Identity },
+}
+
+/// Which Entra identity the app uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// The managed identity of the Function App (user-assigned if a client id is given).
+    Managed { client_id: Option<String> },
+    /// Whoever is logged in with `az login` or `azd auth login` on this workstation.
+    Developer,
+}
+
+impl Identity {
+    /// Functions conventions: `<connection>__credential=managedidentity` and
+    /// `<connection>__clientId`, else `AZURE_CLIENT_ID`; inside Azure the
+    /// platform's `IDENTITY_ENDPOINT` also means a managed identity.
+    pub fn for_connection(s: &Settings<'_>, connection: &str) -> Identity {
+        let credential = s.optional(&format!("{connection}__credential")).unwrap_or_default();
+        let client_id = s.optional(&format!("{connection}__clientId")).or_else(|| s.optional("AZURE_CLIENT_ID"));
+        if credential.eq_ignore_ascii_case("managedidentity") || s.optional("IDENTITY_ENDPOINT").is_some() {
+            Identity::Managed { client_id }
+        } else {
+            Identity::Developer
+        }
+    }
+
+    pub fn credential(&self) -> anyhow::Result<std::sync::Arc<dyn azure_core::credentials::TokenCredential>> {
+        use azure_identity::{DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId};
+        Ok(match self {
+            Identity::Managed { client_id } => ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
+                user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
+                ..Default::default()
+            }))?,
+            Identity::Developer => DeveloperToolsCredential::new(None)?,
+        })
+    }
+}
+
+fn load_bus(s: &Settings<'_>) -> Result<BusConfig, SettingError> {
+    const NAMESPACE: &str = "ServiceBusConnection__fullyQualifiedNamespace";
+    if let Some(ns) = s.optional(NAMESPACE) {
+        let ns = ns.trim();
+        let valid = !ns.contains("://") && !ns.contains('/') && ns.contains('.') && !ns.contains(char::is_whitespace);
+        if !valid {
+            return Err(setting_error(NAMESPACE, format!("`{ns}` is not a namespace host name like mybus.servicebus.windows.net")));
+        }
+        let identity = Identity::for_connection(s, "ServiceBusConnection");
+        return Ok(BusConfig::Azure { url: format!("https://{ns}"), identity });
+    }
+    let url = s
+        .optional("TICKETPAY_BUS_URL")
+        .ok_or_else(|| setting_error("TICKETPAY_BUS_URL", format!("is required (or {NAMESPACE} for Azure Service Bus)")))?;
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(setting_error("TICKETPAY_BUS_URL", format!("`{url}` is not an http(s) URL")));
+    }
+    Ok(BusConfig::Local { url })
+}
+
 /// Everything the handler needs to run.
 pub struct HandlerConfig {
     pub port: u16,
-    pub bus_url: String,
+    pub bus: BusConfig,
     pub store_path: PathBuf,
     pub authorities: Vec<AuthorityCode>,
     pub retry: RetryPolicy,
@@ -81,10 +145,7 @@ impl HandlerConfig {
         let port = port
             .parse()
             .map_err(|_| setting_error("FUNCTIONS_CUSTOMHANDLER_PORT", format!("`{port}` is not a port number")))?;
-        let bus_url = s.required("TICKETPAY_BUS_URL")?;
-        if !bus_url.starts_with("http://") && !bus_url.starts_with("https://") {
-            return Err(setting_error("TICKETPAY_BUS_URL", format!("`{bus_url}` is not an http(s) URL")));
-        }
+        let bus = load_bus(s)?;
         let store_path = PathBuf::from(s.optional("TICKETPAY_DATA_DIR").unwrap_or_else(|| ".ticketpay".into())).join("store.db");
         let authority_list = s.optional("TICKETPAY_AUTHORITIES").unwrap_or_else(|| DEFAULT_AUTHORITIES.into());
         let authorities = authority_list
@@ -104,7 +165,7 @@ impl HandlerConfig {
         let claim_lease = 2 * (crate::providers::client::MAX_SLOT_WAIT + client.timeout);
         let endpoints = load_endpoints(s)?;
         let redactor = Redactor::new(&s.list("TICKETPAY_REDACT_HEADERS"), &s.list("TICKETPAY_REDACT_FIELDS"));
-        Ok(HandlerConfig { port, bus_url, store_path, authorities, retry, claim_lease, endpoints, client, redactor })
+        Ok(HandlerConfig { port, bus, store_path, authorities, retry, claim_lease, endpoints, client, redactor })
     }
 }
 
@@ -140,4 +201,45 @@ fn load_endpoints(s: &Settings<'_>) -> Result<ProviderEndpoints, SettingError> {
         }
     }
     Ok(ProviderEndpoints { base_urls, api_keys })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_namespace_means_azure_service_bus_with_the_apps_identity() {
+        let map = settings(&[
+            ("ServiceBusConnection__fullyQualifiedNamespace", "sb-tp.servicebus.windows.net"),
+            ("ServiceBusConnection__credential", "managedidentity"),
+            ("ServiceBusConnection__clientId", "1111-2222"),
+            ("TICKETPAY_BUS_URL", "http://127.0.0.1:7071"),
+        ]);
+        let bus = load_bus(&Settings::from_map(&map)).unwrap();
+        let identity = Identity::Managed { client_id: Some("1111-2222".into()) };
+        assert_eq!(bus, BusConfig::Azure { url: "https://sb-tp.servicebus.windows.net".into(), identity });
+    }
+
+    #[test]
+    fn azure_client_id_names_the_user_assigned_identity_and_a_workstation_uses_the_developer() {
+        let map = settings(&[("IDENTITY_ENDPOINT", "http://169.254.1.1/msi"), ("AZURE_CLIENT_ID", "abc")]);
+        assert_eq!(Identity::for_connection(&Settings::from_map(&map), "ServiceBusConnection"), Identity::Managed { client_id: Some("abc".into()) });
+        let none = settings(&[]);
+        assert_eq!(Identity::for_connection(&Settings::from_map(&none), "ServiceBusConnection"), Identity::Developer);
+    }
+
+    #[test]
+    fn a_missing_or_malformed_bus_setting_is_named() {
+        let err = load_bus(&Settings::from_map(&settings(&[]))).unwrap_err();
+        assert_eq!(err.name, "TICKETPAY_BUS_URL");
+        assert!(err.to_string().contains("ServiceBusConnection__fullyQualifiedNamespace"));
+        let map = settings(&[("ServiceBusConnection__fullyQualifiedNamespace", "https://sb-tp.servicebus.windows.net/")]);
+        assert_eq!(load_bus(&Settings::from_map(&map)).unwrap_err().name, "ServiceBusConnection__fullyQualifiedNamespace");
+        let map = settings(&[("TICKETPAY_BUS_URL", "127.0.0.1:7071")]);
+        assert!(load_bus(&Settings::from_map(&map)).unwrap_err().to_string().contains("not an http(s) URL"));
+    }
 }

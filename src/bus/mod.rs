@@ -4,7 +4,10 @@
 //! cloud, and to the same endpoints served by `ticketpay local` on this
 //! machine. Receiving and settling are the host's job, never the handler's.
 
+pub mod auth;
+
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -49,6 +52,7 @@ const ATTEMPTS: u32 = 5;
 pub struct BusSender {
     http: reqwest::Client,
     base: String,
+    auth: Option<Arc<auth::BusAuth>>,
 }
 
 #[derive(Serialize)]
@@ -75,14 +79,21 @@ fn broker_properties(m: &OutgoingMessage) -> Map<String, Value> {
 }
 
 impl BusSender {
-    /// A sender to the Service Bus REST endpoints at `base` (e.g. `http://127.0.0.1:7071`).
+    /// A sender to the Service Bus REST endpoints at `base` with no authentication
+    /// (the local host, e.g. `http://127.0.0.1:7071`).
     pub fn new(base: &str) -> BusSender {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(64)
             .build()
             .expect("the HTTP client builds with static settings");
-        BusSender { http, base: base.trim_end_matches('/').to_owned() }
+        BusSender { http, base: base.trim_end_matches('/').to_owned(), auth: None }
+    }
+
+    /// A sender to an Azure Service Bus namespace (`https://{ns}.servicebus.windows.net`),
+    /// authenticated with Entra tokens from `credential`.
+    pub fn with_credential(base: &str, credential: Arc<dyn azure_core::credentials::TokenCredential>) -> BusSender {
+        BusSender { auth: Some(Arc::new(auth::BusAuth::new(credential))), ..BusSender::new(base) }
     }
 
     fn url(&self, queue: &str) -> String {
@@ -158,7 +169,11 @@ impl BusSender {
     async fn with_retries(&self, request: impl Fn() -> reqwest::RequestBuilder) -> Result<(), BusError> {
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=ATTEMPTS {
-            let outcome = request().send().await;
+            let mut builder = request();
+            if let Some(auth) = &self.auth {
+                builder = builder.bearer_auth(auth.bearer().await?);
+            }
+            let outcome = builder.send().await;
             let error = match outcome {
                 Ok(r) if r.status().is_success() => return Ok(()),
                 Ok(r) => {
@@ -171,6 +186,12 @@ impl BusSender {
                         .map(Duration::from_secs);
                     let text = r.text().await.unwrap_or_default();
                     let error = format!("{status}: {}", text.chars().take(300).collect::<String>());
+                    if status == StatusCode::UNAUTHORIZED && attempt == 1 {
+                        if let Some(auth) = &self.auth {
+                            auth.forget().await;
+                            continue;
+                        }
+                    }
                     if !retryable(status) {
                         return Err(BusError::Permanent(error));
                     }

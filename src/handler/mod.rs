@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::api::{self, App};
 use crate::bus::BusSender;
-use crate::config::{HandlerConfig, Settings};
+use crate::config::{BusConfig, HandlerConfig, Settings};
 use crate::domain::Stage;
 use crate::providers::client::ProviderClient;
 use crate::stages::{Pipeline, StageMessage};
@@ -98,9 +98,13 @@ fn failure(status: StatusCode, error: String) -> Response {
 /// Builds the app from its settings.
 pub fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
     let store = SqliteStore::open(&config.store_path)?;
+    let bus = match &config.bus {
+        BusConfig::Local { url } => BusSender::new(url),
+        BusConfig::Azure { url, identity } => BusSender::with_credential(url, identity.credential()?),
+    };
     let pipeline = Pipeline {
         store: Arc::new(store),
-        bus: BusSender::new(&config.bus_url),
+        bus,
         providers: ProviderClient::new(config.endpoints, &config.client, config.redactor),
         retry: config.retry,
         claim_lease: config.claim_lease,

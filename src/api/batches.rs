@@ -14,7 +14,7 @@ use serde_json::json;
 use super::problem::Problem;
 use super::{App, views};
 use crate::domain::upload::{self, Header};
-use crate::domain::{Batch, BatchId, BatchRequest, ClientId, Event, EventKind, PayProgress, Stage, Status, Ticket};
+use crate::domain::{Batch, BatchId, BatchRequest, ClientId, Event, EventKind, Stage, Status, Ticket};
 use crate::bus::OutgoingMessage;
 use crate::stages::message_for;
 use crate::telemetry;
@@ -96,29 +96,7 @@ async fn accept(app: &App, request: BatchRequest, key: Option<String>) -> Result
         completed_at: None,
         created_at: now,
     };
-    let tickets: Vec<Ticket> = request.tickets.into_iter().map(|line| Ticket {
-        batch_id: batch.batch_id.clone(),
-        ticket_id: line.ticket_id,
-        client_id: batch.client_id.clone(),
-        authority: line.authority,
-        reference: line.reference,
-        currency: batch.currency,
-        status: Status::Lookup,
-        amount_due: None,
-        reserved: 0,
-        paid: 0,
-        attempt: 0,
-        retry_at: None,
-        last_error: None,
-        reason: None,
-        parked_stage: None,
-        pay: PayProgress::default(),
-        notified: false,
-        notification: None,
-        redrives: 0,
-        created_at: now,
-        updated_at: now,
-    }).collect();
+    let tickets: Vec<Ticket> = request.tickets.into_iter().map(|line| Ticket::accepted(&batch, line, now)).collect();
     let events: Vec<Event> = tickets
         .iter()
         .map(|t| Event::new(&t.batch_id, &t.ticket_id, Stage::Lookup, EventKind::Accepted, now))

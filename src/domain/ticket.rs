@@ -362,6 +362,33 @@ impl RetryPolicy {
 }
 
 impl Ticket {
+    /// A ticket just accepted into `batch`, waiting for its lookup.
+    pub fn accepted(batch: &super::Batch, line: super::upload::TicketLine, now: DateTime<Utc>) -> Ticket {
+        Ticket {
+            batch_id: batch.batch_id.clone(),
+            ticket_id: line.ticket_id,
+            client_id: batch.client_id.clone(),
+            authority: line.authority,
+            reference: line.reference,
+            currency: batch.currency,
+            status: Status::Lookup,
+            amount_due: None,
+            reserved: 0,
+            paid: 0,
+            attempt: 0,
+            retry_at: None,
+            last_error: None,
+            reason: None,
+            parked_stage: None,
+            pay: PayProgress::default(),
+            notified: false,
+            notification: None,
+            redrives: 0,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     /// Puts a parked ticket back at the stage where it stopped; its client will
     /// be told again how it ends. An operation whose answer was lost stays
     /// unknown, so the provider is asked about it before anything is re-sent.
@@ -454,29 +481,25 @@ mod tests {
 
     fn ticket(status: Status) -> Ticket {
         let now = Utc::now();
-        Ticket {
+        let batch = super::super::Batch {
             batch_id: BatchId::parse("b1").unwrap(),
-            ticket_id: TicketId::parse("t1").unwrap(),
             client_id: ClientId::parse("c1").unwrap(),
+            currency: Currency::parse("EUR").unwrap(),
+            budget: 10_000,
+            committed: 0,
+            tickets: 1,
+            idempotency_key: None,
+            request_digest: String::new(),
+            enqueued: true,
+            completed_at: None,
+            created_at: now,
+        };
+        let line = super::super::upload::TicketLine {
+            ticket_id: TicketId::parse("t1").unwrap(),
             authority: AuthorityCode::parse("CITY-PARKING").unwrap(),
             reference: None,
-            currency: Currency::parse("EUR").unwrap(),
-            status,
-            amount_due: None,
-            reserved: 0,
-            paid: 0,
-            attempt: 0,
-            retry_at: None,
-            last_error: None,
-            reason: None,
-            parked_stage: None,
-            pay: PayProgress::default(),
-            notified: false,
-            notification: None,
-            redrives: 0,
-            created_at: now,
-            updated_at: now,
-        }
+        };
+        Ticket { status, ..Ticket::accepted(&batch, line, now) }
     }
 
     #[test]

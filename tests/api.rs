@@ -152,3 +152,44 @@ fn an_upload_is_accepted_once_per_idempotency_key_and_can_be_followed() {
     let (status, _) = problem(s.get_raw(&format!("/api/batches/{batch}/tickets/nope")));
     assert_eq!(status, 404);
 }
+
+#[test]
+fn an_upload_stored_while_service_bus_is_down_is_refused_then_finished_by_redrive() {
+    let data = tempfile::tempdir().unwrap();
+    let s = stack(data.path());
+    // A second handler on the same store, whose Service Bus is unreachable.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead_bus = format!("http://127.0.0.1:{dead}");
+    let env = [
+        ("FUNCTIONS_CUSTOMHANDLER_PORT", port.as_str()),
+        ("TICKETPAY_BUS_URL", dead_bus.as_str()),
+        ("TICKETPAY_DATA_DIR", data.path().to_str().unwrap()),
+        ("TICKETPAY_PROVIDERS_URL", s.providers_url.as_str()),
+    ];
+    let (_handler, _) = Process::start(&["handler"], &env, &[]);
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.http.get(format!("{url}/")).send().is_err() {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let (status, p) = problem(s.http.post(format!("{url}/api/batches")).json(&batch_json("acme", 10, "5000.00")).send().unwrap());
+    assert_eq!(status, 503, "{p}");
+    let detail = p["detail"].as_str().unwrap();
+    assert!(detail.contains("stored but not every ticket was queued"), "{detail}");
+    let batch = s.get("/api/batches")["batches"][0]["batch_id"].as_str().unwrap().to_owned();
+    assert!(detail.contains(&batch));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(s.status(&batch)["counts"]["lookup"], 10, "stored, and going nowhere");
+
+    let dry = s.post(&format!("/api/batches/{batch}/redrive"), &json!({"dry_run": true}));
+    assert_eq!(dry["requeued_upload"], true);
+    assert_eq!(s.status(&batch)["counts"]["lookup"], 10, "a dry run sends nothing");
+    s.post(&format!("/api/batches/{batch}/redrive"), &json!({}));
+    let done = s.wait_complete(&batch, Duration::from_secs(60));
+    assert_eq!(done["tickets"], 10);
+    let again = s.post(&format!("/api/batches/{batch}/redrive"), &json!({}));
+    assert_eq!(again["requeued_upload"], false);
+}

@@ -129,7 +129,7 @@ async fn accept(app: &App, request: BatchRequest, key: Option<String>) -> Result
 }
 
 /// Sends every ticket's first message. Safe to repeat: the MessageIds are deterministic.
-async fn enqueue(app: &App, batch: &Batch) -> Result<(), Problem> {
+pub(super) async fn enqueue(app: &App, batch: &Batch) -> Result<(), Problem> {
     let store = &app.pipeline.store;
     let mut cursor: Option<String> = None;
     loop {

@@ -1,5 +1,6 @@
 //! Redrive: an operator sends a batch's parked tickets back into the pipeline,
-//! each at the stage where it stopped. `{"dry_run": true}` only lists them.
+//! each at the stage where it stopped, and finishes queueing an upload that was
+//! cut short. `{"dry_run": true}` only lists what would be done.
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::batches::find_batch;
+use super::batches::{enqueue, find_batch};
 use super::problem::Problem;
 use super::App;
 use crate::domain::Status;
@@ -30,6 +31,12 @@ pub async fn redrive(State(app): State<Arc<App>>, Path(batch_id): Path<String>, 
     } else {
         serde_json::from_slice(&body).map_err(|e| Problem::bad_request(format!("malformed redrive request: {e}")))?
     };
+    // An upload cut short after it was stored (a crash, Service Bus down) left
+    // tickets without their first message: send them now.
+    let requeued = !batch.enqueued;
+    if requeued && !request.dry_run {
+        enqueue(&app, &batch).await?;
+    }
     let store = &app.pipeline.store;
     let mut tickets = Vec::new();
     let mut cursor: Option<String> = None;
@@ -54,6 +61,12 @@ pub async fn redrive(State(app): State<Arc<App>>, Path(batch_id): Path<String>, 
             None => break,
         }
     }
-    let body = json!({ "batch_id": batch.batch_id, "dry_run": request.dry_run, "count": tickets.len(), "tickets": tickets });
+    let body = json!({
+        "batch_id": batch.batch_id,
+        "dry_run": request.dry_run,
+        "count": tickets.len(),
+        "tickets": tickets,
+        "requeued_upload": requeued,
+    });
     Ok(Json(body).into_response())
 }

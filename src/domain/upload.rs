@@ -196,6 +196,9 @@ fn reject_unknown(obj: &Map<String, Value>, known: &[&str], row: Option<usize>) 
 pub fn parse_csv(body: &[u8], header: &Header<'_>, authorities: &[AuthorityCode]) -> Result<BatchRequest, UploadError> {
     let (client_id, currency, budget) = parse_header(header)?;
     let text = std::str::from_utf8(body).map_err(|e| UploadError::new(None, format!("the CSV is not UTF-8: {e}")))?;
+    if text.trim().is_empty() {
+        return Err(UploadError::new(None, "the CSV is empty; it needs the header `ticket_id,authority[,reference]` and one line per ticket"));
+    }
     let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(text.as_bytes());
     let columns: Vec<String> = reader
         .headers()
@@ -331,6 +334,7 @@ mod tests {
         assert_eq!((e.row, e.field.as_deref()), (Some(3), Some("authority")));
         let e = parse_csv(b"id,authority\nt1,CITY-PARKING\n", &header(), &authorities()).unwrap_err();
         assert!(e.message.contains("header"));
+        assert!(parse_csv(b"  \n", &header(), &authorities()).unwrap_err().message.contains("empty"));
         let e = parse_csv(b"ticket_id,authority\nt1,CITY-PARKING,extra\n", &header(), &authorities()).unwrap_err();
         assert!(e.message.contains("malformed CSV"));
         let e = parse_csv(b"ticket_id,authority\nt1,CITY-PARKING\n", &Header { budget: None, ..header() }, &authorities()).unwrap_err();

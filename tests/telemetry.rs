@@ -172,6 +172,7 @@ fn each_ticket_is_one_trace_from_upload_to_notify_with_no_secret_exported() {
         }
         // Support jumps from the ticket's audit trail to its trace.
         let full = stack.get(&format!("/api/batches/{batch}/tickets/{id}"));
+        assert_eq!(full["trace_id"], trace, "the ticket view names its trace");
         for e in full["timeline"].as_array().unwrap().iter().filter(|e| e["type"] == "exchange") {
             assert_eq!(e["trace_id"], trace, "{e}");
             assert!(!e.to_string().contains(SECRET));

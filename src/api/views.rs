@@ -76,6 +76,12 @@ pub fn ticket(t: &Ticket) -> Value {
 
 pub fn ticket_with_timeline(t: &Ticket, events: &[Event]) -> Value {
     let mut view = ticket(t);
+    // The ticket's distributed trace (App Insights' operation_Id), as its latest exchange recorded it.
+    let trace_id = events.iter().rev().find_map(|e| match &e.kind {
+        crate::domain::EventKind::Exchange(x) => x.trace_id.clone(),
+        _ => None,
+    });
+    view["trace_id"] = serde_json::to_value(trace_id).unwrap_or(Value::Null);
     view["timeline"] = serde_json::to_value(events).unwrap_or(Value::Null);
     view
 }

@@ -28,6 +28,7 @@ pub fn render(t: &Value, full: bool) -> String {
         out.push_str(&format!("reason     {}\n", text(&t["reason"])));
     }
     out.push_str(&format!("amounts    due {} · reserved {} · paid {} {currency}\n", text(&t["amount_due"]), text(&t["reserved"]), text(&t["paid"])));
+    out.push_str(&format!("trace      {} (operation_Id in Application Insights)\n", text(&t["trace_id"])));
     out.push_str("timeline\n");
     for e in t["timeline"].as_array().into_iter().flatten() {
         let at = text(&e["at"]);

@@ -149,6 +149,7 @@ fn each_ticket_is_one_trace_from_upload_to_notify_with_no_secret_exported() {
         assert_eq!(roots.len(), 1, "one root for {id}");
         assert_eq!(roots[0].name, "ticket accepted");
         assert_eq!(roots[0].links, vec![(upload.trace_id.clone(), upload.span_id.clone())], "the ticket's trace links to the upload");
+        assert!(upload.links.contains(&(roots[0].trace_id.clone(), roots[0].span_id.clone())), "the upload links to the ticket's trace");
         for s in spans.iter().filter(|s| !s.parent.is_empty()) {
             assert!(ids.contains(s.parent.as_str()), "{} of {id} has its parent in the same trace", s.name);
         }

@@ -151,7 +151,7 @@ pub(super) async fn enqueue(app: &App, batch: &Batch) -> Result<(), Problem> {
     Ok(())
 }
 
-/// A ticket's first message, which starts the ticket's own trace; that trace links to the upload.
+/// A ticket's first message, which starts the ticket's own trace, linked with the upload's.
 fn first_message(ticket: &Ticket) -> OutgoingMessage {
     let root = tracing::info_span!(
         parent: None,
@@ -165,7 +165,10 @@ fn first_message(ticket: &Ticket) -> OutgoingMessage {
         outcome = "accepted",
         "messaging.destination.name" = "ticket-lookup",
     );
-    telemetry::link(&root, &tracing::Span::current());
+    let upload = tracing::Span::current();
+    telemetry::link(&root, &upload);
+    // Both ways; the upload keeps as many links as the SDK allows (128), the tickets' links always stand.
+    telemetry::link(&upload, &root);
     let mut message = message_for(ticket, Stage::Lookup, 0, None);
     message.properties.extend(telemetry::context_properties(&root));
     message

@@ -209,7 +209,25 @@ fn op_error(what: &str, status: u16) -> StoreError {
 /// The per-operation statuses of an executed transactional batch, whether the
 /// service answered 200 (all applied) or 207 (one failed, nothing applied).
 async fn run_batch(c: &ContainerClient, batch: TransactionalBatch, what: &str) -> Result<Vec<(u16, Option<String>)>> {
-    let response = c.execute_transactional_batch(batch, None).await.map_err(|e| map_err(what, e))?;
+    let response = match c.execute_transactional_batch(batch, None).await {
+        Ok(response) => response,
+        // Should a failed batch come back as an error status rather than 207, its body
+        // still lists the operations' outcomes: decide on those, like on a 207.
+        Err(e) => {
+            #[derive(Deserialize)]
+            struct OpResult {
+                #[serde(rename = "statusCode")]
+                status_code: u16,
+                #[serde(rename = "eTag", default)]
+                etag: Option<String>,
+            }
+            let listed = e.response().and_then(|r| r.body().clone().into_single::<Vec<OpResult>>().ok());
+            return match listed {
+                Some(results) if !results.is_empty() => Ok(results.into_iter().map(|r| (r.status_code, r.etag)).collect()),
+                _ => Err(map_err(what, e)),
+            };
+        }
+    };
     let model = response.into_model().map_err(|e| map_err(what, e))?;
     Ok(model.results().iter().map(|r| (r.status_code(), r.etag().map(str::to_owned))).collect())
 }

@@ -289,3 +289,33 @@ conformance!(sqlite, {
     let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
     (Arc::new(store) as Arc<dyn Store>, Box::new(dir) as Box<dyn std::any::Any>)
 });
+
+/// A fresh in-memory Cosmos account (the SDK's own emulator, no network) with
+/// the `ticketpay` database and both containers, and the store on it.
+async fn cosmos_store() -> (Arc<dyn Store>, Box<dyn std::any::Any>) {
+    use azure_core::credentials::Secret;
+    use azure_data_cosmos::{AccountReference, CosmosClient, CosmosRuntimeBuilder, RoutingStrategy};
+    use azure_data_cosmos_driver::in_memory_emulator::{InMemoryEmulatorHttpClient, VirtualAccountConfig, VirtualRegion};
+    use ticketpay::store::cosmos::{BATCHES, CosmosStore, IDEMPOTENCY};
+
+    let url = "https://eastus.emulator.local";
+    let emulator = Arc::new(InMemoryEmulatorHttpClient::new(
+        VirtualAccountConfig::new(vec![VirtualRegion::new("East US", url.parse().unwrap())]).unwrap(),
+    ));
+    let pk = |path: &str| serde_json::from_value(serde_json::json!({"paths": [path], "kind": "Hash", "version": 2})).unwrap();
+    emulator.store().create_database("ticketpay");
+    emulator.store().create_container("ticketpay", BATCHES, pk("/batch_id"));
+    emulator.store().create_container("ticketpay", IDEMPOTENCY, pk("/client_id"));
+    let client = CosmosClient::builder()
+        .with_runtime(CosmosRuntimeBuilder::from(emulator.runtime_builder()).build().await.unwrap())
+        .build(
+            AccountReference::with_authentication_key(url.parse().unwrap(), Secret::new("dGVzdGtleQ==")),
+            RoutingStrategy::ProximityTo("East US".into()),
+        )
+        .await
+        .unwrap();
+    let store = CosmosStore::new(client, "ticketpay").await.unwrap();
+    (Arc::new(store) as Arc<dyn Store>, Box::new(emulator) as Box<dyn std::any::Any>)
+}
+
+conformance!(cosmos, cosmos_store().await);

@@ -6,6 +6,7 @@
 //! written together or not at all. [`sqlite::SqliteStore`] is the embedded
 //! implementation used by `ticketpay local`.
 
+pub mod cosmos;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

@@ -126,11 +126,34 @@ fn load_bus(s: &Settings<'_>) -> Result<BusConfig, SettingError> {
     Ok(BusConfig::Local { url })
 }
 
+/// Where tickets, batches and the audit trail are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// SQLite in this folder's `store.db` (the local default).
+    Embedded { path: PathBuf },
+    /// An Azure Cosmos DB (NoSQL) account, reached with an Entra token.
+    Cosmos { endpoint: String, database: String, identity: Identity },
+}
+
+fn load_store(s: &Settings<'_>) -> Result<StoreConfig, SettingError> {
+    const ENDPOINT: &str = "CosmosDb__accountEndpoint";
+    if let Some(endpoint) = s.optional(ENDPOINT) {
+        let endpoint = endpoint.trim().to_owned();
+        if !endpoint.starts_with("https://") && !endpoint.starts_with("http://") {
+            return Err(setting_error(ENDPOINT, format!("`{endpoint}` is not an account URL like https://myaccount.documents.azure.com:443/")));
+        }
+        let database = s.optional("CosmosDb__database").unwrap_or_else(|| "ticketpay".into());
+        return Ok(StoreConfig::Cosmos { endpoint, database, identity: Identity::for_connection(s, "CosmosDb") });
+    }
+    let dir = s.optional("TICKETPAY_DATA_DIR").unwrap_or_else(|| ".ticketpay".into());
+    Ok(StoreConfig::Embedded { path: PathBuf::from(dir).join("store.db") })
+}
+
 /// Everything the handler needs to run.
 pub struct HandlerConfig {
     pub port: u16,
     pub bus: BusConfig,
-    pub store_path: PathBuf,
+    pub store: StoreConfig,
     pub authorities: Vec<AuthorityCode>,
     pub retry: RetryPolicy,
     pub claim_lease: Duration,
@@ -146,7 +169,7 @@ impl HandlerConfig {
             .parse()
             .map_err(|_| setting_error("FUNCTIONS_CUSTOMHANDLER_PORT", format!("`{port}` is not a port number")))?;
         let bus = load_bus(s)?;
-        let store_path = PathBuf::from(s.optional("TICKETPAY_DATA_DIR").unwrap_or_else(|| ".ticketpay".into())).join("store.db");
+        let store = load_store(s)?;
         let authority_list = s.optional("TICKETPAY_AUTHORITIES").unwrap_or_else(|| DEFAULT_AUTHORITIES.into());
         let authorities = authority_list
             .split(',')
@@ -165,7 +188,7 @@ impl HandlerConfig {
         let claim_lease = 2 * (crate::providers::client::MAX_SLOT_WAIT + client.timeout);
         let endpoints = load_endpoints(s)?;
         let redactor = Redactor::new(&s.list("TICKETPAY_REDACT_HEADERS"), &s.list("TICKETPAY_REDACT_FIELDS"));
-        Ok(HandlerConfig { port, bus, store_path, authorities, retry, claim_lease, endpoints, client, redactor })
+        Ok(HandlerConfig { port, bus, store, authorities, retry, claim_lease, endpoints, client, redactor })
     }
 }
 
@@ -230,6 +253,27 @@ mod tests {
         assert_eq!(Identity::for_connection(&Settings::from_map(&map), "ServiceBusConnection"), Identity::Managed { client_id: Some("abc".into()) });
         let none = settings(&[]);
         assert_eq!(Identity::for_connection(&Settings::from_map(&none), "ServiceBusConnection"), Identity::Developer);
+    }
+
+    #[test]
+    fn a_cosmos_endpoint_chooses_the_cosmos_store_with_the_apps_identity() {
+        let map = settings(&[
+            ("CosmosDb__accountEndpoint", "https://cosmos-tp.documents.azure.com:443/"),
+            ("CosmosDb__credential", "managedidentity"),
+            ("AZURE_CLIENT_ID", "abc"),
+            ("TICKETPAY_DATA_DIR", "/tmp/x"),
+        ]);
+        let store = load_store(&Settings::from_map(&map)).unwrap();
+        let expected = StoreConfig::Cosmos {
+            endpoint: "https://cosmos-tp.documents.azure.com:443/".into(),
+            database: "ticketpay".into(),
+            identity: Identity::Managed { client_id: Some("abc".into()) },
+        };
+        assert_eq!(store, expected);
+        let local = settings(&[("TICKETPAY_DATA_DIR", "/tmp/x")]);
+        assert_eq!(load_store(&Settings::from_map(&local)).unwrap(), StoreConfig::Embedded { path: "/tmp/x/store.db".into() });
+        let bad = settings(&[("CosmosDb__accountEndpoint", "cosmos-tp.documents.azure.com")]);
+        assert_eq!(load_store(&Settings::from_map(&bad)).unwrap_err().name, "CosmosDb__accountEndpoint");
     }
 
     #[test]

@@ -72,6 +72,8 @@ var appSettings = {
   // Store: Cosmos DB, by identity.
   CosmosDb__accountEndpoint: cosmosEndpoint
   CosmosDb__database: cosmosDatabaseName
+  CosmosDb__credential: 'managedidentity'
+  CosmosDb__clientId: identityClientId
   // The identity the handler's own Azure SDK and REST clients use.
   AZURE_CLIENT_ID: identityClientId
   // Telemetry, Entra ID authenticated ingestion.

@@ -19,7 +19,9 @@ use serde_json::json;
 
 use crate::api::{self, App};
 use crate::bus::BusSender;
-use crate::config::{BusConfig, HandlerConfig, Settings};
+use crate::config::{BusConfig, HandlerConfig, Settings, StoreConfig};
+use crate::store::Store;
+use crate::store::cosmos::CosmosStore;
 use crate::domain::Stage;
 use crate::providers::client::ProviderClient;
 use crate::stages::{Pipeline, StageMessage};
@@ -96,14 +98,19 @@ fn failure(status: StatusCode, error: String) -> Response {
 }
 
 /// Builds the app from its settings.
-pub fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
-    let store = SqliteStore::open(&config.store_path)?;
+pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
+    let store: Arc<dyn Store> = match &config.store {
+        StoreConfig::Embedded { path } => Arc::new(SqliteStore::open(path)?),
+        StoreConfig::Cosmos { endpoint, database, identity } => {
+            Arc::new(CosmosStore::connect(endpoint, database, identity.credential()?).await?)
+        }
+    };
     let bus = match &config.bus {
         BusConfig::Local { url } => BusSender::new(url),
         BusConfig::Azure { url, identity } => BusSender::with_credential(url, identity.credential()?),
     };
     let pipeline = Pipeline {
-        store: Arc::new(store),
+        store,
         bus,
         providers: ProviderClient::new(config.endpoints, &config.client, config.redactor),
         retry: config.retry,
@@ -115,7 +122,7 @@ pub fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
 pub async fn run() -> anyhow::Result<()> {
     let config = HandlerConfig::load(&Settings::from_env())?;
     let port = config.port;
-    let app = build(config)?;
+    let app = build(config).await?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     tracing::info!(port, "ticketpay handler listening");
     axum::serve(listener, router(app)).with_graceful_shutdown(crate::shutdown::signal()).await?;

@@ -23,7 +23,7 @@
 //!   client (rate and concurrency limits, redaction, the audit record of every
 //!   exchange) and the simulator that plays them all on this machine.
 //! - Two seams: [`store`] (batches, tickets, budget, events; embedded SQLite
-//!   here, Cosmos DB in Azure) and [`bus`] (sending the next stage's message
+//!   on one machine, Cosmos DB in Azure, one conformance suite for both) and [`bus`] (sending the next stage's message
 //!   through the Service Bus REST API, to Azure or to the local host).
 //! - Two hosts for the same [`handler`]: the Azure Functions host, or
 //!   [`host`], the local Functions host that reads the same `host.json` and

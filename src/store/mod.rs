@@ -4,7 +4,8 @@
 //! touches one batch's partition, a ticket is replaced only if its ETag still
 //! matches, and a ticket's change, its budget movement and its events are
 //! written together or not at all. [`sqlite::SqliteStore`] is the embedded
-//! implementation used by `ticketpay local`.
+//! implementation used by `ticketpay local`; [`cosmos::CosmosStore`] keeps the
+//! same contract in Azure Cosmos DB (see `docs/data-model.md`).
 
 pub mod cosmos;
 pub mod sqlite;

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use ticketpay::domain::{
-    AuthorityCode, Batch, BatchId, ClientId, Currency, Event, EventKind, PayProgress, Reference, Stage, Status, Ticket,
+    AuthorityCode, Batch, BatchId, ClientId, Currency, Event, EventKind, Reference, Stage, Status, Ticket,
     TicketId,
 };
+use ticketpay::domain::upload::TicketLine;
 use ticketpay::store::sqlite::SqliteStore;
 use ticketpay::store::{BudgetChange, Created, Store, StoreError, TicketUpdate};
 
@@ -29,28 +30,13 @@ fn batch(client: &str, budget: i64, tickets: u32, key: Option<&str>) -> Batch {
 
 fn tickets(b: &Batch, n: u32) -> Vec<Ticket> {
     (0..n)
-        .map(|i| Ticket {
-            batch_id: b.batch_id.clone(),
-            ticket_id: TicketId::parse(&format!("t{i:04}")).unwrap(),
-            client_id: b.client_id.clone(),
-            authority: AuthorityCode::parse("CITY-PARKING").unwrap(),
-            reference: Some(Reference::parse(&format!("{}-ref-{i}", b.batch_id)).unwrap()),
-            currency: b.currency,
-            status: Status::Lookup,
-            amount_due: None,
-            reserved: 0,
-            paid: 0,
-            attempt: 0,
-            retry_at: None,
-            last_error: None,
-            reason: None,
-            parked_stage: None,
-            pay: PayProgress::default(),
-            notified: false,
-            notification: None,
-            redrives: 0,
-            created_at: b.created_at,
-            updated_at: b.created_at,
+        .map(|i| {
+            let line = TicketLine {
+                ticket_id: TicketId::parse(&format!("t{i:04}")).unwrap(),
+                authority: AuthorityCode::parse("CITY-PARKING").unwrap(),
+                reference: Some(Reference::parse(&format!("{}-ref-{i}", b.batch_id)).unwrap()),
+            };
+            Ticket::accepted(b, line, b.created_at)
         })
         .collect()
 }

@@ -41,9 +41,13 @@ pub async fn upload(
             format!("Content-Type `{content_type}` is not accepted; send application/json or text/csv"),
         ));
     }
-    let bytes = axum::body::to_bytes(body, MAX_UPLOAD_BYTES).await.map_err(|_| {
-        Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", format!("the upload is larger than {MAX_UPLOAD_BYTES} bytes"))
-    })?;
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_UPLOAD_BYTES).await else {
+        let detail = format!("the upload is larger than {MAX_UPLOAD_BYTES} bytes");
+        let mut refused = Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", detail).into_response();
+        // The rest of the body is left unread, so this connection cannot carry another request.
+        refused.headers_mut().insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        return Ok(refused);
+    };
     let request = if media == "text/csv" {
         let header = Header {
             client_id: query.get("client_id").map(String::as_str),

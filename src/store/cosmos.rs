@@ -610,14 +610,7 @@ impl Store for CosmosStore {
         }
         text.push_str(" ORDER BY c.ticket_id");
         let docs: Vec<TicketDoc> = self.query(q.with_text(text), FeedScope::partition(batch_id.as_str().to_owned()), "tickets").await?;
-        let mut tickets: Vec<Ticket> = docs.into_iter().map(|d| d.ticket).collect();
-        let next_cursor = if tickets.len() > limit {
-            tickets.truncate(limit);
-            tickets.last().map(|t| t.ticket_id.to_string())
-        } else {
-            None
-        };
-        Ok(TicketPage { tickets, next_cursor })
+        Ok(TicketPage::from_fetched(docs.into_iter().map(|d| d.ticket).collect(), limit))
     }
 
     async fn summary(&self, batch_id: &BatchId) -> Result<BatchSummary> {

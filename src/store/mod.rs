@@ -77,6 +77,20 @@ pub struct TicketPage {
     pub next_cursor: Option<String>,
 }
 
+impl TicketPage {
+    /// A page from up to `limit + 1` tickets fetched in id order: the extra one
+    /// only says that there is a next page, which starts after the last kept.
+    pub fn from_fetched(mut tickets: Vec<Ticket>, limit: usize) -> TicketPage {
+        let next_cursor = if tickets.len() > limit {
+            tickets.truncate(limit);
+            tickets.last().map(|t| t.ticket_id.to_string())
+        } else {
+            None
+        };
+        TicketPage { tickets, next_cursor }
+    }
+}
+
 /// A batch's tickets counted by status, and its money.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchSummary {

@@ -405,14 +405,8 @@ impl Store for SqliteStore {
                     .collect::<rusqlite::Result<_>>(),
             }
             .map_err(unavailable)?;
-            let mut tickets = docs.iter().map(|d| decode_ticket(d)).collect::<Result<Vec<_>>>()?;
-            let next_cursor = if tickets.len() > limit {
-                tickets.truncate(limit);
-                tickets.last().map(|t| t.ticket_id.to_string())
-            } else {
-                None
-            };
-            Ok(TicketPage { tickets, next_cursor })
+            let tickets = docs.iter().map(|d| decode_ticket(d)).collect::<Result<Vec<_>>>()?;
+            Ok(TicketPage::from_fetched(tickets, limit))
         })
         .await
     }

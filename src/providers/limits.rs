@@ -66,6 +66,9 @@ impl ClientConfig {
     }
 }
 
+/// How late past its slot a caller may still go.
+const LATE_TOLERANCE: Duration = Duration::from_millis(20);
+
 /// Spaces one provider's requests evenly at the allowed rate and caps how many
 /// are in flight. Waiting callers queue in order; nobody spins.
 pub struct Limiter {
@@ -92,15 +95,25 @@ impl Limiter {
             None => None,
         };
         if let Some(interval) = self.interval {
-            let slot = {
-                let mut next = self.next_slot.lock().unwrap_or_else(|p| p.into_inner());
-                let slot = (*next).max(Instant::now());
-                *next = slot + interval;
-                slot
-            };
-            tokio::time::sleep_until(slot).await;
+            // A caller that wakes well after its slot (the machine was busy) takes a
+            // new one: late callers going all at once would be a burst past the limit.
+            let tolerance = interval.max(LATE_TOLERANCE);
+            loop {
+                let slot = self.take_slot(interval);
+                tokio::time::sleep_until(slot).await;
+                if Instant::now().duration_since(slot) <= tolerance {
+                    break;
+                }
+            }
         }
         permit
+    }
+
+    fn take_slot(&self, interval: Duration) -> Instant {
+        let mut next = self.next_slot.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = (*next).max(Instant::now());
+        *next = slot + interval;
+        slot
     }
 
     /// The provider asked us to wait (429 Retry-After): nobody calls it before then.

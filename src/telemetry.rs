@@ -30,7 +30,9 @@ impl Exporter {
         let set = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         if let Some(cs) = set("APPLICATIONINSIGHTS_CONNECTION_STRING") {
             Exporter::ApplicationInsights(cs)
-        } else if set("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some() {
+        } else if set("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+            || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+        {
             Exporter::Otlp
         } else {
             Exporter::None
@@ -65,19 +67,28 @@ pub struct Telemetry {
 }
 
 fn tracer_provider(exporter: &Exporter) -> anyhow::Result<SdkTracerProvider> {
-    let builder = SdkTracerProvider::builder().with_resource(Resource::builder().with_service_name("ticketpay").build());
+    let builder = SdkTracerProvider::builder()
+        .with_resource(Resource::builder().with_service_name("ticketpay").build());
     Ok(match exporter {
         Exporter::ApplicationInsights(cs) => {
             // The exporter sends from its own thread with a blocking client, built off the runtime.
-            let http = std::thread::spawn(reqwest::blocking::Client::new).join().expect("the client builds");
-            let exporter = opentelemetry_application_insights::Exporter::new_from_connection_string(cs, http)
-                .map_err(|e| anyhow::anyhow!("setting APPLICATIONINSIGHTS_CONNECTION_STRING: {e}"))?;
+            let http = std::thread::spawn(reqwest::blocking::Client::new)
+                .join()
+                .expect("the client builds");
+            let exporter =
+                opentelemetry_application_insights::Exporter::new_from_connection_string(cs, http)
+                    .map_err(|e| {
+                        anyhow::anyhow!("setting APPLICATIONINSIGHTS_CONNECTION_STRING: {e}")
+                    })?;
             builder.with_batch_exporter(exporter).build()
         }
         Exporter::Otlp => {
             use opentelemetry_otlp::{Protocol, WithExportConfig};
             let exporter = std::thread::spawn(|| {
-                opentelemetry_otlp::SpanExporter::builder().with_http().with_protocol(Protocol::HttpJson).build()
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(Protocol::HttpJson)
+                    .build()
             })
             .join()
             .expect("the exporter builds")
@@ -97,12 +108,21 @@ impl Telemetry {
         let provider = tracer_provider(&exporter)?;
         let logs = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
-            .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)));
+            .with_filter(
+                EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| EnvFilter::new(default_filter)),
+            );
         let spans = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("ticketpay"))
             .with_filter(filter::Targets::new().with_target("ticketpay", tracing::Level::INFO));
-        tracing_subscriber::registry().with(logs).with(spans).try_init()?;
-        Ok(Telemetry { provider, exporting })
+        tracing_subscriber::registry()
+            .with(logs)
+            .with(spans)
+            .try_init()?;
+        Ok(Telemetry {
+            provider,
+            exporting,
+        })
     }
 
     /// Sends every finished span now. Called before an invocation replies, so an
@@ -114,7 +134,6 @@ impl Telemetry {
         let provider = self.provider.clone();
         let _ = tokio::task::spawn_blocking(move || provider.force_flush()).await;
     }
-
 }
 
 /// The W3C trace context of `span`, as message application properties
@@ -130,11 +149,14 @@ pub fn context_properties(span: &tracing::Span) -> BTreeMap<String, String> {
 
 /// Makes `span` a child of the context carried in a message's application properties.
 pub fn continue_from(span: &tracing::Span, properties: &BTreeMap<String, String>) {
-    let mut carrier: HashMap<String, String> = properties.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    if !carrier.contains_key("traceparent") {
-        if let Some(d) = properties.get("Diagnostic-Id") {
-            carrier.insert("traceparent".into(), d.clone());
-        }
+    let mut carrier: HashMap<String, String> = properties
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !carrier.contains_key("traceparent")
+        && let Some(d) = properties.get("Diagnostic-Id")
+    {
+        carrier.insert("traceparent".into(), d.clone());
     }
     let parent = TraceContextPropagator::new().extract(&carrier);
     if parent.span().span_context().is_valid() {
@@ -146,7 +168,9 @@ pub fn continue_from(span: &tracing::Span, properties: &BTreeMap<String, String>
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
     let context = span.context();
     let span_context = context.span().span_context().clone();
-    span_context.is_valid().then(|| span_context.trace_id().to_string())
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
 }
 
 /// Links `span` to another span (the batch upload, from each ticket's trace).

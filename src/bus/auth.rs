@@ -22,16 +22,19 @@ pub struct BusAuth {
 
 impl BusAuth {
     pub fn new(credential: Arc<dyn TokenCredential>) -> BusAuth {
-        BusAuth { credential, cached: Mutex::new(None) }
+        BusAuth {
+            credential,
+            cached: Mutex::new(None),
+        }
     }
 
     /// A valid bearer token, from the cache while it has more than five minutes left.
     pub async fn bearer(&self) -> Result<String, BusError> {
         let mut cached = self.cached.lock().await;
-        if let Some((token, expires_on)) = cached.as_ref() {
-            if *expires_on - OffsetDateTime::now_utc() > RENEW_BEFORE {
-                return Ok(token.clone());
-            }
+        if let Some((token, expires_on)) = cached.as_ref()
+            && *expires_on - OffsetDateTime::now_utc() > RENEW_BEFORE
+        {
+            return Ok(token.clone());
         }
         let fresh = self
             .credential

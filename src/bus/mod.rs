@@ -186,11 +186,12 @@ impl BusSender {
                         .map(Duration::from_secs);
                     let text = r.text().await.unwrap_or_default();
                     let error = format!("{status}: {}", text.chars().take(300).collect::<String>());
-                    if status == StatusCode::UNAUTHORIZED && attempt == 1 {
-                        if let Some(auth) = &self.auth {
-                            auth.forget().await;
-                            continue;
-                        }
+                    if status == StatusCode::UNAUTHORIZED
+                        && attempt == 1
+                        && let Some(auth) = &self.auth
+                    {
+                        auth.forget().await;
+                        continue;
                     }
                     if !retryable(status) {
                         return Err(BusError::Permanent(error));

@@ -70,10 +70,6 @@ impl Money {
         Money { minor, currency }
     }
 
-    pub fn zero(currency: Currency) -> Money {
-        Money { minor: 0, currency }
-    }
-
     /// Parses a non-negative decimal string such as `"1250.50"` in the currency's
     /// precision. A sign, an exponent, more fraction digits than the currency has,
     /// or an amount beyond `i64` minor units is an error.
@@ -106,13 +102,6 @@ impl Money {
     /// The amount as a decimal string in the currency's precision, e.g. `"1250.50"`.
     pub fn to_decimal(self) -> String {
         format_minor(self.minor, self.currency)
-    }
-
-    pub fn checked_add(self, other: Money) -> Option<Money> {
-        (self.currency == other.currency)
-            .then(|| self.minor.checked_add(other.minor))
-            .flatten()
-            .map(|minor| Money { minor, currency: self.currency })
     }
 }
 
@@ -177,13 +166,5 @@ mod tests {
         let err = Currency::parse("EURO").unwrap_err();
         assert!(err.contains("EURO"));
         assert!(Currency::parse("eur").is_err());
-    }
-
-    #[test]
-    fn adding_different_currencies_is_refused() {
-        let a = Money::new(1, eur());
-        let b = Money::new(1, Currency::parse("USD").unwrap());
-        assert_eq!(a.checked_add(b), None);
-        assert_eq!(a.checked_add(a).unwrap().minor, 2);
     }
 }

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::ids::{AuthorityCode, BatchId, ClientId, Reference, TicketId};
-use super::money::{Currency, Money};
+use super::money::Currency;
 use crate::providers::ProviderName;
 
 /// A pipeline stage: one queue and one function each.
@@ -412,10 +412,6 @@ impl Ticket {
         self.notification = None;
         self.pay.release_claim();
         Ok(stage)
-    }
-
-    pub fn money(&self, minor: i64) -> Money {
-        Money::new(minor, self.currency)
     }
 
     /// The message this ticket is waiting for, if any.

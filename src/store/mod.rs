@@ -102,10 +102,6 @@ pub struct BatchSummary {
 }
 
 impl BatchSummary {
-    pub fn total(&self) -> u64 {
-        self.counts.values().sum()
-    }
-
     pub fn in_progress(&self) -> u64 {
         self.counts.iter().filter(|(s, _)| !s.is_end()).map(|(_, n)| n).sum()
     }

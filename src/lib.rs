@@ -29,11 +29,14 @@
 //!   [`host`], the local Functions host that reads the same `host.json` and
 //!   `functions/*/function.json`, serves the Service Bus REST endpoints and
 //!   delivers messages with Service Bus semantics from durable local queues.
+//! - [`bench`]: the benchmark that pays a batch through the local stack and
+//!   the naive way, and compares both with the provider-bound floor.
 //! - [`cli`]: the tools for people (demo, submit, status, trace); [`config`]:
 //!   the handler's settings; [`telemetry`]: one distributed trace per ticket,
 //!   exported to Application Insights or OTLP.
 
 pub mod api;
+pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod config;

@@ -69,6 +69,23 @@ enum Command {
         #[arg(long, default_value = ".")]
         app_root: PathBuf,
     },
+    /// Pays a batch through the local stack, then the naive way, and compares both with the provider-bound floor.
+    /// Prints a table, then one JSON line.
+    Bench {
+        #[arg(long, default_value_t = 5000)]
+        tickets: usize,
+        /// realistic (default), zero-latency, faulty, or a TOML file.
+        #[arg(long, default_value = "realistic")]
+        scenario: String,
+        /// Tickets the naive way pays (default: all, or a sample of about 45 s, scaled).
+        #[arg(long)]
+        baseline_tickets: Option<usize>,
+        /// Where queues, state and logs are kept (default: a new folder under .ticketpay/).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value = ".")]
+        app_root: PathBuf,
+    },
     /// Uploads a CSV or JSON file of tickets and follows the batch until it completes.
     Submit {
         file: PathBuf,
@@ -151,6 +168,11 @@ async fn run(command: Command) -> Result<()> {
         Command::Providers { port, scenario } => ticketpay::providers::simulator::run(port, scenario).await,
         Command::Demo { tickets, budget, scenario, data, port, app_root } => {
             demo::run(demo::DemoOptions { tickets, budget, scenario, data, port, app_root }).await
+        }
+        Command::Bench { tickets, scenario, baseline_tickets, data, app_root } => {
+            let report = ticketpay::bench::run(ticketpay::bench::BenchOptions { tickets, scenario, app_root, baseline_tickets, data }).await?;
+            print!("{}", report.render());
+            Ok(())
         }
         Command::Submit { file, client, currency, budget, no_wait, url } => {
             let s = submit::Submission { file: &file, client: &client, currency: &currency, budget: &budget };

@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::client::ApiClient;
 
 const STAGES: [&str; 5] = ["lookup", "validate", "reserve", "pay", "notify"];
-const END_STATES: [&str; 6] = ["paid", "not_payable", "rejected", "over_budget", "failed", "parked"];
+pub const END_STATES: [&str; 6] = ["paid", "not_payable", "rejected", "over_budget", "failed", "parked"];
 
 fn count(status: &Value, key: &str) -> u64 {
     status["counts"][key].as_u64().unwrap_or(0)

@@ -228,9 +228,15 @@ impl LocalHost {
             .with_context(|| format!("cannot listen on 127.0.0.1:{}", opts.port))?;
         let host_port = listener.local_addr()?.port();
 
+        // A scenario file relative to our directory must still be found from the handler's.
+        let scenario = opts.scenario.clone().map(|s| match Path::new(&s) {
+            p if p.is_file() => cwd.join(p).to_string_lossy().into_owned(),
+            _ => s,
+        });
+        // The handler keeps to the named scenario's limits, whoever plays the providers.
+        let providers_config = scenario.clone();
         // The provider simulator, unless one is given.
         let mut simulator = None;
-        let mut providers_config = None;
         let providers_url = match opts.providers_url.clone().or_else(|| settings.get("TICKETPAY_PROVIDERS_URL").cloned()) {
             Some(u) => u.trim_end_matches('/').to_string(),
             None => {
@@ -238,14 +244,8 @@ impl LocalHost {
                     .await
                     .with_context(|| format!("cannot listen on 127.0.0.1:{} for the provider simulator", opts.providers_port))?;
                 let url = format!("http://{}", l.local_addr()?);
-                let scenario = opts.scenario.clone().unwrap_or_else(|| DEFAULT_SCENARIO.to_string());
-                // A scenario file relative to our directory must still be found from the handler's.
-                let scenario = match Path::new(&scenario) {
-                    p if p.is_file() => cwd.join(p).to_string_lossy().into_owned(),
-                    _ => scenario,
-                };
+                let scenario = scenario.unwrap_or_else(|| DEFAULT_SCENARIO.to_string());
                 simulator = Some(start_simulator(l, Some(&scenario)).await?);
-                providers_config = Some(scenario);
                 url
             }
         };

@@ -1,0 +1,159 @@
+//! `ticketpay bench`: how close the pipeline comes to what the providers allow,
+//! and what it costs.
+//!
+//! It starts the provider simulator and the local stack (host and handler) as
+//! separate processes, pays one batch through the pipeline, then pays the same
+//! tickets the naive way (one at a time, every call after the other, no
+//! queues: [`baseline`]) against the same simulator, and compares both with
+//! the provider-bound [`floor`]. CPU is counted for the stack's processes
+//! only, the simulator excluded; memory for every process.
+
+pub mod baseline;
+pub mod floor;
+mod procs;
+mod report;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::cli::client::ApiClient;
+use crate::cli::demo::sample_csv;
+use crate::providers::ProviderName;
+use crate::providers::simulator::Scenario;
+use procs::{PeakRss, Spawned};
+pub use report::Report;
+
+pub struct BenchOptions {
+    pub tickets: usize,
+    pub scenario: String,
+    pub app_root: PathBuf,
+    /// How many tickets the naive way pays (default: all, or a sample of about 45 s on a scenario with latency).
+    pub baseline_tickets: Option<usize>,
+    pub data: Option<PathBuf>,
+}
+
+/// The naive way gets about this long; past it, a sample is scaled.
+const BASELINE_BUDGET: Duration = Duration::from_secs(45);
+
+pub async fn run(opts: BenchOptions) -> Result<Report> {
+    let scenario = Scenario::load(Some(&opts.scenario))?;
+    let data = match &opts.data {
+        Some(d) => d.clone(),
+        None => PathBuf::from(".ticketpay").join(format!("bench-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"))),
+    };
+    std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
+    eprintln!("ticketpay bench: {} tickets, scenario {}, data and logs in {}", opts.tickets, scenario.name, data.display());
+
+    let (simulator, found) =
+        Spawned::start(&["providers", "--port", "0", "--scenario", &opts.scenario], &data.join("providers.log"), &["ticketpay providers: listening on"])?;
+    let providers_url = found[0].split_whitespace().next().context("the simulator printed no URL")?.to_owned();
+    let pipeline = pipeline_run(&opts, &data, &providers_url, simulator.pid()).await?;
+
+    let sample = opts.baseline_tickets.unwrap_or_else(|| baseline_sample(&scenario, opts.tickets)).clamp(1, opts.tickets);
+    eprintln!("ticketpay bench: the naive way, one ticket at a time, on {sample} tickets");
+    let tickets = sample_tickets(sample);
+    let url = providers_url.clone();
+    let timeout = Duration::from_millis(scenario.client.timeout_ms);
+    let naive = tokio::task::spawn_blocking(move || baseline::run(&url, "baseline", tickets, timeout)).await??;
+    simulator.stop();
+
+    let requests = accepted_requests(&pipeline.stats);
+    let floor = floor::floor(&scenario, &requests);
+    Ok(Report::new(&scenario, opts.tickets, &pipeline, &naive, &floor))
+}
+
+/// What one run of the pipeline measured.
+pub struct PipelineRun {
+    pub seconds: f64,
+    pub handler_cpu_seconds: f64,
+    pub host_cpu_seconds: f64,
+    pub peak_rss_bytes: u64,
+    pub status: Value,
+    pub stats: Value,
+}
+
+async fn pipeline_run(opts: &BenchOptions, data: &Path, providers_url: &str, simulator_pid: i32) -> Result<PipelineRun> {
+    let app_root = opts.app_root.to_str().context("the app root is not UTF-8")?;
+    let store = data.join("stack");
+    let store = store.to_str().context("the data folder is not UTF-8")?;
+    let args = [
+        "local", "--port", "0", "--providers-port", "0", "--providers-url", providers_url, "--scenario", &opts.scenario, "--data", store,
+        "--app-root", app_root,
+    ];
+    let (host, found) = Spawned::start(&args, &data.join("host.log"), &["ticketpay local: listening on", "ticketpay local: ready"])?;
+    let api = ApiClient::new(&found[0]);
+    let host_pid = host.pid();
+    let handler_cpu = || procs::tree(host_pid).into_iter().filter(|&p| p != host_pid).map(procs::cpu_seconds).sum::<f64>();
+
+    let rss = PeakRss::start(vec![host_pid, simulator_pid, std::process::id() as i32]);
+    let (host_before, handler_before) = (procs::cpu_seconds(host_pid), handler_cpu());
+    let started = Instant::now();
+    let batch_id = upload(&api, opts.tickets).await?;
+    let status = wait_complete(&api, &batch_id, opts.tickets).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let (host_cpu_seconds, handler_cpu_seconds) = (procs::cpu_seconds(host_pid) - host_before, handler_cpu() - handler_before);
+    let peak_rss_bytes = rss.finish();
+    let stats = reqwest::get(format!("{providers_url}/stats")).await?.json::<Value>().await?;
+    host.stop();
+    Ok(PipelineRun { seconds, handler_cpu_seconds, host_cpu_seconds, peak_rss_bytes, status, stats })
+}
+
+/// Uploads the sample batch with a budget that covers every ticket, so every payable ticket is paid.
+async fn upload(api: &ApiClient, tickets: usize) -> Result<String> {
+    let budget = format!("{}.00", tickets * 200);
+    let query = [("client_id", "bench"), ("currency", "EUR"), ("budget", budget.as_str())];
+    let key = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let accepted = api.upload(&query, "text/csv", sample_csv(tickets).into_bytes(), &key).await?;
+    Ok(accepted["batch_id"].as_str().context("the API answered without a batch_id")?.to_owned())
+}
+
+async fn wait_complete(api: &ApiClient, batch_id: &str, tickets: usize) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60 + tickets as u64);
+    loop {
+        let status = api.get(&format!("/api/batches/{batch_id}")).await?;
+        if status["status"] == "completed" {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            bail!("batch {batch_id} did not complete in time: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Enough tickets for the naive way to take about [`BASELINE_BUDGET`], at least 20.
+fn baseline_sample(scenario: &Scenario, tickets: usize) -> usize {
+    let per_ticket = floor::sequential_journey_seconds(scenario);
+    if per_ticket * tickets as f64 <= BASELINE_BUDGET.as_secs_f64() {
+        return tickets;
+    }
+    ((BASELINE_BUDGET.as_secs_f64() / per_ticket) as usize).max(20)
+}
+
+/// The first `n` tickets of the sample batch: the same ids, so the same fates.
+fn sample_tickets(n: usize) -> Vec<baseline::Ticket> {
+    sample_csv(n)
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split(',');
+            Some(baseline::Ticket { ticket_id: fields.next()?.to_owned(), authority: fields.next()?.to_owned() })
+        })
+        .collect()
+}
+
+/// Requests each provider accepted (throttled ones are not work a better client would have done).
+fn accepted_requests(stats: &Value) -> BTreeMap<ProviderName, u64> {
+    ProviderName::ALL
+        .into_iter()
+        .map(|p| {
+            let s = &stats[p.as_str()];
+            let n = s["requests"].as_u64().unwrap_or(0).saturating_sub(s["throttled"].as_u64().unwrap_or(0));
+            (p, n)
+        })
+        .collect()
+}

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
 use ticketpay::providers::simulator::{Scenario, outcome_for};
 
 /// What the simulator's scenario decides for each ticket, counted.
@@ -138,45 +137,6 @@ fn every_message_delivered_twice_changes_nothing() {
     }
     let delivered = stack.queues();
     println!("{delivered}");
-}
-
-fn wait_until_ended(stack: &Stack, batch: &str, at_least: u64) {
-    loop {
-        let s = stack.try_get(&format!("/api/batches/{batch}")).unwrap_or(Value::Null);
-        let ended: u64 = END_STATES.iter().map(|e| s["counts"][e].as_u64().unwrap_or(0)).sum();
-        if ended >= at_least {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-#[test]
-fn a_killed_handler_and_a_killed_host_lose_nothing() {
-    let data = tempfile::tempdir().unwrap();
-    let (_sim, providers) = simulator("realistic");
-    let opts = || StackOptions { scenario: "realistic", providers_url: Some(&providers), data: data.path(), env: &[], extra_args: &[] };
-    let mut stack = Stack::start(opts());
-    let batch = stack.submit(2000, "80000.00");
-
-    // The host restarts a handler that dies mid-batch.
-    wait_until_ended(&stack, &batch, 300);
-    let handlers = stack.host.children();
-    assert_eq!(handlers.len(), 1, "the host runs one handler: {handlers:?}");
-    unsafe { libc::kill(handlers[0], libc::SIGKILL) };
-    wait_until_ended(&stack, &batch, 700);
-    assert_ne!(stack.host.children(), handlers, "a new handler took over");
-
-    // Then the host itself is killed without warning, and started again on the same data.
-    stack.host.kill();
-    let stack = Stack::start(opts());
-    let status = stack.wait_complete(&batch, Duration::from_secs(600));
-    assert_batch_invariants(&status, &stats(&providers), 2000);
-    let tickets = stack.all_tickets(&batch);
-    assert_eq!(tickets.len(), 2000, "no ticket lost");
-    assert!(tickets.iter().all(|t| END_STATES.contains(&t["status"].as_str().unwrap())));
-    let sum: i64 = tickets.iter().map(|t| cents(&t["paid"])).sum();
-    assert_eq!(sum, cents(&status["paid"]));
 }
 
 #[test]

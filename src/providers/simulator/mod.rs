@@ -2,8 +2,11 @@
 //! roles over HTTP on loopback, with the latencies, limits, faults and
 //! per-ticket outcomes of a scenario, and keeps honest counters at `/stats`.
 //!
-//! Routes are those of [`crate::providers::wire`], plus `GET /` (readiness)
-//! and `GET /stats`.
+//! Routes are those of [`crate::providers::wire`], plus `GET /` (readiness),
+//! `GET /stats`, and `POST /admin/outages` (`{"provider", "kind", "seconds"}`)
+//! to make one provider misbehave for a while whatever its scenario says:
+//! `down` answers 503, `hang` holds each request for `hang_ms` then answers
+//! 504, `throttle` answers 429 with `Retry-After: 1`.
 //!
 //! Each provider request is, in order: counted (requests, in flight), checked
 //! against the concurrency then the rate limit (fixed one-second windows;

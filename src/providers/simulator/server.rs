@@ -35,6 +35,7 @@ pub fn router(scenario: Scenario) -> Router {
     Router::new()
         .route("/", get(root))
         .route("/stats", get(stats))
+        .route("/admin/outages", post(start_outage))
         .route("/authority/{authority}/tickets/{ticket_id}", get(lookup))
         .route("/{provider}/operations/{key}", get(status))
         .route("/{provider}/{operation}", post(operate))
@@ -108,6 +109,25 @@ struct ProviderState {
     counters: Counters,
     window: Mutex<Window>,
     applied: Mutex<HashMap<String, Applied>>,
+    outage: Mutex<Option<Outage>>,
+}
+
+/// How a provider misbehaves for a while, whatever its scenario says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum OutageKind {
+    /// Every request answered 503.
+    Down,
+    /// Every request held for `hang_ms`, then 504.
+    Hang,
+    /// Every request answered 429 with `Retry-After: 1`.
+    Throttle,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Outage {
+    kind: OutageKind,
+    until: Instant,
 }
 
 impl ProviderState {
@@ -118,7 +138,12 @@ impl ProviderState {
             counters: Counters::default(),
             window: Mutex::new(Window::default()),
             applied: Mutex::new(HashMap::new()),
+            outage: Mutex::new(None),
         }
+    }
+
+    fn outage(&self) -> Option<OutageKind> {
+        lock(&self.outage).filter(|o| Instant::now() < o.until).map(|o| o.kind)
     }
 }
 
@@ -168,7 +193,9 @@ impl ProviderState {
             w.peak_received = w.peak_received.max(w.received);
             let conc = u64::from(self.settings.concurrency_limit);
             let rate = u64::from(self.settings.rate_limit);
-            if conc > 0 && c.active.load(Relaxed) >= conc {
+            if self.outage() == Some(OutageKind::Throttle) {
+                Err("throttled")
+            } else if conc > 0 && c.active.load(Relaxed) >= conc {
                 Err("too_many_in_flight")
             } else if rate > 0 && w.accepted >= rate {
                 Err("rate_limited")
@@ -201,6 +228,17 @@ impl ProviderState {
     }
 
     fn draw_fault(&self) -> Fault {
+        match self.outage() {
+            Some(OutageKind::Down) => {
+                self.counters.errors.fetch_add(1, Relaxed);
+                return Fault::Error(StatusCode::SERVICE_UNAVAILABLE);
+            }
+            Some(OutageKind::Hang) => {
+                self.counters.timeouts.fetch_add(1, Relaxed);
+                return Fault::Timeout { apply_first: false };
+            }
+            Some(OutageKind::Throttle) | None => {}
+        }
         let s = &self.settings;
         if s.error_rate == 0.0 && s.timeout_rate == 0.0 {
             return Fault::None;
@@ -289,6 +327,26 @@ async fn stats(State(sim): State<Arc<Sim>>) -> Response {
         out.insert(ps.name.as_str().to_string(), o);
     }
     ok(Value::Object(out))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutageRequest {
+    provider: ProviderName,
+    kind: OutageKind,
+    seconds: u64,
+}
+
+/// `POST /admin/outages {"provider", "kind": "down" | "hang" | "throttle", "seconds"}`:
+/// the provider misbehaves from now for that long (0 ends an outage).
+async fn start_outage(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
+    let req: OutageRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let until = Instant::now() + Duration::from_secs(req.seconds);
+    *lock(&sim.state(req.provider).outage) = Some(Outage { kind: req.kind, until });
+    ok(json!({ "provider": req.provider, "kind": req.kind, "seconds": req.seconds }))
 }
 
 /// The currency asked for: the `currency` query parameter, default EUR.

@@ -615,3 +615,36 @@ async fn a_caller_giving_up_frees_its_place() {
     let s = &srv.stats().await["receipt"];
     assert_eq!((s["timeouts"].as_u64(), s["in_flight"].as_u64()), (Some(1), Some(0)), "{s}");
 }
+
+#[tokio::test]
+async fn an_outage_takes_one_provider_down_for_a_while_and_it_comes_back() {
+    let sc = with_defaults("hang_ms = 50\n");
+    let srv = Server::start(sc.clone()).await;
+    let ticket = find(&sc, |o| o.pays());
+    let outage = |provider: &str, kind: &str, seconds: u64| {
+        let body = json!({"provider": provider, "kind": kind, "seconds": seconds});
+        srv.http.post(srv.url("/admin/outages")).json(&body).send()
+    };
+    let lookup = || srv.http.get(srv.url(&format!("/authority/city/tickets/{ticket}"))).send();
+
+    assert_eq!(outage("authority", "down", 60).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(lookup().await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    let capture = srv.op("/gateway/capture", Some("k-1"), &op_body(&ticket, 200)).await;
+    assert_eq!(capture.status(), StatusCode::OK, "only the authority is down");
+
+    assert_eq!(outage("authority", "throttle", 60).await.unwrap().status(), StatusCode::OK);
+    let throttled = lookup().await.unwrap();
+    assert_eq!(throttled.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(throttled.headers()["retry-after"], "1");
+
+    assert_eq!(outage("authority", "hang", 60).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(lookup().await.unwrap().status(), StatusCode::GATEWAY_TIMEOUT);
+
+    assert_eq!(outage("authority", "down", 0).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(lookup().await.unwrap().status(), StatusCode::OK, "back once the outage is over");
+    let stats = srv.stats().await;
+    assert_eq!((stats["authority"]["errors"].as_u64(), stats["authority"]["throttled"].as_u64(), stats["authority"]["timeouts"].as_u64()), (Some(1), Some(1), Some(1)));
+
+    let bad = outage("nobody", "down", 5).await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}

@@ -60,7 +60,8 @@ impl Drop for Driver {
 pub struct Browser {
     http: reqwest::blocking::Client,
     session: String,
-    driver: Driver,
+    // Dropped after the session is deleted: chromedriver, then the browser's profile.
+    _driver: Driver,
     _profile: tempfile::TempDir,
 }
 
@@ -95,7 +96,7 @@ impl Browser {
         let created = command(&http, Method::POST, &format!("{}/session", driver.url), capabilities)
             .unwrap_or_else(|e| panic!("no browser session: {e}"));
         let id = created["sessionId"].as_str().expect("a session id");
-        Browser { session: format!("{}/session/{id}", driver.url), http, driver, _profile: profile }
+        Browser { session: format!("{}/session/{id}", driver.url), http, _driver: driver, _profile: profile }
     }
 
     fn call(&self, method: Method, path: &str, body: Value) -> Result<Value, String> {

@@ -181,6 +181,11 @@ impl Browser {
         }
     }
 
+    pub fn type_into(&self, css: &str, text: &str) {
+        let element = self.find(css).unwrap_or_else(|e| panic!("`{css}`: {e}"));
+        self.must(Method::POST, &format!("/element/{element}/value"), json!({ "text": text }));
+    }
+
     pub fn screenshot(&self, path: &Path) {
         let png = self.must(Method::GET, "/screenshot", Value::Null);
         let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().expect("base64 PNG")).unwrap();

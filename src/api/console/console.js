@@ -250,7 +250,8 @@ async function batchPage(mine, batchId) {
     if (!shown) show(summary, tickets.root);
     shown = true;
     await tickets.refresh();
-    return status.status === "completed";
+    // The completion time is recorded just after the last ticket is told.
+    return status.status === "completed" && Boolean(status.completed_at);
   });
 }
 

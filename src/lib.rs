@@ -4,7 +4,8 @@
 //!
 //! # The map
 //!
-//! A batch is uploaded through the HTTP [`api`]; every ticket then travels a
+//! A batch is uploaded through the HTTP [`api`] (which also serves
+//! `/api/console`, a status page for people); every ticket then travels a
 //! pipeline of [`stages`], one queue and one function each:
 //!
 //! ```text

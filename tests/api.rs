@@ -110,6 +110,14 @@ fn an_upload_is_accepted_once_per_idempotency_key_and_can_be_followed() {
     let listed = s.get("/api/batches?client_id=acme")["batches"].clone();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(s.get("/api/batches")["batches"].as_array().unwrap().len(), 2);
+    assert_eq!(status["done"], 25);
+    assert!(status["stages"].as_array().unwrap().iter().all(|s| s["past"] == 25 && s["waiting"] == 0), "{status}");
+    let summarised = s.get("/api/batches?client_id=acme&summary=true")["batches"][0].clone();
+    for key in ["status", "counts", "paid", "remaining", "done"] {
+        assert_eq!(summarised[key], status[key], "{key}: {summarised}");
+    }
+    let (code, p) = problem(s.get_raw("/api/batches?summary=yes"));
+    assert_eq!((code, p["field"].as_str()), (400, Some("summary")), "{p}");
 
     // Pages cover every ticket once, and the status filter filters.
     let mut seen = Vec::new();

@@ -184,9 +184,23 @@ pub async fn list(State(app): State<Arc<App>>, Query(query): Query<HashMap<Strin
         None => None,
     };
     let limit = parse_limit(&query, 100, 1_000)?;
-    let batches = app.pipeline.store.batches(client.as_ref(), limit).await?;
-    let items: Vec<_> = batches.iter().map(views::batch_item).collect();
+    let with_summary = parse_flag(&query, "summary")?;
+    let store = &app.pipeline.store;
+    let mut items = Vec::new();
+    for batch in store.batches(client.as_ref(), limit).await? {
+        // Counting a batch's tickets costs a query per batch, so only when asked.
+        let summary = if with_summary { Some(store.summary(&batch.batch_id).await?) } else { None };
+        items.push(views::batch_item(&batch, summary.as_ref()));
+    }
     Ok(Json(json!({ "batches": items })).into_response())
+}
+
+fn parse_flag(query: &HashMap<String, String>, name: &str) -> Result<bool, Problem> {
+    match query.get(name).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(v) => Err(with_field(Problem::bad_request(format!("{name} must be `true` or `false`, found `{v}`")), name)),
+    }
 }
 
 pub async fn status(State(app): State<Arc<App>>, Path(batch_id): Path<String>) -> Result<Response, Problem> {

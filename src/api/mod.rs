@@ -1,7 +1,9 @@
 //! The HTTP API (the `api` function, under `/api`): upload batches, follow
 //! them, and look into any ticket. Errors are `application/problem+json`.
+//! `/api/console` serves a status page for people that reads this same API.
 
 mod batches;
+mod console;
 pub mod problem;
 mod redrive;
 mod tickets;
@@ -36,6 +38,7 @@ pub fn router() -> Router<Arc<App>> {
         .route("/api/batches/{batch_id}/tickets", get(tickets::list))
         .route("/api/batches/{batch_id}/tickets/{ticket_id}", get(tickets::show))
         .route("/api/tickets", get(tickets::by_reference))
+        .merge(console::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }

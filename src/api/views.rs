@@ -10,6 +10,8 @@ pub fn batch_status(batch: &Batch, summary: &BatchSummary) -> Value {
     let counts: serde_json::Map<String, Value> =
         summary.counts.iter().map(|(status, n)| (status.as_str().to_owned(), json!(n))).collect();
     let money = |minor: i64| format_minor(minor, batch.currency);
+    let progress = summary.stages(u64::from(batch.tickets));
+    let stages: Vec<Value> = progress.iter().map(|p| json!({ "stage": p.stage, "waiting": p.waiting, "past": p.past })).collect();
     json!({
         "batch_id": batch.batch_id,
         "client_id": batch.client_id,
@@ -22,23 +24,31 @@ pub fn batch_status(batch: &Batch, summary: &BatchSummary) -> Value {
         "tickets": batch.tickets,
         "counts": counts,
         "awaiting_notification": summary.awaiting_notification,
+        "stages": stages,
+        // Past notify: at an end state with the client told. What an ETA counts.
+        "done": progress[4].past,
         "created_at": batch.created_at,
         "completed_at": if summary.is_complete() { batch.completed_at } else { None },
     })
 }
 
-pub fn batch_item(batch: &Batch) -> Value {
-    json!({
-        "batch_id": batch.batch_id,
-        "client_id": batch.client_id,
-        "status": if batch.completed_at.is_some() { "completed" } else { "running" },
-        "currency": batch.currency,
-        "budget": format_minor(batch.budget, batch.currency),
-        "tickets": batch.tickets,
-        "created_at": batch.created_at,
-        "completed_at": batch.completed_at,
-        "status_url": format!("/api/batches/{}", batch.batch_id),
-    })
+/// A batch in a list; with its summary, everything its status shows.
+pub fn batch_item(batch: &Batch, summary: Option<&BatchSummary>) -> Value {
+    let mut item = match summary {
+        Some(summary) => batch_status(batch, summary),
+        None => json!({
+            "batch_id": batch.batch_id,
+            "client_id": batch.client_id,
+            "status": if batch.completed_at.is_some() { "completed" } else { "running" },
+            "currency": batch.currency,
+            "budget": format_minor(batch.budget, batch.currency),
+            "tickets": batch.tickets,
+            "created_at": batch.created_at,
+            "completed_at": batch.completed_at,
+        }),
+    };
+    item["status_url"] = json!(format!("/api/batches/{}", batch.batch_id));
+    item
 }
 
 pub fn ticket(t: &Ticket) -> Value {

@@ -60,6 +60,7 @@ async fn drive(host: &LocalHost, tickets: usize, budget: &str, data: &std::path:
     let submission = submit::Submission { file: &file, client: "demo-client", currency: "EUR", budget };
     let accepted = submit::run(&api, &submission, false).await?;
     let batch_id = accepted["batch_id"].as_str().unwrap_or_default().to_owned();
+    println!("watch it in a browser: {}/api/console/batches/{batch_id}\n", host.url);
     let status = progress::follow(&api, &batch_id, true).await?;
     let elapsed = started.elapsed();
     println!();
@@ -80,6 +81,9 @@ async fn drive(host: &LocalHost, tickets: usize, budget: &str, data: &std::path:
         println!("\none paid ticket, as support sees it (ticketpay trace {batch_id} {ticket_id}):");
         trace::run(&api, &batch_id, ticket_id, false).await?;
     }
-    println!("\nlook around: {}/api/batches/{batch_id}", host.url);
+    println!(
+        "\nthe stack stops now; to look around again, run `ticketpay local --data {}` and open /api/console/batches/{batch_id}",
+        data.display()
+    );
     Ok(())
 }

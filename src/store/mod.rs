@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
-use crate::domain::{Batch, BatchId, ClientId, Event, Status, Ticket, TicketId};
+use crate::domain::{Batch, BatchId, ClientId, Event, Stage, Status, Ticket, TicketId};
 
 /// A document with the version it was read at.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +102,10 @@ pub struct BatchSummary {
 }
 
 impl BatchSummary {
+    pub fn count(&self, status: Status) -> u64 {
+        self.counts.get(&status).copied().unwrap_or(0)
+    }
+
     pub fn in_progress(&self) -> u64 {
         self.counts.iter().filter(|(s, _)| !s.is_end()).map(|(_, n)| n).sum()
     }
@@ -110,6 +114,31 @@ impl BatchSummary {
     pub fn is_complete(&self) -> bool {
         self.in_progress() == 0 && self.awaiting_notification == 0
     }
+
+    /// Each stage in pipeline order: the tickets waiting at it, and those past
+    /// it (waiting neither there nor earlier). Past notify means done.
+    pub fn stages(&self, tickets: u64) -> [StageProgress; 5] {
+        let mut waiting_so_far = 0;
+        Stage::ALL.map(|stage| {
+            let waiting = match stage {
+                Stage::Lookup => self.count(Status::Lookup),
+                Stage::Validate => self.count(Status::Validate),
+                Stage::Reserve => self.count(Status::Reserve),
+                Stage::Pay => self.count(Status::Pay),
+                Stage::Notify => self.awaiting_notification,
+            };
+            waiting_so_far += waiting;
+            StageProgress { stage, waiting, past: tickets.saturating_sub(waiting_so_far) }
+        })
+    }
+}
+
+/// How far a batch's tickets are with one stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageProgress {
+    pub stage: Stage,
+    pub waiting: u64,
+    pub past: u64,
 }
 
 #[async_trait]
@@ -145,4 +174,30 @@ pub trait Store: Send + Sync + 'static {
     async fn open_tickets(&self, batch_id: &BatchId) -> Result<u64>;
     /// Tickets carrying this reference, across batches (support looks them up this way).
     async fn find_by_reference(&self, reference: &str, limit: usize) -> Result<Vec<Ticket>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_counts_as_past_once_no_ticket_waits_at_it_or_before_it() {
+        let summary = BatchSummary {
+            counts: [(Status::Lookup, 2), (Status::Pay, 3), (Status::Paid, 4), (Status::Rejected, 1)].into(),
+            awaiting_notification: 2,
+            paid: 0,
+            reserved: 0,
+        };
+        let progress = summary.stages(10).map(|p| (p.stage, p.waiting, p.past));
+        assert_eq!(
+            progress,
+            [
+                (Stage::Lookup, 2, 8),
+                (Stage::Validate, 0, 8),
+                (Stage::Reserve, 0, 8),
+                (Stage::Pay, 3, 5),
+                (Stage::Notify, 2, 3),
+            ]
+        );
+    }
 }

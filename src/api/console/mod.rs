@@ -1,0 +1,57 @@
+//! The console: a status page for people at `/api/console`. The handler serves
+//! one data-free page (and its script and style) for every console address; the
+//! script routes on the path and reads everything from the JSON API, sending the
+//! key it was given (`?code=` or the key field) as `x-functions-key`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use super::App;
+
+const PAGE: &str = include_str!("console.html");
+const SCRIPT: &str = include_str!("console.js");
+const STYLE: &str = include_str!("console.css");
+
+/// Nothing but this origin's own script, style and API; no framing; the key in
+/// a `?code=` link never leaves in a Referer.
+const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; \
+                      base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+pub fn router() -> Router<Arc<App>> {
+    Router::new()
+        .route("/api/console", get(page))
+        .route("/api/console/", get(page))
+        .route("/api/console/batches/{batch_id}", get(page))
+        .route("/api/console/batches/{batch_id}/tickets/{ticket_id}", get(page))
+        .route("/api/console/console.js", get(script))
+        .route("/api/console/console.css", get(style))
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, POLICY),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE,
+    )
+}
+
+async fn script() -> impl IntoResponse {
+    asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+async fn style() -> impl IntoResponse {
+    asset("text/css; charset=utf-8", STYLE)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, content_type), (header::X_CONTENT_TYPE_OPTIONS, "nosniff"), (header::CACHE_CONTROL, "no-cache")], body)
+}

@@ -389,6 +389,16 @@ impl Ticket {
         }
     }
 
+    /// The idempotency key of an operation on this ticket. A payment step keeps
+    /// its key for good, so a redriven payment never repeats a step; a
+    /// notification after a redrive is news, so it gets a key of its own.
+    pub fn operation_key(&self, operation: &str) -> String {
+        match (operation, self.redrives) {
+            ("notify", n) if n > 0 => format!("{}:{}:notify:r{n}", self.batch_id, self.ticket_id),
+            _ => format!("{}:{}:{operation}", self.batch_id, self.ticket_id),
+        }
+    }
+
     /// Puts a parked ticket back at the stage where it stopped; its client will
     /// be told again how it ends. An operation whose answer was lost stays
     /// unknown, so the provider is asked about it before anything is re-sent.
@@ -545,6 +555,8 @@ mod tests {
         assert_eq!(t.status, Status::Parked);
         assert_eq!(t.redrive(Utc::now()), Ok(Stage::Pay));
         assert_eq!((t.status, t.attempt, t.redrives, t.notified), (Status::Pay, 0, 1, false));
+        assert_eq!(t.operation_key("capture"), format!("{}:{}:capture", t.batch_id, t.ticket_id), "a payment step keeps its key");
+        assert!(t.operation_key("notify").ends_with(":notify:r1"), "the next notification is news");
         assert_eq!(t.reserved, 900, "the reservation is still held");
         assert_eq!(t.pay.claim_on("settle", Utc::now(), Duration::from_secs(60)), Claim::Unknown, "the lost answer is asked for first");
         assert!(t.redrive(Utc::now()).unwrap_err().contains("only parked"));

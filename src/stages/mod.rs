@@ -250,7 +250,7 @@ impl Pipeline {
         request: &OperationRequest,
         claimed_here: bool,
     ) -> Result<Sent, StageError> {
-        let key = format!("{}:{}:{operation}", current.value.batch_id, current.value.ticket_id);
+        let key = current.value.operation_key(operation);
         let mut exchanges = Vec::new();
         let now = Utc::now();
         let claim = if claimed_here { Claim::Free } else { current.value.pay.claim_on(operation, now, self.claim_lease) };

@@ -1,0 +1,91 @@
+//! The fault suite: providers that go down for a minute, hang, or answer
+//! nothing but 429s, in the middle of a batch. Every ticket still ends; a
+//! ticket that gave up says why and where; once the providers are back,
+//! redrive sends each parked ticket back in where it stopped, and says so in
+//! its audit trail.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+const TICKETS: usize = 1000;
+
+fn outage(providers: &str, provider: &str, kind: &str, seconds: u64) {
+    let body = json!({"provider": provider, "kind": kind, "seconds": seconds});
+    let r = reqwest::blocking::Client::new().post(format!("{providers}/admin/outages")).json(&body).send().unwrap();
+    assert!(r.status().is_success(), "outage accepted: {}", r.status());
+}
+
+#[test]
+fn a_provider_down_for_a_minute_parks_tickets_that_redrive_then_pays() {
+    let data = tempfile::tempdir().unwrap();
+    let (_sim, providers) = simulator("realistic");
+    // Give up after about 7 s of retries, so the minute-long outage parks tickets.
+    let env = [("TICKETPAY_MAX_ATTEMPTS", "4"), ("TICKETPAY_RETRY_BASE_MS", "500"), ("TICKETPAY_RETRY_CAP_MS", "4000")];
+    let stack = Stack::start(StackOptions { scenario: "realistic", providers_url: Some(&providers), data: data.path(), env: &env, extra_args: &[] });
+
+    let started = Instant::now();
+    outage(&providers, "gateway", "down", 60);
+    outage(&providers, "authority", "hang", 3);
+    outage(&providers, "sanctions", "throttle", 8);
+    let batch = stack.submit(TICKETS, "1000000.00");
+    let status = stack.wait_complete(&batch, Duration::from_secs(300));
+    let during = stats(&providers);
+    assert!(during["gateway"]["errors"].as_u64().unwrap() > 0, "the gateway was down: {during}");
+    assert!(during["authority"]["timeouts"].as_u64().unwrap() > 0, "the authority hung: {during}");
+    assert!(during["sanctions"]["throttled"].as_u64().unwrap() > 0, "sanctions shed load: {during}");
+
+    // Every ticket ended, most parked at the payment the gateway could not take.
+    let parked_at_pay = parked(&stack, &batch).iter().filter(|t| t["parked_stage"] == "pay").count();
+    assert!(parked_at_pay > TICKETS / 2, "{parked_at_pay} parked at pay: {status}");
+    assert_eq!(status["counts"]["paid"].as_u64().unwrap_or(0), 0, "nothing paid while the gateway was down: {status}");
+    for t in parked(&stack, &batch) {
+        let (stage, reason) = (t["parked_stage"].as_str().unwrap(), t["reason"].as_str().unwrap_or(""));
+        assert!(reason.contains(stage) && reason.contains("after 4 attempts"), "a parked ticket says where and why: {t}");
+    }
+
+    // A dry run lists what would re-enter, and where; it changes nothing.
+    let before = parked(&stack, &batch);
+    let dry = stack.post(&format!("/api/batches/{batch}/redrive"), &json!({"dry_run": true}));
+    assert_eq!(dry["count"].as_u64().unwrap() as usize, before.len());
+    let stopped_at: std::collections::HashMap<&str, &Value> =
+        before.iter().map(|t| (t["ticket_id"].as_str().unwrap(), &t["parked_stage"])).collect();
+    for listed in dry["tickets"].as_array().unwrap() {
+        let id = listed["ticket_id"].as_str().unwrap();
+        assert_eq!(&listed["stage"], stopped_at[id], "{id} re-enters where it stopped");
+    }
+    assert_eq!(parked(&stack, &batch).len(), before.len(), "a dry run changes nothing");
+
+    // The gateway is back after its minute; the parked tickets go back in and are paid.
+    std::thread::sleep(Duration::from_secs(61).saturating_sub(started.elapsed()));
+    let redriven = stack.post(&format!("/api/batches/{batch}/redrive"), &json!({}));
+    assert_eq!(redriven["count"].as_u64().unwrap() as usize, before.len());
+    let status = stack.wait_complete(&batch, Duration::from_secs(300));
+    assert_batch_invariants(&status, &stats(&providers), TICKETS as u64);
+    assert_eq!(status["counts"]["parked"].as_u64().unwrap_or(0), 0, "{status}");
+    assert!(status["counts"]["paid"].as_u64().unwrap() > (TICKETS as u64) * 9 / 10, "{status}");
+    let after = stats(&providers);
+    for s in after.as_object().unwrap().values() {
+        assert_eq!(s.get("duplicates").and_then(Value::as_u64).unwrap_or(0), 0, "nothing applied twice: {s}");
+    }
+    let told = after["notifier"]["applied"].as_u64().unwrap() as usize;
+    assert_eq!(told, TICKETS + before.len(), "each client told once per end, parked and then paid: {after}");
+
+    // The audit trail tells the story: the outage, the parking, the redrive, the payment.
+    let first = before.iter().find(|t| t["parked_stage"] == "pay").unwrap();
+    let t = stack.get(&format!("/api/batches/{batch}/tickets/{}", first["ticket_id"].as_str().unwrap()));
+    assert_eq!(t["redrives"], 1, "{t}");
+    let timeline = t["timeline"].as_array().unwrap();
+    let kinds: Vec<&str> = timeline.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let at = kinds.iter().position(|k| *k == "redriven").expect("the redrive is in the audit trail");
+    assert_eq!(timeline[at]["to_stage"], "pay", "{}", timeline[at]);
+    assert!(kinds[..at].contains(&"retry_scheduled"), "the retries before parking: {kinds:?}");
+    assert!(kinds[at..].contains(&"paid") || t["status"] != "paid", "{kinds:?}");
+}
+
+fn parked(stack: &Stack, batch: &str) -> Vec<Value> {
+    stack.all_tickets(batch).into_iter().filter(|t| t["status"] == "parked").collect()
+}

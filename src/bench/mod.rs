@@ -72,6 +72,8 @@ pub struct PipelineRun {
     pub handler_cpu_seconds: f64,
     pub host_cpu_seconds: f64,
     pub peak_rss_bytes: u64,
+    /// Each process's own peak: the host with its handler, the simulator, this process.
+    pub peak_rss_each: Vec<u64>,
     pub status: Value,
     pub stats: Value,
 }
@@ -89,17 +91,18 @@ async fn pipeline_run(opts: &BenchOptions, data: &Path, providers_url: &str, sim
     let host_pid = host.pid();
     let handler_cpu = || procs::tree(host_pid).into_iter().filter(|&p| p != host_pid).map(procs::cpu_seconds).sum::<f64>();
 
-    let rss = PeakRss::start(vec![host_pid, simulator_pid, std::process::id() as i32]);
+    // This process is the parent of the others: only its own memory counts for it.
+    let rss = PeakRss::start(vec![(host_pid, true), (simulator_pid, true), (std::process::id() as i32, false)]);
     let (host_before, handler_before) = (procs::cpu_seconds(host_pid), handler_cpu());
     let started = Instant::now();
     let batch_id = upload(&api, opts.tickets).await?;
     let status = wait_complete(&api, &batch_id, opts.tickets).await?;
     let seconds = started.elapsed().as_secs_f64();
     let (host_cpu_seconds, handler_cpu_seconds) = (procs::cpu_seconds(host_pid) - host_before, handler_cpu() - handler_before);
-    let peak_rss_bytes = rss.finish();
+    let (peak_rss_bytes, peak_rss_each) = rss.finish();
     let stats = reqwest::get(format!("{providers_url}/stats")).await?.json::<Value>().await?;
     host.stop();
-    Ok(PipelineRun { seconds, handler_cpu_seconds, host_cpu_seconds, peak_rss_bytes, status, stats })
+    Ok(PipelineRun { seconds, handler_cpu_seconds, host_cpu_seconds, peak_rss_bytes, peak_rss_each, status, stats })
 }
 
 /// Uploads the sample batch with a budget that covers every ticket, so every payable ticket is paid.

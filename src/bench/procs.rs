@@ -123,32 +123,40 @@ pub fn thread_cpu_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
-/// Samples the summed resident memory of some process trees every 50 ms and keeps the peak.
+/// Samples the resident memory of some processes (each with its descendants)
+/// every 50 ms, and keeps the peak of their sum and of each.
 pub struct PeakRss {
     stop: Arc<AtomicBool>,
-    sampler: std::thread::JoinHandle<u64>,
+    sampler: std::thread::JoinHandle<(u64, Vec<u64>)>,
 }
 
 impl PeakRss {
-    pub fn start(roots: Vec<i32>) -> PeakRss {
+    /// `roots`: each process, and whether its descendants count with it.
+    pub fn start(roots: Vec<(i32, bool)>) -> PeakRss {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let sampler = std::thread::spawn(move || {
-            let mut peak = 0;
+            let (mut peak, mut each) = (0, vec![0; roots.len()]);
             while !flag.load(Ordering::Relaxed) {
-                let now: u64 = roots.iter().flat_map(|&r| tree(r)).map(rss_bytes).sum();
-                peak = peak.max(now);
+                let now: Vec<u64> = roots
+                    .iter()
+                    .map(|&(pid, descendants)| if descendants { tree(pid).into_iter().map(rss_bytes).sum() } else { rss_bytes(pid) })
+                    .collect();
+                peak = peak.max(now.iter().sum());
+                for (e, n) in each.iter_mut().zip(now) {
+                    *e = (*e).max(n);
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            peak
+            (peak, each)
         });
         PeakRss { stop, sampler }
     }
 
-    /// The peak, in bytes.
-    pub fn finish(self) -> u64 {
+    /// The peak of the sum, and each root's own peak, in bytes.
+    pub fn finish(self) -> (u64, Vec<u64>) {
         self.stop.store(true, Ordering::Relaxed);
-        self.sampler.join().unwrap_or(0)
+        self.sampler.join().unwrap_or_default()
     }
 }
 

@@ -35,6 +35,8 @@ pub struct Report {
     pub baseline_cpu_ms_per_ticket: f64,
     pub overhead_vs_baseline: f64,
     pub peak_rss_mb: f64,
+    /// Each process's own peak: `stack` (host and handler), `simulator`, `bench` (this process).
+    pub peak_rss_mb_each: BTreeMap<String, f64>,
     pub duplicate_charges: u64,
     pub lost: u64,
     pub limits_held: bool,
@@ -75,7 +77,8 @@ impl Report {
             host_cpu_ms_per_ticket: per_ticket_ms(run.host_cpu_seconds),
             baseline_cpu_ms_per_ticket: baseline_cpu_ms,
             overhead_vs_baseline: if baseline_cpu_ms > 0.0 { round(cpu_ms / baseline_cpu_ms, 2) } else { 0.0 },
-            peak_rss_mb: round(run.peak_rss_bytes as f64 / (1024.0 * 1024.0), 1),
+            peak_rss_mb: mb(run.peak_rss_bytes),
+            peak_rss_mb_each: ["stack", "simulator", "bench"].iter().map(|s| s.to_string()).zip(run.peak_rss_each.iter().map(|&b| mb(b))).collect(),
             duplicate_charges: stats.values().filter_map(|s| s["duplicate_charges"].as_u64()).sum(),
             lost: (tickets as u64).saturating_sub(ended),
             limits_held: stats.values().all(limits_held),
@@ -119,8 +122,9 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "peak RSS {:.1} MB (every process) · lost {} · duplicate charges {} · provider limits held: {} · budget held: {}",
+            "peak RSS {:.1} MB (every process: {}) · lost {} · duplicate charges {} · provider limits held: {} · budget held: {}",
             self.peak_rss_mb,
+            self.peak_rss_mb_each.iter().map(|(p, m)| format!("{p} {m:.1}")).collect::<Vec<_>>().join(", "),
             self.lost,
             self.duplicate_charges,
             yes(self.limits_held),
@@ -146,6 +150,10 @@ impl Report {
 fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
+}
+
+fn mb(bytes: u64) -> f64 {
+    round(bytes as f64 / (1024.0 * 1024.0), 1)
 }
 
 fn yes(b: bool) -> &'static str {

@@ -1,6 +1,8 @@
 //! The HTTP API (the `api` function, under `/api`): upload batches, follow
 //! them, and look into any ticket. Errors are `application/problem+json`.
+//! Every route but [`access::OPEN_PATHS`] needs a key ([`access`]).
 
+pub mod access;
 mod batches;
 pub mod problem;
 mod redrive;
@@ -17,6 +19,7 @@ use axum::{Json, Router};
 
 use crate::domain::AuthorityCode;
 use crate::stages::Pipeline;
+use access::Access;
 use problem::Problem;
 
 pub use batches::MAX_UPLOAD_BYTES;
@@ -25,6 +28,7 @@ pub use batches::MAX_UPLOAD_BYTES;
 pub struct App {
     pub pipeline: Pipeline,
     pub authorities: Vec<AuthorityCode>,
+    pub access: Access,
 }
 
 pub fn router() -> Router<Arc<App>> {

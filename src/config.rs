@@ -196,7 +196,8 @@ impl HandlerConfig {
         // A claimant is done within one slot wait and one call; twice that, and it is gone.
         let claim_lease = 2 * (crate::providers::client::MAX_SLOT_WAIT + client.timeout);
         let endpoints = load_endpoints(s)?;
-        let redactor = Redactor::new(&s.list("TICKETPAY_REDACT_HEADERS"), &s.list("TICKETPAY_REDACT_FIELDS"));
+        let redactor = Redactor::new(&s.list("TICKETPAY_REDACT_HEADERS"), &s.list("TICKETPAY_REDACT_FIELDS"))
+            .with_secrets(endpoints.api_keys.values());
         let access = load_access(s)?;
         Ok(HandlerConfig { port, bus, store, authorities, retry, claim_lease, endpoints, client, redactor, access })
     }

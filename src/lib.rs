@@ -4,8 +4,9 @@
 //!
 //! # The map
 //!
-//! A batch is uploaded through the HTTP [`api`]; every ticket then travels a
-//! pipeline of [`stages`], one queue and one function each:
+//! A batch is uploaded through the HTTP [`api`] (every caller holds a key:
+//! an operator's, or one client's, see [`api::access`]); every ticket then
+//! travels a pipeline of [`stages`], one queue and one function each:
 //!
 //! ```text
 //! upload ─▶ lookup ─▶ validate ─▶ reserve ─▶ pay ─▶ notify

@@ -184,13 +184,9 @@ fn is_card_number(run: &str) -> bool {
 }
 
 fn luhn(digits: &[u32]) -> bool {
-    let sum: u32 = digits
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(i, &d)| if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d })
-        .sum();
-    sum % 10 == 0
+    let doubled = |d: u32| if d > 4 { d * 2 - 9 } else { d * 2 };
+    let sum: u32 = digits.iter().rev().enumerate().map(|(i, &d)| if i % 2 == 1 { doubled(d) } else { d }).sum();
+    sum.is_multiple_of(10)
 }
 
 fn mask(run: &str) -> String {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::api::access::{Access, ApiKeys};
 use crate::domain::{AuthorityCode, RetryPolicy};
 use crate::providers::client::ProviderEndpoints;
 use crate::providers::limits::ClientConfig;
@@ -14,6 +15,13 @@ use crate::providers::ProviderName;
 
 /// The authority codes accepted when `TICKETPAY_AUTHORITIES` is not set.
 pub const DEFAULT_AUTHORITIES: &str = "CITY-PARKING,STATE-TOLLS,METRO-TRANSIT,HIGHWAY-PATROL,WATER-UTILITY";
+
+/// The API keys and the role of each (see [`crate::api::access`]).
+pub const API_KEYS: &str = "TICKETPAY_API_KEYS";
+
+/// Set by App Service, and so by Azure Functions, on every instance of an app:
+/// their presence means the handler runs in Azure.
+const AZURE_MARKERS: [&str; 2] = ["WEBSITE_INSTANCE_ID", "WEBSITE_SITE_NAME"];
 
 #[derive(Debug, thiserror::Error)]
 #[error("setting {name}: {problem}")]
@@ -160,6 +168,7 @@ pub struct HandlerConfig {
     pub endpoints: ProviderEndpoints,
     pub client: ClientConfig,
     pub redactor: Redactor,
+    pub access: Access,
 }
 
 impl HandlerConfig {
@@ -187,9 +196,27 @@ impl HandlerConfig {
         // A claimant is done within one slot wait and one call; twice that, and it is gone.
         let claim_lease = 2 * (crate::providers::client::MAX_SLOT_WAIT + client.timeout);
         let endpoints = load_endpoints(s)?;
-        let redactor = Redactor::new(&s.list("TICKETPAY_REDACT_HEADERS"), &s.list("TICKETPAY_REDACT_FIELDS"));
-        Ok(HandlerConfig { port, bus, store, authorities, retry, claim_lease, endpoints, client, redactor })
+        let redactor = Redactor::new(&s.list("TICKETPAY_REDACT_HEADERS"), &s.list("TICKETPAY_REDACT_FIELDS"))
+            .with_secrets(endpoints.api_keys.values());
+        let access = load_access(s)?;
+        Ok(HandlerConfig { port, bus, store, authorities, retry, claim_lease, endpoints, client, redactor, access })
     }
+}
+
+/// Without keys the API is open, which is only ever allowed outside Azure.
+fn load_access(s: &Settings<'_>) -> Result<Access, SettingError> {
+    let Some(json) = s.optional(API_KEYS) else {
+        if let Some(marker) = AZURE_MARKERS.iter().find(|m| s.optional(m).is_some()) {
+            let problem = format!("is required in Azure ({marker} is set): without it the API would be open to anyone");
+            return Err(setting_error(API_KEYS, problem));
+        }
+        return Ok(Access::Open);
+    };
+    if json.trim_start().starts_with("@Microsoft.KeyVault(") {
+        let problem = "is a Key Vault reference the platform could not resolve: check that the secret exists and the app's identity may read it";
+        return Err(setting_error(API_KEYS, problem));
+    }
+    ApiKeys::parse(&json).map(Access::Keys).map_err(|e| setting_error(API_KEYS, e))
 }
 
 fn load_client_config(s: &Settings<'_>) -> Result<ClientConfig, SettingError> {
@@ -274,6 +301,32 @@ mod tests {
         assert_eq!(load_store(&Settings::from_map(&local)).unwrap(), StoreConfig::Embedded { path: "/tmp/x/store.db".into() });
         let bad = settings(&[("CosmosDb__accountEndpoint", "cosmos-tp.documents.azure.com")]);
         assert_eq!(load_store(&Settings::from_map(&bad)).unwrap_err().name, "CosmosDb__accountEndpoint");
+    }
+
+    #[test]
+    fn api_keys_are_optional_locally_but_required_in_azure() {
+        assert_eq!(load_access(&Settings::from_map(&settings(&[]))).unwrap(), Access::Open);
+        for marker in AZURE_MARKERS {
+            let azure = settings(&[(marker, "func-ticketpay-abc")]);
+            let err = load_access(&Settings::from_map(&azure)).unwrap_err();
+            assert_eq!(err.name, API_KEYS);
+            assert!(err.to_string().contains(marker), "{err}");
+        }
+        let digest = crate::api::access::key_digest("k");
+        let keys = format!(r#"[{{"name": "ops", "role": "operator", "sha256": "{digest}"}}]"#);
+        let configured = settings(&[(API_KEYS, keys.as_str()), ("WEBSITE_INSTANCE_ID", "1")]);
+        assert!(matches!(load_access(&Settings::from_map(&configured)).unwrap(), Access::Keys(_)));
+    }
+
+    #[test]
+    fn malformed_api_keys_stop_startup_with_one_line_naming_the_setting() {
+        for bad in [r#"[{"name": "ops", "role": "operator""#, "@Microsoft.KeyVault(VaultName=kv;SecretName=api-keys)", "{}"] {
+            let map = settings(&[(API_KEYS, bad)]);
+            let err = load_access(&Settings::from_map(&map)).unwrap_err();
+            let line = err.to_string();
+            assert!(line.starts_with(&format!("setting {API_KEYS}: ")), "{line}");
+            assert!(!line.contains('\n'), "{line}");
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! # The map
 //!
-//! A batch is uploaded through the HTTP [`api`] (which also serves
+//! A batch is uploaded through the HTTP [`api`] (every caller holds a key:
+//! an operator's, or one client's, see [`api::access`]; it also serves
 //! `/api/console`, a status page for people); every ticket then travels a
 //! pipeline of [`stages`], one queue and one function each:
 //!

@@ -100,12 +100,16 @@ enum Command {
         no_wait: bool,
         #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
         url: String,
+        #[command(flatten)]
+        key: KeyArg,
     },
     /// Shows a batch's progress, amounts and end states.
     Status {
         batch: String,
         #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
         url: String,
+        #[command(flatten)]
+        key: KeyArg,
     },
     /// Sends a batch's parked tickets back into the pipeline, each where it stopped.
     Redrive {
@@ -115,6 +119,8 @@ enum Command {
         dry_run: bool,
         #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
         url: String,
+        #[command(flatten)]
+        key: KeyArg,
     },
     /// Builds the deployment package: a folder (and a zip beside it) with host.json, the function folders and the binary.
     Package {
@@ -135,7 +141,23 @@ enum Command {
         full: bool,
         #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
         url: String,
+        #[command(flatten)]
+        key: KeyArg,
     },
+}
+
+/// The API key the tools send (`x-functions-key`).
+#[derive(clap::Args)]
+struct KeyArg {
+    /// API key; not needed when the API is open (no TICKETPAY_API_KEYS).
+    #[arg(long = "key", env = "TICKETPAY_API_KEY", hide_env_values = true)]
+    key: Option<String>,
+}
+
+impl KeyArg {
+    fn client(self, url: &str) -> ApiClient {
+        ApiClient::new(url).with_key(self.key)
+    }
 }
 
 #[tokio::main]
@@ -174,17 +196,17 @@ async fn run(command: Command) -> Result<()> {
             print!("{}", report.render());
             Ok(())
         }
-        Command::Submit { file, client, currency, budget, no_wait, url } => {
+        Command::Submit { file, client, currency, budget, no_wait, url, key } => {
             let s = submit::Submission { file: &file, client: &client, currency: &currency, budget: &budget };
-            submit::run(&ApiClient::new(&url), &s, !no_wait).await.map(drop)
+            submit::run(&key.client(&url), &s, !no_wait).await.map(drop)
         }
-        Command::Status { batch, url } => {
-            let status = ApiClient::new(&url).get(&format!("/api/batches/{batch}")).await?;
+        Command::Status { batch, url, key } => {
+            let status = key.client(&url).get(&format!("/api/batches/{batch}")).await?;
             print!("{}", progress::summary(&status, None));
             Ok(())
         }
-        Command::Redrive { batch, dry_run, url } => {
-            let answer = ApiClient::new(&url).post(&format!("/api/batches/{batch}/redrive"), &serde_json::json!({ "dry_run": dry_run })).await?;
+        Command::Redrive { batch, dry_run, url, key } => {
+            let answer = key.client(&url).post(&format!("/api/batches/{batch}/redrive"), &serde_json::json!({ "dry_run": dry_run })).await?;
             let verb = if dry_run { "would redrive" } else { "redrove" };
             println!("{verb} {} parked ticket(s) of batch {batch}", answer["count"]);
             for t in answer["tickets"].as_array().into_iter().flatten() {
@@ -197,6 +219,6 @@ async fn run(command: Command) -> Result<()> {
             println!("package {} ({} functions: {}) and {}", p.folder.display(), p.functions.len(), p.functions.join(", "), p.zip.display());
             Ok(())
         }
-        Command::Trace { batch, ticket, full, url } => trace::run(&ApiClient::new(&url), &batch, &ticket, full).await,
+        Command::Trace { batch, ticket, full, url, key } => trace::run(&key.client(&url), &batch, &ticket, full).await,
     }
 }

@@ -206,6 +206,7 @@ const NOT_SET_BY_NAME: &[(&str, &str)] = &[
 /// TICKETPAY_* names in src/ that are not app settings of the function app, and why.
 const NOT_APP_SETTINGS: &[(&str, &str)] = &[
     ("TICKETPAY_URL", "read by the command-line tools (submit, status, trace) on an operator's machine"),
+    ("TICKETPAY_API_KEY", "the key the command-line tools send, on the caller's machine"),
     ("TICKETPAY_DATA_DIR", "local only (see above)"),
 ];
 
@@ -292,6 +293,7 @@ fn function_app_sets_every_setting_the_binary_reads() {
         ("APPLICATIONINSIGHTS_CONNECTION_STRING", json!({ "expr": "applicationInsightsConnectionString" })),
         ("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", json!({ "expr": "'Authorization=AAD;ClientId=${identityClientId}'" })),
         ("TICKETPAY_BUS_URL", json!({ "expr": "serviceBusEndpoint" })),
+        ("TICKETPAY_API_KEYS", json!({ "expr": "'@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=api-keys)'" })),
     ] {
         assert_eq!(common.get(key), Some(&want), "functionapp.bicep appSettings.{key}");
     }

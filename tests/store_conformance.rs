@@ -220,9 +220,13 @@ async fn tickets_page_by_id_and_filter_by_status(store: Arc<dyn Store>) {
     assert!(store.batch(&b.batch_id).await.unwrap().unwrap().enqueued);
 
     let reference = ts[3].reference.as_ref().unwrap().as_str();
-    let found = store.find_by_reference(reference, 10).await.unwrap();
+    let found = store.find_by_reference(reference, None, 10).await.unwrap();
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].ticket_id, ts[3].ticket_id);
+    let own = store.find_by_reference(reference, Some(&b.client_id), 10).await.unwrap();
+    assert_eq!(own, found, "the batch's own client finds it");
+    let other = ClientId::parse("someone-else").unwrap();
+    assert!(store.find_by_reference(reference, Some(&other), 10).await.unwrap().is_empty(), "another client does not");
 }
 
 async fn batches_are_listed_by_client_newest_first(store: Arc<dyn Store>) {

@@ -4,41 +4,12 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::routing::post;
 use common::*;
 use serde_json::Value;
 
 const SECRET: &str = "sk_live_TOPSECRET_4242";
-
-/// An OTLP/HTTP JSON receiver that keeps every request body as it came.
-fn recorder() -> (String, Arc<Mutex<Vec<String>>>) {
-    let bodies = Arc::new(Mutex::new(Vec::new()));
-    let keep = bodies.clone();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        tokio::runtime::Runtime::new().unwrap().block_on(async move {
-            let app = axum::Router::new().route(
-                "/v1/traces",
-                post(move |body: Bytes| {
-                    let keep = keep.clone();
-                    async move {
-                        keep.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
-                        "{}"
-                    }
-                }),
-            );
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-    (url, bodies)
-}
 
 #[derive(Debug, Clone)]
 struct Span {

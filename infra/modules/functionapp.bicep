@@ -81,6 +81,8 @@ var appSettings = {
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD;ClientId=${identityClientId}'
   // ticketpay.
   TICKETPAY_BUS_URL: serviceBusEndpoint
+  // Who may call the API (key hashes and roles): Key Vault secret `api-keys`, set by an operator.
+  TICKETPAY_API_KEYS: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=api-keys)'
   TICKETPAY_PROVIDERS_URL: providersUrl
   TICKETPAY_PROVIDERS_CONFIG: providersConfig
   TICKETPAY_AUTHORITIES: authorities

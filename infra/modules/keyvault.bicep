@@ -1,7 +1,8 @@
-// Key Vault (RBAC mode) for provider credentials. Bicep creates no secrets and
-// holds no secret values: an operator sets `provider-key-<name>` secrets (see
-// docs/deploy.md) and the function app reads them through Key Vault references
-// (TICKETPAY_PROVIDER_KEY_<NAME>), resolved with its managed identity.
+// Key Vault (RBAC mode) for provider credentials and the API keys. Bicep
+// creates no secrets and holds no secret values: an operator sets `api-keys`
+// and the `provider-key-<name>` secrets (see docs/deploy.md) and the function
+// app reads them through Key Vault references (TICKETPAY_API_KEYS,
+// TICKETPAY_PROVIDER_KEY_<NAME>), resolved with its managed identity.
 
 param location string
 param tags object
@@ -22,7 +23,7 @@ var secretsOfficerRoleId = 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7' // Key Vault S
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   // checkov:skip=CKV_AZURE_189:Public network access is needed: without a VNet, Flex Consumption resolves Key Vault references over the public endpoint; RBAC mode, Entra tokens only.
   // checkov:skip=CKV_AZURE_110:Purge protection is irreversible and would block `azd down --purge` (see below).
-  // checkov:skip=CKV_AZURE_42:Purge protection is irreversible and would block `azd down --purge`; the vault holds only provider keys that operators can set again, and soft delete stays on.
+  // checkov:skip=CKV_AZURE_42:Purge protection is irreversible and would block `azd down --purge`; the vault holds only provider keys and API key hashes that operators can set again, and soft delete stays on.
   // checkov:skip=CKV_AZURE_109:Flex Consumption without a VNet resolves Key Vault references over the public endpoint; every read needs an Entra token and an RBAC role.
   name: name
   location: location

@@ -11,6 +11,7 @@ use axum::Json;
 use chrono::Utc;
 use serde_json::json;
 
+use super::access::{Caller, forbidden};
 use super::problem::Problem;
 use super::{App, views};
 use crate::domain::upload::{self, Header};
@@ -27,6 +28,7 @@ const MAX_IDEMPOTENCY_KEY: usize = 200;
 
 pub async fn upload(
     State(app): State<Arc<App>>,
+    caller: Caller,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
@@ -58,6 +60,9 @@ pub async fn upload(
     } else {
         upload::parse_json(&bytes, &app.authorities)?
     };
+    if !caller.sees(&request.client_id) {
+        return Err(with_field(forbidden(format!("this key uploads for its own client only, not for `{}`", request.client_id)), "client_id"));
+    }
     let span = tracing::info_span!(
         "upload",
         otel.name = "POST /api/batches",
@@ -178,10 +183,18 @@ fn first_message(ticket: &Ticket) -> OutgoingMessage {
     message
 }
 
-pub async fn list(State(app): State<Arc<App>>, Query(query): Query<HashMap<String, String>>) -> Result<Response, Problem> {
-    let client = match query.get("client_id") {
+/// A client key lists its own batches; an operator's, every client's or the one asked for.
+pub async fn list(State(app): State<Arc<App>>, caller: Caller, Query(query): Query<HashMap<String, String>>) -> Result<Response, Problem> {
+    let asked = match query.get("client_id") {
         Some(c) => Some(ClientId::parse(c).map_err(|e| with_field(Problem::bad_request(e), "client_id"))?),
         None => None,
+    };
+    let client = match (caller.client(), asked) {
+        (Some(own), Some(asked)) if *own != asked => {
+            return Err(with_field(forbidden(format!("this key lists its own client's batches only, not `{asked}`'s")), "client_id"));
+        }
+        (Some(own), _) => Some(own.clone()),
+        (None, asked) => asked,
     };
     let limit = parse_limit(&query, 100, 1_000)?;
     let with_summary = parse_flag(&query, "summary")?;
@@ -203,16 +216,21 @@ fn parse_flag(query: &HashMap<String, String>, name: &str) -> Result<bool, Probl
     }
 }
 
-pub async fn status(State(app): State<Arc<App>>, Path(batch_id): Path<String>) -> Result<Response, Problem> {
-    let batch = find_batch(&app, &batch_id).await?;
+pub async fn status(State(app): State<Arc<App>>, caller: Caller, Path(batch_id): Path<String>) -> Result<Response, Problem> {
+    let batch = find_batch(&app, &caller, &batch_id).await?;
     let summary = app.pipeline.store.summary(&batch.batch_id).await?;
     Ok(Json(views::batch_status(&batch, &summary)).into_response())
 }
 
-pub(super) async fn find_batch(app: &App, batch_id: &str) -> Result<Batch, Problem> {
+/// The batch, if the caller may see it: another client's batch is not found, like one that does not exist.
+pub(super) async fn find_batch(app: &App, caller: &Caller, batch_id: &str) -> Result<Batch, Problem> {
     let not_found = || Problem::not_found(format!("no batch `{batch_id}`"));
     let id = BatchId::parse(batch_id).map_err(|_| not_found())?;
-    app.pipeline.store.batch(&id).await?.ok_or_else(not_found)
+    let batch = app.pipeline.store.batch(&id).await?.ok_or_else(not_found)?;
+    if !caller.sees(&batch.client_id) {
+        return Err(not_found());
+    }
+    Ok(batch)
 }
 
 pub(super) fn parse_limit(query: &HashMap<String, String>, default: usize, max: usize) -> Result<usize, Problem> {

@@ -1,7 +1,9 @@
 //! The HTTP API (the `api` function, under `/api`): upload batches, follow
 //! them, and look into any ticket. Errors are `application/problem+json`.
 //! `/api/console` serves a status page for people that reads this same API.
+//! Every route but [`access::OPEN_PATHS`] needs a key ([`access`]).
 
+pub mod access;
 mod batches;
 mod console;
 pub mod problem;
@@ -19,6 +21,7 @@ use axum::{Json, Router};
 
 use crate::domain::AuthorityCode;
 use crate::stages::Pipeline;
+use access::Access;
 use problem::Problem;
 
 pub use batches::MAX_UPLOAD_BYTES;
@@ -27,6 +30,7 @@ pub use batches::MAX_UPLOAD_BYTES;
 pub struct App {
     pub pipeline: Pipeline,
     pub authorities: Vec<AuthorityCode>,
+    pub access: Access,
 }
 
 pub fn router() -> Router<Arc<App>> {

@@ -1,6 +1,7 @@
 //! Redrive: an operator sends a batch's parked tickets back into the pipeline,
 //! each at the stage where it stopped, and finishes queueing an upload that was
-//! cut short. `{"dry_run": true}` only lists what would be done.
+//! cut short. `{"dry_run": true}` only lists what would be done. Redrive is an
+//! operator's decision: a client key may not redrive, even its own batch.
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::access::{Caller, forbidden};
 use super::batches::{enqueue, find_batch};
 use super::problem::Problem;
 use super::App;
@@ -24,8 +26,11 @@ struct RedriveRequest {
     dry_run: bool,
 }
 
-pub async fn redrive(State(app): State<Arc<App>>, Path(batch_id): Path<String>, body: Bytes) -> Result<Response, Problem> {
-    let batch = find_batch(&app, &batch_id).await?;
+pub async fn redrive(State(app): State<Arc<App>>, caller: Caller, Path(batch_id): Path<String>, body: Bytes) -> Result<Response, Problem> {
+    let batch = find_batch(&app, &caller, &batch_id).await?;
+    if caller != Caller::Operator {
+        return Err(forbidden("redrive is an operator's decision; ask your operator to redrive this batch"));
+    }
     let request: RedriveRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RedriveRequest::default()
     } else {

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use super::access::Caller;
 use super::batches::{find_batch, parse_limit, with_field};
 use super::problem::Problem;
 use super::{App, views};
@@ -16,10 +17,11 @@ use crate::domain::{Status, TicketId};
 
 pub async fn list(
     State(app): State<Arc<App>>,
+    caller: Caller,
     Path(batch_id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, Problem> {
-    let batch = find_batch(&app, &batch_id).await?;
+    let batch = find_batch(&app, &caller, &batch_id).await?;
     let status = match query.get("status").filter(|s| !s.is_empty()) {
         Some(s) => Some(s.parse::<Status>().map_err(|e| with_field(Problem::bad_request(e), "status"))?),
         None => None,
@@ -31,8 +33,12 @@ pub async fn list(
     Ok(Json(json!({ "tickets": tickets, "next_cursor": page.next_cursor })).into_response())
 }
 
-pub async fn show(State(app): State<Arc<App>>, Path((batch_id, ticket_id)): Path<(String, String)>) -> Result<Response, Problem> {
-    let batch = find_batch(&app, &batch_id).await?;
+pub async fn show(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path((batch_id, ticket_id)): Path<(String, String)>,
+) -> Result<Response, Problem> {
+    let batch = find_batch(&app, &caller, &batch_id).await?;
     let not_found = || Problem::not_found(format!("no ticket `{ticket_id}` in batch `{batch_id}`"));
     let id = TicketId::parse(&ticket_id).map_err(|_| not_found())?;
     let ticket = app.pipeline.store.ticket(&batch.batch_id, &id).await?.ok_or_else(not_found)?;
@@ -40,12 +46,13 @@ pub async fn show(State(app): State<Arc<App>>, Path((batch_id, ticket_id)): Path
     Ok(Json(views::ticket_with_timeline(&ticket.value, &events)).into_response())
 }
 
-pub async fn by_reference(State(app): State<Arc<App>>, Query(query): Query<HashMap<String, String>>) -> Result<Response, Problem> {
+/// A client key finds its own client's tickets only.
+pub async fn by_reference(State(app): State<Arc<App>>, caller: Caller, Query(query): Query<HashMap<String, String>>) -> Result<Response, Problem> {
     let reference = query
         .get("reference")
         .filter(|r| !r.trim().is_empty())
         .ok_or_else(|| with_field(Problem::bad_request("the `reference` query parameter is required"), "reference"))?;
-    let tickets = app.pipeline.store.find_by_reference(reference.trim(), 100).await?;
+    let tickets = app.pipeline.store.find_by_reference(reference.trim(), caller.client(), 100).await?;
     let tickets: Vec<_> = tickets.iter().map(views::ticket).collect();
     Ok(Json(json!({ "tickets": tickets })).into_response())
 }

@@ -9,12 +9,27 @@ use serde_json::Value;
 pub struct ApiClient {
     http: reqwest::Client,
     base: String,
+    key: Option<String>,
 }
 
 impl ApiClient {
     pub fn new(base: &str) -> ApiClient {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("static client settings");
-        ApiClient { http, base: base.trim_end_matches('/').to_owned() }
+        ApiClient { http, base: base.trim_end_matches('/').to_owned(), key: None }
+    }
+
+    /// Sends this API key with every request (`x-functions-key`).
+    pub fn with_key(mut self, key: Option<String>) -> ApiClient {
+        self.key = key.filter(|k| !k.is_empty());
+        self
+    }
+
+    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, url);
+        match &self.key {
+            Some(key) => request.header(crate::api::access::KEY_HEADER, key),
+            None => request,
+        }
     }
 
     pub fn base(&self) -> &str {
@@ -23,13 +38,13 @@ impl ApiClient {
 
     pub async fn get(&self, path: &str) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        let response = self.http.get(&url).send().await.with_context(|| format!("cannot reach {url}"))?;
+        let response = self.request(reqwest::Method::GET, &url).send().await.with_context(|| format!("cannot reach {url}"))?;
         read(response).await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        let response = self.http.post(&url).json(body).send().await.with_context(|| format!("cannot reach {url}"))?;
+        let response = self.request(reqwest::Method::POST, &url).json(body).send().await.with_context(|| format!("cannot reach {url}"))?;
         read(response).await
     }
 
@@ -42,8 +57,7 @@ impl ApiClient {
                 tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
             }
             let sent = self
-                .http
-                .post(&url)
+                .request(reqwest::Method::POST, &url)
                 .query(query)
                 .header("Content-Type", content_type)
                 .header("Idempotency-Key", key)

@@ -52,7 +52,8 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 }
 
 async fn drive(host: &LocalHost, tickets: usize, budget: &str, data: &std::path::Path) -> Result<()> {
-    let api = ApiClient::new(&host.url);
+    // Open unless local.settings.json sets keys; then the operator's key comes from the environment.
+    let api = ApiClient::new(&host.url).with_key(std::env::var("TICKETPAY_API_KEY").ok());
     let file = data.join("demo-tickets.csv");
     std::fs::write(&file, sample_csv(tickets)).with_context(|| format!("cannot write {}", file.display()))?;
     println!("submitting {tickets} tickets with a budget of {budget} EUR\n");

@@ -17,6 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::api::access::Access;
 use crate::api::{self, App};
 use crate::bus::BusSender;
 use crate::config::{BusConfig, HandlerConfig, Settings, StoreConfig};
@@ -35,10 +36,11 @@ use invocation::Invocation;
 pub const TRIGGER_BINDING: &str = "message";
 
 pub fn router(app: Arc<App>) -> Router {
+    let api = api::router().layer(axum::middleware::from_fn_with_state(app.clone(), api::access::require_key));
     Router::new()
         .route("/", get(|| async { Json(json!({ "service": "ticketpay-handler" })) }))
         .route("/{function}", post(invoke))
-        .merge(api::router())
+        .merge(api)
         .with_state(app)
 }
 
@@ -116,11 +118,14 @@ pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
         retry: config.retry,
         claim_lease: config.claim_lease,
     };
-    Ok(Arc::new(App { pipeline, authorities: config.authorities }))
+    Ok(Arc::new(App { pipeline, authorities: config.authorities, access: config.access }))
 }
 
 pub async fn run() -> anyhow::Result<()> {
     let config = HandlerConfig::load(&Settings::from_env())?;
+    if config.access == Access::Open {
+        tracing::warn!("{} is not set: the API is open and every caller is an operator", crate::config::API_KEYS);
+    }
     let port = config.port;
     let app = build(config).await?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;

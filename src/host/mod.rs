@@ -203,6 +203,8 @@ pub struct LocalHost {
     /// `http://127.0.0.1:{port}`: HTTP functions under `/api`, Service Bus REST, `/admin/queues`.
     pub url: String,
     pub providers_url: String,
+    /// No API keys are configured: anyone who reaches the API is an operator.
+    pub api_open: bool,
     core: Core,
     worker: Worker,
     simulator: Option<JoinHandle<()>>,
@@ -253,6 +255,8 @@ impl LocalHost {
         let handler_port = free_port()?;
         let program = worker::resolve_executable(&app_root, &config.executable)?;
         let lookup = |k: &str| settings.get(k).cloned().or_else(|| std::env::var(k).ok());
+        // Values win over the environment, as they do for the handler started below.
+        let api_open = lookup(crate::config::API_KEYS).is_none_or(|keys| keys.trim().is_empty());
         let args = config.arguments.iter().map(|a| worker::expand(a, lookup)).collect();
         let cwd_handler =
             if config.working_directory.is_empty() { app_root.clone() } else { app_root.join(&config.working_directory) };
@@ -296,7 +300,7 @@ impl LocalHost {
             }
             return Err(e);
         }
-        Ok(LocalHost { url: core.url.clone(), providers_url, core, worker, simulator })
+        Ok(LocalHost { url: core.url.clone(), providers_url, api_open, core, worker, simulator })
     }
 
     /// Stops delivering, waits for in-flight invocations (at most ~10 s),
@@ -317,6 +321,9 @@ impl LocalHost {
 pub async fn run(opts: LocalOptions) -> Result<()> {
     use std::io::Write;
     let host = LocalHost::start(opts).await?;
+    if host.api_open {
+        warn_open(&host.url);
+    }
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "ticketpay local: listening on {}", host.url)?;
@@ -331,6 +338,15 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
     }
     tracing::info!("shutting down");
     host.shutdown().await
+}
+
+fn warn_open(url: &str) {
+    let keys = crate::config::API_KEYS;
+    eprintln!(
+        "\n  !!! ticketpay local: WARNING: {keys} is not set, so the API at {url}/api is OPEN:\n  \
+         !!! anyone who reaches it acts as an operator and sees every client's batches.\n  \
+         !!! Set {keys} in local.settings.json Values (see local.settings.json.example) to require keys.\n"
+    );
 }
 
 /// `Values` of `{app_root}/local.settings.json`, if the file exists.

@@ -73,6 +73,15 @@ impl CallError {
         }
     }
 
+    /// The same error with its text redacted: it may echo what a provider said.
+    fn redacted(self, redactor: &Redactor) -> CallError {
+        match self {
+            Self::Permanent { status, error } => Self::Permanent { status, error: redactor.text(&error).into_owned() },
+            Self::Transient { error } => Self::Transient { error: redactor.text(&error).into_owned() },
+            throttled => throttled,
+        }
+    }
+
     fn outcome(&self) -> &'static str {
         match self {
             Self::Permanent { .. } => "refused",
@@ -139,7 +148,12 @@ impl ProviderClient {
 
     pub async fn check(&self, provider: ProviderName, request: &CheckRequest, caller: &Caller<'_>) -> Call<CheckResponse> {
         let body = serde_json::to_value(request).ok();
-        self.typed(provider, "check", Method::POST, "/checks".into(), None, body, caller).await
+        let mut call: Call<CheckResponse> = self.typed(provider, "check", Method::POST, "/checks".into(), None, body, caller).await;
+        // A rejection's reason is kept on the ticket: it is free text from the provider.
+        if let Ok(answer) = &mut call.result {
+            answer.reason = answer.reason.take().map(|r| self.redactor.text(&r).into_owned());
+        }
+        call
     }
 
     /// Applies an operation once: the idempotency key lets the provider (and us) recognise a repeat.
@@ -159,7 +173,7 @@ impl ProviderClient {
     pub async fn operation_status(&self, provider: ProviderName, key: &str, caller: &Caller<'_>) -> Call<Option<OperationResponse>> {
         let call = self.raw(provider, "status", Method::GET, format!("/operations/{key}"), Some(key), None, caller).await;
         let result = match call.result {
-            Ok((_, body)) => decode(body).map(Some),
+            Ok((_, body)) => self.decode(body).map(Some),
             Err(CallError::Permanent { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         };
@@ -178,7 +192,13 @@ impl ProviderClient {
         caller: &Caller<'_>,
     ) -> Call<T> {
         let call = self.raw(provider, operation, method, path, key, body, caller).await;
-        Call { result: call.result.and_then(|(_, body)| decode(body)), exchange: call.exchange }
+        Call { result: call.result.and_then(|(_, body)| self.decode(body)), exchange: call.exchange }
+    }
+
+    /// Decoding errors quote the value they choke on: redacted like the rest.
+    fn decode<T: DeserializeOwned>(&self, body: Value) -> Result<T, CallError> {
+        serde_json::from_value(body)
+            .map_err(|e| CallError::Transient { error: format!("unreadable answer: {e}") }.redacted(&self.redactor))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -194,6 +214,7 @@ impl ProviderClient {
     ) -> Call<(u16, Value)> {
         let endpoint = &self.endpoints[&provider];
         let url = format!("{}{path}", endpoint.base);
+        let shown_url = self.redactor.url(&url);
         let span = tracing::info_span!(
             "provider call",
             otel.name = %format!("{provider} {operation}"),
@@ -202,7 +223,7 @@ impl ProviderClient {
             "peer.service" = %provider,
             operation,
             "http.request.method" = %method,
-            "url.full" = %url,
+            "url.full" = %shown_url,
             "http.response.status_code" = Empty,
             batch_id = caller.batch_id,
             ticket_id = caller.ticket_id,
@@ -294,8 +315,12 @@ impl ProviderClient {
             Err(e) if e.is_timeout() => {
                 (Err(CallError::Transient { error: format!("timed out after {} ms", self.timeout.as_millis()) }), None)
             }
-            Err(e) => (Err(CallError::Transient { error: format!("connection failed: {}", error_chain(&e)) }), None),
+            Err(e) => {
+                let error = error_chain(&e).replace(&sending.url, &self.redactor.url(&sending.url));
+                (Err(CallError::Transient { error: format!("connection failed: {error}") }), None)
+            }
         };
+        let result = result.map_err(|e| e.redacted(&self.redactor));
         let latency_ms = started.elapsed().as_millis() as u64;
         Call { exchange: self.record(sending, response, result.as_ref().map(drop), latency_ms), result }
     }
@@ -328,7 +353,7 @@ impl ProviderClient {
             idempotency_key: s.key,
             request: HttpRequestRecord {
                 method: s.method.to_string(),
-                url: s.url,
+                url: self.redactor.url(&s.url),
                 headers: self.redactor.headers(s.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
                 body: s.body.map(|b| self.redactor.body(b)).unwrap_or(Value::Null),
             },
@@ -372,10 +397,6 @@ fn classify(status: StatusCode, retry_after: Option<Duration>, body: &Value) -> 
     let code = body.get("error").and_then(Value::as_str).unwrap_or(&error).to_owned();
     let error = if code != error { format!("{code}: {error}") } else { code };
     Err(CallError::Permanent { status: status.as_u16(), error })
-}
-
-fn decode<T: DeserializeOwned>(body: Value) -> Result<T, CallError> {
-    serde_json::from_value(body).map_err(|e| CallError::Transient { error: format!("unreadable answer: {e}") })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

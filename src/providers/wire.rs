@@ -10,6 +10,8 @@
 //!
 //! Operations: gateway `capture`/`refund`, settlement `settle`/`cancel`,
 //! ledger `post`/`reverse`, receipt `issue`/`void`, notifier `notify`.
+//! The gateway's answers also carry `payment_method` (card number and token)
+//! and a free-text `statement`, which the handler only ever records redacted.
 //! Any provider may answer 429 (with `Retry-After` in seconds), 500 or 503
 //! (transient), or not answer in time.
 

@@ -643,11 +643,14 @@ impl Store for CosmosStore {
         Ok(counts.into_iter().sum())
     }
 
-    async fn find_by_reference(&self, reference: &str, limit: usize) -> Result<Vec<Ticket>> {
-        let q = Query::from(format!("SELECT TOP {limit} * FROM c WHERE c.type = 'ticket' AND c.reference = @reference"))
-            .with_parameter("@reference", reference)
-            .map_err(invalid)?;
-        let docs: Vec<TicketDoc> = self.query(q, FeedScope::full_container(), "tickets by reference").await?;
+    async fn find_by_reference(&self, reference: &str, client: Option<&ClientId>, limit: usize) -> Result<Vec<Ticket>> {
+        let mut text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'ticket' AND c.reference = @reference");
+        let mut q = Query::from(String::new()).with_parameter("@reference", reference).map_err(invalid)?;
+        if let Some(client) = client {
+            text.push_str(" AND c.ticket.client_id = @client");
+            q = q.with_parameter("@client", client.as_str()).map_err(invalid)?;
+        }
+        let docs: Vec<TicketDoc> = self.query(q.with_text(text), FeedScope::full_container(), "tickets by reference").await?;
         // Tickets of an upload that never committed (no batch document) are not there.
         let mut committed: HashMap<String, bool> = HashMap::new();
         let mut out = Vec::new();

@@ -172,8 +172,9 @@ pub trait Store: Send + Sync + 'static {
     async fn summary(&self, batch_id: &BatchId) -> Result<BatchSummary>;
     /// How many of the batch's tickets are not yet at an end state with their client told.
     async fn open_tickets(&self, batch_id: &BatchId) -> Result<u64>;
-    /// Tickets carrying this reference, across batches (support looks them up this way).
-    async fn find_by_reference(&self, reference: &str, limit: usize) -> Result<Vec<Ticket>>;
+    /// Tickets carrying this reference, across batches (support looks them up
+    /// this way), of one client or of all.
+    async fn find_by_reference(&self, reference: &str, client: Option<&ClientId>, limit: usize) -> Result<Vec<Ticket>>;
 }
 
 #[cfg(test)]

@@ -449,13 +449,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn find_by_reference(&self, reference: &str, limit: usize) -> Result<Vec<Ticket>> {
+    async fn find_by_reference(&self, reference: &str, client: Option<&ClientId>, limit: usize) -> Result<Vec<Ticket>> {
         let r = reference.to_owned();
+        let client = client.map(ClientId::to_string);
         self.read(move |conn| {
             let docs: Vec<String> = conn
-                .prepare_cached("SELECT doc FROM tickets WHERE reference = ?1 LIMIT ?2")
+                .prepare_cached(
+                    "SELECT doc FROM tickets WHERE reference = ?1 AND (?2 IS NULL OR json_extract(doc, '$.client_id') = ?2) LIMIT ?3",
+                )
                 .map_err(unavailable)?
-                .query_map(params![r, limit as i64], |row| row.get(0))
+                .query_map(params![r, client, limit as i64], |row| row.get(0))
                 .map_err(unavailable)?
                 .collect::<rusqlite::Result<_>>()
                 .map_err(unavailable)?;

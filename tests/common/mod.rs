@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -24,8 +24,13 @@ impl Process {
     /// Starts `ticketpay ARGS` and waits for each of `expect` to appear at the start of a stdout line;
     /// returns the rest of each such line.
     pub fn start(args: &[&str], env: &[(&str, &str)], expect: &[&str]) -> (Process, Vec<String>) {
+        Process::start_with_stderr(args, env, expect, Stdio::inherit())
+    }
+
+    /// [`Process::start`], with the process's stderr (its logs, and its handler's) sent to `stderr`.
+    pub fn start_with_stderr(args: &[&str], env: &[(&str, &str)], expect: &[&str], stderr: Stdio) -> (Process, Vec<String>) {
         let mut cmd = Command::new(BIN);
-        cmd.args(args).current_dir(APP_ROOT).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.args(args).current_dir(APP_ROOT).stdout(Stdio::piped()).stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -123,16 +128,22 @@ pub struct StackOptions<'a> {
 
 impl Stack {
     pub fn start(opts: StackOptions<'_>) -> Stack {
+        Stack::start_with_stderr(opts, Stdio::inherit())
+    }
+
+    /// [`Stack::start`], with the host's stderr (its logs and its handler's) sent to `stderr`.
+    pub fn start_with_stderr(opts: StackOptions<'_>, stderr: Stdio) -> Stack {
         let data = opts.data.to_str().expect("utf-8 path").to_owned();
         let mut args = vec!["local", "--port", "0", "--providers-port", "0", "--data", &data, "--scenario", opts.scenario];
         if let Some(url) = opts.providers_url {
             args.extend(["--providers-url", url]);
         }
         args.extend(opts.extra_args);
-        let (host, found) = Process::start(
+        let (host, found) = Process::start_with_stderr(
             &args,
             opts.env,
             &["ticketpay local: listening on", "ticketpay local: providers at", "ticketpay local: ready"],
+            stderr,
         );
         let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
         Stack { host, url: found[0].clone(), providers_url: found[1].clone(), data: opts.data.to_owned(), http }
@@ -266,4 +277,30 @@ pub fn assert_limits_held(stats: &Value) {
             assert!(s["peak_in_flight"].as_u64().unwrap() <= limit_in_flight, "{name} over its concurrency limit: {s}");
         }
     }
+}
+
+/// An OTLP/HTTP JSON receiver that keeps every request body as it came.
+pub fn recorder() -> (String, Arc<Mutex<Vec<String>>>) {
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let keep = bodies.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async move {
+            let app = axum::Router::new().route(
+                "/v1/traces",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    let keep = keep.clone();
+                    async move {
+                        keep.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+                        "{}"
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    (url, bodies)
 }

@@ -16,7 +16,9 @@
 //! apply the operation first), then answered. A keyed operation whose key was
 //! already applied gets the stored answer and is counted as a duplicate; the
 //! same key sent with another operation, ticket or amount gets 422
-//! `idempotency_key_reused`.
+//! `idempotency_key_reused`. The gateway names the card it charges in full
+//! ([`CARD_ON_FILE`], [`CARD_TOKEN`]), as careless providers do: the handler's
+//! redaction is exercised on every run.
 //!
 //! `GET /stats`, per provider (all nine, all measured):
 //! `requests` (every request received, throttled ones included), `in_flight`
@@ -37,7 +39,7 @@ pub use scenario::{
     ClientSettings, DEFAULT_SCENARIO, Outcomes, ProviderSettings, SHIPPED, Scenario,
     TicketOutcome, outcome_for,
 };
-pub use server::router;
+pub use server::{CARD_ON_FILE, CARD_TOKEN, router};
 
 use anyhow::Context;
 

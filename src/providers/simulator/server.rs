@@ -427,14 +427,30 @@ fn reject_reason(p: ProviderName) -> &'static str {
     }
 }
 
-fn decline_reason(p: ProviderName) -> &'static str {
+fn decline_reason(p: ProviderName) -> String {
     match p {
-        ProviderName::Gateway => "card declined by issuer",
-        ProviderName::Settlement => "authority refused the settlement",
-        ProviderName::Ledger => "ledger account is closed",
-        ProviderName::Receipt => "fiscal service refused the receipt",
-        _ => "declined",
+        ProviderName::Gateway => format!("card {CARD_ON_FILE} declined by issuer"),
+        ProviderName::Settlement => "authority refused the settlement".into(),
+        ProviderName::Ledger => "ledger account is closed".into(),
+        ProviderName::Receipt => "fiscal service refused the receipt".into(),
+        _ => "declined".into(),
     }
+}
+
+/// The card the simulated gateway charges (a well-known test number). Like a
+/// careless real gateway, it names it in full in its answers and refusals,
+/// with the card's token: what ticketpay records must not.
+pub const CARD_ON_FILE: &str = "4111 1111 1111 1111";
+pub const CARD_TOKEN: &str = "tok_card_8c41f0e2b7d9a356";
+
+/// An operation's answer; the gateway's also carries the card it charged.
+fn operation_answer(p: ProviderName, response: &OperationResponse) -> Response {
+    let mut body = serde_json::to_value(response).unwrap_or_default();
+    if p == ProviderName::Gateway {
+        body["payment_method"] = json!({ "type": "card", "card_number": CARD_ON_FILE.replace(' ', ""), "token": CARD_TOKEN });
+        body["statement"] = json!(format!("{} of {} {} on card {}", response.operation, response.amount.minor, response.amount.currency, CARD_ON_FILE.replace(' ', "-")));
+    }
+    ok(body)
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
@@ -505,7 +521,7 @@ async fn operate(
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "declined",
-            Some(decline_reason(p).to_string()),
+            Some(decline_reason(p)),
         );
     }
     apply(&sim, ps, &operation, is_forward, &key, &req)
@@ -541,7 +557,7 @@ fn apply(
             if charge {
                 c.duplicate_charges.fetch_add(1, Relaxed);
             }
-            ok(&a.response)
+            operation_answer(ps.name, &a.response)
         }
         Entry::Vacant(e) => {
             let seq = c.sequence.fetch_add(1, Relaxed) + 1;
@@ -555,7 +571,7 @@ fn apply(
             if charge {
                 c.charges.fetch_add(1, Relaxed);
             }
-            let body = ok(&response);
+            let body = operation_answer(ps.name, &response);
             e.insert(Applied {
                 operation: operation.to_string(),
                 ticket_id: req.ticket_id.clone(),
@@ -614,7 +630,7 @@ async fn status(
     }
     let found = lock(&ps.applied).get(&key).map(|a| a.response.clone());
     match found {
-        Some(r) => ok(r),
+        Some(r) => operation_answer(p, &r),
         None => error(StatusCode::NOT_FOUND, "not_found", Some(format!("no operation with key {key}"))),
     }
 }

@@ -170,11 +170,12 @@ mod tests {
         assert!(rss_bytes(me) > 1 << 20);
         let before = thread_cpu_seconds();
         let mut x = 0u64;
-        while thread_cpu_seconds() - before < 0.02 {
+        // /proc counts in clock ticks: spin long enough for them to show.
+        while thread_cpu_seconds() - before < 0.3 {
             x = x.wrapping_add(std::hint::black_box(1));
         }
         assert!(x > 0);
-        assert!(cpu_seconds(me) >= 0.02);
+        assert!(cpu_seconds(me) >= 0.2, "{}", cpu_seconds(me));
         assert!(tree(me).contains(&me));
     }
 }

@@ -135,10 +135,16 @@ impl Report {
         if let Some(stats) = self.providers.as_object() {
             let _ = writeln!(out, "\n{:<11} {:>8} {:>16} {:>16} {:>9}", "provider", "requests", "peak in flight", "peak req/s", "throttled");
             for (name, s) in stats {
+                let n = |k: &str| s[k].as_u64().unwrap_or(0);
                 let _ = writeln!(
                     out,
                     "{name:<11} {:>8} {:>9} of {:>4} {:>9} of {:>4} {:>9}",
-                    s["requests"], s["peak_in_flight"], limit(&s["limit_in_flight"]), s["peak_rps"], limit(&s["limit_rps"]), s["throttled"]
+                    n("requests"),
+                    n("peak_in_flight"),
+                    limit(n("limit_in_flight")),
+                    n("peak_rps"),
+                    limit(n("limit_rps")),
+                    n("throttled")
                 );
             }
         }
@@ -160,11 +166,8 @@ fn yes(b: bool) -> &'static str {
     if b { "yes" } else { "NO" }
 }
 
-fn limit(v: &Value) -> String {
-    match v.as_u64() {
-        Some(0) | None => "∞".into(),
-        Some(n) => n.to_string(),
-    }
+fn limit(n: u64) -> String {
+    if n == 0 { "∞".into() } else { n.to_string() }
 }
 
 /// No provider saw more requests per second, or in flight, than its limit.

@@ -2,6 +2,7 @@
 //! them, and look into any ticket. Errors are `application/problem+json`.
 
 mod batches;
+mod extract;
 pub mod problem;
 mod redrive;
 mod tickets;

@@ -1,23 +1,23 @@
 //! Tickets: a batch's tickets page by page, one ticket with its timeline, and
 //! lookup by the ticket's own reference.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
 use super::batches::{find_batch, parse_limit, with_field};
+use super::extract::{PathParams, QueryParams};
 use super::problem::Problem;
 use super::{App, views};
 use crate::domain::{Status, TicketId};
 
 pub async fn list(
     State(app): State<Arc<App>>,
-    Path(batch_id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    PathParams(batch_id): PathParams<String>,
+    QueryParams(query): QueryParams,
 ) -> Result<Response, Problem> {
     let batch = find_batch(&app, &batch_id).await?;
     let status = match query.get("status").filter(|s| !s.is_empty()) {
@@ -31,7 +31,7 @@ pub async fn list(
     Ok(Json(json!({ "tickets": tickets, "next_cursor": page.next_cursor })).into_response())
 }
 
-pub async fn show(State(app): State<Arc<App>>, Path((batch_id, ticket_id)): Path<(String, String)>) -> Result<Response, Problem> {
+pub async fn show(State(app): State<Arc<App>>, PathParams((batch_id, ticket_id)): PathParams<(String, String)>) -> Result<Response, Problem> {
     let batch = find_batch(&app, &batch_id).await?;
     let not_found = || Problem::not_found(format!("no ticket `{ticket_id}` in batch `{batch_id}`"));
     let id = TicketId::parse(&ticket_id).map_err(|_| not_found())?;
@@ -40,7 +40,7 @@ pub async fn show(State(app): State<Arc<App>>, Path((batch_id, ticket_id)): Path
     Ok(Json(views::ticket_with_timeline(&ticket.value, &events)).into_response())
 }
 
-pub async fn by_reference(State(app): State<Arc<App>>, Query(query): Query<HashMap<String, String>>) -> Result<Response, Problem> {
+pub async fn by_reference(State(app): State<Arc<App>>, QueryParams(query): QueryParams) -> Result<Response, Problem> {
     let reference = query
         .get("reference")
         .filter(|r| !r.trim().is_empty())

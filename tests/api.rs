@@ -65,6 +65,10 @@ fn bad_uploads_are_refused_and_leave_nothing_behind() {
     assert!(p["detail"].as_str().unwrap().contains("malformed CSV"), "{p}");
     let (_, p) = problem(post("text/csv", "?client_id=acme&currency=EUR", b"ticket_id,authority\nA1,CITY-PARKING\n".to_vec()));
     assert_eq!(p["field"], "budget");
+    let (status, p) = problem(post("text/csv", csv_query, b"ticket_id,authority\nA1,at most 5000\n".to_vec()));
+    assert_eq!((status, p["field"].as_str()), (422, Some("authority")), "only too many tickets is too large: {p}");
+    let (status, _) = problem(s.upload_json(&batch_json("acme", 5001, "100.00"), None));
+    assert_eq!(status, 413);
 
     // Nothing stored, nothing queued.
     assert_eq!(s.get("/api/batches")["batches"], json!([]));

@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::domain::UploadError;
+use crate::domain::upload::UploadErrorKind;
 use crate::store::StoreError;
 
 #[derive(Debug, Clone, Serialize)]
@@ -43,7 +44,10 @@ impl Problem {
 
 impl From<UploadError> for Problem {
     fn from(e: UploadError) -> Problem {
-        let status = if e.message.contains("at most") { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::UNPROCESSABLE_ENTITY };
+        let status = match e.kind {
+            UploadErrorKind::TooManyTickets => StatusCode::PAYLOAD_TOO_LARGE,
+            UploadErrorKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+        };
         let mut p = Problem::new(status, "invalid-upload", e.to_string());
         p.row = e.row;
         p.field = e.field;

@@ -1,5 +1,6 @@
 //! The HTTP API (the `api` function, under `/api`): upload batches, follow
 //! them, and look into any ticket. Errors are `application/problem+json`.
+//! `openapi.json` beside this file describes it and is served as it is.
 
 mod batches;
 mod extract;
@@ -11,7 +12,7 @@ mod views;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,6 +23,9 @@ use problem::Problem;
 
 pub use batches::MAX_UPLOAD_BYTES;
 
+/// The OpenAPI document of every route below.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
 /// What the API and the stages share.
 pub struct App {
     pub pipeline: Pipeline,
@@ -30,6 +34,7 @@ pub struct App {
 
 pub fn router() -> Router<Arc<App>> {
     Router::new()
+        .route("/api/openapi.json", get(openapi))
         .route("/api/authorities", get(authorities))
         .route("/api/batches", get(batches::list).post(batches::upload))
         .route("/api/batches/{batch_id}", get(batches::status))
@@ -39,6 +44,10 @@ pub fn router() -> Router<Arc<App>> {
         .route("/api/tickets", get(tickets::by_reference))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 async fn authorities(State(app): State<Arc<App>>) -> impl IntoResponse {

@@ -65,6 +65,10 @@ fn bad_uploads_are_refused_and_leave_nothing_behind() {
     assert!(p["detail"].as_str().unwrap().contains("malformed CSV"), "{p}");
     let (_, p) = problem(post("text/csv", "?client_id=acme&currency=EUR", b"ticket_id,authority\nA1,CITY-PARKING\n".to_vec()));
     assert_eq!(p["field"], "budget");
+    let (status, p) = problem(post("text/csv", csv_query, b"ticket_id,authority\nA1,at most 5000\n".to_vec()));
+    assert_eq!((status, p["field"].as_str()), (422, Some("authority")), "only too many tickets is too large: {p}");
+    let (status, _) = problem(s.upload_json(&batch_json("acme", 5001, "100.00"), None));
+    assert_eq!(status, 413);
 
     // Nothing stored, nothing queued.
     assert_eq!(s.get("/api/batches")["batches"], json!([]));
@@ -200,4 +204,25 @@ fn an_upload_stored_while_service_bus_is_down_is_refused_then_finished_by_redriv
     assert_eq!(done["tickets"], 10);
     let again = s.post(&format!("/api/batches/{batch}/redrive"), &json!({}));
     assert_eq!(again["requeued_upload"], false);
+}
+
+#[test]
+fn malformed_paths_and_oversized_requests_are_refused_as_problems() {
+    let data = tempfile::tempdir().unwrap();
+    let s = stack(data.path());
+    let (status, p) = problem(s.get_raw("/api/batches/%FF"));
+    assert_eq!((status, p["field"].as_str()), (400, Some("batch_id")), "{p}");
+    let (status, p) = problem(s.get_raw("/api/batches/b-1/tickets/%C3%28"));
+    assert_eq!((status, p["field"].as_str()), (400, Some("ticket_id")), "{p}");
+    let (status, _) = problem(s.get_raw("/api/nothing/here"));
+    assert_eq!(status, 404);
+    let (status, _) = problem(s.http.delete(format!("{}/api/batches", s.url)).send().unwrap());
+    assert_eq!(status, 405);
+
+    let batch = s.submit(1, "10.00");
+    let redrive = format!("{}/api/batches/{batch}/redrive", s.url);
+    let (status, p) = problem(s.http.post(&redrive).body(vec![b' '; 3 * 1024 * 1024]).send().unwrap());
+    assert_eq!(status, 413, "{p}");
+    let (status, p) = problem(s.http.post(&redrive).body("{\"dry_run\": 1}").send().unwrap());
+    assert_eq!(status, 400, "{p}");
 }

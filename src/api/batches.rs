@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,6 +12,7 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::access::{Caller, forbidden};
+use super::extract::{PathParams, QueryParams};
 use super::problem::Problem;
 use super::{App, views};
 use crate::domain::upload::{self, Header};
@@ -29,7 +30,7 @@ const MAX_IDEMPOTENCY_KEY: usize = 200;
 pub async fn upload(
     State(app): State<Arc<App>>,
     caller: Caller,
-    Query(query): Query<HashMap<String, String>>,
+    QueryParams(query): QueryParams,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
@@ -45,10 +46,7 @@ pub async fn upload(
     }
     let Ok(bytes) = axum::body::to_bytes(body, MAX_UPLOAD_BYTES).await else {
         let detail = format!("the upload is larger than {MAX_UPLOAD_BYTES} bytes");
-        let mut refused = Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", detail).into_response();
-        // The rest of the body is left unread, so this connection cannot carry another request.
-        refused.headers_mut().insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
-        return Ok(refused);
+        return Err(Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", detail));
     };
     let request = if media == "text/csv" {
         let header = Header {
@@ -184,7 +182,7 @@ fn first_message(ticket: &Ticket) -> OutgoingMessage {
 }
 
 /// A client key lists its own batches; an operator's, every client's or the one asked for.
-pub async fn list(State(app): State<Arc<App>>, caller: Caller, Query(query): Query<HashMap<String, String>>) -> Result<Response, Problem> {
+pub async fn list(State(app): State<Arc<App>>, caller: Caller, QueryParams(query): QueryParams) -> Result<Response, Problem> {
     let asked = match query.get("client_id") {
         Some(c) => Some(ClientId::parse(c).map_err(|e| with_field(Problem::bad_request(e), "client_id"))?),
         None => None,
@@ -216,7 +214,7 @@ fn parse_flag(query: &HashMap<String, String>, name: &str) -> Result<bool, Probl
     }
 }
 
-pub async fn status(State(app): State<Arc<App>>, caller: Caller, Path(batch_id): Path<String>) -> Result<Response, Problem> {
+pub async fn status(State(app): State<Arc<App>>, caller: Caller, PathParams(batch_id): PathParams<String>) -> Result<Response, Problem> {
     let batch = find_batch(&app, &caller, &batch_id).await?;
     let summary = app.pipeline.store.summary(&batch.batch_id).await?;
     Ok(Json(views::batch_status(&batch, &summary)).into_response())

@@ -2,10 +2,12 @@
 //! them, and look into any ticket. Errors are `application/problem+json`.
 //! `/api/console` serves a status page for people that reads this same API.
 //! Every route but [`access::OPEN_PATHS`] needs a key ([`access`]).
+//! `openapi.json` beside this file describes it and is served as it is.
 
 pub mod access;
 mod batches;
 mod console;
+mod extract;
 pub mod problem;
 mod redrive;
 mod tickets;
@@ -14,7 +16,7 @@ mod views;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,6 +28,9 @@ use problem::Problem;
 
 pub use batches::MAX_UPLOAD_BYTES;
 
+/// The OpenAPI document of every route below.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
 /// What the API and the stages share.
 pub struct App {
     pub pipeline: Pipeline,
@@ -35,6 +40,7 @@ pub struct App {
 
 pub fn router() -> Router<Arc<App>> {
     Router::new()
+        .route("/api/openapi.json", get(openapi))
         .route("/api/authorities", get(authorities))
         .route("/api/batches", get(batches::list).post(batches::upload))
         .route("/api/batches/{batch_id}", get(batches::status))
@@ -45,6 +51,10 @@ pub fn router() -> Router<Arc<App>> {
         .merge(console::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 async fn authorities(State(app): State<Arc<App>>) -> impl IntoResponse {

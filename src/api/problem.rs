@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::domain::UploadError;
+use crate::domain::upload::UploadErrorKind;
 use crate::store::StoreError;
 
 #[derive(Debug, Clone, Serialize)]
@@ -43,7 +44,10 @@ impl Problem {
 
 impl From<UploadError> for Problem {
     fn from(e: UploadError) -> Problem {
-        let status = if e.message.contains("at most") { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::UNPROCESSABLE_ENTITY };
+        let status = match e.kind {
+            UploadErrorKind::TooManyTickets => StatusCode::PAYLOAD_TOO_LARGE,
+            UploadErrorKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+        };
         let mut p = Problem::new(status, "invalid-upload", e.to_string());
         p.row = e.row;
         p.field = e.field;
@@ -63,9 +67,12 @@ impl IntoResponse for Problem {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut response = (status, body).into_response();
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body may be left unread, so this connection cannot carry another request.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }

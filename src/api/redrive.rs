@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::body::Body;
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,9 +15,13 @@ use serde_json::json;
 
 use super::access::{Caller, forbidden};
 use super::batches::{enqueue, find_batch};
+use super::extract::PathParams;
 use super::problem::Problem;
 use super::App;
 use crate::domain::Status;
+
+/// `{"dry_run": true}` with room to spare; anything larger is not a redrive request.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,16 +30,17 @@ struct RedriveRequest {
     dry_run: bool,
 }
 
-pub async fn redrive(State(app): State<Arc<App>>, caller: Caller, Path(batch_id): Path<String>, body: Bytes) -> Result<Response, Problem> {
+pub async fn redrive(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParams(batch_id): PathParams<String>,
+    body: Body,
+) -> Result<Response, Problem> {
+    let request = read_request(body).await?;
     let batch = find_batch(&app, &caller, &batch_id).await?;
     if caller != Caller::Operator {
         return Err(forbidden("redrive is an operator's decision; ask your operator to redrive this batch"));
     }
-    let request: RedriveRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        RedriveRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| Problem::bad_request(format!("malformed redrive request: {e}")))?
-    };
     // An upload cut short after it was stored (a crash, Service Bus down) left
     // tickets without their first message: send them now.
     let requeued = !batch.enqueued;
@@ -74,4 +79,16 @@ pub async fn redrive(State(app): State<Arc<App>>, caller: Caller, Path(batch_id)
         "requeued_upload": requeued,
     });
     Ok(Json(body).into_response())
+}
+
+/// An empty body is a plain redrive.
+async fn read_request(body: Body) -> Result<RedriveRequest, Problem> {
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_REQUEST_BYTES).await else {
+        let detail = format!("a redrive request is at most {MAX_REQUEST_BYTES} bytes");
+        return Err(Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", detail));
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(RedriveRequest::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| Problem::bad_request(format!("malformed redrive request: {e}")))
 }

@@ -1,16 +1,16 @@
 //! Tickets: a batch's tickets page by page, one ticket with its timeline, and
 //! lookup by the ticket's own reference.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
 use super::access::Caller;
 use super::batches::{find_batch, parse_limit, with_field};
+use super::extract::{PathParams, QueryParams};
 use super::problem::Problem;
 use super::{App, views};
 use crate::domain::{Status, TicketId};
@@ -18,8 +18,8 @@ use crate::domain::{Status, TicketId};
 pub async fn list(
     State(app): State<Arc<App>>,
     caller: Caller,
-    Path(batch_id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    PathParams(batch_id): PathParams<String>,
+    QueryParams(query): QueryParams,
 ) -> Result<Response, Problem> {
     let batch = find_batch(&app, &caller, &batch_id).await?;
     let status = match query.get("status").filter(|s| !s.is_empty()) {
@@ -36,7 +36,7 @@ pub async fn list(
 pub async fn show(
     State(app): State<Arc<App>>,
     caller: Caller,
-    Path((batch_id, ticket_id)): Path<(String, String)>,
+    PathParams((batch_id, ticket_id)): PathParams<(String, String)>,
 ) -> Result<Response, Problem> {
     let batch = find_batch(&app, &caller, &batch_id).await?;
     let not_found = || Problem::not_found(format!("no ticket `{ticket_id}` in batch `{batch_id}`"));
@@ -47,7 +47,7 @@ pub async fn show(
 }
 
 /// A client key finds its own client's tickets only.
-pub async fn by_reference(State(app): State<Arc<App>>, caller: Caller, Query(query): Query<HashMap<String, String>>) -> Result<Response, Problem> {
+pub async fn by_reference(State(app): State<Arc<App>>, caller: Caller, QueryParams(query): QueryParams) -> Result<Response, Problem> {
     let reference = query
         .get("reference")
         .filter(|r| !r.trim().is_empty())

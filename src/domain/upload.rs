@@ -31,18 +31,35 @@ pub struct BatchRequest {
 /// the JSON `tickets` array, or the CSV line number (the header is line 1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadError {
+    pub kind: UploadErrorKind,
     pub row: Option<usize>,
     pub field: Option<String>,
     pub message: String,
 }
 
+/// Whether the upload says something wrong, or is more than a batch holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadErrorKind {
+    Invalid,
+    TooManyTickets,
+}
+
 impl UploadError {
+    fn invalid(row: Option<usize>, field: Option<&str>, message: impl Into<String>) -> UploadError {
+        UploadError { kind: UploadErrorKind::Invalid, row, field: field.map(str::to_owned), message: message.into() }
+    }
+
     fn new(field: Option<&str>, message: impl Into<String>) -> UploadError {
-        UploadError { row: None, field: field.map(str::to_owned), message: message.into() }
+        UploadError::invalid(None, field, message)
     }
 
     fn at(row: usize, field: &str, message: impl Into<String>) -> UploadError {
-        UploadError { row: Some(row), field: Some(field.to_owned()), message: message.into() }
+        UploadError::invalid(Some(row), Some(field), message)
+    }
+
+    fn too_many(count: &str) -> UploadError {
+        let message = format!("{count} tickets; a batch holds at most {MAX_TICKETS}");
+        UploadError { kind: UploadErrorKind::TooManyTickets, ..UploadError::new(Some("tickets"), message) }
     }
 }
 
@@ -111,10 +128,7 @@ fn finish(
         return Err(UploadError::new(Some("tickets"), "a batch needs at least one ticket"));
     }
     if tickets.len() > MAX_TICKETS {
-        return Err(UploadError::new(
-            Some("tickets"),
-            format!("{} tickets; a batch holds at most {MAX_TICKETS}", tickets.len()),
-        ));
+        return Err(UploadError::too_many(&tickets.len().to_string()));
     }
     let mut seen = HashSet::with_capacity(tickets.len());
     for (row, line) in &tickets {
@@ -153,16 +167,13 @@ pub fn parse_json(body: &[u8], authorities: &[AuthorityCode]) -> Result<BatchReq
         Some(_) => return Err(UploadError::new(Some("tickets"), "must be an array")),
     };
     if items.len() > MAX_TICKETS {
-        return Err(UploadError::new(
-            Some("tickets"),
-            format!("{} tickets; a batch holds at most {MAX_TICKETS}", items.len()),
-        ));
+        return Err(UploadError::too_many(&items.len().to_string()));
     }
     let mut tickets = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let row = i + 1;
         let Value::Object(fields) = item else {
-            return Err(UploadError { row: Some(row), field: None, message: "must be an object".into() });
+            return Err(UploadError::invalid(Some(row), None, "must be an object"));
         };
         reject_unknown(fields, &["ticket_id", "authority", "reference"], Some(row))?;
         let field = |name: &str, required: bool| -> Result<Option<&str>, UploadError> {
@@ -183,11 +194,7 @@ pub fn parse_json(body: &[u8], authorities: &[AuthorityCode]) -> Result<BatchReq
 
 fn reject_unknown(obj: &Map<String, Value>, known: &[&str], row: Option<usize>) -> Result<(), UploadError> {
     match obj.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(k) => Err(UploadError {
-            row,
-            field: Some(k.clone()),
-            message: format!("unknown field; expected one of {}", known.join(", ")),
-        }),
+        Some(k) => Err(UploadError::invalid(row, Some(k), format!("unknown field; expected one of {}", known.join(", ")))),
         None => Ok(()),
     }
 }
@@ -211,21 +218,18 @@ pub fn parse_csv(body: &[u8], header: &Header<'_>, authorities: &[AuthorityCode]
         && columns[1] == "authority"
         && (columns.len() == 2 || (columns.len() == 3 && columns[2] == "reference"));
     if !expected_ok {
-        return Err(UploadError {
-            row: Some(1),
-            field: None,
-            message: format!("the CSV header must be `ticket_id,authority[,reference]`, found `{}`", columns.join(",")),
-        });
+        let found = columns.join(",");
+        return Err(UploadError::invalid(Some(1), None, format!("the CSV header must be `ticket_id,authority[,reference]`, found `{found}`")));
     }
     let mut tickets = Vec::new();
     for record in reader.records() {
         let record = record.map_err(|e| {
             let row = e.position().map(|p| p.line() as usize);
-            UploadError { row, field: None, message: format!("malformed CSV: {e}") }
+            UploadError::invalid(row, None, format!("malformed CSV: {e}"))
         })?;
         let row = record.position().map_or(tickets.len() + 2, |p| p.line() as usize);
         if tickets.len() >= MAX_TICKETS {
-            return Err(UploadError::new(Some("tickets"), format!("more than {MAX_TICKETS} tickets; a batch holds at most {MAX_TICKETS}")));
+            return Err(UploadError::too_many(&format!("more than {MAX_TICKETS}")));
         }
         let line = parse_line(row, &record[0], &record[1], record.get(2), authorities)?;
         tickets.push((row, line));
@@ -318,7 +322,17 @@ mod tests {
             .collect();
         let mut v = good();
         v["tickets"] = tickets.into();
-        assert!(json(v).unwrap_err().message.contains("at most 5000"));
+        let e = json(v).unwrap_err();
+        assert_eq!(e.kind, UploadErrorKind::TooManyTickets);
+        assert!(e.message.contains("at most 5000"));
+        let csv: String = (0..=MAX_TICKETS).fold("ticket_id,authority\n".into(), |s, i| s + &format!("t{i},STATE-TOLLS\n"));
+        assert_eq!(parse_csv(csv.as_bytes(), &header(), &authorities()).unwrap_err().kind, UploadErrorKind::TooManyTickets);
+    }
+
+    #[test]
+    fn only_too_many_tickets_is_too_many() {
+        let e = parse_csv(b"ticket_id,authority\nt1,at most 5000\n", &header(), &authorities()).unwrap_err();
+        assert_eq!((e.kind, e.field.as_deref()), (UploadErrorKind::Invalid, Some("authority")));
     }
 
     fn header() -> Header<'static> {

@@ -1,0 +1,57 @@
+//! Path and query extraction that refuses with problem details: axum's own
+//! extractors answer `text/plain`, which no client of this API expects.
+
+use std::collections::HashMap;
+
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use super::problem::Problem;
+
+/// The route's path parameters, deserialized as `T`.
+pub struct PathParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathParams<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(PathParams(value)),
+            Err(rejection) => Err(path_problem(&rejection)),
+        }
+    }
+}
+
+/// The query string as name → value; of a repeated name, the last value.
+pub struct QueryParams(pub HashMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        match Query::<HashMap<String, String>>::from_request_parts(parts, state).await {
+            Ok(Query(map)) => Ok(QueryParams(map)),
+            Err(rejection) => Err(query_problem(&rejection)),
+        }
+    }
+}
+
+fn path_problem(rejection: &PathRejection) -> Problem {
+    let mut problem = Problem::new(rejection.status(), "bad-request", rejection.body_text());
+    if let PathRejection::FailedToDeserializePathParams(e) = rejection {
+        problem.field = match e.kind() {
+            ErrorKind::InvalidUtf8InPathParam { key }
+            | ErrorKind::ParseErrorAtKey { key, .. }
+            | ErrorKind::DeserializeError { key, .. } => Some(key.clone()),
+            _ => None,
+        };
+    }
+    problem
+}
+
+fn query_problem(rejection: &QueryRejection) -> Problem {
+    Problem::new(rejection.status(), "bad-request", rejection.body_text())
+}

@@ -128,3 +128,38 @@ fn a_ticket_shows_each_provider_exchange(browser: &Browser, stack: &Stack, batch
     assert_eq!(browser.text("#trace-id"), view["trace_id"].as_str().unwrap());
     browser.screenshot(&artefact("console-ticket.png"));
 }
+
+/// With keys set, the console asks for one, says when a key is refused, and
+/// shows the batches once a good key is entered.
+#[test]
+fn with_keys_the_console_asks_for_one_and_says_when_it_is_refused() {
+    const KEY: &str = "console-operator-key-61c2";
+    let browser = Browser::start();
+    let data = tempfile::tempdir().unwrap();
+    let keys = json!([{ "name": "operations", "role": "operator", "sha256": ticketpay::api::access::key_digest(KEY) }]).to_string();
+    let env = [("TICKETPAY_API_KEYS", keys.as_str())];
+    let stack = Stack::start(StackOptions { scenario: "zero-latency", providers_url: None, data: data.path(), env: &env, extra_args: &[] });
+    let accepted: Value = stack
+        .http
+        .post(format!("{}/api/batches", stack.url))
+        .header("x-functions-key", KEY)
+        .json(&batch_json("acme", 3, "100.00"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let batch = accepted["batch_id"].as_str().expect("accepted with the key").to_owned();
+
+    browser.goto(&format!("{}/api/console", stack.url));
+    browser.wait_text("#key-message", |t| t.contains("The API needs a key") && t.contains("401"), SOON);
+    assert!(browser.displayed("#key-form"));
+    browser.type_into("#key-input", "not-the-key");
+    browser.click("#key-form button");
+    browser.wait_text("#key-message", |t| t.contains("The API refused this key"), SOON);
+
+    browser.type_into("#key-input", KEY);
+    browser.click("#key-form button");
+    let link = format!("#batches a[href='/api/console/batches/{batch}']");
+    browser.wait_text(&link, |t| t == batch, SOON);
+    assert!(!browser.displayed("#key-form"));
+}

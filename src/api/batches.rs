@@ -12,7 +12,7 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::access::{Caller, forbidden};
-use super::extract::{PathParams, QueryParams};
+use super::extract::{PathParams, QueryParams, read_body};
 use super::problem::Problem;
 use super::{App, views};
 use crate::domain::upload::{self, Header};
@@ -44,10 +44,7 @@ pub async fn upload(
             format!("Content-Type `{content_type}` is not accepted; send application/json or text/csv"),
         ));
     }
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_UPLOAD_BYTES).await else {
-        let detail = format!("the upload is larger than {MAX_UPLOAD_BYTES} bytes");
-        return Err(Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", detail));
-    };
+    let bytes = read_body(body, MAX_UPLOAD_BYTES, || format!("the upload is larger than {MAX_UPLOAD_BYTES} bytes")).await?;
     let request = if media == "text/csv" {
         let header = Header {
             client_id: query.get("client_id").map(String::as_str),

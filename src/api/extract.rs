@@ -1,15 +1,43 @@
-//! Path and query extraction that refuses with problem details: axum's own
-//! extractors answer `text/plain`, which no client of this API expects.
+//! Path, query and body extraction that refuses with problem details: axum's
+//! own extractors answer `text/plain`, which no client of this API expects.
 
 use std::collections::HashMap;
 
+use axum::body::{Body, Bytes};
 use axum::extract::path::ErrorKind;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Path, Query};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
+use bytes::BytesMut;
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
 use super::problem::Problem;
+
+/// How much of a refused, oversized body is still read (and dropped).
+const DRAIN_CAP: usize = 64 * 1024 * 1024;
+
+/// Reads a request body of at most `limit` bytes. A longer one is refused with
+/// 413 `detail`, but read to its end first (up to [`DRAIN_CAP`]): a caller, or
+/// a proxy, still sending it would otherwise lose the answer to a reset.
+pub async fn read_body(body: Body, limit: usize, detail: impl FnOnce() -> String) -> Result<Bytes, Problem> {
+    let mut stream = body.into_data_stream();
+    let (mut kept, mut seen) = (BytesMut::new(), 0usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Problem::bad_request(format!("cannot read the request body: {e}")))?;
+        seen += chunk.len();
+        if seen <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if seen > DRAIN_CAP {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", detail()));
+    }
+    Ok(kept.freeze())
+}
 
 /// The route's path parameters, deserialized as `T`.
 pub struct PathParams<T>(pub T);

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::access::{Caller, forbidden};
 use super::batches::{enqueue, find_batch};
-use super::extract::PathParams;
+use super::extract::{PathParams, read_body};
 use super::problem::Problem;
 use super::App;
 use crate::domain::Status;
@@ -83,10 +83,7 @@ pub async fn redrive(
 
 /// An empty body is a plain redrive.
 async fn read_request(body: Body) -> Result<RedriveRequest, Problem> {
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_REQUEST_BYTES).await else {
-        let detail = format!("a redrive request is at most {MAX_REQUEST_BYTES} bytes");
-        return Err(Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", detail));
-    };
+    let bytes = read_body(body, MAX_REQUEST_BYTES, || format!("a redrive request is at most {MAX_REQUEST_BYTES} bytes")).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(RedriveRequest::default());
     }

@@ -7,20 +7,11 @@ use std::collections::BTreeMap;
 use crate::providers::ProviderName;
 use crate::providers::simulator::{ProviderSettings, Scenario};
 
-/// What bounds one provider: its requests at its limits.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProviderBound {
-    pub provider: ProviderName,
-    pub requests: u64,
-    pub seconds: f64,
-}
-
 /// The floor and the provider that sets it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Floor {
     pub seconds: f64,
     pub bottleneck: Option<ProviderName>,
-    pub bounds: Vec<ProviderBound>,
 }
 
 /// The time one provider needs for `requests`: no faster than its rate limit
@@ -48,21 +39,17 @@ fn min_latency(settings: &ProviderSettings) -> f64 {
 /// of the notification every ticket ends with.
 pub fn floor(scenario: &Scenario, requests: &BTreeMap<ProviderName, u64>) -> Floor {
     let notify = min_latency(scenario.provider(ProviderName::Notifier));
-    let bounds: Vec<ProviderBound> = requests
+    let busiest = requests
         .iter()
         .filter(|(_, n)| **n > 0)
         .map(|(&provider, &n)| {
             let settings = scenario.provider(provider);
             let tail = min_latency(settings) + if provider == ProviderName::Notifier { 0.0 } else { notify };
-            ProviderBound { provider, requests: n, seconds: provider_seconds(settings, n) + tail }
+            (provider, provider_seconds(settings, n) + tail)
         })
-        .collect();
-    let busiest = bounds.iter().filter(|b| b.seconds > 0.0).max_by(|a, b| a.seconds.total_cmp(&b.seconds));
-    Floor {
-        seconds: busiest.map_or(0.0, |b| b.seconds),
-        bottleneck: busiest.map(|b| b.provider),
-        bounds,
-    }
+        .filter(|(_, seconds)| *seconds > 0.0)
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    Floor { seconds: busiest.map_or(0.0, |b| b.1), bottleneck: busiest.map(|b| b.0) }
 }
 
 /// The mean time one ticket takes when every call of a full journey is made

@@ -18,6 +18,8 @@
 use serde::{Deserialize, Serialize};
 
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+/// A fresh id on every request, recorded in the audit trail and logged by the provider.
+pub const REQUEST_ID: &str = "X-Request-Id";
 
 /// Money on the wire: integer minor units and an ISO 4217 code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

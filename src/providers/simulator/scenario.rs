@@ -76,6 +76,12 @@ pub struct ProviderSettings {
     /// that sheds load on its own terms.
     pub throttle_rate: f64,
     pub hang_ms: u64,
+    /// Probability that an operation is applied, then answered 500 (the caller
+    /// cannot tell it from an error before applying).
+    pub error_after_apply_rate: f64,
+    /// Probability that a status query (`GET /operations/{key}`) is answered
+    /// 400, 401, 403 or 409 instead of what was applied.
+    pub status_error_rate: f64,
 }
 
 impl Default for ClientSettings {
@@ -94,6 +100,8 @@ impl Default for ProviderSettings {
             timeout_rate: 0.0,
             throttle_rate: 0.0,
             hang_ms: 10_000,
+            error_after_apply_rate: 0.0,
+            status_error_rate: 0.0,
         }
     }
 }
@@ -148,6 +156,8 @@ struct RawProvider {
     timeout_rate: Option<f64>,
     throttle_rate: Option<f64>,
     hang_ms: Option<u64>,
+    error_after_apply_rate: Option<f64>,
+    status_error_rate: Option<f64>,
 }
 
 fn probability(key: &str, p: f64) -> anyhow::Result<f64> {
@@ -185,17 +195,21 @@ impl RawProvider {
         if let Some(p) = self.throttle_rate {
             s.throttle_rate = probability(&format!("{table}.throttle_rate"), p)?;
         }
+        if let Some(p) = self.error_after_apply_rate {
+            s.error_after_apply_rate = probability(&format!("{table}.error_after_apply_rate"), p)?;
+        }
+        if let Some(p) = self.status_error_rate {
+            s.status_error_rate = probability(&format!("{table}.status_error_rate"), p)?;
+        }
         if let Some(h) = self.hang_ms {
             if h > 600_000 {
                 bail!("`{table}.hang_ms`: {h} ms is more than 10 minutes");
             }
             s.hang_ms = h;
         }
-        if s.error_rate + s.timeout_rate > 1.0 {
-            bail!(
-                "`{table}`: error_rate + timeout_rate = {} is more than 1",
-                s.error_rate + s.timeout_rate
-            );
+        let faults = s.error_rate + s.timeout_rate + s.error_after_apply_rate;
+        if faults > 1.0 {
+            bail!("`{table}`: error_rate + timeout_rate + error_after_apply_rate = {faults} is more than 1");
         }
         Ok(s)
     }

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use super::scenario::{ProviderSettings, Scenario, outcome_for};
 use crate::providers::ProviderName;
 use crate::providers::wire::{
-    CheckRequest, CheckResponse, Decision, DueStatus, IDEMPOTENCY_KEY, LookupResponse,
+    CheckRequest, CheckResponse, Decision, DueStatus, IDEMPOTENCY_KEY, LookupResponse, REQUEST_ID,
     OperationRequest, OperationResponse, ProviderError, WireMoney,
 };
 
@@ -36,12 +36,39 @@ pub fn router(scenario: Scenario) -> Router {
         .route("/", get(root))
         .route("/stats", get(stats))
         .route("/admin/outages", post(start_outage))
+        .route("/requests", get(requests))
         .route("/authority/{authority}/tickets/{ticket_id}", get(lookup))
         .route("/{provider}/operations/{key}", get(status))
         .route("/{provider}/{operation}", post(operate))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(sim.clone(), log_request))
         .with_state(sim)
+}
+
+/// One request as a provider received it.
+#[derive(Debug, Clone, Serialize)]
+struct Received {
+    request_id: Option<String>,
+    method: String,
+    path: String,
+}
+
+/// Keeps every request to a provider (not the simulator's own endpoints) in `GET /requests`.
+async fn log_request(State(sim): State<Arc<Sim>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = req.uri().path();
+    if !matches!(path, "/" | "/stats" | "/requests" | "/admin/outages") {
+        let request_id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let received = Received { request_id, method: req.method().to_string(), path: path.to_owned() };
+        lock(&sim.received).push(received);
+    }
+    next.run(req).await
+}
+
+/// `GET /requests`: every provider request received so far, in arrival order.
+async fn requests(State(sim): State<Arc<Sim>>) -> Response {
+    let all = lock(&sim.received).clone();
+    ok(json!({ "requests": all }))
 }
 
 // ---- state -------------------------------------------------------------------
@@ -52,6 +79,7 @@ struct Sim {
     /// Distinguishes the references of one simulator run from another's.
     run_tag: u32,
     providers: Vec<ProviderState>,
+    received: Mutex<Vec<Received>>,
 }
 
 impl Sim {
@@ -60,7 +88,7 @@ impl Sim {
             .into_iter()
             .map(|p| ProviderState::new(p, scenario.provider(p).clone()))
             .collect();
-        Sim { scenario, started: Instant::now(), run_tag: rand::rng().random(), providers }
+        Sim { scenario, started: Instant::now(), run_tag: rand::rng().random(), providers, received: Mutex::new(Vec::new()) }
     }
 
     fn state(&self, p: ProviderName) -> &ProviderState {
@@ -122,11 +150,20 @@ enum OutageKind {
     Hang,
     /// Every request answered 429 with `Retry-After: 1`.
     Throttle,
+    /// Every request held for `hang_ms`, then 504; operations are applied first.
+    HangAfterApply,
+    /// Every request answered 500; operations are applied first.
+    ErrorAfterApply,
+    /// Status queries (`GET /operations/{key}`) answered `status` (default 409); the rest as usual.
+    StatusError,
+    /// Every request answered `status` (default 403), nothing applied.
+    Refuse,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Outage {
     kind: OutageKind,
+    status: StatusCode,
     until: Instant,
 }
 
@@ -142,8 +179,8 @@ impl ProviderState {
         }
     }
 
-    fn outage(&self) -> Option<OutageKind> {
-        lock(&self.outage).filter(|o| Instant::now() < o.until).map(|o| o.kind)
+    fn outage(&self) -> Option<Outage> {
+        lock(&self.outage).filter(|o| Instant::now() < o.until)
     }
 }
 
@@ -170,7 +207,25 @@ enum Fault {
     None,
     Error(StatusCode),
     Timeout { apply_first: bool },
+    /// Applied (if it is an operation), then answered 500.
+    ErrorAfterApply,
+    /// Answered with this 4xx, nothing applied.
+    Refused(StatusCode),
 }
+
+/// What a request asks of a provider, as far as faults go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asks {
+    /// A lookup or a check: nothing to apply.
+    Answer,
+    Operation,
+    /// `GET /operations/{key}`.
+    Status,
+}
+
+/// The answers a status query may get instead of the truth under `status_error_rate`.
+const STATUS_ERRORS: [StatusCode; 4] =
+    [StatusCode::BAD_REQUEST, StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN, StatusCode::CONFLICT];
 
 impl ProviderState {
     /// Counts the request, then applies the concurrency and rate limits.
@@ -193,7 +248,7 @@ impl ProviderState {
             w.peak_received = w.peak_received.max(w.received);
             let conc = u64::from(self.settings.concurrency_limit);
             let rate = u64::from(self.settings.rate_limit);
-            if self.outage() == Some(OutageKind::Throttle) {
+            if self.outage().is_some_and(|o| o.kind == OutageKind::Throttle) {
                 Err("throttled")
             } else if conc > 0 && c.active.load(Relaxed) >= conc {
                 Err("too_many_in_flight")
@@ -227,23 +282,44 @@ impl ProviderState {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
-    fn draw_fault(&self) -> Fault {
-        match self.outage() {
-            Some(OutageKind::Down) => {
-                self.counters.errors.fetch_add(1, Relaxed);
+    fn draw_fault(&self, asks: Asks) -> Fault {
+        let c = &self.counters;
+        match self.outage().map(|o| (o.kind, o.status)) {
+            Some((OutageKind::Down, _)) => {
+                c.errors.fetch_add(1, Relaxed);
                 return Fault::Error(StatusCode::SERVICE_UNAVAILABLE);
             }
-            Some(OutageKind::Hang) => {
-                self.counters.timeouts.fetch_add(1, Relaxed);
+            Some((OutageKind::Hang, _)) => {
+                c.timeouts.fetch_add(1, Relaxed);
                 return Fault::Timeout { apply_first: false };
             }
-            Some(OutageKind::Throttle) | None => {}
+            Some((OutageKind::HangAfterApply, _)) => {
+                c.timeouts.fetch_add(1, Relaxed);
+                return Fault::Timeout { apply_first: true };
+            }
+            Some((OutageKind::ErrorAfterApply, _)) => {
+                c.errors.fetch_add(1, Relaxed);
+                return Fault::ErrorAfterApply;
+            }
+            Some((OutageKind::Refuse, status)) => {
+                c.errors.fetch_add(1, Relaxed);
+                return Fault::Refused(status);
+            }
+            Some((OutageKind::StatusError, status)) if asks == Asks::Status => {
+                c.errors.fetch_add(1, Relaxed);
+                return Fault::Refused(status);
+            }
+            Some((OutageKind::Throttle | OutageKind::StatusError, _)) | None => {}
         }
         let s = &self.settings;
-        if s.error_rate == 0.0 && s.timeout_rate == 0.0 {
+        let mut rng = rand::rng();
+        if asks == Asks::Status && s.status_error_rate > 0.0 && rng.random_bool(s.status_error_rate) {
+            c.errors.fetch_add(1, Relaxed);
+            return Fault::Refused(STATUS_ERRORS[rng.random_range(0..STATUS_ERRORS.len())]);
+        }
+        if s.error_rate == 0.0 && s.timeout_rate == 0.0 && s.error_after_apply_rate == 0.0 {
             return Fault::None;
         }
-        let mut rng = rand::rng();
         let u: f64 = rng.random();
         if u < s.error_rate {
             self.counters.errors.fetch_add(1, Relaxed);
@@ -256,6 +332,9 @@ impl ProviderState {
         } else if u < s.error_rate + s.timeout_rate {
             self.counters.timeouts.fetch_add(1, Relaxed);
             Fault::Timeout { apply_first: rng.random_bool(0.5) }
+        } else if asks == Asks::Operation && u < s.error_rate + s.timeout_rate + s.error_after_apply_rate {
+            self.counters.errors.fetch_add(1, Relaxed);
+            Fault::ErrorAfterApply
         } else {
             Fault::None
         }
@@ -335,18 +414,35 @@ struct OutageRequest {
     provider: ProviderName,
     kind: OutageKind,
     seconds: u64,
+    /// The answer of `status_error` and `refuse`.
+    status: Option<u16>,
 }
 
-/// `POST /admin/outages {"provider", "kind": "down" | "hang" | "throttle", "seconds"}`:
-/// the provider misbehaves from now for that long (0 ends an outage).
+/// `POST /admin/outages {"provider", "kind", "seconds", "status"?}`: the
+/// provider misbehaves from now for that long (0 ends an outage). Kinds:
+/// `down`, `hang`, `throttle`, `hang_after_apply`, `error_after_apply`,
+/// `status_error` and `refuse` (these two answer `status`, a 4xx).
 async fn start_outage(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     let req: OutageRequest = match parse_json(&body) {
         Ok(r) => r,
         Err(r) => return r,
     };
+    let default = if req.kind == OutageKind::StatusError { StatusCode::CONFLICT } else { StatusCode::FORBIDDEN };
+    let status = match req.status.map(StatusCode::from_u16) {
+        None => default,
+        Some(Ok(s)) if s.is_client_error() && s != StatusCode::TOO_MANY_REQUESTS => s,
+        Some(_) => {
+            let reason = format!("status {} is not a 4xx other than 429", req.status.unwrap_or_default());
+            return error(StatusCode::BAD_REQUEST, "bad_request", Some(reason));
+        }
+    };
     let until = Instant::now() + Duration::from_secs(req.seconds);
-    *lock(&sim.state(req.provider).outage) = Some(Outage { kind: req.kind, until });
-    ok(json!({ "provider": req.provider, "kind": req.kind, "seconds": req.seconds }))
+    *lock(&sim.state(req.provider).outage) = Some(Outage { kind: req.kind, status, until });
+    ok(json!({ "provider": req.provider, "kind": req.kind, "seconds": req.seconds, "status": status.as_u16() }))
+}
+
+fn refused(status: StatusCode) -> Response {
+    error(status, status.canonical_reason().unwrap_or("refused").to_ascii_lowercase().replace(' ', "_").as_str(), None)
 }
 
 /// The currency asked for: the `currency` query parameter, default EUR.
@@ -388,9 +484,11 @@ async fn lookup(
         Ok(c) => c,
         Err(r) => return r,
     };
-    match ps.draw_fault() {
+    match ps.draw_fault(Asks::Answer) {
         Fault::None => {}
         Fault::Error(s) => return transient(s),
+        Fault::ErrorAfterApply => return transient(StatusCode::INTERNAL_SERVER_ERROR),
+        Fault::Refused(s) => return refused(s),
         Fault::Timeout { .. } => return ps.hang().await,
     }
     let outcome = outcome_for(&sim.scenario, &ticket_id);
@@ -506,14 +604,21 @@ async fn operate(
     };
 
     let declined = is_forward && outcome_for(&sim.scenario, &req.ticket_id).fails_at == Some(p);
-    match ps.draw_fault() {
+    match ps.draw_fault(Asks::Operation) {
         Fault::None => {}
         Fault::Error(s) => return transient(s),
+        Fault::Refused(s) => return refused(s),
         Fault::Timeout { apply_first } => {
             if apply_first && !declined {
                 let _ = apply(&sim, ps, &operation, is_forward, &key, &req);
             }
             return ps.hang().await;
+        }
+        Fault::ErrorAfterApply => {
+            if !declined {
+                let _ = apply(&sim, ps, &operation, is_forward, &key, &req);
+            }
+            return transient(StatusCode::INTERNAL_SERVER_ERROR);
         }
     }
     if declined {
@@ -594,9 +699,11 @@ async fn check(sim: &Sim, p: ProviderName, body: &[u8]) -> Response {
         Ok(r) => r,
         Err(r) => return r,
     };
-    match ps.draw_fault() {
+    match ps.draw_fault(Asks::Answer) {
         Fault::None => {}
         Fault::Error(s) => return transient(s),
+        Fault::ErrorAfterApply => return transient(StatusCode::INTERNAL_SERVER_ERROR),
+        Fault::Refused(s) => return refused(s),
         Fault::Timeout { .. } => return ps.hang().await,
     }
     if outcome_for(&sim.scenario, &req.ticket_id).rejected_by == Some(p) {
@@ -623,9 +730,11 @@ async fn status(
         Err(r) => return r,
     };
     ps.latency().await;
-    match ps.draw_fault() {
+    match ps.draw_fault(Asks::Status) {
         Fault::None => {}
         Fault::Error(s) => return transient(s),
+        Fault::ErrorAfterApply => return transient(StatusCode::INTERNAL_SERVER_ERROR),
+        Fault::Refused(s) => return refused(s),
         Fault::Timeout { .. } => return ps.hang().await,
     }
     let found = lock(&ps.applied).get(&key).map(|a| a.response.clone());

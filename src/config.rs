@@ -169,6 +169,9 @@ pub struct HandlerConfig {
     pub client: ClientConfig,
     pub redactor: Redactor,
     pub access: Access,
+    /// Where audit records wait while the store cannot take them.
+    pub spool_dir: PathBuf,
+    pub sweep: crate::stages::sweep::SweepPolicy,
 }
 
 impl HandlerConfig {
@@ -199,7 +202,17 @@ impl HandlerConfig {
         let redactor = Redactor::new(&s.list("TICKETPAY_REDACT_HEADERS"), &s.list("TICKETPAY_REDACT_FIELDS"))
             .with_secrets(endpoints.api_keys.values());
         let access = load_access(s)?;
-        Ok(HandlerConfig { port, bus, store, authorities, retry, claim_lease, endpoints, client, redactor, access })
+        let spool_dir = match (s.optional("TICKETPAY_SPOOL_DIR"), &store) {
+            (Some(dir), _) => PathBuf::from(dir),
+            (None, StoreConfig::Embedded { path }) => path.with_file_name("audit-spool"),
+            (None, StoreConfig::Cosmos { .. }) => std::env::temp_dir().join("ticketpay-audit-spool"),
+        };
+        let defaults = crate::stages::sweep::SweepPolicy::default();
+        let sweep = crate::stages::sweep::SweepPolicy {
+            overdue_after: Duration::from_secs(s.number("TICKETPAY_SWEEP_OVERDUE_SECS", defaults.overdue_after.as_secs())?),
+            max_resends: s.number("TICKETPAY_SWEEP_MAX_RESENDS", defaults.max_resends)?,
+        };
+        Ok(HandlerConfig { port, bus, store, authorities, retry, claim_lease, endpoints, client, redactor, access, spool_dir, sweep })
     }
 }
 

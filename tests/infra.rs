@@ -193,6 +193,7 @@ fn service_bus_queues_match_the_queue_triggers() {
 const NOT_SET_BY_NAME: &[(&str, &str)] = &[
     ("TICKETPAY_DATA_DIR", "local only: folder of the embedded store; in Azure the store is Cosmos DB (CosmosDb__*)"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "local only: an OTLP collector; in Azure spans go to Application Insights"),
+    ("TICKETPAY_SPOOL_DIR", "in Azure the instance's temp folder, the default"),
     (
         "TICKETPAY_PROVIDER_URL_GATEWAY",
         "an example of TICKETPAY_PROVIDER_URL_<NAME>: set for each provider in the `providerUrls` parameter (checked below)",

@@ -247,6 +247,43 @@ async fn batches_are_listed_by_client_newest_first(store: Arc<dyn Store>) {
     assert_eq!(store.batches(None, 2).await.unwrap().len(), 2);
 }
 
+async fn overdue_tickets_and_unrecorded_completions_are_found(store: Arc<dyn Store>) {
+    let (b, ts) = seeded(store.as_ref(), 1_000, 3).await;
+    let mine = |found: Vec<ticketpay::store::Versioned<Ticket>>| found.into_iter().filter(|t| t.value.batch_id == b.batch_id).count();
+    let before_upload = b.created_at - chrono::Duration::seconds(1);
+    assert_eq!(mine(store.overdue_tickets(before_upload, 100).await.unwrap()), 0, "nothing is overdue before it is due");
+    let later = Utc::now() + chrono::Duration::minutes(1);
+    assert_eq!(mine(store.overdue_tickets(later, 100).await.unwrap()), 3);
+    assert_eq!(store.overdue_in_batch(&b.batch_id, later).await.unwrap(), 3);
+
+    let update = |t: ticketpay::store::Versioned<Ticket>, change: &dyn Fn(&mut Ticket)| {
+        let mut ticket = t.value.clone();
+        change(&mut ticket);
+        TicketUpdate { ticket, etag: t.etag, budget: None, events: vec![] }
+    };
+    let retrying = store.ticket(&b.batch_id, &ts[0].ticket_id).await.unwrap().unwrap();
+    store.update_ticket(update(retrying, &|t| t.retry_at = Some(Utc::now() + chrono::Duration::minutes(5)))).await.unwrap();
+    assert_eq!(store.overdue_in_batch(&b.batch_id, later).await.unwrap(), 2, "a retry scheduled later is not due yet");
+    let told = store.ticket(&b.batch_id, &ts[1].ticket_id).await.unwrap().unwrap();
+    store
+        .update_ticket(update(told, &|t| {
+            t.status = Status::Rejected;
+            t.notified = true;
+        }))
+        .await
+        .unwrap();
+    assert_eq!(store.overdue_in_batch(&b.batch_id, later).await.unwrap(), 1, "an ended and told ticket waits for nothing");
+    assert_eq!(mine(store.overdue_tickets(later, 100).await.unwrap()), 1);
+
+    let incomplete = |list: Vec<Batch>| list.iter().any(|x| x.batch_id == b.batch_id);
+    assert!(incomplete(store.incomplete_batches(100).await.unwrap()));
+    assert!(store.mark_completed(&b.batch_id, Utc::now()).await.unwrap());
+    assert!(!incomplete(store.incomplete_batches(100).await.unwrap()), "a recorded completion");
+    store.reopen(&b.batch_id).await.unwrap();
+    assert!(store.batch(&b.batch_id).await.unwrap().unwrap().completed_at.is_none(), "reopened");
+    assert!(incomplete(store.incomplete_batches(100).await.unwrap()));
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -270,6 +307,8 @@ macro_rules! conformance {
             async fn tickets_page_by_id_and_filter_by_status() { let (s, _keep) = store().await; super::tickets_page_by_id_and_filter_by_status(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn batches_are_listed_by_client_newest_first() { let (s, _keep) = store().await; super::batches_are_listed_by_client_newest_first(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn overdue_tickets_and_unrecorded_completions_are_found() { let (s, _keep) = store().await; super::overdue_tickets_and_unrecorded_completions_are_found(s).await }
         }
     };
 }

@@ -89,6 +89,8 @@ var appSettings = {
   TICKETPAY_MAX_ATTEMPTS: string(maxAttempts)
   TICKETPAY_RETRY_BASE_MS: string(retryBaseMs)
   TICKETPAY_RETRY_CAP_MS: string(retryCapMs)
+  TICKETPAY_SWEEP_OVERDUE_SECS: '60'
+  TICKETPAY_SWEEP_MAX_RESENDS: '5'
   TICKETPAY_REDACT_HEADERS: redactHeaders
   TICKETPAY_REDACT_FIELDS: redactFields
   RUST_LOG: rustLog

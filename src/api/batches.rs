@@ -21,7 +21,7 @@ use crate::bus::OutgoingMessage;
 use crate::stages::message_for;
 use crate::telemetry;
 use tracing::Instrument;
-use crate::store::Created;
+use crate::store::{BatchSummary, Created};
 
 /// Large enough for 5,000 tickets with long references, small enough to refuse abuse.
 pub const MAX_UPLOAD_BYTES: usize = 4 * 1024 * 1024;
@@ -197,8 +197,13 @@ pub async fn list(State(app): State<Arc<App>>, caller: Caller, QueryParams(query
     let mut items = Vec::new();
     for batch in store.batches(client.as_ref(), limit).await? {
         // Counting a batch's tickets costs a query per batch, so only when asked.
-        let summary = if with_summary { Some(store.summary(&batch.batch_id).await?) } else { None };
-        items.push(views::batch_item(&batch, summary.as_ref()));
+        let item = if with_summary {
+            let (batch, summary, stalled) = summarise(&app, batch).await?;
+            views::batch_item(&batch, Some((&summary, stalled)))
+        } else {
+            views::batch_item(&batch, None)
+        };
+        items.push(item);
     }
     Ok(Json(json!({ "batches": items })).into_response())
 }
@@ -213,8 +218,32 @@ fn parse_flag(query: &HashMap<String, String>, name: &str) -> Result<bool, Probl
 
 pub async fn status(State(app): State<Arc<App>>, caller: Caller, PathParams(batch_id): PathParams<String>) -> Result<Response, Problem> {
     let batch = find_batch(&app, &caller, &batch_id).await?;
-    let summary = app.pipeline.store.summary(&batch.batch_id).await?;
-    Ok(Json(views::batch_status(&batch, &summary)).into_response())
+    let (batch, summary, stalled) = summarise(&app, batch).await?;
+    Ok(Json(views::batch_status(&batch, &summary, stalled)).into_response())
+}
+
+/// The batch's counts and its overdue tickets. A batch found complete whose
+/// completion was never recorded (a crash between the last notification and
+/// the record) is recorded now, and one recorded complete with a ticket on its
+/// way again is reopened, so every view says the same.
+async fn summarise(app: &App, mut batch: Batch) -> Result<(Batch, BatchSummary, u64), Problem> {
+    let store = &app.pipeline.store;
+    let summary = store.summary(&batch.batch_id).await?;
+    match (summary.is_complete(), batch.completed_at) {
+        (true, None) => app.pipeline.complete_if_done(&batch.batch_id).await?,
+        // Completed, then a ticket sent back in (a redrive that stopped halfway).
+        (false, Some(_)) => store.reopen(&batch.batch_id).await?,
+        _ => {}
+    }
+    if summary.is_complete() != batch.completed_at.is_some() {
+        batch = store.batch(&batch.batch_id).await?.unwrap_or(batch);
+    }
+    let overdue_after = chrono::Duration::from_std(app.pipeline.sweep.overdue_after).unwrap_or_default();
+    let stalled = match batch.completed_at {
+        Some(_) => 0,
+        None => store.overdue_in_batch(&batch.batch_id, chrono::Utc::now() - overdue_after).await?,
+    };
+    Ok((batch, summary, stalled))
 }
 
 /// The batch, if the caller may see it: another client's batch is not found, like one that does not exist.

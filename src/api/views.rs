@@ -6,7 +6,17 @@ use crate::domain::money::format_minor;
 use crate::domain::{Batch, Event, Ticket};
 use crate::store::BatchSummary;
 
-pub fn batch_status(batch: &Batch, summary: &BatchSummary) -> Value {
+/// A batch is `completed` once its completion is recorded (every ticket ended and
+/// told), `stalled` while tickets wait for a message that is overdue, else `running`.
+fn state(batch: &Batch, stalled: u64) -> &'static str {
+    match (batch.completed_at, stalled) {
+        (Some(_), _) => "completed",
+        (None, 0) => "running",
+        (None, _) => "stalled",
+    }
+}
+
+pub fn batch_status(batch: &Batch, summary: &BatchSummary, stalled: u64) -> Value {
     let counts: serde_json::Map<String, Value> =
         summary.counts.iter().map(|(status, n)| (status.as_str().to_owned(), json!(n))).collect();
     let money = |minor: i64| format_minor(minor, batch.currency);
@@ -15,7 +25,8 @@ pub fn batch_status(batch: &Batch, summary: &BatchSummary) -> Value {
     json!({
         "batch_id": batch.batch_id,
         "client_id": batch.client_id,
-        "status": if summary.is_complete() { "completed" } else { "running" },
+        "status": state(batch, stalled),
+        "stalled": stalled,
         "currency": batch.currency,
         "budget": money(batch.budget),
         "reserved": money(summary.reserved),
@@ -28,18 +39,18 @@ pub fn batch_status(batch: &Batch, summary: &BatchSummary) -> Value {
         // Past notify: at an end state with the client told. What an ETA counts.
         "done": progress[4].past,
         "created_at": batch.created_at,
-        "completed_at": if summary.is_complete() { batch.completed_at } else { None },
+        "completed_at": batch.completed_at,
     })
 }
 
 /// A batch in a list; with its summary, everything its status shows.
-pub fn batch_item(batch: &Batch, summary: Option<&BatchSummary>) -> Value {
+pub fn batch_item(batch: &Batch, summary: Option<(&BatchSummary, u64)>) -> Value {
     let mut item = match summary {
-        Some(summary) => batch_status(batch, summary),
+        Some((summary, stalled)) => batch_status(batch, summary, stalled),
         None => json!({
             "batch_id": batch.batch_id,
             "client_id": batch.client_id,
-            "status": if batch.completed_at.is_some() { "completed" } else { "running" },
+            "status": state(batch, 0),
             "currency": batch.currency,
             "budget": format_minor(batch.budget, batch.currency),
             "tickets": batch.tickets,
@@ -73,7 +84,8 @@ pub fn ticket(t: &Ticket) -> Value {
         "payment": {
             "steps_done": t.pay.done,
             "steps_undone": t.pay.undone,
-            "in_flight": t.pay.in_flight,
+            "in_flight": t.pay.slot.in_flight,
+            "outcome_unknown": t.pay.slot.is_unknown(),
             "failure": t.pay.failure,
         },
         "notified": t.notified,

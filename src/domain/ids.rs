@@ -15,6 +15,9 @@ fn parse_token(what: &str, text: &str, max: usize) -> Result<String, String> {
     if text.len() > max {
         return Err(format!("{what} `{text}` is longer than {max} characters"));
     }
+    if text.chars().all(|c| c == '.') {
+        return Err(format!("{what} `{text}` is only dots, which no URL path can carry"));
+    }
     if let Some(c) = text.chars().find(|&c| !is_id_char(c)) {
         return Err(format!(
             "{what} `{text}` has the character {c:?}; use letters, digits, '-', '_' or '.'"

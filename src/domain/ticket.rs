@@ -37,6 +37,11 @@ impl Stage {
         }
     }
 
+    /// The queue that triggers this stage's function.
+    pub fn queue(self) -> String {
+        format!("ticket-{}", self.function())
+    }
+
     pub fn from_function(name: &str) -> Option<Stage> {
         Self::ALL.into_iter().find(|s| s.function() == name)
     }
@@ -173,15 +178,13 @@ impl PayStep {
     }
 }
 
-/// How far the payment has gone. Steps are done in order; compensation undoes
-/// the done steps in reverse order.
+/// One operation that must be applied at most once, recorded before it is
+/// sent. Until its answer is recorded its outcome is unknown (timeout, crash,
+/// 5xx), so the provider is asked by idempotency key before it is sent again.
+/// The payment and the notification each have their own: a notification never
+/// touches what is known of a payment step.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PayProgress {
-    /// Steps completed, from the first.
-    pub done: u8,
-    /// An operation (a payment step, or the notification) recorded before it is
-    /// sent. Until its answer is recorded, its outcome is unknown (timeout, crash,
-    /// 5xx), so the provider is asked by idempotency key before it is sent again.
+pub struct OperationSlot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<String>,
     /// When a live invocation claimed the in-flight operation. Cleared when that
@@ -189,6 +192,57 @@ pub struct PayProgress {
     /// A claim older than the lease belongs to an invocation that died.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_at: Option<DateTime<Utc>>,
+}
+
+impl OperationSlot {
+    pub fn is_empty(&self) -> bool {
+        self.in_flight.is_none() && self.claimed_at.is_none()
+    }
+
+    /// Records `operation` as about to be sent by the caller.
+    pub fn claim(&mut self, operation: &str, now: DateTime<Utc>) {
+        self.in_flight = Some(operation.to_owned());
+        self.claimed_at = Some(now);
+    }
+
+    /// The claimant lost the answer and stops: the outcome stays unknown, for anyone to resolve.
+    pub fn release_claim(&mut self) {
+        self.claimed_at = None;
+    }
+
+    /// The operation's answer is recorded: nothing is in flight.
+    pub fn clear_claim(&mut self) {
+        self.in_flight = None;
+        self.claimed_at = None;
+    }
+
+    /// Whether an operation was sent and its answer never recorded.
+    pub fn is_unknown(&self) -> bool {
+        self.in_flight.is_some() && self.claimed_at.is_none()
+    }
+
+    /// Who may act on `operation` now.
+    pub fn claim_on(&self, operation: &str, now: DateTime<Utc>, lease: Duration) -> Claim {
+        if self.in_flight.as_deref() != Some(operation) {
+            return Claim::Free;
+        }
+        let lease = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+        match self.claimed_at {
+            Some(at) if now < at + lease => Claim::Held { until: at + lease },
+            _ => Claim::Unknown,
+        }
+    }
+}
+
+/// How far the payment has gone. Steps are done in order; compensation undoes
+/// the done steps in reverse order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayProgress {
+    /// Steps completed, from the first.
+    pub done: u8,
+    /// The payment step (or compensation) in flight.
+    #[serde(flatten)]
+    pub slot: OperationSlot,
     /// Set once a step failed permanently: from then on we only undo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
@@ -209,34 +263,6 @@ impl PayProgress {
         }
     }
 
-    /// Records `operation` as about to be sent by the caller.
-    pub fn claim(&mut self, operation: &str, now: DateTime<Utc>) {
-        self.in_flight = Some(operation.to_owned());
-        self.claimed_at = Some(now);
-    }
-
-    /// The claimant lost the answer and stops: the outcome stays unknown, for anyone to resolve.
-    pub fn release_claim(&mut self) {
-        self.claimed_at = None;
-    }
-
-    pub fn clear_claim(&mut self) {
-        self.in_flight = None;
-        self.claimed_at = None;
-    }
-
-    /// Who may act on `operation` now.
-    pub fn claim_on(&self, operation: &str, now: DateTime<Utc>, lease: Duration) -> Claim {
-        if self.in_flight.as_deref() != Some(operation) {
-            return Claim::Free;
-        }
-        let lease = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-        match self.claimed_at {
-            Some(at) if now < at + lease => Claim::Held { until: at + lease },
-            _ => Claim::Unknown,
-        }
-    }
-
     /// The operation in flight was applied: count it and claim the next one.
     pub fn applied(&mut self, now: DateTime<Utc>) {
         match self.failure {
@@ -254,8 +280,8 @@ impl PayProgress {
 
     fn claim_next(&mut self, now: DateTime<Utc>) {
         match self.next_operation() {
-            Some((_, op)) => self.claim(op, now),
-            None => self.clear_claim(),
+            Some((_, op)) => self.slot.claim(op, now),
+            None => self.slot.clear_claim(),
         }
     }
 
@@ -299,12 +325,18 @@ pub struct Ticket {
     pub parked_stage: Option<Stage>,
     #[serde(default)]
     pub pay: PayProgress,
+    /// The notification in flight, apart from the payment's.
+    #[serde(default, skip_serializing_if = "OperationSlot::is_empty")]
+    pub notice: OperationSlot,
     pub notified: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notification: Option<String>,
     /// How many times an operator sent this ticket back into the pipeline.
     #[serde(default)]
     pub redrives: u32,
+    /// How many times the sweep sent this ticket's overdue message again since it last moved.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resends: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -326,6 +358,17 @@ pub struct Pending {
     pub stage: Stage,
     pub attempt: u32,
     pub not_before: Option<DateTime<Utc>>,
+}
+
+/// What the sweep does with a ticket whose message is overdue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overdue {
+    Resend,
+    GiveUp,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What to do after a transient failure.
@@ -381,9 +424,11 @@ impl Ticket {
             reason: None,
             parked_stage: None,
             pay: PayProgress::default(),
+            notice: OperationSlot::default(),
             notified: false,
             notification: None,
             redrives: 0,
+            resends: 0,
             created_at: now,
             updated_at: now,
         }
@@ -420,8 +465,24 @@ impl Ticket {
         self.reason = None;
         self.notified = false;
         self.notification = None;
-        self.pay.release_claim();
+        self.pay.slot.release_claim();
+        self.notice.clear_claim();
         Ok(stage)
+    }
+
+    /// The at-most-once operation slot a stage sends through.
+    pub fn slot_mut(&mut self, stage: Stage) -> &mut OperationSlot {
+        match stage {
+            Stage::Notify => &mut self.notice,
+            _ => &mut self.pay.slot,
+        }
+    }
+
+    pub fn slot(&self, stage: Stage) -> &OperationSlot {
+        match stage {
+            Stage::Notify => &self.notice,
+            _ => &self.pay.slot,
+        }
     }
 
     /// The message this ticket is waiting for, if any.
@@ -432,9 +493,39 @@ impl Ticket {
         Some(Pending { stage: self.status.stage(), attempt: self.attempt, not_before: self.retry_at })
     }
 
+    /// When the message this ticket waits for was due: the stage should have
+    /// taken it by then (its retry time, or when the ticket last changed).
+    pub fn due_at(&self) -> DateTime<Utc> {
+        self.retry_at.map_or(self.updated_at, |at| at.max(self.updated_at))
+    }
+
+    /// The sweep found this ticket's message overdue: send it again, or after
+    /// `max_resends` resends without progress stop trying and say so. A ticket
+    /// on its way is parked where it stalled, for an operator (an unknown
+    /// payment outcome stays unknown); an end state gives up its notification.
+    pub fn overdue(&mut self, max_resends: u32, now: DateTime<Utc>) -> Overdue {
+        self.updated_at = now;
+        if self.resends < max_resends {
+            self.resends += 1;
+            return Overdue::Resend;
+        }
+        let lost = format!("its message was lost {} times", self.resends + 1);
+        if self.status.is_end() {
+            self.notified = true;
+            self.notification = Some(format!("not sent: {lost}"));
+        } else {
+            let stage = self.status.stage();
+            self.slot_mut(stage).release_claim();
+            self.parked_stage = Some(stage);
+            self.end(Status::Parked, Some(format!("{stage}: stalled, {lost}")), now);
+        }
+        Overdue::GiveUp
+    }
+
     /// Moves to `status` with a fresh attempt count.
     pub fn move_to(&mut self, status: Status, now: DateTime<Utc>) {
         self.status = status;
+        self.resends = 0;
         self.attempt = 0;
         self.retry_at = None;
         self.last_error = None;
@@ -548,9 +639,9 @@ mod tests {
         let policy = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };
         let mut t = ticket(Status::Pay);
         t.reserved = 900;
-        t.pay.claim("settle", Utc::now());
+        t.pay.slot.claim("settle", Utc::now());
         t.fail_transiently("settlement down".into(), &policy, Duration::ZERO, Utc::now());
-        t.pay.release_claim();
+        t.pay.slot.release_claim();
         t.notified = true;
         assert_eq!(t.status, Status::Parked);
         assert_eq!(t.redrive(Utc::now()), Ok(Stage::Pay));
@@ -558,8 +649,52 @@ mod tests {
         assert_eq!(t.operation_key("capture"), format!("{}:{}:capture", t.batch_id, t.ticket_id), "a payment step keeps its key");
         assert!(t.operation_key("notify").ends_with(":notify:r1"), "the next notification is news");
         assert_eq!(t.reserved, 900, "the reservation is still held");
-        assert_eq!(t.pay.claim_on("settle", Utc::now(), Duration::from_secs(60)), Claim::Unknown, "the lost answer is asked for first");
+        assert_eq!(t.pay.slot.claim_on("settle", Utc::now(), Duration::from_secs(60)), Claim::Unknown, "the lost answer is asked for first");
         assert!(t.redrive(Utc::now()).unwrap_err().contains("only parked"));
+    }
+
+    #[test]
+    fn an_unknown_payment_outcome_survives_the_notification_and_the_redrive() {
+        let policy = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };
+        let lease = Duration::from_secs(60);
+        let mut t = ticket(Status::Pay);
+        t.reserved = 900;
+        t.pay.slot.claim("capture", Utc::now());
+        t.pay.slot.release_claim();
+        t.fail_transiently("timed out".into(), &policy, Duration::ZERO, Utc::now());
+        assert_eq!(t.status, Status::Parked);
+        // The parked ticket's client is told, through the notification's own slot.
+        t.slot_mut(Stage::Notify).claim("notify", Utc::now());
+        t.slot_mut(Stage::Notify).clear_claim();
+        t.notified = true;
+        assert!(t.pay.slot.is_unknown(), "notifying never forgets the capture in flight");
+        t.redrive(Utc::now()).unwrap();
+        assert_eq!(t.slot(Stage::Pay).claim_on("capture", Utc::now(), lease), Claim::Unknown, "the gateway is asked before any capture");
+        assert_eq!(t.slot(Stage::Notify).claim_on("notify", Utc::now(), lease), Claim::Free, "the next notification is news");
+    }
+
+    #[test]
+    fn an_overdue_ticket_is_resent_then_parked_where_it_stalled() {
+        let now = Utc::now();
+        let mut t = ticket(Status::Validate);
+        t.retry_at = Some(now + chrono::Duration::seconds(30));
+        assert_eq!(t.due_at(), now + chrono::Duration::seconds(30), "a scheduled retry is due when it is scheduled");
+        assert_eq!(t.overdue(2, now), Overdue::Resend);
+        assert_eq!(t.overdue(2, now), Overdue::Resend);
+        assert_eq!(t.overdue(2, now), Overdue::GiveUp);
+        assert_eq!((t.status, t.parked_stage), (Status::Parked, Some(Stage::Validate)));
+        assert!(t.reason.as_deref().unwrap().contains("lost 3 times"), "{:?}", t.reason);
+
+        let mut moving = ticket(Status::Lookup);
+        moving.overdue(2, now);
+        moving.move_to(Status::Validate, now);
+        assert_eq!(moving.resends, 0, "progress starts the count again");
+
+        let mut told = ticket(Status::Paid);
+        told.paid = 700;
+        assert_eq!(told.overdue(0, now), Overdue::GiveUp);
+        assert_eq!((told.status, told.paid, told.notified), (Status::Paid, 700, true), "an end state keeps its outcome");
+        assert!(told.pending().is_none());
     }
 
     #[test]
@@ -606,14 +741,14 @@ mod tests {
         let mut pay = PayProgress::default();
         assert_eq!(pay.next_operation(), Some((PayStep::Capture, "capture")));
         pay.applied(now);
-        assert_eq!((pay.done, pay.in_flight.as_deref()), (1, Some("settle")));
+        assert_eq!((pay.done, pay.slot.in_flight.as_deref()), (1, Some("settle")));
         pay.applied(now);
         pay.declined("ledger down for good".into(), now);
-        assert_eq!(pay.in_flight.as_deref(), Some("cancel"), "undo starts with the last done step");
+        assert_eq!(pay.slot.in_flight.as_deref(), Some("cancel"), "undo starts with the last done step");
         pay.applied(now);
-        assert_eq!(pay.in_flight.as_deref(), Some("refund"));
+        assert_eq!(pay.slot.in_flight.as_deref(), Some("refund"));
         pay.applied(now);
-        assert_eq!((pay.undone, pay.in_flight.as_deref(), pay.claimed_at), (2, None, None));
+        assert_eq!((pay.undone, pay.slot.in_flight.as_deref(), pay.slot.claimed_at), (2, None, None));
         assert_eq!(pay.next_operation(), None);
     }
 
@@ -621,13 +756,13 @@ mod tests {
     fn a_claim_is_held_for_its_lease_then_its_outcome_is_unknown() {
         let now = Utc::now();
         let lease = Duration::from_secs(60);
-        let mut pay = PayProgress::default();
-        assert_eq!(pay.claim_on("capture", now, lease), Claim::Free);
-        pay.claim("capture", now);
-        assert_eq!(pay.claim_on("capture", now, lease), Claim::Held { until: now + chrono::Duration::seconds(60) });
-        assert_eq!(pay.claim_on("settle", now, lease), Claim::Free);
-        assert_eq!(pay.claim_on("capture", now + chrono::Duration::seconds(61), lease), Claim::Unknown, "the claimant died");
-        pay.release_claim();
-        assert_eq!(pay.claim_on("capture", now, lease), Claim::Unknown, "the claimant gave up");
+        let mut slot = OperationSlot::default();
+        assert_eq!(slot.claim_on("capture", now, lease), Claim::Free);
+        slot.claim("capture", now);
+        assert_eq!(slot.claim_on("capture", now, lease), Claim::Held { until: now + chrono::Duration::seconds(60) });
+        assert_eq!(slot.claim_on("settle", now, lease), Claim::Free);
+        assert_eq!(slot.claim_on("capture", now + chrono::Duration::seconds(61), lease), Claim::Unknown, "the claimant died");
+        slot.release_claim();
+        assert_eq!(slot.claim_on("capture", now, lease), Claim::Unknown, "the claimant gave up");
     }
 }

@@ -39,6 +39,7 @@ pub fn router(app: Arc<App>) -> Router {
     let api = api::router().layer(axum::middleware::from_fn_with_state(app.clone(), api::access::require_key));
     Router::new()
         .route("/", get(|| async { Json(json!({ "service": "ticketpay-handler" })) }))
+        .route("/sweep", post(sweep))
         .route("/{function}", post(invoke))
         .merge(api)
         .with_state(app)
@@ -70,7 +71,7 @@ async fn invoke(State(app): State<Arc<App>>, Path(function): Path<String>, body:
         outcome = Empty,
         delivery_count = invocation.delivery_count,
         "messaging.system" = "servicebus",
-        "messaging.destination.name" = %format!("ticket-{}", stage.function()),
+        "messaging.destination.name" = %stage.queue(),
         "messaging.message.id" = invocation.message_id.as_deref().unwrap_or_default(),
     );
     telemetry::continue_from(&span, &invocation.application_properties);
@@ -83,16 +84,58 @@ async fn invoke(State(app): State<Arc<App>>, Path(function): Path<String>, body:
             let log = format!("{stage} {}/{}: {outcome}", message.batch_id, message.ticket_id);
             Json(json!({ "Outputs": {}, "Logs": [log] })).into_response()
         }
+        Err(e) => failed(&app, stage, &message, e).instrument(span.clone()).await,
+    };
+    drop(span);
+    telemetry::flush().await;
+    reply
+}
+
+/// The timer-triggered sweep (`functions/sweep`): overdue tickets moved again, batches completed.
+async fn sweep(State(app): State<Arc<App>>) -> Response {
+    let span = tracing::info_span!("sweep", otel.name = "sweep", otel.kind = "consumer", otel.status_code = Empty);
+    let swept = app.pipeline.sweep(chrono::Utc::now()).instrument(span.clone()).await;
+    let reply = match swept {
+        Ok(s) => {
+            span.record("otel.status_code", "ok");
+            if s != Default::default() {
+                tracing::info!(parent: &span, resent = s.resent, gave_up = s.gave_up, completed = s.completed, "sweep");
+            }
+            let log = format!("sweep: {} resent, {} given up, {} batches completed", s.resent, s.gave_up, s.completed);
+            Json(json!({ "Outputs": {}, "Logs": [log], "ReturnValue": s })).into_response()
+        }
         Err(e) => {
-            span.record("outcome", "error");
             span.record("otel.status_code", "error");
-            tracing::warn!(parent: &span, error = %e, "invocation failed; the host will deliver the message again");
+            tracing::warn!(parent: &span, error = %e, "sweep failed; the next run tries again");
             failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
     };
     drop(span);
     telemetry::flush().await;
     reply
+}
+
+/// What becomes of a message whose stage failed: a permanent error parks the
+/// ticket at once with the reason; a transient one comes back later with a
+/// growing backoff; only when neither can be written does the host redeliver it.
+async fn failed(app: &App, stage: Stage, message: &StageMessage, e: crate::stages::StageError) -> Response {
+    let span = tracing::Span::current();
+    span.record("otel.status_code", "error");
+    let pipeline = &app.pipeline;
+    let (outcome, done) = if e.is_transient() {
+        ("deferred", pipeline.defer(stage, message).await)
+    } else {
+        tracing::error!(error = %e, "a permanent error: the ticket is parked for an operator");
+        ("parked", pipeline.park_for_good(stage, message, &e).await)
+    };
+    if done {
+        span.record("outcome", outcome);
+        let log = format!("{stage} {}/{}: {outcome} after: {e}", message.batch_id, message.ticket_id);
+        return Json(json!({ "Outputs": {}, "Logs": [log] })).into_response();
+    }
+    span.record("outcome", "error");
+    tracing::warn!(error = %e, "invocation failed; the host will deliver the message again");
+    failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
 fn failure(status: StatusCode, error: String) -> Response {
@@ -111,11 +154,14 @@ pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
         BusConfig::Local { url } => BusSender::new(url),
         BusConfig::Azure { url, identity } => BusSender::with_credential(url, identity.credential()?),
     };
+    let spool = crate::stages::spool::AuditSpool::start(&config.spool_dir, store.clone())?;
     let pipeline = Pipeline {
         store,
+        spool,
         bus,
         providers: ProviderClient::new(config.endpoints, &config.client, config.redactor),
         retry: config.retry,
+        sweep: config.sweep,
         claim_lease: config.claim_lease,
     };
     Ok(Arc::new(App { pipeline, authorities: config.authorities, access: config.access }))

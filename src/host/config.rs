@@ -49,6 +49,7 @@ pub struct FunctionConfig {
 pub enum Trigger {
     Http { binding: String },
     Queue(QueueTrigger),
+    Timer { binding: String, schedule: super::timer::Schedule, run_on_startup: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,8 +184,23 @@ impl HostConfig {
     pub fn queue_functions(&self) -> impl Iterator<Item = (&FunctionConfig, &QueueTrigger)> {
         self.functions.iter().filter_map(|f| match &f.trigger {
             Trigger::Queue(q) => Some((f, q)),
-            Trigger::Http { .. } => None,
+            Trigger::Http { .. } | Trigger::Timer { .. } => None,
         })
+    }
+
+    pub fn timer_functions(&self) -> Vec<super::timer::TimerSpec> {
+        self.functions
+            .iter()
+            .filter_map(|f| match &f.trigger {
+                Trigger::Timer { binding, schedule, run_on_startup } => Some(super::timer::TimerSpec {
+                    function: f.name.clone(),
+                    binding: binding.clone(),
+                    schedule: schedule.clone(),
+                    run_on_startup: *run_on_startup,
+                }),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn has_http_function(&self) -> bool {
@@ -240,6 +256,12 @@ pub fn parse_function(name: &str, path: &Path) -> Result<Option<FunctionConfig>>
             .to_string();
         trigger = Some(match ty.to_ascii_lowercase().as_str() {
             "httptrigger" => Trigger::Http { binding },
+            "timertrigger" => {
+                let schedule = opt_str(b, "schedule", || at("schedule"))?.ok_or_else(|| anyhow!("{} is missing", at("schedule")))?;
+                let schedule = super::timer::Schedule::parse(&schedule).with_context(|| at("schedule"))?;
+                let run_on_startup = opt_bool(b, "runOnStartup", || at("runOnStartup"))?.unwrap_or(false);
+                Trigger::Timer { binding, schedule, run_on_startup }
+            }
             "servicebustrigger" => {
                 if b.get("topicName").is_some() {
                     bail!("{}: topics are not supported by ticketpay local (use queueName)", at("topicName"));

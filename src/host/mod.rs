@@ -10,6 +10,7 @@ pub mod invoke;
 pub mod proxy;
 pub mod queue;
 pub mod servicebus;
+pub mod timer;
 pub mod worker;
 
 #[cfg(test)]
@@ -92,6 +93,8 @@ pub(crate) struct Core {
     server: JoinHandle<()>,
     server_stop: oneshot::Sender<()>,
     pruner: JoinHandle<()>,
+    timers_stop: watch::Sender<bool>,
+    timers: Vec<JoinHandle<()>>,
 }
 
 impl Core {
@@ -164,6 +167,8 @@ impl Core {
         });
 
         let dispatch = dispatch::Dispatch::start(shared.clone());
+        let (timers_stop, timers_stopped) = watch::channel(false);
+        let timers = timer::start(shared.clone(), shared.config.timer_functions(), timers_stopped);
         let pruner = {
             let store = shared.store.clone();
             let window = shared.queues.values().map(|q| q.trigger.settings.duplicate_detection_window).max();
@@ -179,11 +184,18 @@ impl Core {
                 }
             })
         };
-        Ok(Core { url, shared, dispatch, server, server_stop, pruner })
+        Ok(Core { url, shared, dispatch, server, server_stop, pruner, timers_stop, timers })
     }
 
     /// Stop delivering, wait (bounded) for in-flight invocations, then stop serving.
     pub(crate) async fn stop_delivering(&mut self, bound: Duration) {
+        let _ = self.timers_stop.send(true);
+        for t in self.timers.drain(..) {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(bound, t).await.is_err() {
+                abort.abort();
+            }
+        }
         let d = std::mem::replace(&mut self.dispatch, dispatch::Dispatch::idle());
         d.stop(bound).await;
     }

@@ -142,7 +142,7 @@ impl ProviderClient {
     }
 
     pub async fn lookup(&self, authority: &str, currency: &str, caller: &Caller<'_>) -> Call<LookupResponse> {
-        let path = format!("/{authority}/tickets/{}?currency={currency}", caller.ticket_id);
+        let path = format!("/{}/tickets/{}?currency={}", segment(authority), segment(caller.ticket_id), segment(currency));
         self.typed(ProviderName::Authority, "lookup", Method::GET, path, None, None, caller).await
     }
 
@@ -157,6 +157,9 @@ impl ProviderClient {
     }
 
     /// Applies an operation once: the idempotency key lets the provider (and us) recognise a repeat.
+    /// Only the provider's documented decline (422 with its error body) is permanent: any
+    /// other failure leaves the outcome unknown (`Transient`), to be asked about before
+    /// anything is sent again.
     pub async fn operate(
         &self,
         provider: ProviderName,
@@ -166,15 +169,21 @@ impl ProviderClient {
         caller: &Caller<'_>,
     ) -> Call<OperationResponse> {
         let body = serde_json::to_value(request).ok();
-        self.typed(provider, operation, Method::POST, format!("/{operation}"), Some(key), body, caller).await
+        let call = self.typed(provider, operation, Method::POST, format!("/{}", segment(operation)), Some(key), body, caller).await;
+        Call { result: call.result.map_err(keep_unknown_unless_declined), exchange: call.exchange }
     }
 
-    /// Asks whether an operation with this key was applied: `Ok(None)` if the provider never applied it.
+    /// Asks whether an operation with this key was applied: `Ok(None)` if the provider
+    /// says it never applied it (404). Any other failure is no answer: the outcome stays unknown.
     pub async fn operation_status(&self, provider: ProviderName, key: &str, caller: &Caller<'_>) -> Call<Option<OperationResponse>> {
-        let call = self.raw(provider, "status", Method::GET, format!("/operations/{key}"), Some(key), None, caller).await;
+        let path = format!("/operations/{}", segment(key));
+        let call = self.raw(provider, "status", Method::GET, path, Some(key), None, caller).await;
         let result = match call.result {
             Ok((_, body)) => self.decode(body).map(Some),
             Err(CallError::Permanent { status: 404, .. }) => Ok(None),
+            Err(CallError::Permanent { status, error }) => {
+                Err(CallError::Transient { error: format!("status query refused ({status}): {error}; the outcome is still unknown") })
+            }
             Err(e) => Err(e),
         };
         Call { result, exchange: call.exchange }
@@ -277,7 +286,7 @@ impl ProviderClient {
         body: Option<Value>,
         attempt: u32,
     ) -> Call<(u16, Value)> {
-        let mut headers: Vec<(String, String)> = Vec::new();
+        let mut headers: Vec<(String, String)> = vec![(wire::REQUEST_ID.into(), uuid::Uuid::new_v4().to_string())];
         if let Some(key) = key {
             headers.push((wire::IDEMPOTENCY_KEY.into(), key.into()));
         }
@@ -391,12 +400,36 @@ fn classify(status: StatusCode, retry_after: Option<Duration>, body: &Value) -> 
         .and_then(Value::as_str)
         .map(str::to_owned)
         .unwrap_or_else(|| status.to_string());
-    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+    let documented = body.get("error").is_some_and(Value::is_string);
+    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || (status == StatusCode::UNPROCESSABLE_ENTITY && !documented) {
         return Err(CallError::Transient { error: format!("{} {error}", status.as_u16()) });
     }
     let code = body.get("error").and_then(Value::as_str).unwrap_or(&error).to_owned();
     let error = if code != error { format!("{code}: {error}") } else { code };
     Err(CallError::Permanent { status: status.as_u16(), error })
+}
+
+/// A refusal of an operation is a decline only when it is the provider's
+/// documented one: 422 with its error body. Anything else (400, 401/403 for our
+/// credentials, 409 in progress, a proxy's page) says nothing of whether the
+/// operation was applied.
+fn keep_unknown_unless_declined(e: CallError) -> CallError {
+    match e {
+        CallError::Permanent { status, error } if status != 422 => {
+            CallError::Transient { error: format!("refused ({status}): {error}; the outcome is unknown") }
+        }
+        other => other,
+    }
+}
+
+/// One path segment as sent: every byte that could end or split the segment
+/// (`/`, `\`, `?`, `#`, `%`, spaces, controls) is percent-encoded. A segment
+/// that is only `.` or `..` is normalised away whether encoded or not, which is
+/// why ticket ids never are one (see `TicketId::parse`).
+fn segment(s: &str) -> String {
+    const SEGMENT: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~').remove(b':').remove(b'.');
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

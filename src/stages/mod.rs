@@ -14,6 +14,8 @@ mod lookup;
 mod notify;
 mod pay;
 mod reserve;
+pub mod spool;
+pub mod sweep;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -25,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bus::{BusError, BusSender, OutgoingMessage};
 use crate::domain::ticket::{AfterFailure, Claim};
-use crate::domain::{BatchId, Event, EventKind, Exchange, RetryPolicy, Stage, Ticket, TicketId};
+use crate::domain::{BatchId, Event, EventKind, Exchange, RetryPolicy, Stage, Status, Ticket, TicketId};
 use crate::providers::client::{CallError, Caller, ProviderClient};
 use crate::providers::wire::OperationRequest;
 use crate::providers::ProviderName;
@@ -37,6 +39,14 @@ pub struct StageMessage {
     pub batch_id: BatchId,
     pub ticket_id: TicketId,
     pub attempt: u32,
+    /// How many times this message was put off because the store or the bus
+    /// failed (not the ticket's own attempts): the backoff grows with it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deferrals: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Why an invocation failed: the host abandons the message and redelivers it.
@@ -72,9 +82,12 @@ pub enum Handled {
 
 pub struct Pipeline {
     pub store: Arc<dyn Store>,
+    /// Audit records the store could not take yet; stored as soon as it is back.
+    pub spool: Arc<spool::AuditSpool>,
     pub bus: BusSender,
     pub providers: ProviderClient,
     pub retry: RetryPolicy,
+    pub sweep: sweep::SweepPolicy,
     /// How long a claim on an at-most-once operation protects its claimant.
     /// Longer than any one provider call may take, limiter wait included.
     pub claim_lease: Duration,
@@ -82,9 +95,9 @@ pub struct Pipeline {
 
 /// The message that moves a ticket into `stage`, for `attempt`.
 pub fn message_for(ticket: &Ticket, stage: Stage, attempt: u32, not_before: Option<chrono::DateTime<Utc>>) -> OutgoingMessage {
-    let body = StageMessage { batch_id: ticket.batch_id.clone(), ticket_id: ticket.ticket_id.clone(), attempt };
+    let body = StageMessage { batch_id: ticket.batch_id.clone(), ticket_id: ticket.ticket_id.clone(), attempt, deferrals: 0 };
     OutgoingMessage {
-        queue: format!("ticket-{}", stage.function()),
+        queue: stage.queue(),
         message_id: match ticket.redrives {
             0 => format!("{}:{}:{}:{attempt}", ticket.batch_id, ticket.ticket_id, stage.function()),
             n => format!("{}:{}:{}:{attempt}:r{n}", ticket.batch_id, ticket.ticket_id, stage.function()),
@@ -102,6 +115,22 @@ pub fn message_for(ticket: &Ticket, stage: Stage, attempt: u32, not_before: Opti
         body: serde_json::to_vec(&body).expect("a stage message serialises"),
     }
 }
+
+impl StageError {
+    /// Whether trying again later can help; a permanent error is final at once.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Store(e) => e.is_transient(),
+            Self::Bus(e) => e.is_transient(),
+            Self::Busy { .. } => true,
+        }
+    }
+}
+
+/// The most a message is put off at a time while the store or the bus is down,
+/// and how many times, before it is left to the broker (and then the sweep).
+const MAX_DEFERRAL: Duration = Duration::from_secs(60);
+const MAX_DEFERRALS: u32 = 30;
 
 impl Handled {
     /// What the invocation came to, for its span: the ticket's new status, or
@@ -158,7 +187,68 @@ impl Pipeline {
             other => other?,
         };
         self.send_pending(&after.value).await?;
+        if after.value.pending().is_none() {
+            self.complete_if_done(&after.value.batch_id).await?;
+        }
         Ok(Handled::Done(Box::new(after.value)))
+    }
+
+    /// Records the batch's completion once its last ticket has ended and been told
+    /// (however its notification ended: sent, refused, or given up).
+    pub async fn complete_if_done(&self, batch_id: &BatchId) -> Result<(), StoreError> {
+        if self.store.open_tickets(batch_id).await? == 0 {
+            self.store.mark_completed(batch_id, Utc::now()).await?;
+        }
+        Ok(())
+    }
+
+    /// The store or the bus failed for this message: a copy comes back later, with
+    /// a backoff that grows with each deferral, instead of the broker's immediate
+    /// redelivery that would spend every delivery of a short outage at once.
+    /// `Ok(false)` when the copy cannot be sent either (or deferrals are used up).
+    pub async fn defer(&self, stage: Stage, message: &StageMessage) -> bool {
+        if message.deferrals >= MAX_DEFERRALS {
+            return false;
+        }
+        let delay = Duration::from_secs(1u64 << message.deferrals.min(6)).min(MAX_DEFERRAL);
+        let jittered = delay.mul_f64(0.5 + 0.5 * rand::random::<f64>());
+        let at = Utc::now() + chrono::Duration::from_std(jittered).unwrap_or_default();
+        let copy = StageMessage { deferrals: message.deferrals + 1, ..message.clone() };
+        let out = OutgoingMessage {
+            queue: stage.queue(),
+            message_id: format!("{}:{}:{}:deferred:{}", copy.batch_id, copy.ticket_id, stage.function(), uuid::Uuid::new_v4().simple()),
+            session_id: stage.uses_sessions().then(|| copy.batch_id.to_string()),
+            correlation_id: Some(format!("{}:{}", copy.batch_id, copy.ticket_id)),
+            scheduled_at: Some(at),
+            properties: BTreeMap::from([
+                ("batch_id".to_owned(), copy.batch_id.to_string()),
+                ("ticket_id".to_owned(), copy.ticket_id.to_string()),
+                ("stage".to_owned(), stage.function().to_owned()),
+                ("attempt".to_owned(), copy.attempt.to_string()),
+            ]),
+            body: serde_json::to_vec(&copy).expect("a stage message serialises"),
+        };
+        self.bus.send(&out).await.is_ok()
+    }
+
+    /// A permanent error: the ticket is parked at once with the reason, for an
+    /// operator, instead of being retried. `false` if even that cannot be written.
+    pub async fn park_for_good(&self, stage: Stage, message: &StageMessage, error: &StageError) -> bool {
+        let Ok(Some(current)) = self.store.ticket(&message.batch_id, &message.ticket_id).await else {
+            return false;
+        };
+        let mut ticket = current.value.clone();
+        if ticket.status.is_end() {
+            return false;
+        }
+        let now = Utc::now();
+        ticket.slot_mut(stage).release_claim();
+        ticket.parked_stage = Some(stage);
+        ticket.end(Status::Parked, Some(format!("{stage}: {error}; needs an operator")), now);
+        match self.commit(&current, ticket, None, Vec::new(), Vec::new()).await {
+            Ok(after) => self.send_pending(&after.value).await.is_ok(),
+            Err(_) => false,
+        }
     }
 
     /// Sends a parked ticket back into the pipeline at the stage where it stopped,
@@ -172,6 +262,7 @@ impl Pipeline {
         };
         let redriven = self.event(&ticket, stage, EventKind::Redriven { to_stage: stage, parked_because });
         let after = self.commit(&current, ticket, None, Vec::new(), vec![redriven]).await?;
+        self.store.reopen(&after.value.batch_id).await?;
         self.send_pending(&after.value).await?;
         Ok(Some(stage))
     }
@@ -184,8 +275,10 @@ impl Pipeline {
         }
     }
 
-    /// Writes the ticket's new state with its events; on a conflict the exchanges
-    /// are still recorded, because they happened.
+    /// Writes the ticket's new state with its events. When the change cannot land
+    /// (a conflict, the store busy or down) the exchanges are still recorded,
+    /// because they happened: now if the store takes them, else from the spool
+    /// as soon as it is back.
     async fn commit(
         &self,
         current: &Versioned<Ticket>,
@@ -203,11 +296,21 @@ impl Pipeline {
         all.extend(events);
         let update = TicketUpdate { ticket, etag: current.etag.clone(), budget, events: all };
         match self.store.update_ticket(update).await {
-            Err(e @ StoreError::Conflict(_)) => {
-                self.store.append_events(&exchanges).await?;
+            Err(e) => {
+                self.record_anyway(exchanges).await;
                 Err(e.into())
             }
-            other => Ok(other?),
+            Ok(after) => Ok(after),
+        }
+    }
+
+    async fn record_anyway(&self, exchanges: Vec<Event>) {
+        if exchanges.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.append_events(&exchanges).await {
+            tracing::warn!(error = %e, "the store cannot take {} provider exchange(s) now; they wait in the spool", exchanges.len());
+            self.spool.keep(exchanges).await;
         }
     }
 
@@ -224,7 +327,7 @@ impl Pipeline {
         let delay = self.retry.delay(ticket.attempt + 1, rand::random::<f64>(), at_least);
         let stage = current.value.status.stage();
         let mut events = Vec::new();
-        ticket.pay.release_claim();
+        ticket.slot_mut(stage).release_claim();
         match ticket.fail_transiently(error.clone(), &self.retry, delay, now) {
             AfterFailure::RetryAt(at) => {
                 events.push(self.event(&ticket, stage, EventKind::RetryScheduled { attempt: ticket.attempt, retry_at: at, error }))
@@ -253,17 +356,17 @@ impl Pipeline {
         let key = current.value.operation_key(operation);
         let mut exchanges = Vec::new();
         let now = Utc::now();
-        let claim = if claimed_here { Claim::Free } else { current.value.pay.claim_on(operation, now, self.claim_lease) };
+        let claim = if claimed_here { Claim::Free } else { current.value.slot(stage).claim_on(operation, now, self.claim_lease) };
         match claim {
             _ if claimed_here => {}
             Claim::Held { until } => return Err(StageError::Busy { until }),
-            Claim::Free => current = self.claim(&current, operation, Vec::new()).await?,
+            Claim::Free => current = self.claim(&current, stage, operation, Vec::new()).await?,
             Claim::Unknown => {
                 let status = self.providers.operation_status(provider, &key, &Caller::of(&current.value, stage)).await;
                 exchanges.push(self.exchange_event(&current.value, stage, status.exchange));
                 match status.result {
                     Ok(Some(_)) => return Ok(Sent { current, exchanges, result: Ok(()) }),
-                    Ok(None) => current = self.claim(&current, operation, std::mem::take(&mut exchanges)).await?,
+                    Ok(None) => current = self.claim(&current, stage, operation, std::mem::take(&mut exchanges)).await?,
                     Err(e) => return Ok(Sent { current, exchanges, result: Err(e) }),
                 }
             }
@@ -273,9 +376,15 @@ impl Pipeline {
         Ok(Sent { current, exchanges, result: call.result.map(drop) })
     }
 
-    async fn claim(&self, current: &Versioned<Ticket>, operation: &str, exchanges: Vec<Event>) -> Result<Versioned<Ticket>, StageError> {
+    async fn claim(
+        &self,
+        current: &Versioned<Ticket>,
+        stage: Stage,
+        operation: &str,
+        exchanges: Vec<Event>,
+    ) -> Result<Versioned<Ticket>, StageError> {
         let mut claimed = current.value.clone();
-        claimed.pay.claim(operation, Utc::now());
+        claimed.slot_mut(stage).claim(operation, Utc::now());
         self.commit(current, claimed, None, exchanges, Vec::new()).await
     }
 

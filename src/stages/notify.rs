@@ -1,5 +1,6 @@
 //! Notify: tell the client how the ticket ended. A failed notification never
-//! undoes a payment. The batch completes when its last ticket is told.
+//! undoes a payment. The batch completes when its last ticket is told
+//! (recorded by the pipeline, whichever way the notification ended).
 
 use chrono::Utc;
 
@@ -21,17 +22,13 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
         Err(CallError::Permanent { error, .. }) => format!("refused: {error}"),
         Err(e) => return p.retry_later(&current, ticket, e.to_string(), e.retry_after(), exchanges).await,
     };
-    ticket.pay.clear_claim();
+    ticket.notice.clear_claim();
     ticket.notified = true;
     ticket.notification = Some(outcome.clone());
     ticket.retry_at = None;
     ticket.updated_at = Utc::now();
     let told = p.event(&ticket, Stage::Notify, EventKind::Notified { outcome });
-    let after = p.commit(&current, ticket, None, exchanges, vec![told]).await?;
-    if p.store.open_tickets(&after.value.batch_id).await? == 0 {
-        p.store.mark_completed(&after.value.batch_id, Utc::now()).await?;
-    }
-    Ok(after)
+    p.commit(&current, ticket, None, exchanges, vec![told]).await
 }
 
 fn request(ticket: &Ticket) -> OperationRequest {

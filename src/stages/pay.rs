@@ -31,10 +31,14 @@ pub(super) async fn run(p: &Pipeline, mut current: Versioned<Ticket>) -> Result<
                     "{provider} refused {operation} while undoing a declined payment ({}): {error}; needs an operator",
                     next.pay.failure.as_deref().unwrap_or_default()
                 );
-                next.pay.clear_claim();
+                next.pay.slot.clear_claim();
                 next.parked_stage = Some(Stage::Pay);
                 next.end(Status::Parked, Some(reason), now);
                 return p.commit(&sent, next, None, exchanges, Vec::new()).await;
+            }
+            Err(e @ CallError::Transient { .. }) => {
+                let error = format!("outcome unknown at {provider} ({operation}): {e}");
+                return p.retry_later(&sent, next, error, e.retry_after(), exchanges).await;
             }
             Err(e) => return p.retry_later(&sent, next, e.to_string(), e.retry_after(), exchanges).await,
         }

@@ -92,6 +92,9 @@ struct TicketDoc {
     reference: Option<String>,
     paid: i64,
     reserved: i64,
+    /// [`Ticket::due_at`] in microseconds, for the sweep's query.
+    #[serde(default)]
+    due_us: i64,
     ticket: Ticket,
     #[serde(rename = "_etag", default, skip_serializing)]
     etag: Option<String>,
@@ -113,6 +116,7 @@ impl TicketDoc {
             reference: t.reference.as_ref().map(|r| r.as_str().to_owned()),
             paid: t.paid,
             reserved: t.reserved,
+            due_us: t.due_at().timestamp_micros(),
             ticket: t.clone(),
             etag: None,
         }
@@ -474,6 +478,10 @@ impl Store for CosmosStore {
         })
     }
 
+    async fn reopen(&self, batch_id: &BatchId) -> Result<()> {
+        self.modify_batch(batch_id, |b| Ok((b.completed_at.take().is_some(), ()))).await
+    }
+
     async fn batches(&self, client: Option<&ClientId>, limit: usize) -> Result<Vec<Batch>> {
         let mut text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'batch'");
         let mut q = Query::from(String::new());
@@ -641,6 +649,32 @@ impl Store for CosmosStore {
         let q = Query::from("SELECT VALUE COUNT(1) FROM c WHERE c.type = 'ticket' AND c.notified = false");
         let counts: Vec<u64> = self.query(q, FeedScope::partition(batch_id.as_str().to_owned()), "open tickets").await?;
         Ok(counts.into_iter().sum())
+    }
+
+    async fn overdue_tickets(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Versioned<Ticket>>> {
+        let text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'ticket' AND c.notified = false AND c.due_us < @before");
+        let q = Query::from(text).with_parameter("@before", before.timestamp_micros()).map_err(invalid)?;
+        let docs: Vec<TicketDoc> = self.query(q, FeedScope::full_container(), "overdue tickets").await?;
+        docs.into_iter()
+            .map(|d| {
+                let etag = d.etag.ok_or_else(|| invalid(format!("ticket {}/{} has no _etag", d.batch_id, d.ticket_id)))?;
+                Ok(Versioned { value: d.ticket, etag })
+            })
+            .collect()
+    }
+
+    async fn overdue_in_batch(&self, batch_id: &BatchId, before: DateTime<Utc>) -> Result<u64> {
+        let q = Query::from("SELECT VALUE COUNT(1) FROM c WHERE c.type = 'ticket' AND c.notified = false AND c.due_us < @before")
+            .with_parameter("@before", before.timestamp_micros())
+            .map_err(invalid)?;
+        let counts: Vec<u64> = self.query(q, FeedScope::partition(batch_id.as_str().to_owned()), "overdue tickets").await?;
+        Ok(counts.into_iter().sum())
+    }
+
+    async fn incomplete_batches(&self, limit: usize) -> Result<Vec<Batch>> {
+        let text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'batch' AND (NOT IS_DEFINED(c.completed_at) OR IS_NULL(c.completed_at))");
+        let docs: Vec<BatchDoc> = self.query(Query::from(text), FeedScope::full_container(), "incomplete batches").await?;
+        Ok(docs.into_iter().map(|d| d.batch).collect())
     }
 
     async fn find_by_reference(&self, reference: &str, client: Option<&ClientId>, limit: usize) -> Result<Vec<Ticket>> {

@@ -152,6 +152,8 @@ pub trait Store: Send + Sync + 'static {
     async fn mark_enqueued(&self, batch_id: &BatchId) -> Result<()>;
     /// Records completion once; returns whether this call recorded it.
     async fn mark_completed(&self, batch_id: &BatchId, at: chrono::DateTime<chrono::Utc>) -> Result<bool>;
+    /// Clears a recorded completion: a ticket of the batch is on its way again (a redrive).
+    async fn reopen(&self, batch_id: &BatchId) -> Result<()>;
     /// Batches, newest first, of one client or of all.
     async fn batches(&self, client: Option<&ClientId>, limit: usize) -> Result<Vec<Batch>>;
     async fn ticket(&self, batch_id: &BatchId, ticket_id: &TicketId) -> Result<Option<Versioned<Ticket>>>;
@@ -172,6 +174,13 @@ pub trait Store: Send + Sync + 'static {
     async fn summary(&self, batch_id: &BatchId) -> Result<BatchSummary>;
     /// How many of the batch's tickets are not yet at an end state with their client told.
     async fn open_tickets(&self, batch_id: &BatchId) -> Result<u64>;
+    /// Tickets of any batch still waiting for a message that was due
+    /// ([`Ticket::due_at`]) before `before`, oldest first where the store can order them.
+    async fn overdue_tickets(&self, before: chrono::DateTime<chrono::Utc>, limit: usize) -> Result<Vec<Versioned<Ticket>>>;
+    /// How many of the batch's tickets wait for a message due before `before`.
+    async fn overdue_in_batch(&self, batch_id: &BatchId, before: chrono::DateTime<chrono::Utc>) -> Result<u64>;
+    /// Batches whose completion is not recorded yet.
+    async fn incomplete_batches(&self, limit: usize) -> Result<Vec<Batch>>;
     /// Tickets carrying this reference, across batches (support looks them up
     /// this way), of one client or of all.
     async fn find_by_reference(&self, reference: &str, client: Option<&ClientId>, limit: usize) -> Result<Vec<Ticket>>;

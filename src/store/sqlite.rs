@@ -255,6 +255,15 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn reopen(&self, batch_id: &BatchId) -> Result<()> {
+        let id = batch_id.to_string();
+        self.write(move |conn| {
+            conn.execute("UPDATE batches SET completed_at = NULL WHERE batch_id = ?1", params![id]).map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn batches(&self, client: Option<&ClientId>, limit: usize) -> Result<Vec<Batch>> {
         let client = client.map(ClientId::to_string);
         self.read(move |conn| {
@@ -445,6 +454,64 @@ impl Store for SqliteStore {
                 .query_row([b], |r| r.get::<_, i64>(0))
                 .map(|n| n as u64)
                 .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn overdue_tickets(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Versioned<Ticket>>> {
+        self.read(move |conn| {
+            // Due is the later of the ticket's last change and its scheduled retry (RFC 3339 in UTC sorts as text, to the second).
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT doc, version FROM (
+                         SELECT doc, version,
+                                MAX(json_extract(doc, '$.updated_at'), COALESCE(json_extract(doc, '$.retry_at'), '')) AS due
+                         FROM tickets WHERE notified = 0)
+                     WHERE due < ?1 ORDER BY due LIMIT ?2",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(params![before.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true), limit as i64], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })
+                .map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (doc, version) = row.map_err(unavailable)?;
+                let value: Ticket = serde_json::from_str(&doc).map_err(invalid)?;
+                out.push(Versioned { value, etag: version.to_string() });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn overdue_in_batch(&self, batch_id: &BatchId, before: DateTime<Utc>) -> Result<u64> {
+        let b = batch_id.to_string();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT COUNT(*) FROM tickets WHERE batch_id = ?1 AND notified = 0
+                 AND MAX(json_extract(doc, '$.updated_at'), COALESCE(json_extract(doc, '$.retry_at'), '')) < ?2",
+            )
+            .map_err(unavailable)?
+            .query_row(params![b, before.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn incomplete_batches(&self, limit: usize) -> Result<Vec<Batch>> {
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!("SELECT {BATCH_COLUMNS} FROM batches WHERE completed_at IS NULL ORDER BY created_at LIMIT ?1"))
+                .map_err(unavailable)?;
+            let mut rows = stmt.query(params![limit as i64]).map_err(unavailable)?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                out.push(batch_from_row(row).map_err(unavailable)?.0);
+            }
+            Ok(out)
         })
         .await
     }

@@ -37,6 +37,7 @@ pub fn router(scenario: Scenario) -> Router {
         .route("/stats", get(stats))
         .route("/admin/outages", post(start_outage))
         .route("/requests", get(requests))
+        .route("/operations", get(applied_operations))
         .route("/authority/{authority}/tickets/{ticket_id}", get(lookup))
         .route("/{provider}/operations/{key}", get(status))
         .route("/{provider}/{operation}", post(operate))
@@ -65,6 +66,12 @@ async fn log_request(State(sim): State<Arc<Sim>>, req: axum::extract::Request, n
     next.run(req).await
 }
 
+/// `GET /operations`: every operation applied so far, in the order applied.
+async fn applied_operations(State(sim): State<Arc<Sim>>) -> Response {
+    let all = lock(&sim.applied).clone();
+    ok(json!({ "operations": all }))
+}
+
 /// `GET /requests`: every provider request received so far, in arrival order.
 async fn requests(State(sim): State<Arc<Sim>>) -> Response {
     let all = lock(&sim.received).clone();
@@ -80,6 +87,19 @@ struct Sim {
     run_tag: u32,
     providers: Vec<ProviderState>,
     received: Mutex<Vec<Received>>,
+    /// Every operation applied, in the order applied.
+    applied: Mutex<Vec<AppliedOperation>>,
+}
+
+/// An operation as a provider applied it: what ticketpay's records must match.
+#[derive(Debug, Clone, Serialize)]
+struct AppliedOperation {
+    provider: ProviderName,
+    operation: String,
+    idempotency_key: String,
+    ticket_id: String,
+    batch_id: String,
+    amount: WireMoney,
 }
 
 impl Sim {
@@ -88,7 +108,7 @@ impl Sim {
             .into_iter()
             .map(|p| ProviderState::new(p, scenario.provider(p).clone()))
             .collect();
-        Sim { scenario, started: Instant::now(), run_tag: rand::rng().random(), providers, received: Mutex::new(Vec::new()) }
+        Sim { scenario, started: Instant::now(), run_tag: rand::rng().random(), providers, received: Mutex::new(Vec::new()), applied: Mutex::new(Vec::new()) }
     }
 
     fn state(&self, p: ProviderName) -> &ProviderState {
@@ -676,6 +696,14 @@ fn apply(
             if charge {
                 c.charges.fetch_add(1, Relaxed);
             }
+            lock(&sim.applied).push(AppliedOperation {
+                provider: ps.name,
+                operation: operation.to_string(),
+                idempotency_key: key.to_string(),
+                ticket_id: req.ticket_id.clone(),
+                batch_id: req.batch_id.clone(),
+                amount: req.amount.clone(),
+            });
             let body = operation_answer(ps.name, &response);
             e.insert(Applied {
                 operation: operation.to_string(),

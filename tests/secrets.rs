@@ -2,7 +2,9 @@
 //! provider credential, and the simulated gateway names the card it charges
 //! (number and token) in its answers and refusals. The store's files, the
 //! host's and handler's logs and the exported spans are then searched byte by
-//! byte: none holds a secret, and each holds the redacted form of one.
+//! byte: none holds a secret, and each holds the redacted form of one. What
+//! only looks like a card number (a ticket id, the card network's reference)
+//! is an identifier, and is kept intact.
 
 mod common;
 
@@ -12,9 +14,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use ticketpay::providers::simulator::{CARD_ON_FILE, CARD_TOKEN};
+use serde_json::Value;
+use ticketpay::providers::simulator::{CARD_ON_FILE, CARD_TOKEN, NETWORK_REFERENCE};
 
 const PROVIDER_KEY: &str = "sk_live_PLANTED_7d1e4b90c2f5";
+
+/// A ticket id whose digits pass the Luhn check, as a notice number's may.
+const LUHN_TICKET: &str = "1234567812345670";
 
 /// No latency; the gateway declines about a third of the tickets, naming the card in its refusal.
 const SCENARIO: &str = r#"
@@ -88,7 +94,11 @@ fn secrets_in_provider_traffic_reach_no_store_log_or_trace() {
     ];
     let options = StackOptions { scenario: scenario.to_str().unwrap(), providers_url: None, data: data.path(), env: &env, extra_args: &[] };
     let mut stack = Stack::start_with_stderr(options, Stdio::from(fs::File::create(&log).unwrap()));
-    let batch = stack.submit(20, "100000.00");
+    let mut upload = batch_json("ops", 20, "100000.00");
+    upload["tickets"][0]["ticket_id"] = LUHN_TICKET.into();
+    let r = stack.upload_json(&upload, None);
+    assert_eq!(r.status().as_u16(), 202, "upload accepted");
+    let batch = r.json::<Value>().unwrap()["batch_id"].as_str().unwrap().to_owned();
     stack.wait_complete(&batch, Duration::from_secs(120));
 
     // The traffic did carry the secrets: the gateway names the card, and the credential was sent.
@@ -102,10 +112,33 @@ fn secrets_in_provider_traffic_reach_no_store_log_or_trace() {
                 let key = e["idempotency_key"].as_str().unwrap();
                 let raw = reqwest::blocking::get(format!("{}/gateway/operations/{key}", stack.providers_url)).unwrap().text().unwrap();
                 assert!(raw.contains(CARD_TOKEN) && raw.contains(&CARD_ON_FILE.replace(' ', "-")), "the gateway said: {raw}");
+                // Masked where card data is, intact where an identifier is.
+                let said: Value = serde_json::from_str(&raw).unwrap();
+                let body = &e["response"]["body"];
+                assert_eq!(body["payment_method"]["card_number"], "[REDACTED]", "{e}");
+                assert_eq!(body["statement"].as_str().unwrap(), said["statement"].as_str().unwrap().replace("4111-1111-1111-", "****-****-****-"));
+                for field in ["id", "idempotency_key", "network_reference"] {
+                    assert_eq!(body[field], said[field], "the gateway's `{field}` is kept as it said it: {e}");
+                }
+                assert_eq!(body["network_reference"], NETWORK_REFERENCE);
+            }
+        }
+        if t["ticket_id"] == LUHN_TICKET {
+            let exchanges: Vec<&Value> = full["timeline"].as_array().unwrap().iter().filter(|e| e["type"] == "exchange").collect();
+            let lookup = exchanges.iter().find(|e| e["operation"] == "lookup").expect("the ticket was looked up");
+            assert!(lookup["request"]["url"].as_str().unwrap().contains(&format!("/tickets/{LUHN_TICKET}?")), "{lookup}");
+            for e in exchanges.iter().filter(|e| e["request"]["body"].is_object()) {
+                assert_eq!(e["request"]["body"]["ticket_id"], LUHN_TICKET, "{e}");
+            }
+            for e in exchanges.iter().filter(|e| e["idempotency_key"].is_string()) {
+                let key = e["idempotency_key"].as_str().unwrap();
+                assert!(key.contains(LUHN_TICKET), "{e}");
+                assert_eq!(e["request"]["headers"]["idempotency-key"], key, "{e}");
             }
         }
         seen.push(full.to_string());
     }
+    assert!(tickets.iter().any(|t| t["ticket_id"] == LUHN_TICKET), "the ticket with a Luhn-valid id is in the batch");
     let declined = tickets.iter().filter(|t| t["reason"].as_str().is_some_and(|r| r.contains("card **** **** **** 1111 declined"))).count();
     assert!(declined > 0, "some capture was declined naming the card: {tickets:?}");
     assert!(tickets.iter().any(|t| t["status"] == "paid"), "some ticket was paid");

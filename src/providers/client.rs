@@ -320,16 +320,19 @@ impl ProviderClient {
         }
         let started = Instant::now();
         let (result, response) = match request.send().await {
-            Ok(r) => self.answer(endpoint, r).await,
+            Ok(r) => {
+                let (result, response) = self.answer(endpoint, r).await;
+                (result.map_err(|e| e.redacted(&self.redactor)), response)
+            }
             Err(e) if e.is_timeout() => {
                 (Err(CallError::Transient { error: format!("timed out after {} ms", self.timeout.as_millis()) }), None)
             }
             Err(e) => {
-                let error = error_chain(&e).replace(&sending.url, &self.redactor.url(&sending.url));
+                // The error quotes our URL, whose ticket id may look like a card number: kept as the URL rule says.
+                let error = self.redactor.text_quoting_url(&error_chain(&e), &sending.url);
                 (Err(CallError::Transient { error: format!("connection failed: {error}") }), None)
             }
         };
-        let result = result.map_err(|e| e.redacted(&self.redactor));
         let latency_ms = started.elapsed().as_millis() as u64;
         Call { exchange: self.record(sending, response, result.as_ref().map(drop), latency_ms), result }
     }

@@ -39,7 +39,7 @@ pub use scenario::{
     ClientSettings, DEFAULT_SCENARIO, Outcomes, ProviderSettings, SHIPPED, Scenario,
     TicketOutcome, outcome_for,
 };
-pub use server::{CARD_ON_FILE, CARD_TOKEN, router};
+pub use server::{CARD_ON_FILE, CARD_TOKEN, NETWORK_REFERENCE, router};
 
 use anyhow::Context;
 

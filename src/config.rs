@@ -70,11 +70,16 @@ impl<'a> Settings<'a> {
     }
 }
 
+/// The local host's Service Bus REST endpoints, and the token it made for them.
+pub const BUS_URL: &str = "TICKETPAY_BUS_URL";
+pub const BUS_TOKEN: &str = "TICKETPAY_BUS_TOKEN";
+
 /// Where next-stage messages go, and how the sender proves who it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum BusConfig {
-    /// The local host's Service Bus REST endpoints: no authentication.
-    Local { url: String },
+    /// The local host's Service Bus REST endpoints, with the bearer token the
+    /// host gave its handler (none: the host refuses the messages).
+    Local { url: String, token: Option<String> },
     /// An Azure Service Bus namespace, reached with an Entra token.
     Azure { url: String, identity: Identity },
 }
@@ -126,12 +131,24 @@ fn load_bus(s: &Settings<'_>) -> Result<BusConfig, SettingError> {
         return Ok(BusConfig::Azure { url: format!("https://{ns}"), identity });
     }
     let url = s
-        .optional("TICKETPAY_BUS_URL")
-        .ok_or_else(|| setting_error("TICKETPAY_BUS_URL", format!("is required (or {NAMESPACE} for Azure Service Bus)")))?;
+        .optional(BUS_URL)
+        .ok_or_else(|| setting_error(BUS_URL, format!("is required (or {NAMESPACE} for Azure Service Bus)")))?;
     if !url.starts_with("http://") && !url.starts_with("https://") {
-        return Err(setting_error("TICKETPAY_BUS_URL", format!("`{url}` is not an http(s) URL")));
+        return Err(setting_error(BUS_URL, format!("`{url}` is not an http(s) URL")));
     }
-    Ok(BusConfig::Local { url })
+    Ok(BusConfig::Local { url, token: s.optional(BUS_TOKEN) })
+}
+
+/// Never prints the local token.
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BusConfig::Local { url, token } => {
+                f.debug_struct("Local").field("url", url).field("token", &token.as_ref().map(|_| "..")).finish()
+            }
+            BusConfig::Azure { url, identity } => f.debug_struct("Azure").field("url", url).field("identity", identity).finish(),
+        }
+    }
 }
 
 /// Where tickets, batches and the audit trail are kept.
@@ -340,6 +357,16 @@ mod tests {
             assert!(line.starts_with(&format!("setting {API_KEYS}: ")), "{line}");
             assert!(!line.contains('\n'), "{line}");
         }
+    }
+
+    #[test]
+    fn the_local_bus_takes_the_hosts_token_and_never_prints_it() {
+        let map = settings(&[(BUS_URL, "http://127.0.0.1:7071"), (BUS_TOKEN, "s3cret-token")]);
+        let bus = load_bus(&Settings::from_map(&map)).unwrap();
+        assert_eq!(bus, BusConfig::Local { url: "http://127.0.0.1:7071".into(), token: Some("s3cret-token".into()) });
+        assert!(!format!("{bus:?}").contains("s3cret"), "{bus:?}");
+        let map = settings(&[(BUS_URL, "http://127.0.0.1:7071")]);
+        assert_eq!(load_bus(&Settings::from_map(&map)).unwrap(), BusConfig::Local { url: "http://127.0.0.1:7071".into(), token: None });
     }
 
     #[test]

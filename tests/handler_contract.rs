@@ -20,6 +20,9 @@ struct Handler {
     http: reqwest::blocking::Client,
 }
 
+/// The Service Bus token the local host is given, so a handler it did not start may send to it.
+const BUS_TOKEN: &str = "contract-bus-token-7c1e";
+
 /// A handler started as the host would, sending its messages to a local host's queues.
 fn handler(stack: &Stack, data: &std::path::Path) -> Handler {
     let port = free_port().to_string();
@@ -27,6 +30,7 @@ fn handler(stack: &Stack, data: &std::path::Path) -> Handler {
     let env = [
         ("FUNCTIONS_CUSTOMHANDLER_PORT", port.as_str()),
         ("TICKETPAY_BUS_URL", stack.url.as_str()),
+        ("TICKETPAY_BUS_TOKEN", BUS_TOKEN),
         ("TICKETPAY_DATA_DIR", data),
         ("TICKETPAY_PROVIDERS_URL", stack.providers_url.as_str()),
         ("TICKETPAY_PROVIDERS_CONFIG", "zero-latency"),
@@ -69,7 +73,8 @@ fn invocation(body: &Value, delivery_count: u32, message_id: &str) -> Value {
 fn queue_invocations_follow_the_host_contract() {
     let host_data = tempfile::tempdir().unwrap();
     let handler_data = tempfile::tempdir().unwrap();
-    let stack = Stack::start(StackOptions { scenario: "zero-latency", providers_url: None, data: host_data.path(), env: &[], extra_args: &[] });
+    let env = [("TICKETPAY_BUS_TOKEN", BUS_TOKEN)];
+    let stack = Stack::start(StackOptions { scenario: "zero-latency", providers_url: None, data: host_data.path(), env: &env, extra_args: &[] });
     let h = handler(&stack, handler_data.path());
 
     assert!(h.http.get(format!("{}/", h.url)).send().unwrap().status().is_success(), "readiness: GET /");

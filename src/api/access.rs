@@ -76,6 +76,11 @@ pub enum Access {
 }
 
 impl Access {
+    /// The caller a request's key (header or query parameter) stands for.
+    pub fn caller_of(&self, request: &Request) -> Result<Caller, Problem> {
+        self.caller(presented_key(request).as_deref())
+    }
+
     fn caller(&self, presented: Option<&str>) -> Result<Caller, Problem> {
         match self {
             Access::Open => Ok(Caller::Operator),
@@ -178,7 +183,7 @@ pub async fn require_key(State(app): State<Arc<App>>, mut request: Request, next
     if is_open(request.uri().path()) {
         return next.run(request).await;
     }
-    match app.access.caller(presented_key(&request).as_deref()) {
+    match app.access.caller_of(&request) {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await

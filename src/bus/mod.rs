@@ -1,8 +1,9 @@
 //! The bus seam: sending the next stage's message.
 //!
 //! One sender speaks the Service Bus REST API: to Azure Service Bus in the
-//! cloud, and to the same endpoints served by `ticketpay local` on this
-//! machine. Receiving and settling are the host's job, never the handler's.
+//! cloud with an Entra token, and to the same endpoints served by
+//! `ticketpay local` on this machine with the bearer token that host made.
+//! Receiving and settling are the host's job, never the handler's.
 
 pub mod auth;
 
@@ -52,7 +53,16 @@ const ATTEMPTS: u32 = 5;
 pub struct BusSender {
     http: reqwest::Client,
     base: String,
-    auth: Option<Arc<auth::BusAuth>>,
+    credential: Credential,
+}
+
+/// How a sender proves who it is.
+#[derive(Clone)]
+enum Credential {
+    None,
+    /// The local host's token, sent as it is.
+    Token(Arc<str>),
+    Entra(Arc<auth::BusAuth>),
 }
 
 #[derive(Serialize)]
@@ -79,21 +89,26 @@ fn broker_properties(m: &OutgoingMessage) -> Map<String, Value> {
 }
 
 impl BusSender {
-    /// A sender to the Service Bus REST endpoints at `base` with no authentication
-    /// (the local host, e.g. `http://127.0.0.1:7071`).
+    /// A sender to the Service Bus REST endpoints at `base` with no authentication.
     pub fn new(base: &str) -> BusSender {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(64)
             .build()
             .expect("the HTTP client builds with static settings");
-        BusSender { http, base: base.trim_end_matches('/').to_owned(), auth: None }
+        BusSender { http, base: base.trim_end_matches('/').to_owned(), credential: Credential::None }
+    }
+
+    /// A sender to the local host's endpoints (e.g. `http://127.0.0.1:7071`),
+    /// with the token it gave its handler, as `Authorization: Bearer <token>`.
+    pub fn with_token(base: &str, token: &str) -> BusSender {
+        BusSender { credential: Credential::Token(token.into()), ..BusSender::new(base) }
     }
 
     /// A sender to an Azure Service Bus namespace (`https://{ns}.servicebus.windows.net`),
     /// authenticated with Entra tokens from `credential`.
     pub fn with_credential(base: &str, credential: Arc<dyn azure_core::credentials::TokenCredential>) -> BusSender {
-        BusSender { auth: Some(Arc::new(auth::BusAuth::new(credential))), ..BusSender::new(base) }
+        BusSender { credential: Credential::Entra(Arc::new(auth::BusAuth::new(credential))), ..BusSender::new(base) }
     }
 
     fn url(&self, queue: &str) -> String {
@@ -169,10 +184,11 @@ impl BusSender {
     async fn with_retries(&self, request: impl Fn() -> reqwest::RequestBuilder) -> Result<(), BusError> {
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=ATTEMPTS {
-            let mut builder = request();
-            if let Some(auth) = &self.auth {
-                builder = builder.bearer_auth(auth.bearer().await?);
-            }
+            let builder = match &self.credential {
+                Credential::None => request(),
+                Credential::Token(token) => request().bearer_auth(token),
+                Credential::Entra(auth) => request().bearer_auth(auth.bearer().await?),
+            };
             let outcome = builder.send().await;
             let error = match outcome {
                 Ok(r) if r.status().is_success() => return Ok(()),
@@ -188,7 +204,7 @@ impl BusSender {
                     let error = format!("{status}: {}", text.chars().take(300).collect::<String>());
                     if status == StatusCode::UNAUTHORIZED
                         && attempt == 1
-                        && let Some(auth) = &self.auth
+                        && let Credential::Entra(auth) = &self.credential
                     {
                         auth.forget().await;
                         continue;

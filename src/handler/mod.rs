@@ -35,14 +35,17 @@ use invocation::Invocation;
 /// The trigger binding's name in every queue function's function.json.
 pub const TRIGGER_BINDING: &str = "message";
 
+/// Behind [`crate::host::path::guarded`] as behind the local host: a path with
+/// dot segments never reaches a route, whichever host forwarded it.
 pub fn router(app: Arc<App>) -> Router {
     let api = api::router().layer(axum::middleware::from_fn_with_state(app.clone(), api::access::require_key));
-    Router::new()
+    let routes = Router::new()
         .route("/", get(|| async { Json(json!({ "service": "ticketpay-handler" })) }))
         .route("/sweep", post(sweep))
         .route("/{function}", post(invoke))
         .merge(api)
-        .with_state(app)
+        .with_state(app);
+    crate::host::path::guarded(routes)
 }
 
 async fn invoke(State(app): State<Arc<App>>, Path(function): Path<String>, body: Bytes) -> Response {
@@ -151,7 +154,8 @@ pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
         }
     };
     let bus = match &config.bus {
-        BusConfig::Local { url } => BusSender::new(url),
+        BusConfig::Local { url, token: Some(token) } => BusSender::with_token(url, token),
+        BusConfig::Local { url, token: None } => BusSender::new(url),
         BusConfig::Azure { url, identity } => BusSender::with_credential(url, identity.credential()?),
     };
     let spool = crate::stages::spool::AuditSpool::start(&config.spool_dir, store.clone())?;

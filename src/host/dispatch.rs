@@ -256,6 +256,7 @@ mod tests {
     async fn send(url: &str, queue: &str, broker: &str, body: &str) {
         let r = reqwest::Client::new()
             .post(format!("{url}/{queue}/messages"))
+            .bearer_auth(BUS_TOKEN)
             .header("BrokerProperties", broker)
             .header("tenant", "\"acme\"")
             .body(body.to_string())
@@ -376,6 +377,7 @@ mod tests {
         }
         let r = reqwest::Client::new()
             .post(format!("{}/ticket-reserve/messages", core.url))
+            .bearer_auth(BUS_TOKEN)
             .header("content-type", super::super::servicebus::BATCH_CONTENT_TYPE)
             .body(Value::Array(batch).to_string())
             .send()

@@ -6,7 +6,9 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod guard;
 pub mod invoke;
+pub mod path;
 pub mod proxy;
 pub mod queue;
 pub mod servicebus;
@@ -23,13 +25,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use axum::Router;
 use axum::routing::any;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::api::access::{Access, ApiKeys};
 use config::{HostConfig, QueueTrigger};
+use guard::{BusToken, Guard};
 use queue::{Store, now_ms};
 use worker::{Worker, WorkerSpec, WorkerState};
 
@@ -71,6 +74,7 @@ pub(crate) struct Shared {
     pub worker: watch::Receiver<WorkerState>,
     /// Client for the handler: no proxy, no redirects, pooled.
     pub client: reqwest::Client,
+    pub guard: Guard,
 }
 
 impl Shared {
@@ -104,6 +108,7 @@ impl Core {
         listener: TcpListener,
         handler_url: String,
         worker: watch::Receiver<WorkerState>,
+        guard: Guard,
     ) -> Result<Core> {
         let db = data.join("queues.db");
         let store = {
@@ -139,9 +144,9 @@ impl Core {
                 "host.json customHandler.enableProxyingHttpRequest is not true; ticketpay local proxies HTTP functions anyway"
             );
         }
-        let shared = Arc::new(Shared { config, store, queues, handler_url, worker, client });
+        let shared = Arc::new(Shared { config, store, queues, handler_url, worker, client, guard });
 
-        let mut app = servicebus::routes();
+        let mut app = servicebus::routes(&shared);
         if proxy_http {
             if prefix.is_empty() {
                 app = app.fallback(proxy::forward);
@@ -152,7 +157,7 @@ impl Core {
                     .route(&format!("/{prefix}/{{*rest}}"), any(proxy::forward));
             }
         }
-        let app: Router = app.with_state(shared.clone());
+        let app = path::guarded(app.with_state(shared.clone()));
         let url = format!("http://{}", listener.local_addr()?);
         let (server_stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
@@ -212,7 +217,8 @@ impl Core {
 
 /// A running local host.
 pub struct LocalHost {
-    /// `http://127.0.0.1:{port}`: HTTP functions under `/api`, Service Bus REST, `/admin/queues`.
+    /// `http://127.0.0.1:{port}`: HTTP functions under `/api`, Service Bus REST (with the
+    /// host's token), `/admin/queues` (with an operator key when keys are configured).
     pub url: String,
     pub providers_url: String,
     /// No API keys are configured: anyone who reaches the API is an operator.
@@ -236,6 +242,7 @@ impl LocalHost {
         std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
         let data = data.canonicalize()?;
         let settings = read_settings(&app_root)?;
+        let access = api_access(&settings)?;
 
         let listener = TcpListener::bind(("127.0.0.1", opts.port))
             .await
@@ -268,7 +275,11 @@ impl LocalHost {
         let program = worker::resolve_executable(&app_root, &config.executable)?;
         let lookup = |k: &str| settings.get(k).cloned().or_else(|| std::env::var(k).ok());
         // Values win over the environment, as they do for the handler started below.
-        let api_open = lookup(crate::config::API_KEYS).is_none_or(|keys| keys.trim().is_empty());
+        let api_open = access == Access::Open;
+        let bus_token = match lookup(crate::config::BUS_TOKEN).map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()) {
+            Some(given) => BusToken::given(&given),
+            None => BusToken::random(),
+        };
         let args = config.arguments.iter().map(|a| worker::expand(a, lookup)).collect();
         let cwd_handler =
             if config.working_directory.is_empty() { app_root.clone() } else { app_root.join(&config.working_directory) };
@@ -285,7 +296,8 @@ impl LocalHost {
         set("FUNCTIONS_CUSTOMHANDLER_WORKER_ID", uuid::Uuid::new_v4().to_string(), false);
         set("FUNCTIONS_APP_ROOT_PATH", app_root.to_string_lossy().into_owned(), false);
         set("FUNCTIONS_WORKER_RUNTIME", "custom".into(), true);
-        set("TICKETPAY_BUS_URL", format!("http://127.0.0.1:{host_port}"), true);
+        set(crate::config::BUS_URL, format!("http://127.0.0.1:{host_port}"), true);
+        set(crate::config::BUS_TOKEN, bus_token.as_str().to_owned(), false);
         set("TICKETPAY_DATA_DIR", data.to_string_lossy().into_owned(), true);
         set("TICKETPAY_PROVIDERS_URL", providers_url.clone(), true);
         if let Some(pc) = providers_config {
@@ -294,7 +306,8 @@ impl LocalHost {
 
         let (state_tx, state_rx) = watch::channel(WorkerState::Starting);
         let handler_url = format!("http://127.0.0.1:{handler_port}");
-        let core = match Core::start(config, &data, listener, handler_url, state_rx).await {
+        let guard = Guard { access, bus_token };
+        let core = match Core::start(config, &data, listener, handler_url, state_rx, guard).await {
             Ok(c) => c,
             Err(e) => {
                 if let Some(s) = simulator {
@@ -359,6 +372,17 @@ fn warn_open(url: &str) {
          !!! anyone who reaches it acts as an operator and sees every client's batches.\n  \
          !!! Set {keys} in local.settings.json Values (see local.settings.json.example) to require keys.\n"
     );
+}
+
+/// The API's keys as the handler will read them (`Values` win over the
+/// environment), so `/admin` takes the same keys as `/api`.
+fn api_access(settings: &BTreeMap<String, String>) -> Result<Access> {
+    let name = crate::config::API_KEYS;
+    let keys = settings.get(name).cloned().or_else(|| std::env::var(name).ok());
+    match keys.filter(|k| !k.trim().is_empty()) {
+        None => Ok(Access::Open),
+        Some(keys) => Ok(Access::Keys(ApiKeys::parse(&keys).map_err(|e| anyhow!("setting {name}: {e}"))?)),
+    }
 }
 
 /// `Values` of `{app_root}/local.settings.json`, if the file exists.

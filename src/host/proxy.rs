@@ -33,7 +33,16 @@ pub(crate) async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Respo
         Err(e) => return problem(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
     };
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let mut rb = s.client.request(parts.method.clone(), format!("{}{path}", s.handler_url));
+    let url = match reqwest::Url::parse(&format!("{}{path}", s.handler_url)) {
+        Ok(url) => url,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, format!("the path cannot be forwarded: {e}")),
+    };
+    // Parsing a URL resolves dot segments: the handler must be asked for the
+    // very path that was routed here, never another of its routes.
+    if super::path::decoded(url.path()) != super::path::decoded(parts.uri.path()) {
+        return problem(StatusCode::BAD_REQUEST, "the path would reach the handler as another path; it is not forwarded");
+    }
+    let mut rb = s.client.request(parts.method.clone(), url);
     for (name, value) in &parts.headers {
         if !hop_by_hop(name) {
             rb = rb.header(name, value);

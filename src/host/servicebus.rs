@@ -1,5 +1,7 @@
 //! The Service Bus REST send endpoints (`POST /{queue}/messages`, single and
-//! batch) served on loopback, plus `GET /admin/queues` for the CLI.
+//! batch) served on loopback for the bearer of the host's token, plus
+//! `GET /admin/queues` and each queue's dead letters for operators (see
+//! [`super::guard`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,22 +9,29 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::Shared;
+use super::{Shared, guard};
 use super::queue::{NewMessage, QueueCounts, now_ms};
 
 pub const BATCH_CONTENT_TYPE: &str = "application/vnd.microsoft.servicebus.json";
 
-pub(crate) fn routes() -> Router<Arc<Shared>> {
-    Router::new()
-        .route("/admin/queues", get(admin_queues))
-        .route("/admin/queues/{queue}/deadletters", get(dead_letters))
+pub(crate) fn routes(shared: &Arc<Shared>) -> Router<Arc<Shared>> {
+    // Nested, so the operator check also covers every other path under /admin.
+    let admin = Router::new()
+        .route("/queues", get(admin_queues))
+        .route("/queues/{queue}/deadletters", get(dead_letters))
+        .fallback(|| async { problem(StatusCode::NOT_FOUND, "no such admin endpoint") })
+        .layer(from_fn_with_state(shared.clone(), guard::require_operator));
+    let send = Router::new()
         .route("/{queue}/messages", post(send))
+        .route_layer(from_fn_with_state(shared.clone(), guard::require_bus_token));
+    Router::new().nest("/admin", admin).merge(send)
 }
 
 /// An `application/problem+json` answer.
@@ -319,7 +328,7 @@ mod tests {
         let c = reqwest::Client::new();
         let r = c
             .post(format!("{}/TICKET-LOOKUP/messages?api-version=2021-05", core.url))
-            .header("Authorization", "Bearer whatever")
+            .bearer_auth(BUS_TOKEN)
             .header("Content-Type", "application/json")
             .header("BrokerProperties", r#"{"MessageId":"m1","CorrelationId":"c1","Label":"lookup","TimeToLive":7200}"#)
             .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
@@ -358,6 +367,7 @@ mod tests {
         ]);
         let r = c
             .post(format!("{}/ticket-lookup/messages", core.url))
+            .bearer_auth(BUS_TOKEN)
             .header("Content-Type", BATCH_CONTENT_TYPE)
             .body(batch.to_string())
             .send()
@@ -367,6 +377,7 @@ mod tests {
         // A duplicate MessageId sent again later is accepted and dropped.
         let r = c
             .post(format!("{}/ticket-lookup/messages", core.url))
+            .bearer_auth(BUS_TOKEN)
             .header("BrokerProperties", r#"{"MessageId":"a"}"#)
             .body("again")
             .send()
@@ -386,7 +397,7 @@ mod tests {
     async fn errors() {
         let (_app, core) = host().await;
         let c = reqwest::Client::new();
-        let post = |path: &str| c.post(format!("{}/{path}", core.url));
+        let post = |path: &str| c.post(format!("{}/{path}", core.url)).bearer_auth(BUS_TOKEN);
 
         let r = post("nope/messages").body("x").send().await.unwrap();
         assert_eq!(r.status(), 404);

@@ -14,7 +14,12 @@ use tokio::sync::watch;
 
 use super::Core;
 use super::config::HostConfig;
+use super::guard::{BusToken, Guard};
+use crate::api::access::Access;
 use super::worker::WorkerState;
+
+/// The token senders present to a core started by [`core`].
+pub const BUS_TOKEN: &str = "test-bus-token";
 
 /// One queue function: (function name, queue, sessions, maxDeliveryCount).
 pub type Fn_ = (&'static str, &'static str, bool, u32);
@@ -109,7 +114,8 @@ pub async fn core(app_root: &Path, data: &Path, handler_url: &str, state: Worker
     let config = HostConfig::load(app_root).unwrap();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (tx, rx) = watch::channel(state);
-    let core = Core::start(config, data, l, handler_url.to_string(), rx).await.unwrap();
+    let guard = Guard { access: Access::Open, bus_token: BusToken::given(BUS_TOKEN) };
+    let core = Core::start(config, data, l, handler_url.to_string(), rx, guard).await.unwrap();
     (core, tx)
 }
 

@@ -58,7 +58,7 @@ struct Received {
 /// Keeps every request to a provider (not the simulator's own endpoints) in `GET /requests`.
 async fn log_request(State(sim): State<Arc<Sim>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let path = req.uri().path();
-    if !matches!(path, "/" | "/stats" | "/requests" | "/admin/outages") {
+    if !matches!(path, "/" | "/stats" | "/requests" | "/operations" | "/admin/outages") {
         let request_id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let received = Received { request_id, method: req.method().to_string(), path: path.to_owned() };
         lock(&sim.received).push(received);

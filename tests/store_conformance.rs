@@ -10,7 +10,7 @@ use ticketpay::domain::{
 };
 use ticketpay::domain::upload::TicketLine;
 use ticketpay::store::sqlite::SqliteStore;
-use ticketpay::store::{BudgetChange, Created, Store, StoreError, TicketUpdate};
+use ticketpay::store::{BudgetChange, Created, PaymentClaim, Store, StoreError, TicketUpdate};
 
 fn batch(client: &str, budget: i64, tickets: u32, key: Option<&str>) -> Batch {
     Batch {
@@ -247,6 +247,86 @@ async fn batches_are_listed_by_client_newest_first(store: Arc<dyn Store>) {
     assert_eq!(store.batches(None, 2).await.unwrap().len(), 2);
 }
 
+fn claim(batch: &BatchId, ticket: &str) -> PaymentClaim {
+    PaymentClaim {
+        authority: AuthorityCode::parse("CITY-PARKING").unwrap(),
+        ticket_id: TicketId::parse(ticket).unwrap(),
+        batch_id: batch.clone(),
+        claimed_at: Utc::now(),
+    }
+}
+
+async fn a_payment_claim_changes_hands_only_from_the_version_read(store: Arc<dyn Store>) {
+    let (a, b, c) = (BatchId::generate(), BatchId::generate(), BatchId::generate());
+    let ticket = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let mine = claim(&a, &ticket);
+    assert!(store.payment_claim(&mine.authority, &mine.ticket_id).await.unwrap().is_none());
+    let taken = store.take_payment_claim(&mine, None).await.unwrap();
+    assert_eq!(taken.value, mine);
+    let read = store.payment_claim(&mine.authority, &mine.ticket_id).await.unwrap().unwrap();
+    assert_eq!(read, taken, "read back as taken, with its version");
+    assert!(matches!(store.take_payment_claim(&claim(&b, &ticket), None).await, Err(StoreError::Conflict(_))), "held already");
+    assert!(matches!(store.take_payment_claim(&mine, None).await, Err(StoreError::Conflict(_))), "even by its owner, without its version");
+    let other_authority = PaymentClaim { authority: AuthorityCode::parse("STATE-TOLLS").unwrap(), ..claim(&b, &ticket) };
+    store.take_payment_claim(&other_authority, None).await.expect("the same ticket id of another authority is another ticket");
+
+    let again = store.take_payment_claim(&mine, Some(&read.etag)).await.expect("its owner takes it again as read");
+    assert_ne!(again.etag, read.etag);
+    assert!(matches!(store.take_payment_claim(&claim(&b, &ticket), Some(&read.etag)).await, Err(StoreError::Conflict(_))), "from an old version");
+    let over = store.take_payment_claim(&claim(&b, &ticket), Some(&again.etag)).await.expect("taken over as read");
+    assert_eq!(store.payment_claim(&mine.authority, &mine.ticket_id).await.unwrap().unwrap().value.batch_id, b);
+
+    assert!(!store.release_payment_claim(&again).await.unwrap(), "a former owner cannot release it");
+    assert_eq!(store.payment_claim(&mine.authority, &mine.ticket_id).await.unwrap().unwrap(), over);
+    assert!(store.release_payment_claim(&over).await.unwrap());
+    assert!(store.payment_claim(&mine.authority, &mine.ticket_id).await.unwrap().is_none());
+    assert!(!store.release_payment_claim(&over).await.unwrap(), "released once");
+    assert!(matches!(store.take_payment_claim(&claim(&c, &ticket), Some(&over.etag)).await, Err(StoreError::Conflict(_))), "gone");
+
+    // Released and taken again: a version read before never matches the new one.
+    let retaken = store.take_payment_claim(&claim(&c, &ticket), None).await.unwrap();
+    for old in [&taken, &again, &over] {
+        assert_ne!(retaken.etag, old.etag);
+        assert!(matches!(store.take_payment_claim(&claim(&a, &ticket), Some(&old.etag)).await, Err(StoreError::Conflict(_))));
+    }
+    assert_eq!(store.payment_claim(&mine.authority, &mine.ticket_id).await.unwrap().unwrap(), retaken);
+}
+
+async fn concurrent_takes_of_a_payment_claim_have_one_winner(store: Arc<dyn Store>) {
+    let ticket = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let race = |over: Option<String>| {
+        let ticket = ticket.clone();
+        let store = store.clone();
+        async move {
+            let tasks: Vec<_> = (0..16)
+                .map(|_| {
+                    let (store, over, mine) = (store.clone(), over.clone(), claim(&BatchId::generate(), &ticket));
+                    tokio::spawn(async move {
+                        match store.take_payment_claim(&mine, over.as_deref()).await {
+                            Ok(taken) => Some(taken),
+                            Err(StoreError::Conflict(_)) => None,
+                            Err(e) => panic!("unexpected {e}"),
+                        }
+                    })
+                })
+                .collect();
+            let mut won = Vec::new();
+            for t in tasks {
+                won.extend(t.await.unwrap());
+            }
+            won
+        }
+    };
+    let first = race(None).await;
+    assert_eq!(first.len(), 1, "sixteen batches take a free claim at once: one gets it");
+    let held = store.payment_claim(&first[0].value.authority, &first[0].value.ticket_id).await.unwrap().unwrap();
+    assert_eq!(held, first[0]);
+    let second = race(Some(held.etag.clone())).await;
+    assert_eq!(second.len(), 1, "sixteen batches take it over from the same version: one gets it");
+    let held = store.payment_claim(&held.value.authority, &held.value.ticket_id).await.unwrap().unwrap();
+    assert_eq!(held, second[0]);
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -270,6 +350,10 @@ macro_rules! conformance {
             async fn tickets_page_by_id_and_filter_by_status() { let (s, _keep) = store().await; super::tickets_page_by_id_and_filter_by_status(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn batches_are_listed_by_client_newest_first() { let (s, _keep) = store().await; super::batches_are_listed_by_client_newest_first(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_payment_claim_changes_hands_only_from_the_version_read() { let (s, _keep) = store().await; super::a_payment_claim_changes_hands_only_from_the_version_read(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_takes_of_a_payment_claim_have_one_winner() { let (s, _keep) = store().await; super::concurrent_takes_of_a_payment_claim_have_one_winner(s).await }
         }
     };
 }

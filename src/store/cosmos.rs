@@ -3,8 +3,11 @@
 //! Container `batches` (partition key `/batch_id`): one logical partition per
 //! batch holding the batch document (`id` = `batch`), one document per ticket
 //! (`id` = `ticket:{ticket_id}`) and the audit events
-//! (`id` = `event:{ticket_id}:{seq}`). Container `idempotency` (partition key
-//! `/client_id`): one document per idempotency key, naming its batch.
+//! (`id` = `event:{ticket_id}:{seq}`). A payment claim is alone in a logical
+//! partition of `batches` of its own, `claim:{authority}:{ticket_id}`
+//! (`id` = `claim`), naming the batch that may pay that ticket. Container
+//! `idempotency` (partition key `/client_id`): one document per idempotency
+//! key, naming its batch.
 //!
 //! ETags are the versions. A ticket change, its budget movement and its events
 //! go in one transactional batch in the batch's partition. See
@@ -25,8 +28,8 @@ use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{BatchSummary, BudgetChange, Created, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
-use crate::domain::{Batch, BatchId, ClientId, Event, Status, Ticket, TicketId};
+use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
+use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Event, Status, Ticket, TicketId};
 
 /// Container holding batches, tickets and events, partitioned by `/batch_id`.
 pub const BATCHES: &str = "batches";
@@ -34,6 +37,7 @@ pub const BATCHES: &str = "batches";
 pub const IDEMPOTENCY: &str = "idempotency";
 
 const BATCH_DOC_ID: &str = "batch";
+const CLAIM_DOC_ID: &str = "claim";
 /// A transactional batch holds at most 100 operations and 2 MB.
 const MAX_BATCH_OPS: usize = 100;
 const MAX_BATCH_BYTES: usize = 1_500_000;
@@ -159,6 +163,52 @@ struct KeyDoc {
     claimed_at: DateTime<Utc>,
     #[serde(rename = "_etag", default, skip_serializing)]
     etag: Option<String>,
+}
+
+/// A payment claim. Its partition key value (the container's `/batch_id`) names
+/// the ticket, so every batch taking that ticket meets on this one document;
+/// `owner` is the batch holding it.
+#[derive(Debug, Serialize, Deserialize)]
+struct ClaimDoc {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    batch_id: String,
+    authority: AuthorityCode,
+    ticket_id: TicketId,
+    owner: BatchId,
+    claimed_at: DateTime<Utc>,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    etag: Option<String>,
+}
+
+fn claim_partition(authority: &AuthorityCode, ticket_id: &TicketId) -> String {
+    // Neither part may hold a ':' (see `domain::ids`), and no batch id starts with `claim:`.
+    format!("claim:{authority}:{ticket_id}")
+}
+
+impl ClaimDoc {
+    fn new(c: &PaymentClaim) -> ClaimDoc {
+        ClaimDoc {
+            id: CLAIM_DOC_ID.into(),
+            kind: "claim".into(),
+            batch_id: claim_partition(&c.authority, &c.ticket_id),
+            authority: c.authority.clone(),
+            ticket_id: c.ticket_id.clone(),
+            owner: c.batch_id.clone(),
+            claimed_at: c.claimed_at,
+            etag: None,
+        }
+    }
+
+    fn claim(&self) -> PaymentClaim {
+        PaymentClaim {
+            authority: self.authority.clone(),
+            ticket_id: self.ticket_id.clone(),
+            batch_id: self.owner.clone(),
+            claimed_at: self.claimed_at,
+        }
+    }
 }
 
 static LAST_SEQ: AtomicI64 = AtomicI64::new(0);
@@ -668,5 +718,53 @@ impl Store for CosmosStore {
             }
         }
         Ok(out)
+    }
+
+    async fn payment_claim(&self, authority: &AuthorityCode, ticket_id: &TicketId) -> Result<Option<Versioned<PaymentClaim>>> {
+        let pk = claim_partition(authority, ticket_id);
+        let doc: Option<ClaimDoc> = self.read_doc(&self.batches, &pk, CLAIM_DOC_ID).await?;
+        doc.map(|d| {
+            let etag = d.etag.clone().ok_or_else(|| invalid(format!("payment claim {pk} has no _etag")))?;
+            Ok(Versioned { value: d.claim(), etag })
+        })
+        .transpose()
+    }
+
+    async fn take_payment_claim(&self, claim: &PaymentClaim, over: Option<&str>) -> Result<Versioned<PaymentClaim>> {
+        let doc = ClaimDoc::new(claim);
+        let what = format!("payment claim {}", doc.batch_id);
+        let written = match over {
+            None => self.batches.create_item(doc.batch_id.clone(), CLAIM_DOC_ID, &doc, None).await,
+            Some(etag) => {
+                let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(etag.to_owned()));
+                self.batches.replace_item(doc.batch_id.clone(), CLAIM_DOC_ID, &doc, Some(options)).await
+            }
+        };
+        let response = match written {
+            Ok(r) => r,
+            // Taken by someone else, changed since it was read, or released since: not ours.
+            Err(e) if e.status().is_conflict() || e.status().is_precondition_failed() || e.status().is_not_found() => {
+                return Err(StoreError::Conflict(what));
+            }
+            Err(e) => return Err(map_err(what, e)),
+        };
+        let etag = match response.headers().etag() {
+            Some(etag) => etag.to_string(),
+            None => match self.payment_claim(&claim.authority, &claim.ticket_id).await? {
+                Some(read) if read.value == *claim => read.etag,
+                _ => return Err(StoreError::Conflict(what)),
+            },
+        };
+        Ok(Versioned { value: claim.clone(), etag })
+    }
+
+    async fn release_payment_claim(&self, claim: &Versioned<PaymentClaim>) -> Result<bool> {
+        let pk = claim_partition(&claim.value.authority, &claim.value.ticket_id);
+        let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(claim.etag.clone()));
+        match self.batches.delete_item(pk.clone(), CLAIM_DOC_ID, Some(options)).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.status().is_precondition_failed() || e.status().is_not_found() => Ok(false),
+            Err(e) => Err(map_err(format!("payment claim {pk}"), e)),
+        }
     }
 }

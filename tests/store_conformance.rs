@@ -365,17 +365,22 @@ conformance!(sqlite, {
 });
 
 /// A fresh in-memory Cosmos account (the SDK's own emulator, no network) with
-/// the `ticketpay` database and both containers, and the store on it.
-async fn cosmos_store() -> (Arc<dyn Store>, Box<dyn std::any::Any>) {
+/// the `ticketpay` database and both containers, and a client on it.
+async fn cosmos_account(
+    observer: Option<Arc<dyn azure_data_cosmos_driver::in_memory_emulator::RequestObserver>>,
+) -> (azure_data_cosmos::CosmosClient, Arc<azure_data_cosmos_driver::in_memory_emulator::InMemoryEmulatorHttpClient>) {
     use azure_core::credentials::Secret;
     use azure_data_cosmos::{AccountReference, CosmosClient, CosmosRuntimeBuilder, RoutingStrategy};
     use azure_data_cosmos_driver::in_memory_emulator::{InMemoryEmulatorHttpClient, VirtualAccountConfig, VirtualRegion};
-    use ticketpay::store::cosmos::{BATCHES, CosmosStore, IDEMPOTENCY};
+    use ticketpay::store::cosmos::{BATCHES, IDEMPOTENCY};
 
     let url = "https://eastus.emulator.local";
-    let emulator = Arc::new(InMemoryEmulatorHttpClient::new(
-        VirtualAccountConfig::new(vec![VirtualRegion::new("East US", url.parse().unwrap())]).unwrap(),
-    ));
+    let mut emulator =
+        InMemoryEmulatorHttpClient::new(VirtualAccountConfig::new(vec![VirtualRegion::new("East US", url.parse().unwrap())]).unwrap());
+    if let Some(observer) = observer {
+        emulator = emulator.with_request_observer(observer);
+    }
+    let emulator = Arc::new(emulator);
     let pk = |path: &str| serde_json::from_value(serde_json::json!({"paths": [path], "kind": "Hash", "version": 2})).unwrap();
     emulator.store().create_database("ticketpay");
     emulator.store().create_container("ticketpay", BATCHES, pk("/batch_id"));
@@ -388,8 +393,98 @@ async fn cosmos_store() -> (Arc<dyn Store>, Box<dyn std::any::Any>) {
         )
         .await
         .unwrap();
-    let store = CosmosStore::new(client, "ticketpay").await.unwrap();
+    (client, emulator)
+}
+
+async fn cosmos_store() -> (Arc<dyn Store>, Box<dyn std::any::Any>) {
+    let (client, emulator) = cosmos_account(None).await;
+    let store = ticketpay::store::cosmos::CosmosStore::new(client, "ticketpay").await.unwrap();
     (Arc::new(store) as Arc<dyn Store>, Box::new(emulator) as Box<dyn std::any::Any>)
 }
 
 conformance!(cosmos, cosmos_store().await);
+
+/// Cosmos alone: its idempotency keys are documents of their own, taken over
+/// once the upload that claimed one looks dead.
+mod cosmos_idempotency_keys {
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    use azure_data_cosmos_driver::in_memory_emulator::RequestObserver;
+    use ticketpay::store::cosmos::{CosmosStore, IDEMPOTENCY};
+
+    use super::*;
+
+    /// Holds the first write of a batch's upload (its first transactional batch)
+    /// until told to go on: the upload stalls after it claimed its key.
+    #[derive(Debug)]
+    struct StallUpload {
+        batch_id: String,
+        stalled: Mutex<Option<mpsc::Sender<()>>>,
+        resume: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl RequestObserver for StallUpload {
+        fn on_request(&self, request: &azure_core::http::Request) {
+            let ours = request.headers().iter().any(|(name, value)| {
+                name.as_str() == "x-ms-documentdb-partitionkey" && value.as_str().contains(&self.batch_id)
+            });
+            let is_batch = request.headers().iter().any(|(name, _)| name.as_str() == "x-ms-cosmos-is-batch-request");
+            if !(ours && is_batch) {
+                return;
+            }
+            if let Some(stalled) = self.stalled.lock().unwrap().take() {
+                stalled.send(()).unwrap();
+                self.resume.lock().unwrap().recv().unwrap();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_whose_key_was_taken_over_does_not_commit_nor_release_the_key() {
+        let slow = batch("acme", 1_000, 2, Some("key-taken-over"));
+        let (stalled_tx, stalled_rx) = mpsc::channel();
+        let (resume_tx, resume_rx) = mpsc::channel();
+        let observer = StallUpload { batch_id: slow.batch_id.to_string(), stalled: Mutex::new(Some(stalled_tx)), resume: Mutex::new(resume_rx) };
+        let (client, _emulator) = cosmos_account(Some(Arc::new(observer))).await;
+        let keys = client.database_client("ticketpay".to_owned()).container_client(IDEMPOTENCY, None).await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(CosmosStore::new(client, "ticketpay").await.unwrap());
+
+        // The slow upload claimed its key long ago (so it looks dead) and is still writing.
+        let claimed_long_ago = serde_json::json!({
+            "id": "key-taken-over",
+            "client_id": "acme",
+            "batch_id": slow.batch_id,
+            "claimed_at": Utc::now() - chrono::Duration::minutes(11),
+        });
+        keys.create_item("acme".to_owned(), "key-taken-over", &claimed_long_ago, None).await.unwrap();
+        let slow_upload = {
+            let (store, slow) = (store.clone(), slow.clone());
+            tokio::spawn(async move {
+                let ts = tickets(&slow, 2);
+                store.create_batch(&slow, &ts, &accepted(&ts)).await
+            })
+        };
+        tokio::task::spawn_blocking(move || stalled_rx.recv().unwrap()).await.unwrap();
+
+        // Meanwhile the client sends the upload again: the key is taken over, and that batch commits.
+        let retry = batch("acme", 1_000, 2, Some("key-taken-over"));
+        let rt = tickets(&retry, 2);
+        assert_eq!(store.create_batch(&retry, &rt, &accepted(&rt)).await.unwrap(), Created::New);
+
+        resume_tx.send(()).unwrap();
+        let slow_result = slow_upload.await.unwrap();
+        assert!(matches!(slow_result, Err(StoreError::Conflict(_))), "the slow upload lost its key: {slow_result:?}");
+        assert!(store.batch(&slow.batch_id).await.unwrap().is_none(), "and did not commit");
+        assert!(store.batch(&retry.batch_id).await.unwrap().is_some());
+
+        let held: serde_json::Value =
+            keys.read_item("acme".to_owned(), "key-taken-over", None).await.expect("the key is still there").into_model().unwrap();
+        assert_eq!(held["batch_id"], retry.batch_id.as_str(), "still naming the batch that took it over");
+        let again = batch("acme", 1_000, 2, Some("key-taken-over"));
+        match store.create_batch(&again, &tickets(&again, 2), &[]).await.unwrap() {
+            Created::Existing(existing) => assert_eq!(existing.batch_id, retry.batch_id, "one batch for one key"),
+            Created::New => panic!("a second batch for one key"),
+        }
+    }
+}

@@ -81,6 +81,42 @@ fn bad_uploads_are_refused_and_leave_nothing_behind() {
 }
 
 #[test]
+fn an_idempotency_key_is_refused_with_the_characters_it_may_hold() {
+    let data = tempfile::tempdir().unwrap();
+    let s = stack(data.path());
+    let body = batch_json("acme", 2, "100.00");
+    let send = |key: reqwest::header::HeaderValue| {
+        s.http.post(format!("{}/api/batches", s.url)).header("Idempotency-Key", key).json(&body).send().unwrap()
+    };
+    let refused: Vec<(&str, reqwest::header::HeaderValue)> = vec![
+        ("a slash", "acme/2026-12-01".parse().unwrap()),
+        ("a backslash", "acme\\batch".parse().unwrap()),
+        ("a question mark", "why?".parse().unwrap()),
+        ("a hash", "batch#7".parse().unwrap()),
+        ("a tab", "tab\tinside".parse().unwrap()),
+        ("201 characters", "k".repeat(201).parse().unwrap()),
+        ("a non-ASCII byte", reqwest::header::HeaderValue::from_bytes(b"caf\xe9").unwrap()),
+    ];
+    for (what, key) in refused {
+        let (status, p) = problem(send(key));
+        assert_eq!(status, 400, "{what}: {p}");
+        assert_eq!(p["field"], "Idempotency-Key", "{what}: {p}");
+        let detail = p["detail"].as_str().unwrap();
+        assert!(detail.contains("1 to 200") && detail.contains("/ \\ ? #"), "{what}: the allowed characters are named: {detail}");
+    }
+    assert_eq!(s.get("/api/batches")["batches"], json!([]), "nothing stored");
+
+    let odd_but_fine = "acme:upload 2026-12-01_#1".replace('#', "no.");
+    let first = s.upload_json(&body, Some(&odd_but_fine));
+    assert_eq!(first.status().as_u16(), 202);
+    let first: Value = first.json().unwrap();
+    let again: Value = s.upload_json(&body, Some(&odd_but_fine)).json().unwrap();
+    assert_eq!(first["batch_id"], again["batch_id"]);
+    let punctuation = "!\"$%&'()*+,-.:;<=>@[]^_`{|}~";
+    assert_eq!(s.upload_json(&body, Some(punctuation)).status().as_u16(), 202, "every other printable character is allowed");
+}
+
+#[test]
 fn an_upload_is_accepted_once_per_idempotency_key_and_can_be_followed() {
     let data = tempfile::tempdir().unwrap();
     let s = stack(data.path());

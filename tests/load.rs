@@ -52,7 +52,12 @@ fn ten_clients_at_once_each_within_its_own_budget_and_the_providers_limits() {
                 s.spawn(move || {
                     let client = format!("client-{i:02}");
                     let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
-                    let r = http.post(url).json(&batch_json(&client, TICKETS, budget)).send().unwrap();
+                    // Each client's own tickets: a ticket in two batches is paid once, the other copy ends duplicate.
+                    let mut body = batch_json(&client, TICKETS, budget);
+                    for t in body["tickets"].as_array_mut().unwrap() {
+                        t["ticket_id"] = format!("{client}-{}", t["ticket_id"].as_str().unwrap()).into();
+                    }
+                    let r = http.post(url).json(&body).send().unwrap();
                     assert_eq!(r.status().as_u16(), 202, "{client}'s upload accepted");
                     (client, r.json::<Value>().unwrap()["batch_id"].as_str().unwrap().to_owned())
                 })

@@ -10,7 +10,7 @@ use ticketpay::domain::{
 };
 use ticketpay::domain::upload::TicketLine;
 use ticketpay::store::sqlite::SqliteStore;
-use ticketpay::store::{BudgetChange, Created, Store, StoreError, TicketUpdate};
+use ticketpay::store::{BudgetChange, Created, PaymentClaim, Store, StoreError, TicketUpdate};
 
 fn batch(client: &str, budget: i64, tickets: u32, key: Option<&str>) -> Batch {
     Batch {
@@ -284,6 +284,86 @@ async fn overdue_tickets_and_unrecorded_completions_are_found(store: Arc<dyn Sto
     assert!(incomplete(store.incomplete_batches(100).await.unwrap()));
 }
 
+fn claim(batch: &BatchId, ticket: &str) -> PaymentClaim {
+    PaymentClaim {
+        authority: AuthorityCode::parse("CITY-PARKING").unwrap(),
+        ticket_id: TicketId::parse(ticket).unwrap(),
+        batch_id: batch.clone(),
+        claimed_at: Utc::now(),
+    }
+}
+
+async fn a_payment_claim_changes_hands_only_from_the_version_read(store: Arc<dyn Store>) {
+    let (a, b, c) = (BatchId::generate(), BatchId::generate(), BatchId::generate());
+    let ticket = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let mine = claim(&a, &ticket);
+    assert!(store.payment_claim(&mine.authority, &mine.ticket_id).await.unwrap().is_none());
+    let taken = store.take_payment_claim(&mine, None).await.unwrap();
+    assert_eq!(taken.value, mine);
+    let read = store.payment_claim(&mine.authority, &mine.ticket_id).await.unwrap().unwrap();
+    assert_eq!(read, taken, "read back as taken, with its version");
+    assert!(matches!(store.take_payment_claim(&claim(&b, &ticket), None).await, Err(StoreError::Conflict(_))), "held already");
+    assert!(matches!(store.take_payment_claim(&mine, None).await, Err(StoreError::Conflict(_))), "even by its owner, without its version");
+    let other_authority = PaymentClaim { authority: AuthorityCode::parse("STATE-TOLLS").unwrap(), ..claim(&b, &ticket) };
+    store.take_payment_claim(&other_authority, None).await.expect("the same ticket id of another authority is another ticket");
+
+    let again = store.take_payment_claim(&mine, Some(&read.etag)).await.expect("its owner takes it again as read");
+    assert_ne!(again.etag, read.etag);
+    assert!(matches!(store.take_payment_claim(&claim(&b, &ticket), Some(&read.etag)).await, Err(StoreError::Conflict(_))), "from an old version");
+    let over = store.take_payment_claim(&claim(&b, &ticket), Some(&again.etag)).await.expect("taken over as read");
+    assert_eq!(store.payment_claim(&mine.authority, &mine.ticket_id).await.unwrap().unwrap().value.batch_id, b);
+
+    assert!(!store.release_payment_claim(&again).await.unwrap(), "a former owner cannot release it");
+    assert_eq!(store.payment_claim(&mine.authority, &mine.ticket_id).await.unwrap().unwrap(), over);
+    assert!(store.release_payment_claim(&over).await.unwrap());
+    assert!(store.payment_claim(&mine.authority, &mine.ticket_id).await.unwrap().is_none());
+    assert!(!store.release_payment_claim(&over).await.unwrap(), "released once");
+    assert!(matches!(store.take_payment_claim(&claim(&c, &ticket), Some(&over.etag)).await, Err(StoreError::Conflict(_))), "gone");
+
+    // Released and taken again: a version read before never matches the new one.
+    let retaken = store.take_payment_claim(&claim(&c, &ticket), None).await.unwrap();
+    for old in [&taken, &again, &over] {
+        assert_ne!(retaken.etag, old.etag);
+        assert!(matches!(store.take_payment_claim(&claim(&a, &ticket), Some(&old.etag)).await, Err(StoreError::Conflict(_))));
+    }
+    assert_eq!(store.payment_claim(&mine.authority, &mine.ticket_id).await.unwrap().unwrap(), retaken);
+}
+
+async fn concurrent_takes_of_a_payment_claim_have_one_winner(store: Arc<dyn Store>) {
+    let ticket = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let race = |over: Option<String>| {
+        let ticket = ticket.clone();
+        let store = store.clone();
+        async move {
+            let tasks: Vec<_> = (0..16)
+                .map(|_| {
+                    let (store, over, mine) = (store.clone(), over.clone(), claim(&BatchId::generate(), &ticket));
+                    tokio::spawn(async move {
+                        match store.take_payment_claim(&mine, over.as_deref()).await {
+                            Ok(taken) => Some(taken),
+                            Err(StoreError::Conflict(_)) => None,
+                            Err(e) => panic!("unexpected {e}"),
+                        }
+                    })
+                })
+                .collect();
+            let mut won = Vec::new();
+            for t in tasks {
+                won.extend(t.await.unwrap());
+            }
+            won
+        }
+    };
+    let first = race(None).await;
+    assert_eq!(first.len(), 1, "sixteen batches take a free claim at once: one gets it");
+    let held = store.payment_claim(&first[0].value.authority, &first[0].value.ticket_id).await.unwrap().unwrap();
+    assert_eq!(held, first[0]);
+    let second = race(Some(held.etag.clone())).await;
+    assert_eq!(second.len(), 1, "sixteen batches take it over from the same version: one gets it");
+    let held = store.payment_claim(&held.value.authority, &held.value.ticket_id).await.unwrap().unwrap();
+    assert_eq!(held, second[0]);
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -309,6 +389,10 @@ macro_rules! conformance {
             async fn batches_are_listed_by_client_newest_first() { let (s, _keep) = store().await; super::batches_are_listed_by_client_newest_first(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn overdue_tickets_and_unrecorded_completions_are_found() { let (s, _keep) = store().await; super::overdue_tickets_and_unrecorded_completions_are_found(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_payment_claim_changes_hands_only_from_the_version_read() { let (s, _keep) = store().await; super::a_payment_claim_changes_hands_only_from_the_version_read(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_takes_of_a_payment_claim_have_one_winner() { let (s, _keep) = store().await; super::concurrent_takes_of_a_payment_claim_have_one_winner(s).await }
         }
     };
 }
@@ -320,17 +404,22 @@ conformance!(sqlite, {
 });
 
 /// A fresh in-memory Cosmos account (the SDK's own emulator, no network) with
-/// the `ticketpay` database and both containers, and the store on it.
-async fn cosmos_store() -> (Arc<dyn Store>, Box<dyn std::any::Any>) {
+/// the `ticketpay` database and both containers, and a client on it.
+async fn cosmos_account(
+    observer: Option<Arc<dyn azure_data_cosmos_driver::in_memory_emulator::RequestObserver>>,
+) -> (azure_data_cosmos::CosmosClient, Arc<azure_data_cosmos_driver::in_memory_emulator::InMemoryEmulatorHttpClient>) {
     use azure_core::credentials::Secret;
     use azure_data_cosmos::{AccountReference, CosmosClient, CosmosRuntimeBuilder, RoutingStrategy};
     use azure_data_cosmos_driver::in_memory_emulator::{InMemoryEmulatorHttpClient, VirtualAccountConfig, VirtualRegion};
-    use ticketpay::store::cosmos::{BATCHES, CosmosStore, IDEMPOTENCY};
+    use ticketpay::store::cosmos::{BATCHES, IDEMPOTENCY};
 
     let url = "https://eastus.emulator.local";
-    let emulator = Arc::new(InMemoryEmulatorHttpClient::new(
-        VirtualAccountConfig::new(vec![VirtualRegion::new("East US", url.parse().unwrap())]).unwrap(),
-    ));
+    let mut emulator =
+        InMemoryEmulatorHttpClient::new(VirtualAccountConfig::new(vec![VirtualRegion::new("East US", url.parse().unwrap())]).unwrap());
+    if let Some(observer) = observer {
+        emulator = emulator.with_request_observer(observer);
+    }
+    let emulator = Arc::new(emulator);
     let pk = |path: &str| serde_json::from_value(serde_json::json!({"paths": [path], "kind": "Hash", "version": 2})).unwrap();
     emulator.store().create_database("ticketpay");
     emulator.store().create_container("ticketpay", BATCHES, pk("/batch_id"));
@@ -343,8 +432,98 @@ async fn cosmos_store() -> (Arc<dyn Store>, Box<dyn std::any::Any>) {
         )
         .await
         .unwrap();
-    let store = CosmosStore::new(client, "ticketpay").await.unwrap();
+    (client, emulator)
+}
+
+async fn cosmos_store() -> (Arc<dyn Store>, Box<dyn std::any::Any>) {
+    let (client, emulator) = cosmos_account(None).await;
+    let store = ticketpay::store::cosmos::CosmosStore::new(client, "ticketpay").await.unwrap();
     (Arc::new(store) as Arc<dyn Store>, Box::new(emulator) as Box<dyn std::any::Any>)
 }
 
 conformance!(cosmos, cosmos_store().await);
+
+/// Cosmos alone: its idempotency keys are documents of their own, taken over
+/// once the upload that claimed one looks dead.
+mod cosmos_idempotency_keys {
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    use azure_data_cosmos_driver::in_memory_emulator::RequestObserver;
+    use ticketpay::store::cosmos::{CosmosStore, IDEMPOTENCY};
+
+    use super::*;
+
+    /// Holds the first write of a batch's upload (its first transactional batch)
+    /// until told to go on: the upload stalls after it claimed its key.
+    #[derive(Debug)]
+    struct StallUpload {
+        batch_id: String,
+        stalled: Mutex<Option<mpsc::Sender<()>>>,
+        resume: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl RequestObserver for StallUpload {
+        fn on_request(&self, request: &azure_core::http::Request) {
+            let ours = request.headers().iter().any(|(name, value)| {
+                name.as_str() == "x-ms-documentdb-partitionkey" && value.as_str().contains(&self.batch_id)
+            });
+            let is_batch = request.headers().iter().any(|(name, _)| name.as_str() == "x-ms-cosmos-is-batch-request");
+            if !(ours && is_batch) {
+                return;
+            }
+            if let Some(stalled) = self.stalled.lock().unwrap().take() {
+                stalled.send(()).unwrap();
+                self.resume.lock().unwrap().recv().unwrap();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_whose_key_was_taken_over_does_not_commit_nor_release_the_key() {
+        let slow = batch("acme", 1_000, 2, Some("key-taken-over"));
+        let (stalled_tx, stalled_rx) = mpsc::channel();
+        let (resume_tx, resume_rx) = mpsc::channel();
+        let observer = StallUpload { batch_id: slow.batch_id.to_string(), stalled: Mutex::new(Some(stalled_tx)), resume: Mutex::new(resume_rx) };
+        let (client, _emulator) = cosmos_account(Some(Arc::new(observer))).await;
+        let keys = client.database_client("ticketpay".to_owned()).container_client(IDEMPOTENCY, None).await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(CosmosStore::new(client, "ticketpay").await.unwrap());
+
+        // The slow upload claimed its key long ago (so it looks dead) and is still writing.
+        let claimed_long_ago = serde_json::json!({
+            "id": "key-taken-over",
+            "client_id": "acme",
+            "batch_id": slow.batch_id,
+            "claimed_at": Utc::now() - chrono::Duration::minutes(11),
+        });
+        keys.create_item("acme".to_owned(), "key-taken-over", &claimed_long_ago, None).await.unwrap();
+        let slow_upload = {
+            let (store, slow) = (store.clone(), slow.clone());
+            tokio::spawn(async move {
+                let ts = tickets(&slow, 2);
+                store.create_batch(&slow, &ts, &accepted(&ts)).await
+            })
+        };
+        tokio::task::spawn_blocking(move || stalled_rx.recv().unwrap()).await.unwrap();
+
+        // Meanwhile the client sends the upload again: the key is taken over, and that batch commits.
+        let retry = batch("acme", 1_000, 2, Some("key-taken-over"));
+        let rt = tickets(&retry, 2);
+        assert_eq!(store.create_batch(&retry, &rt, &accepted(&rt)).await.unwrap(), Created::New);
+
+        resume_tx.send(()).unwrap();
+        let slow_result = slow_upload.await.unwrap();
+        assert!(matches!(slow_result, Err(StoreError::Conflict(_))), "the slow upload lost its key: {slow_result:?}");
+        assert!(store.batch(&slow.batch_id).await.unwrap().is_none(), "and did not commit");
+        assert!(store.batch(&retry.batch_id).await.unwrap().is_some());
+
+        let held: serde_json::Value =
+            keys.read_item("acme".to_owned(), "key-taken-over", None).await.expect("the key is still there").into_model().unwrap();
+        assert_eq!(held["batch_id"], retry.batch_id.as_str(), "still naming the batch that took it over");
+        let again = batch("acme", 1_000, 2, Some("key-taken-over"));
+        match store.create_batch(&again, &tickets(&again, 2), &[]).await.unwrap() {
+            Created::Existing(existing) => assert_eq!(existing.batch_id, retry.batch_id, "one batch for one key"),
+            Created::New => panic!("a second batch for one key"),
+        }
+    }
+}

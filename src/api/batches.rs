@@ -16,6 +16,7 @@ use super::extract::{PathParams, QueryParams, read_body};
 use super::problem::Problem;
 use super::{App, views};
 use crate::domain::upload::{self, Header};
+use crate::domain::ids::IdempotencyKey;
 use crate::domain::{Batch, BatchId, BatchRequest, ClientId, Event, EventKind, Stage, Status, Ticket};
 use crate::bus::OutgoingMessage;
 use crate::stages::message_for;
@@ -25,7 +26,6 @@ use crate::store::{BatchSummary, Created};
 
 /// Large enough for 5,000 tickets with long references, small enough to refuse abuse.
 pub const MAX_UPLOAD_BYTES: usize = 4 * 1024 * 1024;
-const MAX_IDEMPOTENCY_KEY: usize = 200;
 
 pub async fn upload(
     State(app): State<Arc<App>>,
@@ -75,17 +75,17 @@ pub async fn upload(
     accepted
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, Problem> {
     let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
-    let key = value.to_str().map_err(|_| Problem::bad_request("the Idempotency-Key header must be visible ASCII"))?.trim();
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
-        return Err(Problem::bad_request(format!("the Idempotency-Key header must have 1 to {MAX_IDEMPOTENCY_KEY} characters")));
-    }
-    Ok(Some(key.to_owned()))
+    let parsed = match value.to_str() {
+        Ok(text) => IdempotencyKey::parse(text),
+        Err(_) => Err(format!("the Idempotency-Key is not ASCII; use {}", IdempotencyKey::RULE)),
+    };
+    parsed.map(Some).map_err(|e| with_field(Problem::bad_request(e), "Idempotency-Key"))
 }
 
 /// Stores the batch and its tickets in one write, then queues every ticket for lookup.
-async fn accept(app: &App, request: BatchRequest, key: Option<String>) -> Result<Response, Problem> {
+async fn accept(app: &App, request: BatchRequest, key: Option<IdempotencyKey>) -> Result<Response, Problem> {
     let now = Utc::now();
     let batch = Batch {
         batch_id: BatchId::generate(),
@@ -94,7 +94,7 @@ async fn accept(app: &App, request: BatchRequest, key: Option<String>) -> Result
         budget: request.budget.minor,
         committed: 0,
         tickets: request.tickets.len() as u32,
-        idempotency_key: key.clone(),
+        idempotency_key: key.clone().map(String::from),
         request_digest: request.digest(),
         enqueued: false,
         completed_at: None,
@@ -113,7 +113,7 @@ async fn accept(app: &App, request: BatchRequest, key: Option<String>) -> Result
                 "idempotency-key-reused",
                 format!(
                     "Idempotency-Key `{}` was already used for another upload (batch {})",
-                    key.unwrap_or_default(),
+                    key.as_ref().map(IdempotencyKey::as_str).unwrap_or_default(),
                     existing.batch_id
                 ),
             ));

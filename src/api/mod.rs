@@ -68,3 +68,25 @@ async fn not_found() -> Problem {
 async fn method_not_allowed() -> Problem {
     Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "this method is not allowed here")
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use crate::domain::Status;
+
+    #[test]
+    fn the_document_knows_every_status() {
+        let doc: Value = serde_json::from_str(super::OPENAPI).unwrap();
+        let statuses: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(doc["components"]["schemas"]["Status"]["enum"], serde_json::json!(statuses));
+        let mut counted = 0;
+        for schema in doc["components"]["schemas"].as_object().unwrap().values() {
+            let Some(counts) = schema["properties"]["counts"]["properties"].as_object() else { continue };
+            let keys: std::collections::BTreeSet<&str> = counts.keys().map(String::as_str).collect();
+            assert_eq!(keys, statuses.iter().copied().collect());
+            counted += 1;
+        }
+        assert!(counted >= 2, "the batch status and the batch list item count by status");
+    }
+}

@@ -29,7 +29,7 @@ pub async fn list(
     let limit = parse_limit(&query, 100, 1_000)?;
     let cursor = query.get("cursor").map(String::as_str).filter(|c| !c.is_empty());
     let page = app.pipeline.store.tickets(&batch.batch_id, status, limit, cursor).await?;
-    let tickets: Vec<_> = page.tickets.iter().map(views::ticket).collect();
+    let tickets: Vec<_> = page.tickets.iter().map(|t| views::ticket(t, &caller)).collect();
     Ok(Json(json!({ "tickets": tickets, "next_cursor": page.next_cursor })).into_response())
 }
 
@@ -43,7 +43,7 @@ pub async fn show(
     let id = TicketId::parse(&ticket_id).map_err(|_| not_found())?;
     let ticket = app.pipeline.store.ticket(&batch.batch_id, &id).await?.ok_or_else(not_found)?;
     let events = app.pipeline.store.events(&batch.batch_id, &id).await?;
-    Ok(Json(views::ticket_with_timeline(&ticket.value, &events)).into_response())
+    Ok(Json(views::ticket_with_timeline(&ticket.value, &events, &caller)).into_response())
 }
 
 /// A client key finds its own client's tickets only.
@@ -53,6 +53,6 @@ pub async fn by_reference(State(app): State<Arc<App>>, caller: Caller, QueryPara
         .filter(|r| !r.trim().is_empty())
         .ok_or_else(|| with_field(Problem::bad_request("the `reference` query parameter is required"), "reference"))?;
     let tickets = app.pipeline.store.find_by_reference(reference.trim(), caller.client(), 100).await?;
-    let tickets: Vec<_> = tickets.iter().map(views::ticket).collect();
+    let tickets: Vec<_> = tickets.iter().map(|t| views::ticket(t, &caller)).collect();
     Ok(Json(json!({ "tickets": tickets })).into_response())
 }

@@ -2,6 +2,7 @@
 
 use serde_json::{Value, json};
 
+use super::access::Caller;
 use crate::domain::money::format_minor;
 use crate::domain::{Batch, Event, Ticket};
 use crate::store::BatchSummary;
@@ -62,8 +63,11 @@ pub fn batch_item(batch: &Batch, summary: Option<(&BatchSummary, u64)>) -> Value
     item
 }
 
-pub fn ticket(t: &Ticket) -> Value {
+/// A ticket as `caller` may see it: a duplicate names the batch that pays it
+/// only to whoever may see that batch.
+pub fn ticket(t: &Ticket, caller: &Caller) -> Value {
     let money = |minor: i64| format_minor(minor, t.currency);
+    let duplicate_of = t.duplicate_of.as_ref().filter(|d| caller.sees(&d.client_id)).map(|d| &d.batch_id);
     json!({
         "batch_id": t.batch_id,
         "ticket_id": t.ticket_id,
@@ -81,6 +85,7 @@ pub fn ticket(t: &Ticket) -> Value {
         "last_error": t.last_error,
         "reason": t.reason,
         "parked_stage": t.parked_stage,
+        "duplicate_of": duplicate_of,
         "payment": {
             "steps_done": t.pay.done,
             "steps_undone": t.pay.undone,
@@ -96,8 +101,8 @@ pub fn ticket(t: &Ticket) -> Value {
     })
 }
 
-pub fn ticket_with_timeline(t: &Ticket, events: &[Event]) -> Value {
-    let mut view = ticket(t);
+pub fn ticket_with_timeline(t: &Ticket, events: &[Event], caller: &Caller) -> Value {
+    let mut view = ticket(t, caller);
     // The ticket's distributed trace (App Insights' operation_Id), as its latest exchange recorded it.
     let trace_id = events.iter().rev().find_map(|e| match &e.kind {
         crate::domain::EventKind::Exchange(x) => x.trace_id.clone(),

@@ -7,9 +7,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::Value;
 
 use super::client::ApiClient;
+use crate::domain::Status;
 
 const STAGES: [&str; 5] = ["lookup", "validate", "reserve", "pay", "notify"];
-pub const END_STATES: [&str; 6] = ["paid", "not_payable", "rejected", "over_budget", "failed", "parked"];
+pub const END_STATES: [&str; Status::END_NAMES.len()] = Status::END_NAMES;
 
 fn count(status: &Value, key: &str) -> u64 {
     status["counts"][key].as_u64().unwrap_or(0)

@@ -113,6 +113,43 @@ impl Reference {
     }
 }
 
+/// An upload's idempotency key, as its client chose it. It becomes a document
+/// id in Cosmos DB, which may not hold `/ \ ? #`, so the same keys are refused
+/// in every store: 1 to 200 printable ASCII characters without those four,
+/// spaces only inside.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub const MAX_LEN: usize = 200;
+    /// What a key may hold, in the words of every refusal.
+    pub const RULE: &str = "1 to 200 printable ASCII characters other than / \\ ? # (spaces only inside)";
+
+    pub fn parse(text: &str) -> Result<IdempotencyKey, String> {
+        let refuse = |what: String| Err(format!("the Idempotency-Key {what}; use {}", Self::RULE));
+        if text.is_empty() || text.len() > Self::MAX_LEN {
+            return refuse(format!("has {} characters", text.chars().count()));
+        }
+        if let Some((i, c)) = text.char_indices().find(|&(_, c)| !(' '..='~').contains(&c) || matches!(c, '/' | '\\' | '?' | '#')) {
+            return refuse(format!("has the character {c:?} at position {}", i + 1));
+        }
+        if text.starts_with(' ') || text.ends_with(' ') {
+            return refuse("starts or ends with a space".into());
+        }
+        Ok(IdempotencyKey(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<IdempotencyKey> for String {
+    fn from(key: IdempotencyKey) -> String {
+        key.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +169,18 @@ mod tests {
         let b = BatchId::generate();
         assert_eq!(BatchId::parse(a.as_str()).unwrap(), a);
         assert!(a < b);
+    }
+
+    #[test]
+    fn idempotency_keys_hold_what_a_cosmos_id_may_hold() {
+        for good in ["upload-1", "acme:2026-12-01 run 2", "!\"$%&'()*+,-.:;<=>@[]^_`{|}~", &"k".repeat(200)] {
+            assert_eq!(IdempotencyKey::parse(good).unwrap().as_str(), good);
+        }
+        for bad in ["", "a/b", "a\\b", "a?b", "a#b", "tab\there", "caf\u{e9}", " lead", "trail ", &"k".repeat(201)] {
+            let e = IdempotencyKey::parse(bad).unwrap_err();
+            assert!(e.contains(IdempotencyKey::RULE), "{bad:?}: {e}");
+        }
+        assert!(IdempotencyKey::parse("a/b").unwrap_err().contains("'/' at position 2"));
     }
 
     #[test]

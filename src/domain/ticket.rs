@@ -72,11 +72,13 @@ pub enum Status {
     Rejected,
     OverBudget,
     Failed,
+    /// The same authority and ticket id is paid, or being paid, in another batch.
+    Duplicate,
     Parked,
 }
 
 impl Status {
-    pub const ALL: [Status; 10] = [
+    pub const ALL: [Status; 11] = [
         Self::Lookup,
         Self::Validate,
         Self::Reserve,
@@ -86,10 +88,27 @@ impl Status {
         Self::Rejected,
         Self::OverBudget,
         Self::Failed,
+        Self::Duplicate,
         Self::Parked,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    /// The end states' names, in the order people read them: every list of end
+    /// states (CLI, bench report, tests) is this one.
+    pub const END_NAMES: [&'static str; 7] = {
+        let mut names = [""; 7];
+        let (mut i, mut n) = (0, 0);
+        while i < Self::ALL.len() {
+            if Self::ALL[i].is_end() {
+                names[n] = Self::ALL[i].as_str();
+                n += 1;
+            }
+            i += 1;
+        }
+        assert!(n == names.len(), "END_NAMES lists every end state");
+        names
+    };
+
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::Lookup => "lookup",
             Self::Validate => "validate",
@@ -100,11 +119,12 @@ impl Status {
             Self::Rejected => "rejected",
             Self::OverBudget => "over_budget",
             Self::Failed => "failed",
+            Self::Duplicate => "duplicate",
             Self::Parked => "parked",
         }
     }
 
-    pub fn is_end(self) -> bool {
+    pub const fn is_end(self) -> bool {
         !matches!(self, Self::Lookup | Self::Validate | Self::Reserve | Self::Pay)
     }
 
@@ -323,6 +343,9 @@ pub struct Ticket {
     /// For a parked ticket: the stage to re-enter on redrive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parked_stage: Option<Stage>,
+    /// For a duplicate: the batch that pays this ticket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<PaidElsewhere>,
     #[serde(default)]
     pub pay: PayProgress,
     /// The notification in flight, apart from the payment's.
@@ -339,6 +362,14 @@ pub struct Ticket {
     pub resends: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// The batch paying a ticket that also came in another batch, and whose it is:
+/// only its own client (and operators) may learn its id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaidElsewhere {
+    pub batch_id: BatchId,
+    pub client_id: ClientId,
 }
 
 /// The state of an at-most-once operation, seen by an invocation about to send it.
@@ -423,6 +454,7 @@ impl Ticket {
             last_error: None,
             reason: None,
             parked_stage: None,
+            duplicate_of: None,
             pay: PayProgress::default(),
             notice: OperationSlot::default(),
             notified: false,
@@ -611,9 +643,10 @@ mod tests {
     }
 
     #[test]
-    fn end_states_are_the_six_of_the_design() {
+    fn end_states_are_the_seven_of_the_design() {
         let ends: Vec<_> = Status::ALL.into_iter().filter(|s| s.is_end()).map(Status::as_str).collect();
-        assert_eq!(ends, ["paid", "not_payable", "rejected", "over_budget", "failed", "parked"]);
+        assert_eq!(ends, ["paid", "not_payable", "rejected", "over_budget", "failed", "duplicate", "parked"]);
+        assert_eq!(Status::END_NAMES, ends.as_slice());
     }
 
     #[test]

@@ -1,15 +1,31 @@
-//! Reserve: hold the amount due from the batch budget, atomically with the
-//! ticket's move to payment. Messages of one batch arrive one at a time (a
-//! session per batch), so reservations never race for the same budget.
+//! Reserve: make sure no other batch pays this ticket, then hold the amount due
+//! from the batch budget, atomically with the ticket's move to payment.
+//!
+//! Messages of one batch arrive one at a time (a session per batch), so
+//! reservations never race for the same budget. Different batches may hold the
+//! same ticket (its authority and ticket id) and reserve at the same moment, so
+//! the right to pay it is a payment claim in the store, taken by a conditional
+//! write before any money is held: whoever loses ends `duplicate`.
 
-use chrono::Utc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use super::{Pipeline, StageError};
 use crate::domain::money::format_minor;
+use crate::domain::ticket::PaidElsewhere;
 use crate::domain::{EventKind, Stage, Status, Ticket};
-use crate::store::{BudgetChange, StoreError, Versioned};
+use crate::store::{BudgetChange, PaymentClaim, StoreError, Versioned};
+
+/// Takes of a claim lost to a concurrent writer before the message is retried.
+const CLAIM_ATTEMPTS: u32 = 5;
 
 pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
+    let claim = match claim_payment(p, &current.value).await? {
+        Claimed::Ours(claim) => claim,
+        Claimed::Elsewhere(owner) => return end_duplicate(p, &current, &owner).await,
+        Claimed::Undecided(error) => return p.retry_later(&current, current.value.clone(), error, Duration::ZERO, Vec::new()).await,
+    };
     let mut ticket = current.value.clone();
     let amount = ticket.amount_due.unwrap_or(0);
     let now = Utc::now();
@@ -27,5 +43,168 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     let mut ticket = current.value.clone();
     let reason = format!("needs {}, the budget has {remaining} left", format_minor(amount, ticket.currency));
     ticket.end(Status::OverBudget, Some(reason), now);
-    p.commit(&current, ticket, None, Vec::new(), Vec::new()).await
+    let ended = p.commit(&current, ticket, None, Vec::new(), Vec::new()).await?;
+    // Another batch may pay it now. Should this fail, the next taker sees
+    // `over_budget` here and takes the claim over.
+    if let Err(e) = p.store.release_payment_claim(&claim).await {
+        tracing::warn!(error = %e, "could not release the payment claim of a ticket over budget");
+    }
+    Ok(ended)
+}
+
+enum Claimed {
+    /// This batch may pay the ticket.
+    Ours(Versioned<PaymentClaim>),
+    /// Another batch pays it, or is paying it: its copy of the ticket.
+    Elsewhere(Box<Ticket>),
+    /// Another batch is still deciding whether it pays it: try again later.
+    Undecided(String),
+}
+
+/// Takes the ticket's payment claim for this batch: new, already ours (a
+/// redelivery), or given up by the batch that held it. Each take is conditional
+/// on the version read, so of two batches taking it at once exactly one wins.
+async fn claim_payment(p: &Pipeline, ticket: &Ticket) -> Result<Claimed, StageError> {
+    let mine = PaymentClaim {
+        authority: ticket.authority.clone(),
+        ticket_id: ticket.ticket_id.clone(),
+        batch_id: ticket.batch_id.clone(),
+        claimed_at: Utc::now(),
+    };
+    let mut over: Option<String> = None;
+    for _ in 0..CLAIM_ATTEMPTS {
+        match p.store.take_payment_claim(&mine, over.as_deref()).await {
+            Ok(claim) => return Ok(Claimed::Ours(claim)),
+            Err(StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let Some(held) = p.store.payment_claim(&mine.authority, &mine.ticket_id).await? else {
+            over = None;
+            continue;
+        };
+        if held.value.batch_id != mine.batch_id {
+            let owner = p.store.ticket(&held.value.batch_id, &mine.ticket_id).await?;
+            match owner.map(|o| (hold(&o.value, held.value.claimed_at), o.value)) {
+                Some((Hold::Paying, owner)) => return Ok(Claimed::Elsewhere(Box::new(owner))),
+                Some((Hold::Deciding, owner)) => {
+                    return Ok(Claimed::Undecided(format!("{} is deciding whether it pays this ticket", batch_named(ticket, &owner))));
+                }
+                Some((Hold::GivenUp, _)) | None => {}
+            }
+        }
+        over = Some(held.etag);
+    }
+    Err(StoreError::Conflict(format!("payment claim of {}/{} (kept changing)", mine.authority, mine.ticket_id)).into())
+}
+
+/// What the batch holding a ticket's payment claim does with it, as its copy of the ticket shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// Paid it, or paying it (a parked payment may be redriven).
+    Paying,
+    /// Not past its own reserve yet: it may pay it, or not.
+    Deciding,
+    /// Ended without paying: the claim is stale and may be taken over.
+    GivenUp,
+}
+
+fn hold(owner: &Ticket, claimed_at: DateTime<Utc>) -> Hold {
+    match owner.status {
+        Status::Paid | Status::Pay => Hold::Paying,
+        Status::Lookup | Status::Validate | Status::Reserve => Hold::Deciding,
+        Status::NotPayable | Status::Rejected | Status::OverBudget | Status::Failed | Status::Duplicate => Hold::GivenUp,
+        Status::Parked if owner.parked_stage == Some(Stage::Pay) || owner.reserved > 0 || owner.pay.done > 0 => Hold::Paying,
+        // Parked before paying, with nothing done. A claim written after that ticket
+        // state was, though, was taken again since (the ticket was redriven): what
+        // was read is old news.
+        Status::Parked if claimed_at > owner.updated_at => Hold::Deciding,
+        Status::Parked => Hold::GivenUp,
+    }
+}
+
+/// How `ticket`'s client may hear of `other`'s batch: by its id if it is its own.
+fn batch_named(ticket: &Ticket, other: &Ticket) -> String {
+    if other.client_id == ticket.client_id { format!("batch {}", other.batch_id) } else { "another batch".to_owned() }
+}
+
+async fn end_duplicate(p: &Pipeline, current: &Versioned<Ticket>, owner: &Ticket) -> Result<Versioned<Ticket>, StageError> {
+    let mut ticket = current.value.clone();
+    let how = if owner.status == Status::Paid { "already paid" } else { "being paid" };
+    let reason = format!("{how} in {}", batch_named(&ticket, owner));
+    ticket.duplicate_of = Some(PaidElsewhere { batch_id: owner.batch_id.clone(), client_id: owner.client_id.clone() });
+    ticket.end(Status::Duplicate, Some(reason), Utc::now());
+    p.commit(current, ticket, None, Vec::new(), Vec::new()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::upload::TicketLine;
+    use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Currency, TicketId};
+
+    fn owner(status: Status) -> Ticket {
+        let now = Utc::now() - chrono::Duration::minutes(5);
+        let batch = Batch {
+            batch_id: BatchId::parse("b-owner").unwrap(),
+            client_id: ClientId::parse("acme").unwrap(),
+            currency: Currency::parse("EUR").unwrap(),
+            budget: 10_000,
+            committed: 0,
+            tickets: 1,
+            idempotency_key: None,
+            request_digest: String::new(),
+            enqueued: true,
+            completed_at: None,
+            created_at: now,
+        };
+        let line = TicketLine { ticket_id: TicketId::parse("t1").unwrap(), authority: AuthorityCode::parse("CITY-PARKING").unwrap(), reference: None };
+        Ticket { status, ..Ticket::accepted(&batch, line, now) }
+    }
+
+    #[test]
+    fn a_claim_is_given_up_only_by_a_ticket_that_ended_without_paying() {
+        let claimed = Utc::now() - chrono::Duration::minutes(10);
+        for status in Status::ALL {
+            let expected = match status {
+                Status::Paid | Status::Pay => Hold::Paying,
+                Status::Lookup | Status::Validate | Status::Reserve => Hold::Deciding,
+                _ => Hold::GivenUp,
+            };
+            let mut t = owner(status);
+            t.parked_stage = (status == Status::Parked).then_some(Stage::Reserve);
+            assert_eq!(hold(&t, claimed), expected, "{status}");
+        }
+    }
+
+    #[test]
+    fn a_parked_payment_keeps_its_claim() {
+        let claimed = Utc::now() - chrono::Duration::minutes(10);
+        let parked = |f: &dyn Fn(&mut Ticket)| {
+            let mut t = owner(Status::Parked);
+            t.parked_stage = Some(Stage::Reserve);
+            f(&mut t);
+            hold(&t, claimed)
+        };
+        assert_eq!(parked(&|t| t.parked_stage = Some(Stage::Pay)), Hold::Paying);
+        assert_eq!(parked(&|t| t.reserved = 500), Hold::Paying);
+        assert_eq!(parked(&|t| t.pay.done = 1), Hold::Paying);
+        assert_eq!(parked(&|_| {}), Hold::GivenUp, "parked before paying, with nothing done");
+    }
+
+    #[test]
+    fn a_claim_taken_after_the_state_read_is_not_taken_over() {
+        let t = Ticket { parked_stage: Some(Stage::Reserve), ..owner(Status::Parked) };
+        assert_eq!(hold(&t, t.updated_at - chrono::Duration::seconds(1)), Hold::GivenUp);
+        assert_eq!(hold(&t, t.updated_at + chrono::Duration::seconds(1)), Hold::Deciding, "redriven and claimed again since");
+    }
+
+    #[test]
+    fn another_clients_batch_is_not_named() {
+        let own = owner(Status::Paid);
+        let mut mine = owner(Status::Reserve);
+        mine.batch_id = BatchId::parse("b-mine").unwrap();
+        assert_eq!(batch_named(&mine, &own), "batch b-owner");
+        mine.client_id = ClientId::parse("globex").unwrap();
+        assert_eq!(batch_named(&mine, &own), "another batch");
+    }
 }

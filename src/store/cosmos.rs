@@ -3,8 +3,11 @@
 //! Container `batches` (partition key `/batch_id`): one logical partition per
 //! batch holding the batch document (`id` = `batch`), one document per ticket
 //! (`id` = `ticket:{ticket_id}`) and the audit events
-//! (`id` = `event:{ticket_id}:{seq}`). Container `idempotency` (partition key
-//! `/client_id`): one document per idempotency key, naming its batch.
+//! (`id` = `event:{ticket_id}:{seq}`). A payment claim is alone in a logical
+//! partition of `batches` of its own, `claim:{authority}:{ticket_id}`
+//! (`id` = `claim`), naming the batch that may pay that ticket. Container
+//! `idempotency` (partition key `/client_id`): one document per idempotency
+//! key, naming its batch.
 //!
 //! ETags are the versions. A ticket change, its budget movement and its events
 //! go in one transactional batch in the batch's partition. See
@@ -25,8 +28,8 @@ use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{BatchSummary, BudgetChange, Created, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
-use crate::domain::{Batch, BatchId, ClientId, Event, Status, Ticket, TicketId};
+use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
+use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Event, Status, Ticket, TicketId};
 
 /// Container holding batches, tickets and events, partitioned by `/batch_id`.
 pub const BATCHES: &str = "batches";
@@ -34,6 +37,7 @@ pub const BATCHES: &str = "batches";
 pub const IDEMPOTENCY: &str = "idempotency";
 
 const BATCH_DOC_ID: &str = "batch";
+const CLAIM_DOC_ID: &str = "claim";
 /// A transactional batch holds at most 100 operations and 2 MB.
 const MAX_BATCH_OPS: usize = 100;
 const MAX_BATCH_BYTES: usize = 1_500_000;
@@ -163,6 +167,64 @@ struct KeyDoc {
     claimed_at: DateTime<Utc>,
     #[serde(rename = "_etag", default, skip_serializing)]
     etag: Option<String>,
+}
+
+impl KeyDoc {
+    fn new(batch: &Batch, key: &str) -> KeyDoc {
+        KeyDoc {
+            id: key.to_owned(),
+            client_id: batch.client_id.to_string(),
+            batch_id: batch.batch_id.to_string(),
+            claimed_at: Utc::now(),
+            etag: None,
+        }
+    }
+}
+
+/// A payment claim. Its partition key value (the container's `/batch_id`) names
+/// the ticket, so every batch taking that ticket meets on this one document;
+/// `owner` is the batch holding it.
+#[derive(Debug, Serialize, Deserialize)]
+struct ClaimDoc {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    batch_id: String,
+    authority: AuthorityCode,
+    ticket_id: TicketId,
+    owner: BatchId,
+    claimed_at: DateTime<Utc>,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    etag: Option<String>,
+}
+
+fn claim_partition(authority: &AuthorityCode, ticket_id: &TicketId) -> String {
+    // Neither part may hold a ':' (see `domain::ids`), and no batch id starts with `claim:`.
+    format!("claim:{authority}:{ticket_id}")
+}
+
+impl ClaimDoc {
+    fn new(c: &PaymentClaim) -> ClaimDoc {
+        ClaimDoc {
+            id: CLAIM_DOC_ID.into(),
+            kind: "claim".into(),
+            batch_id: claim_partition(&c.authority, &c.ticket_id),
+            authority: c.authority.clone(),
+            ticket_id: c.ticket_id.clone(),
+            owner: c.batch_id.clone(),
+            claimed_at: c.claimed_at,
+            etag: None,
+        }
+    }
+
+    fn claim(&self) -> PaymentClaim {
+        PaymentClaim {
+            authority: self.authority.clone(),
+            ticket_id: self.ticket_id.clone(),
+            batch_id: self.owner.clone(),
+            claimed_at: self.claimed_at,
+        }
+    }
 }
 
 static LAST_SEQ: AtomicI64 = AtomicI64::new(0);
@@ -358,20 +420,14 @@ impl CosmosStore {
         Ok(())
     }
 
-    /// Claims the client's idempotency key for `batch`. `Ok(Some(existing))` when
-    /// the key already belongs to a committed batch.
-    async fn claim_key(&self, batch: &Batch, key: &str) -> Result<Option<Batch>> {
+    /// Claims the client's idempotency key for `batch`: held by this upload (at
+    /// the version it wrote or read), or already the key of a committed batch.
+    async fn claim_key(&self, batch: &Batch, key: &str) -> Result<KeyClaim> {
         let client = batch.client_id.as_str();
-        let doc = KeyDoc {
-            id: key.to_owned(),
-            client_id: client.to_owned(),
-            batch_id: batch.batch_id.to_string(),
-            claimed_at: Utc::now(),
-            etag: None,
-        };
+        let doc = KeyDoc::new(batch, key);
         let what = format!("idempotency key {client}/{key}");
         match self.keys.create_item(client.to_owned(), key, &doc, None).await {
-            Ok(_) => return Ok(None),
+            Ok(r) => return self.written_key(&doc, r.headers().etag().map(|e| e.to_string())).await.map(KeyClaim::Held),
             Err(e) if e.status().is_conflict() => {}
             Err(e) => return Err(map_err(what, e)),
         }
@@ -380,43 +436,98 @@ impl CosmosStore {
             return Err(StoreError::Conflict(what));
         };
         if let Some(existing) = self.batch_doc(&held.batch_id).await? {
-            return Ok(Some(existing.batch));
+            return Ok(KeyClaim::Existing(existing.batch));
         }
+        let etag = held.etag.take().ok_or_else(|| invalid(format!("{what} has no _etag")))?;
         // The key is claimed but its batch is not committed: either that upload is still being
         // written (or is this one, retried), or it died before committing or releasing the key.
         if held.batch_id == batch.batch_id.as_str() {
-            return Ok(None);
+            return Ok(KeyClaim::Held(HeldKey { key: key.to_owned(), etag }));
         }
         if Utc::now() - held.claimed_at < KEY_TAKEOVER_AFTER {
             return Err(StoreError::Conflict(format!("{what} (an upload with this key is in progress)")));
         }
-        let etag = held.etag.take().ok_or_else(|| invalid(format!("{what} has no _etag")))?;
-        let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(etag));
-        self.keys.replace_item(client.to_owned(), key, &doc, Some(options)).await.map_err(|e| map_err(what, e))?;
-        Ok(None)
+        let taken = self.replace_key(&doc, etag).await?;
+        Ok(KeyClaim::Held(taken))
     }
 
-    async fn release_key(&self, batch: &Batch, key: &str) {
-        let client = batch.client_id.as_str();
-        if let Err(e) = self.keys.delete_item(client.to_owned(), key, None).await {
-            // Left behind, the key is taken over once KEY_TAKEOVER_AFTER has passed.
-            tracing::warn!(client, key, error = %e, "could not release an idempotency key after a failed upload");
+    /// The key as this upload just wrote it (`doc`), at the version the write answered
+    /// (read back if the answer had no ETag).
+    async fn written_key(&self, doc: &KeyDoc, etag: Option<String>) -> Result<HeldKey> {
+        let etag = match etag {
+            Some(etag) => etag,
+            None => match self.read_doc::<KeyDoc>(&self.keys, &doc.client_id, &doc.id).await? {
+                Some(KeyDoc { batch_id, etag: Some(etag), .. }) if batch_id == doc.batch_id => etag,
+                _ => return Err(StoreError::Conflict(format!("idempotency key {}/{}", doc.client_id, doc.id))),
+            },
+        };
+        Ok(HeldKey { key: doc.id.clone(), etag })
+    }
+
+    /// Writes `doc` over the key if it is still at `etag`: `Conflict` if another upload changed it since.
+    async fn replace_key(&self, doc: &KeyDoc, etag: String) -> Result<HeldKey> {
+        let what = format!("idempotency key {}/{}", doc.client_id, doc.id);
+        let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(etag));
+        match self.keys.replace_item(doc.client_id.clone(), &doc.id, doc, Some(options)).await {
+            Ok(r) => self.written_key(doc, r.headers().etag().map(|e| e.to_string())).await,
+            Err(e) if e.status().is_precondition_failed() || e.status().is_not_found() => {
+                Err(StoreError::Conflict(format!("{what} (taken over by another upload)")))
+            }
+            Err(e) => Err(map_err(what, e)),
         }
     }
 
-    async fn create_uncommitted(&self, batch: &Batch, tickets: &[Ticket], events: &[Event]) -> Result<Created> {
+    /// Just before the commit point: the key must still be this upload's. Writing it
+    /// again with if-match proves it (a read might be stale) and starts its takeover
+    /// clock afresh, so nobody takes it over in the moment before the commit.
+    async fn confirm_key(&self, batch: &Batch, held: &mut HeldKey) -> Result<()> {
+        let doc = KeyDoc::new(batch, &held.key);
+        *held = self.replace_key(&doc, held.etag.clone()).await?;
+        Ok(())
+    }
+
+    /// Gives the key up after a failed upload, only if it is still as this upload
+    /// wrote it: once taken over, it is another upload's.
+    async fn release_key(&self, batch: &Batch, held: &HeldKey) {
+        let client = batch.client_id.as_str();
+        let key = held.key.as_str();
+        let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(held.etag.clone()));
+        match self.keys.delete_item(client.to_owned(), key, Some(options)).await {
+            Ok(_) => {}
+            Err(e) if e.status().is_precondition_failed() || e.status().is_not_found() => {}
+            // Left behind, the key is taken over once KEY_TAKEOVER_AFTER has passed.
+            Err(e) => tracing::warn!(client, key, error = %e, "could not release an idempotency key after a failed upload"),
+        }
+    }
+
+    async fn create_uncommitted(&self, batch: &Batch, tickets: &[Ticket], events: &[Event], key: Option<&mut HeldKey>) -> Result<Created> {
         let id = batch.batch_id.as_str();
         // A committed batch is never written over: its tickets may be moving already.
         if self.batch_doc(id).await?.is_some() {
             return Err(StoreError::Conflict(format!("batch {id}")));
         }
         self.write_upload(id, tickets, events).await?;
+        if let Some(held) = key {
+            self.confirm_key(batch, held).await?;
+        }
         // The commit point: readers see the batch (and its tickets) from here on.
         match self.batches.create_item(id.to_owned(), BATCH_DOC_ID, &BatchDoc::new(batch), None).await {
             Ok(_) => Ok(Created::New),
             Err(e) => Err(map_err(format!("batch {id}"), e)),
         }
     }
+}
+
+/// An idempotency key held by the upload that wrote it, at the version it wrote.
+struct HeldKey {
+    key: String,
+    etag: String,
+}
+
+enum KeyClaim {
+    Held(HeldKey),
+    /// The key belongs to this committed batch.
+    Existing(Batch),
 }
 
 async fn backoff(attempt: u32) {
@@ -438,14 +549,16 @@ impl Store for CosmosStore {
             return Err(invalid(format!("an event of ticket {} belongs to batch {}, not {id}", e.ticket_id, e.batch_id)));
         }
         let Some(key) = &batch.idempotency_key else {
-            return self.create_uncommitted(batch, tickets, events).await;
+            return self.create_uncommitted(batch, tickets, events, None).await;
         };
-        if let Some(existing) = self.claim_key(batch, key).await? {
-            return Ok(Created::Existing(existing));
-        }
-        let created = self.create_uncommitted(batch, tickets, events).await;
-        if created.is_err() {
-            self.release_key(batch, key).await;
+        let mut held = match self.claim_key(batch, key).await? {
+            KeyClaim::Existing(existing) => return Ok(Created::Existing(existing)),
+            KeyClaim::Held(held) => held,
+        };
+        let created = self.create_uncommitted(batch, tickets, events, Some(&mut held)).await;
+        // A commit whose answer was lost may have landed: its key stays.
+        if created.is_err() && !matches!(self.batch_doc(id).await, Ok(Some(_))) {
+            self.release_key(batch, &held).await;
         }
         created
     }
@@ -702,5 +815,53 @@ impl Store for CosmosStore {
             }
         }
         Ok(out)
+    }
+
+    async fn payment_claim(&self, authority: &AuthorityCode, ticket_id: &TicketId) -> Result<Option<Versioned<PaymentClaim>>> {
+        let pk = claim_partition(authority, ticket_id);
+        let doc: Option<ClaimDoc> = self.read_doc(&self.batches, &pk, CLAIM_DOC_ID).await?;
+        doc.map(|d| {
+            let etag = d.etag.clone().ok_or_else(|| invalid(format!("payment claim {pk} has no _etag")))?;
+            Ok(Versioned { value: d.claim(), etag })
+        })
+        .transpose()
+    }
+
+    async fn take_payment_claim(&self, claim: &PaymentClaim, over: Option<&str>) -> Result<Versioned<PaymentClaim>> {
+        let doc = ClaimDoc::new(claim);
+        let what = format!("payment claim {}", doc.batch_id);
+        let written = match over {
+            None => self.batches.create_item(doc.batch_id.clone(), CLAIM_DOC_ID, &doc, None).await,
+            Some(etag) => {
+                let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(etag.to_owned()));
+                self.batches.replace_item(doc.batch_id.clone(), CLAIM_DOC_ID, &doc, Some(options)).await
+            }
+        };
+        let response = match written {
+            Ok(r) => r,
+            // Taken by someone else, changed since it was read, or released since: not ours.
+            Err(e) if e.status().is_conflict() || e.status().is_precondition_failed() || e.status().is_not_found() => {
+                return Err(StoreError::Conflict(what));
+            }
+            Err(e) => return Err(map_err(what, e)),
+        };
+        let etag = match response.headers().etag() {
+            Some(etag) => etag.to_string(),
+            None => match self.payment_claim(&claim.authority, &claim.ticket_id).await? {
+                Some(read) if read.value == *claim => read.etag,
+                _ => return Err(StoreError::Conflict(what)),
+            },
+        };
+        Ok(Versioned { value: claim.clone(), etag })
+    }
+
+    async fn release_payment_claim(&self, claim: &Versioned<PaymentClaim>) -> Result<bool> {
+        let pk = claim_partition(&claim.value.authority, &claim.value.ticket_id);
+        let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(claim.etag.clone()));
+        match self.batches.delete_item(pk.clone(), CLAIM_DOC_ID, Some(options)).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.status().is_precondition_failed() || e.status().is_not_found() => Ok(false),
+            Err(e) => Err(map_err(format!("payment claim {pk}"), e)),
+        }
     }
 }

@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
-use crate::domain::{Batch, BatchId, ClientId, Event, Stage, Status, Ticket, TicketId};
+use chrono::{DateTime, Utc};
+
+use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Event, Stage, Status, Ticket, TicketId};
 
 /// A document with the version it was read at.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +65,16 @@ impl StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The one batch that may pay a ticket, named by its authority and ticket id,
+/// whatever batches the ticket was uploaded in. Taken before any money is held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentClaim {
+    pub authority: AuthorityCode,
+    pub ticket_id: TicketId,
+    pub batch_id: BatchId,
+    pub claimed_at: DateTime<Utc>,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Created {
@@ -184,6 +196,15 @@ pub trait Store: Send + Sync + 'static {
     /// Tickets carrying this reference, across batches (support looks them up
     /// this way), of one client or of all.
     async fn find_by_reference(&self, reference: &str, client: Option<&ClientId>, limit: usize) -> Result<Vec<Ticket>>;
+    /// The payment claim on a ticket, whichever batch holds it.
+    async fn payment_claim(&self, authority: &AuthorityCode, ticket_id: &TicketId) -> Result<Option<Versioned<PaymentClaim>>>;
+    /// Takes the payment claim for `claim.batch_id`, atomically: with `over` as
+    /// `None` only if nobody holds it, otherwise only if it is still the version
+    /// read as `over`. [`StoreError::Conflict`] when someone else got there first.
+    async fn take_payment_claim(&self, claim: &PaymentClaim, over: Option<&str>) -> Result<Versioned<PaymentClaim>>;
+    /// Gives the claim up if it is still as it was taken; `false` when it has
+    /// changed hands since (or is gone), and then nothing is changed.
+    async fn release_payment_claim(&self, claim: &Versioned<PaymentClaim>) -> Result<bool>;
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{BatchSummary, BudgetChange, Created, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
-use crate::domain::{Batch, BatchId, ClientId, Currency, Event, Status, Ticket, TicketId};
+use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
+use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Currency, Event, Status, Ticket, TicketId};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS batches (
@@ -53,6 +53,14 @@ CREATE TABLE IF NOT EXISTS events (
     doc TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_ticket ON events(batch_id, ticket_id, seq);
+CREATE TABLE IF NOT EXISTS payment_claims (
+    authority TEXT NOT NULL,
+    ticket_id TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    claimed_at TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    PRIMARY KEY (authority, ticket_id)
+) WITHOUT ROWID;
 ";
 
 #[derive(Clone)]
@@ -148,6 +156,27 @@ fn insert_events(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> Result<()>
 
 fn decode_ticket(doc: &str) -> Result<Ticket> {
     serde_json::from_str(doc).map_err(invalid)
+}
+
+/// A fresh version for a claim: never one it had before, so a claim released
+/// and taken again is not mistaken for the one read earlier.
+fn claim_etag() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn claim_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, String, String)> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+}
+
+fn decode_claim((authority, ticket_id, batch_id, claimed_at, etag): (String, String, String, String, String)) -> Result<Versioned<PaymentClaim>> {
+    let what = format!("payment claim {authority}/{ticket_id}");
+    let claim = PaymentClaim {
+        authority: AuthorityCode::parse(&authority).map_err(|e| invalid(format!("{what}: {e}")))?,
+        ticket_id: TicketId::parse(&ticket_id).map_err(|e| invalid(format!("{what}: {e}")))?,
+        batch_id: BatchId::parse(&batch_id).map_err(|e| invalid(format!("{what}: {e}")))?,
+        claimed_at: claimed_at.parse().map_err(|e| invalid(format!("{what}: claimed_at `{claimed_at}`: {e}")))?,
+    };
+    Ok(Versioned { value: claim, etag })
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -530,6 +559,60 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<_>>()
                 .map_err(unavailable)?;
             docs.iter().map(|d| decode_ticket(d)).collect()
+        })
+        .await
+    }
+
+    async fn payment_claim(&self, authority: &AuthorityCode, ticket_id: &TicketId) -> Result<Option<Versioned<PaymentClaim>>> {
+        let (a, t) = (authority.to_string(), ticket_id.to_string());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "SELECT authority, ticket_id, batch_id, claimed_at, etag FROM payment_claims WHERE authority = ?1 AND ticket_id = ?2",
+            )
+            .map_err(unavailable)?
+            .query_row(params![a, t], claim_from_row)
+            .optional()
+            .map_err(unavailable)?
+            .map(decode_claim)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn take_payment_claim(&self, claim: &PaymentClaim, over: Option<&str>) -> Result<Versioned<PaymentClaim>> {
+        let claim = claim.clone();
+        let over = over.map(str::to_owned);
+        self.write(move |conn| {
+            let etag = claim_etag();
+            let (a, t, b, at) = (claim.authority.as_str(), claim.ticket_id.as_str(), claim.batch_id.as_str(), claim.claimed_at.to_rfc3339());
+            let changed = match &over {
+                None => conn.execute(
+                    "INSERT INTO payment_claims (authority, ticket_id, batch_id, claimed_at, etag) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT DO NOTHING",
+                    params![a, t, b, at, etag],
+                ),
+                Some(read) => conn.execute(
+                    "UPDATE payment_claims SET batch_id = ?3, claimed_at = ?4, etag = ?5
+                     WHERE authority = ?1 AND ticket_id = ?2 AND etag = ?6",
+                    params![a, t, b, at, etag, read],
+                ),
+            }
+            .map_err(unavailable)?;
+            if changed == 0 {
+                return Err(StoreError::Conflict(format!("payment claim {}/{}", claim.authority, claim.ticket_id)));
+            }
+            Ok(Versioned { value: claim, etag })
+        })
+        .await
+    }
+
+    async fn release_payment_claim(&self, claim: &Versioned<PaymentClaim>) -> Result<bool> {
+        let (a, t, etag) = (claim.value.authority.to_string(), claim.value.ticket_id.to_string(), claim.etag.clone());
+        self.write(move |conn| {
+            let n = conn
+                .execute("DELETE FROM payment_claims WHERE authority = ?1 AND ticket_id = ?2 AND etag = ?3", params![a, t, etag])
+                .map_err(unavailable)?;
+            Ok(n == 1)
         })
         .await
     }

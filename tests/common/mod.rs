@@ -244,7 +244,7 @@ pub fn cents(v: &Value) -> i64 {
     whole.parse::<i64>().unwrap() * 100 + frac.parse::<i64>().unwrap()
 }
 
-pub const END_STATES: [&str; 6] = ["paid", "not_payable", "rejected", "over_budget", "failed", "parked"];
+pub const END_STATES: [&str; 7] = ticketpay::domain::Status::END_NAMES;
 
 /// The promises that hold for every completed batch: every ticket at an end
 /// state, paid within budget, the money adding up, nothing charged twice, and

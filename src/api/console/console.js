@@ -11,7 +11,8 @@ const POLL_MS = 1500;
 const LIST_POLL_MS = 5000;
 const TICKETS_PER_PAGE = 50;
 const ETA_WINDOW_MS = 15000;
-const END_STATES = ["paid", "not_payable", "rejected", "over_budget", "failed", "parked"];
+// The end states as `Status::END_NAMES` lists them (a test in src/api/mod.rs keeps them equal).
+const END_STATES = ["paid", "not_payable", "rejected", "over_budget", "failed", "duplicate", "parked"];
 const STATUSES = ["lookup", "validate", "reserve", "pay", ...END_STATES];
 
 const enc = encodeURIComponent;
@@ -387,6 +388,7 @@ function ticketView(t) {
       ["Last error", t.last_error],
       ["Reason", t.reason],
       ["Parked at", t.parked_stage],
+      ["Paid in batch", t.duplicate_of && h("a", { href: pages.ticket(t.duplicate_of, t.ticket_id) }, t.duplicate_of)],
       ["Notified", t.notified ? "yes" : "not yet"],
       ["Trace id", t.trace_id && h("code", { id: "trace-id" }, t.trace_id)],
       ["Created", when(t.created_at)],

@@ -55,3 +55,18 @@ async fn style() -> impl IntoResponse {
 fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, content_type), (header::X_CONTENT_TYPE_OPTIONS, "nosniff"), (header::CACHE_CONTROL, "no-cache")], body)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::domain::Status;
+
+    #[test]
+    fn the_console_knows_every_end_state() {
+        let line = super::SCRIPT.lines().find(|l| l.starts_with("const END_STATES = ")).expect("END_STATES in console.js");
+        let listed: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+        assert_eq!(listed, Status::END_NAMES);
+        for state in Status::END_NAMES {
+            assert!(super::STYLE.contains(&format!(".s-{state}")), "console.css colours {state}");
+        }
+    }
+}

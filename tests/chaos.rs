@@ -1,10 +1,11 @@
 //! The fault-schedule suite: each run draws, from a seed, a schedule of the
 //! faults an unlucky day brings (provider timeouts applied or not, errors after
 //! applying, refused status queries, refusals that are no decline, 429 storms,
-//! outages, the store locked for over a minute, kill -9 of the handler or the
-//! host, duplicate deliveries, redrives at random moments) over a batch of a
-//! few hundred tickets on the real local stack, then checks every promise from
-//! the outside: the API, and what the simulator applied and received.
+//! outages, the bus unreachable, the store locked for over a minute, kill -9
+//! of the handler or the host, duplicate deliveries, redrives at random
+//! moments, part of the batch uploaded again) over a batch of a few hundred
+//! tickets on the real local stack, then checks every promise from the
+//! outside: the API, and what the simulator applied and received.
 //!
 //! `CHAOS_SEED=… cargo nextest run --test chaos` replays one run;
 //! `CHAOS_SEEDS=N` runs N random seeds. By default the seeds are chosen so that
@@ -35,14 +36,16 @@ enum Kind {
     Refusal,
     Throttle,
     Down,
+    BusUnreachable,
     StoreLocked,
     KillHandler,
     KillHost,
     DuplicateDeliveries,
     Redrive,
+    Reupload,
 }
 
-const KINDS: [Kind; 12] = [
+const KINDS: [Kind; 14] = [
     Kind::Timeout,
     Kind::TimeoutAfterApply,
     Kind::ErrorAfterApply,
@@ -50,11 +53,13 @@ const KINDS: [Kind; 12] = [
     Kind::Refusal,
     Kind::Throttle,
     Kind::Down,
+    Kind::BusUnreachable,
     Kind::StoreLocked,
     Kind::KillHandler,
     Kind::KillHost,
     Kind::DuplicateDeliveries,
     Kind::Redrive,
+    Kind::Reupload,
 ];
 
 /// Fault kinds every run is sure to contain; the default seeds cover them all.
@@ -73,8 +78,8 @@ impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "at {:>5.1}s {:?}", self.at.as_secs_f64(), self.kind)?;
         match self.kind {
-            Kind::StoreLocked => write!(f, " for {}s", self.seconds),
-            Kind::KillHandler | Kind::KillHost | Kind::DuplicateDeliveries | Kind::Redrive => Ok(()),
+            Kind::StoreLocked | Kind::BusUnreachable => write!(f, " for {}s", self.seconds),
+            Kind::KillHandler | Kind::KillHost | Kind::DuplicateDeliveries | Kind::Redrive | Kind::Reupload => Ok(()),
             _ => write!(f, " {} for {}s (status {})", self.provider, self.seconds, self.status),
         }
     }
@@ -100,8 +105,8 @@ impl Schedule {
         let mut kinds: Vec<Kind> = (0..SURE_PER_RUN).map(|i| KINDS[(start + i) % KINDS.len()]).collect();
         for _ in 0..rng.random_range(2..=4) {
             let extra = *KINDS.choose(&mut rng).unwrap();
-            // One long store lock per run is enough to make the point.
-            if extra != Kind::StoreLocked {
+            // One long store lock and one second upload per run are enough to make the point.
+            if !matches!(extra, Kind::StoreLocked | Kind::Reupload) {
                 kinds.push(extra);
             }
         }
@@ -231,6 +236,7 @@ fn run(schedule: &Schedule) {
     let mut stack = Stack::start(opts());
     // The budget covers about two thirds of what is owed: reservations run out.
     let batch = stack.submit(TICKETS, "13500.00");
+    let mut batches = vec![batch.clone()];
     let started = Instant::now();
     let mut lock: Option<(rusqlite::Connection, Instant)> = None;
     for fault in &schedule.faults {
@@ -255,6 +261,14 @@ fn run(schedule: &Schedule) {
                 // The handler may be restarting: a redrive that finds it down is simply not made.
                 let _ = stack.http.post(format!("{}/api/batches/{batch}/redrive", stack.url)).json(&json!({})).send();
             }
+            Kind::BusUnreachable => post(&format!("{}/admin/faults", stack.url), json!({"bus_unreachable_seconds": fault.seconds})),
+            Kind::Reupload => {
+                // The first half of the same tickets, again, in a batch of its own with room for all of them.
+                let r = stack.upload_json(&batch_json("ops", TICKETS / 2, "100000.00"), None);
+                if r.status().as_u16() == 202 {
+                    batches.push(r.json::<Value>().unwrap()["batch_id"].as_str().unwrap().to_owned());
+                }
+            }
             Kind::DuplicateDeliveries => {}
             _ => outage(&providers, fault),
         }
@@ -264,13 +278,39 @@ fn run(schedule: &Schedule) {
         conn.execute_batch("ROLLBACK").unwrap();
     }
 
-    let status = stack.wait_complete(&batch, Duration::from_secs(240));
-    check(&stack, &providers, &batch, &status);
+    let applied: Vec<Value> = batches
+        .iter()
+        .map(|b| {
+            let status = stack.wait_complete(b, Duration::from_secs(240));
+            check(&stack, &providers, b, &status)
+        })
+        .collect::<Vec<_>>()
+        .concat();
+    assert_paid_once(&applied, &batches);
+    assert_audit_matches(&stack, &batches, &providers);
 }
 
-/// Every promise, from the outside.
-fn check(stack: &Stack, providers: &str, batch: &str, status: &Value) {
-    assert_batch_invariants(status, &stats(providers), TICKETS as u64);
+/// A ticket (authority and id) is paid in at most one batch.
+fn assert_paid_once(tickets: &[Value], batches: &[String]) {
+    let mut paid: HashMap<(String, String), &str> = HashMap::new();
+    for t in tickets.iter().filter(|t| t["status"] == "paid") {
+        let key = (t["authority"].as_str().unwrap().to_owned(), t["ticket_id"].as_str().unwrap().to_owned());
+        if let Some(other) = paid.insert(key, t["batch_id"].as_str().unwrap()) {
+            panic!("paid in two batches ({other} and {}): {t}", t["batch_id"]);
+        }
+    }
+    for t in tickets.iter().filter(|t| t["status"] == "duplicate") {
+        let key = (t["authority"].as_str().unwrap().to_owned(), t["ticket_id"].as_str().unwrap().to_owned());
+        let named = t["duplicate_of"].as_str().unwrap_or_else(|| panic!("a duplicate of the same client names the batch: {t}"));
+        assert!(batches.iter().any(|b| b == named), "{t}");
+        assert!(paid.get(&key) == Some(&named) || !paid.contains_key(&key), "the batch it names pays it: {t}");
+    }
+}
+
+/// Every promise about one batch, from the outside; returns its tickets as the API shows them.
+fn check(stack: &Stack, providers: &str, batch: &str, status: &Value) -> Vec<Value> {
+    let size = status["tickets"].as_u64().unwrap();
+    assert_batch_invariants(status, &stats(providers), size);
     assert!(status["completed_at"].is_string(), "a completed batch says when: {status}");
     let listed = stack.get("/api/batches");
     let item = listed["batches"].as_array().unwrap().iter().find(|b| b["batch_id"] == batch).unwrap().clone();
@@ -281,7 +321,7 @@ fn check(stack: &Stack, providers: &str, batch: &str, status: &Value) {
         .iter()
         .map(|t| stack.get(&format!("/api/batches/{batch}/tickets/{}", t["ticket_id"].as_str().unwrap())))
         .collect();
-    assert_eq!(tickets.len(), TICKETS, "no ticket lost");
+    assert_eq!(tickets.len() as u64, size, "no ticket lost");
     let paid: i64 = tickets.iter().map(|t| cents(&t["paid"])).sum();
     assert_eq!(paid, cents(&status["paid"]), "the batch's paid is its tickets' sum");
     for t in &tickets {
@@ -293,14 +333,14 @@ fn check(stack: &Stack, providers: &str, batch: &str, status: &Value) {
         assert_eq!(s.get("duplicates").and_then(Value::as_u64).unwrap_or(0), 0, "{name} was sent an applied operation again: {s}");
     }
     let applied: Value = reqwest::blocking::get(format!("{providers}/operations")).unwrap().json().unwrap();
-    let applied = applied["operations"].as_array().unwrap();
-    assert_money_matches(&tickets, applied, status);
-    assert_audit_matches(&tickets, providers);
+    let applied: Vec<&Value> = applied["operations"].as_array().unwrap().iter().filter(|op| op["batch_id"] == batch).collect();
+    assert_money_matches(&tickets, &applied, status);
+    tickets
 }
 
 /// Per ticket, what the providers applied is what
 /// the ticket records; captured minus refunded never above the budget, at any point.
-fn assert_money_matches(tickets: &[Value], applied: &[Value], status: &Value) {
+fn assert_money_matches(tickets: &[Value], applied: &[&Value], status: &Value) {
     let mut by_ticket: HashMap<&str, Vec<&str>> = HashMap::new();
     let mut net = 0i64;
     for op in applied {
@@ -340,7 +380,14 @@ fn assert_money_matches(tickets: &[Value], applied: &[Value], status: &Value) {
 
 /// Every request a provider received is in its ticket's audit trail, and
 /// every exchange recorded as answered was received.
-fn assert_audit_matches(tickets: &[Value], providers: &str) {
+fn assert_audit_matches(stack: &Stack, batches: &[String], providers: &str) {
+    let tickets: Vec<Value> = batches
+        .iter()
+        .flat_map(|b| {
+            stack.all_tickets(b).into_iter().map(move |t| (b.clone(), t["ticket_id"].as_str().unwrap().to_owned()))
+        })
+        .map(|(b, id)| stack.get(&format!("/api/batches/{b}/tickets/{id}")))
+        .collect();
     let received: Value = reqwest::blocking::get(format!("{providers}/requests")).unwrap().json().unwrap();
     let received: HashSet<String> = received["requests"]
         .as_array()
@@ -349,7 +396,7 @@ fn assert_audit_matches(tickets: &[Value], providers: &str) {
         .map(|r| r["request_id"].as_str().unwrap_or_else(|| panic!("every request carries an id: {r}")).to_owned())
         .collect();
     let mut recorded = HashSet::new();
-    for t in tickets {
+    for t in &tickets {
         for e in t["timeline"].as_array().unwrap().iter().filter(|e| e["type"] == "exchange") {
             let id = e["request"]["headers"]["x-request-id"].as_str().unwrap_or_else(|| panic!("an exchange names its request: {e}"));
             if e["response"].is_object() {

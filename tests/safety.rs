@@ -90,7 +90,7 @@ fn a_refusal_that_is_not_a_decline_leaves_the_outcome_unknown() {
     // Half the captures are applied and answered 500; half the status queries are refused 400/401/403/409.
     let scenario = scenario(dir.path(), "error_after_apply_rate = 0.5\nstatus_error_rate = 0.5");
     let (_sim, providers) = simulator(&scenario);
-    let env = [("TICKETPAY_MAX_ATTEMPTS", "12"), ("TICKETPAY_RETRY_BASE_MS", "20"), ("TICKETPAY_RETRY_CAP_MS", "100")];
+    let env = [("TICKETPAY_MAX_ATTEMPTS", "12"), ("TICKETPAY_RETRY_BASE_MS", "50"), ("TICKETPAY_RETRY_CAP_MS", "400")];
     let stack = Stack::start(StackOptions {
         scenario: &scenario,
         providers_url: Some(&providers),
@@ -111,7 +111,7 @@ fn a_refusal_that_is_not_a_decline_leaves_the_outcome_unknown() {
             assert!(cents(&t["reserved"]) > 0, "an unknown outcome keeps its reservation: {t}");
         }
     }
-    let paid = status["counts"]["paid"].as_u64().unwrap();
+    let paid = status["counts"]["paid"].as_u64().unwrap_or(0);
     let (charged, twice) = gateway_charges(&providers);
     assert_eq!(twice, 0, "no capture applied twice");
     let parked = status["counts"]["parked"].as_u64().unwrap_or(0);

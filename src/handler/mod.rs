@@ -161,9 +161,9 @@ pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
     let spool = crate::stages::spool::AuditSpool::start(&config.spool_dir, store.clone())?;
     let pipeline = Pipeline {
         store,
-        spool,
+        spool: spool.clone(),
         bus,
-        providers: ProviderClient::new(config.endpoints, &config.client, config.redactor),
+        providers: ProviderClient::new(config.endpoints, &config.client, config.redactor).with_journal(spool.clone()),
         retry: config.retry,
         sweep: config.sweep,
         claim_lease: config.claim_lease,

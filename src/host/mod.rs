@@ -75,11 +75,19 @@ pub(crate) struct Shared {
     /// Client for the handler: no proxy, no redirects, pooled.
     pub client: reqwest::Client,
     pub guard: Guard,
+    /// Until when the Service Bus endpoints answer 503 (`POST /admin/faults`).
+    pub bus_down_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Shared {
     pub fn handler_ready(&self) -> bool {
         matches!(*self.worker.borrow(), WorkerState::Ready)
+    }
+
+    /// Seconds left of an injected bus outage, if one is on.
+    pub fn bus_down_for(&self) -> Option<Duration> {
+        let until = (*self.bus_down_until.lock().unwrap_or_else(|p| p.into_inner()))?;
+        until.checked_duration_since(std::time::Instant::now())
     }
 
     pub fn queue(&self, name: &str) -> Option<&Arc<QueueSpec>> {
@@ -144,7 +152,8 @@ impl Core {
                 "host.json customHandler.enableProxyingHttpRequest is not true; ticketpay local proxies HTTP functions anyway"
             );
         }
-        let shared = Arc::new(Shared { config, store, queues, handler_url, worker, client, guard });
+        let bus_down_until = std::sync::Mutex::new(None);
+        let shared = Arc::new(Shared { config, store, queues, handler_url, worker, client, guard, bus_down_until });
 
         let mut app = servicebus::routes(&shared);
         if proxy_http {

@@ -26,6 +26,7 @@ pub(crate) fn routes(shared: &Arc<Shared>) -> Router<Arc<Shared>> {
     let admin = Router::new()
         .route("/queues", get(admin_queues))
         .route("/queues/{queue}/deadletters", get(dead_letters))
+        .route("/faults", post(inject_fault))
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "no such admin endpoint") })
         .layer(from_fn_with_state(shared.clone(), guard::require_operator));
     let send = Router::new()
@@ -212,6 +213,9 @@ fn parse_batch(body: &[u8]) -> Result<Vec<NewMessage>, String> {
 }
 
 async fn send(State(s): State<Arc<Shared>>, Path(queue): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(left) = s.bus_down_for() {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, format!("Service Bus is unreachable for {}s more (injected fault)", left.as_secs()));
+    }
     let Some(spec) = s.queue(&queue).cloned() else {
         return problem(StatusCode::NOT_FOUND, format!("no queue named {queue:?} (queues come from functions/*/function.json)"));
     };
@@ -241,6 +245,25 @@ async fn send(State(s): State<Arc<Shared>>, Path(queue): Path<String>, headers: 
         Ok(Err(e)) => problem(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the message: {e:#}")),
         Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the message: {e}")),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultRequest {
+    bus_unreachable_seconds: u64,
+}
+
+/// `POST /admin/faults {"bus_unreachable_seconds": N}`: fault injection for the
+/// suites; from now, for N seconds (0 ends it), every send answers 503 as an
+/// unreachable namespace would make the sender fail.
+async fn inject_fault(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    let request: FaultRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, format!("expected {{\"bus_unreachable_seconds\": N}}: {e}")),
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(request.bus_unreachable_seconds);
+    *s.bus_down_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+    axum::Json(json!({ "bus_unreachable_seconds": request.bus_unreachable_seconds })).into_response()
 }
 
 /// `{"<queue>": {"function", "sessions", "active", "scheduled", "locked", "dead_lettered"}}`.

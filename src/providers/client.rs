@@ -3,6 +3,7 @@
 //! whatever happened to it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
@@ -109,6 +110,14 @@ pub struct ProviderClient {
     endpoints: HashMap<ProviderName, Endpoint>,
     timeout: Duration,
     redactor: Redactor,
+    journal: Option<Arc<dyn RequestJournal>>,
+}
+
+/// Told of each request just before it goes out, as it will be recorded: a
+/// process killed before the answer is recorded still leaves the request in
+/// the audit trail.
+pub trait RequestJournal: Send + Sync {
+    fn sending(&self, caller: &Caller<'_>, exchange: Exchange);
 }
 
 /// Where each provider is and how to authenticate to it.
@@ -138,7 +147,12 @@ impl ProviderClient {
                 (name, endpoint)
             })
             .collect();
-        ProviderClient { http, endpoints, timeout: config.timeout, redactor }
+        ProviderClient { http, endpoints, timeout: config.timeout, redactor, journal: None }
+    }
+
+    pub fn with_journal(mut self, journal: Arc<dyn RequestJournal>) -> ProviderClient {
+        self.journal = Some(journal);
+        self
     }
 
     pub async fn lookup(&self, authority: &str, currency: &str, caller: &Caller<'_>) -> Call<LookupResponse> {
@@ -242,7 +256,7 @@ impl ProviderClient {
             outcome = Empty,
             idempotency_key = key.unwrap_or_default(),
         );
-        let mut call = self.send(endpoint, provider, operation, method, url, key, body, caller.attempt).instrument(span.clone()).await;
+        let mut call = self.send(endpoint, provider, operation, method, url, key, body, caller).instrument(span.clone()).await;
         call.exchange.trace_id = crate::telemetry::trace_id(&span);
         let e = &call.exchange;
         let status = e.response.as_ref().map(|r| r.status);
@@ -284,7 +298,7 @@ impl ProviderClient {
         url: String,
         key: Option<&str>,
         body: Option<Value>,
-        attempt: u32,
+        caller: &Caller<'_>,
     ) -> Call<(u16, Value)> {
         let mut headers: Vec<(String, String)> = vec![(wire::REQUEST_ID.into(), uuid::Uuid::new_v4().to_string())];
         if let Some(key) = key {
@@ -299,7 +313,7 @@ impl ProviderClient {
         let sending = Sending {
             provider,
             operation: operation.to_owned(),
-            attempt,
+            attempt: caller.attempt,
             key: key.map(str::to_owned),
             method,
             url,
@@ -317,6 +331,10 @@ impl ProviderClient {
         }
         if let Some(b) = &sending.body {
             request = request.body(b.to_string());
+        }
+        if let Some(journal) = &self.journal {
+            let unanswered = CallError::Transient { error: "sent; no answer recorded".into() };
+            journal.sending(caller, self.record(sending.clone(), None, Err(&unanswered), 0));
         }
         let started = Instant::now();
         let (result, response) = match request.send().await {
@@ -379,6 +397,7 @@ impl ProviderClient {
 }
 
 /// A request about to go out, as it will be recorded.
+#[derive(Clone)]
 struct Sending {
     provider: ProviderName,
     operation: String,

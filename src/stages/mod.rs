@@ -300,7 +300,10 @@ impl Pipeline {
                 self.record_anyway(exchanges).await;
                 Err(e.into())
             }
-            Ok(after) => Ok(after),
+            Ok(after) => {
+                self.spool.settle(&exchanges);
+                Ok(after)
+            }
         }
     }
 
@@ -310,8 +313,9 @@ impl Pipeline {
         }
         if let Err(e) = self.store.append_events(&exchanges).await {
             tracing::warn!(error = %e, "the store cannot take {} provider exchange(s) now; they wait in the spool", exchanges.len());
-            self.spool.keep(exchanges).await;
+            self.spool.keep(exchanges.clone()).await;
         }
+        self.spool.settle(&exchanges);
     }
 
     /// A transient failure: schedule the next attempt, or park the ticket with the reason.

@@ -1,15 +1,25 @@
-//! Audit records that happened while the store could not take them (busy,
-//! throttled, down). Each group is written to local disk at once, then
-//! appended to the store as soon as it answers again, oldest first; a
-//! handler that is killed meanwhile finds them there when it starts again.
+//! Audit records on local disk until the store has them.
+//!
+//! - Exchanges that happened while the store could not take them (busy,
+//!   throttled, down) are written here at once, then appended to the store as
+//!   soon as it answers again, oldest first.
+//! - Every provider request is noted here just before it is sent
+//!   (`{request id}.intent`) and the note removed once its exchange is
+//!   recorded. A note left by a process that was killed in between becomes an
+//!   `interrupted` exchange in the ticket's trail, unless the trail has it.
+//!
+//! A handler that is killed meanwhile finds both here when it starts again.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 
-use crate::domain::Event;
+use chrono::Utc;
+
+use crate::domain::{BatchId, Event, EventKind, Exchange, TicketId};
+use crate::providers::client::{Caller, RequestJournal};
 use crate::store::Store;
 
 /// How often the spool tries the store again while it holds records.
@@ -19,13 +29,21 @@ pub struct AuditSpool {
     dir: PathBuf,
     store: Arc<dyn Store>,
     wake: Notify,
+    /// Notes older than this were left by an earlier process.
+    started: SystemTime,
+}
+
+const NOTE: &str = "intent";
+
+fn request_id(exchange: &Exchange) -> Option<&str> {
+    exchange.request.headers.get(&crate::providers::wire::REQUEST_ID.to_ascii_lowercase()).map(String::as_str)
 }
 
 impl AuditSpool {
     /// A spool in `dir` (created if missing), draining into `store` in the background.
     pub fn start(dir: &Path, store: Arc<dyn Store>) -> std::io::Result<Arc<AuditSpool>> {
         std::fs::create_dir_all(dir)?;
-        let spool = Arc::new(AuditSpool { dir: dir.to_owned(), store, wake: Notify::new() });
+        let spool = Arc::new(AuditSpool { dir: dir.to_owned(), store, wake: Notify::new(), started: SystemTime::now() });
         tokio::spawn(drain_forever(spool.clone()));
         Ok(spool)
     }
@@ -47,10 +65,21 @@ impl AuditSpool {
         }
     }
 
+    /// These exchanges are recorded (in the store or here): their notes go.
+    pub fn settle(&self, events: &[Event]) {
+        for e in events {
+            if let EventKind::Exchange(x) = &e.kind
+                && let Some(id) = request_id(x)
+            {
+                let _ = std::fs::remove_file(self.dir.join(format!("{id}.{NOTE}")));
+            }
+        }
+    }
+
     /// Appends every spooled group the store takes, oldest first; stops at the
     /// first it does not. Returns how many groups were stored.
     pub async fn drain(&self) -> usize {
-        let mut stored = 0;
+        let mut stored = self.recover_notes().await;
         for path in self.pending().await {
             let events: Vec<Event> = match tokio::fs::read(&path).await.map(|b| serde_json::from_slice(&b)) {
                 Ok(Ok(events)) => events,
@@ -77,13 +106,47 @@ impl AuditSpool {
         stored
     }
 
-    /// Spooled groups, oldest first (names are time-ordered).
+    /// Notes left by an earlier process: each request is recorded as interrupted
+    /// unless its ticket's trail already has it.
+    async fn recover_notes(&self) -> usize {
+        let mut recovered = 0;
+        for path in self.files(NOTE).await {
+            let older = tokio::fs::metadata(&path).await.and_then(|m| m.modified()).is_ok_and(|t| t < self.started);
+            if !older {
+                continue;
+            }
+            let Ok(Ok(mut event)) = tokio::fs::read(&path).await.map(|b| serde_json::from_slice::<Event>(&b)) else {
+                let _ = tokio::fs::rename(&path, path.with_extension("unreadable")).await;
+                continue;
+            };
+            let EventKind::Exchange(x) = &mut event.kind else { continue };
+            let id = request_id(x).unwrap_or_default().to_owned();
+            let Ok(trail) = self.store.events(&event.batch_id, &event.ticket_id).await else { break };
+            let known = trail.iter().any(|e| matches!(&e.kind, EventKind::Exchange(r) if request_id(r) == Some(id.as_str())));
+            if !known {
+                x.outcome = "interrupted".into();
+                x.error = Some("the process stopped before the answer was recorded: the provider may have received it".into());
+                if self.store.append_events(std::slice::from_ref(&event)).await.is_err() {
+                    break;
+                }
+                recovered += 1;
+            }
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        recovered
+    }
+
     async fn pending(&self) -> Vec<PathBuf> {
+        self.files("json").await
+    }
+
+    /// Files with this extension, oldest first (names of spooled groups are time-ordered).
+    async fn files(&self, extension: &str) -> Vec<PathBuf> {
         let mut paths = Vec::new();
         if let Ok(mut dir) = tokio::fs::read_dir(&self.dir).await {
             while let Ok(Some(entry)) = dir.next_entry().await {
                 let path = entry.path();
-                if path.extension().is_some_and(|e| e == "json") {
+                if path.extension().is_some_and(|e| e == extension) {
                     paths.push(path);
                 }
             }
@@ -100,6 +163,19 @@ async fn drain_forever(spool: Arc<AuditSpool>) {
             tracing::info!("stored {stored} group(s) of spooled audit records");
         }
         let _ = tokio::time::timeout(RETRY_EVERY, spool.wake.notified()).await;
+    }
+}
+
+impl RequestJournal for AuditSpool {
+    /// Written without a flush: the note must outlive the process, not the machine.
+    fn sending(&self, caller: &Caller<'_>, exchange: Exchange) {
+        let (Ok(batch), Ok(ticket)) = (BatchId::parse(caller.batch_id), TicketId::parse(caller.ticket_id)) else { return };
+        let Some(id) = request_id(&exchange).map(str::to_owned) else { return };
+        let event = Event::new(&batch, &ticket, caller.stage, EventKind::Exchange(Box::new(exchange)), Utc::now());
+        let written = serde_json::to_vec(&event).map_err(std::io::Error::other).and_then(|bytes| std::fs::write(self.dir.join(format!("{id}.{NOTE}")), bytes));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot note a provider request before sending it");
+        }
     }
 }
 

@@ -101,7 +101,7 @@ impl fmt::Display for Schedule {
 impl Schedule {
     fn draw(seed: u64) -> Schedule {
         let mut rng = StdRng::seed_from_u64(seed);
-        let start = (seed as usize * SURE_PER_RUN) % KINDS.len();
+        let start = (seed % KINDS.len() as u64) as usize * SURE_PER_RUN % KINDS.len();
         let mut kinds: Vec<Kind> = (0..SURE_PER_RUN).map(|i| KINDS[(start + i) % KINDS.len()]).collect();
         for _ in 0..rng.random_range(2..=4) {
             let extra = *KINDS.choose(&mut rng).unwrap();
@@ -202,7 +202,7 @@ fn post(url: &str, body: Value) {
     assert!(r.status().is_success(), "POST {url} {body}: {}", r.status());
 }
 
-fn outage(providers: &str, fault: &Fault) {
+fn provider_fault(providers: &str, fault: &Fault) {
     let kind = match fault.kind {
         Kind::Timeout => "hang",
         Kind::TimeoutAfterApply => "hang_after_apply",
@@ -217,7 +217,7 @@ fn outage(providers: &str, fault: &Fault) {
     if fault.status != 0 {
         body["status"] = json!(fault.status);
     }
-    post(&format!("{providers}/admin/outages"), body);
+    common::outage(providers, body);
 }
 
 fn run(schedule: &Schedule) {
@@ -270,7 +270,7 @@ fn run(schedule: &Schedule) {
                 }
             }
             Kind::DuplicateDeliveries => {}
-            _ => outage(&providers, fault),
+            _ => provider_fault(&providers, fault),
         }
     }
     if let Some((conn, until)) = lock.take() {

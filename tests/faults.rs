@@ -13,12 +13,6 @@ use serde_json::{Value, json};
 
 const TICKETS: usize = 1000;
 
-fn outage(providers: &str, provider: &str, kind: &str, seconds: u64) {
-    let body = json!({"provider": provider, "kind": kind, "seconds": seconds});
-    let r = reqwest::blocking::Client::new().post(format!("{providers}/admin/outages")).json(&body).send().unwrap();
-    assert!(r.status().is_success(), "outage accepted: {}", r.status());
-}
-
 #[test]
 fn a_provider_down_for_a_minute_parks_tickets_that_redrive_then_pays() {
     let data = tempfile::tempdir().unwrap();
@@ -28,9 +22,9 @@ fn a_provider_down_for_a_minute_parks_tickets_that_redrive_then_pays() {
     let stack = Stack::start(StackOptions { scenario: "realistic", providers_url: Some(&providers), data: data.path(), env: &env, extra_args: &[] });
 
     let started = Instant::now();
-    outage(&providers, "gateway", "down", 60);
-    outage(&providers, "authority", "hang", 3);
-    outage(&providers, "sanctions", "throttle", 8);
+    outage(&providers, json!({"provider": "gateway", "kind": "down", "seconds": 60}));
+    outage(&providers, json!({"provider": "authority", "kind": "hang", "seconds": 3}));
+    outage(&providers, json!({"provider": "sanctions", "kind": "throttle", "seconds": 8}));
     let batch = stack.submit(TICKETS, "1000000.00");
     let status = stack.wait_complete(&batch, Duration::from_secs(300));
     let during = stats(&providers);

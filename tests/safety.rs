@@ -36,11 +36,6 @@ hang_ms = 50
     path.to_str().unwrap().to_owned()
 }
 
-fn outage(providers: &str, body: Value) {
-    let r = reqwest::blocking::Client::new().post(format!("{providers}/admin/outages")).json(&body).send().unwrap();
-    assert!(r.status().is_success(), "outage accepted: {}", r.status());
-}
-
 /// Retries that give up within a second or two.
 const QUICK_RETRIES: [(&str, &str); 3] =
     [("TICKETPAY_MAX_ATTEMPTS", "3"), ("TICKETPAY_RETRY_BASE_MS", "20"), ("TICKETPAY_RETRY_CAP_MS", "100")];

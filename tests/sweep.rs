@@ -11,12 +11,6 @@ use serde_json::json;
 
 const TICKETS: usize = 40;
 
-fn outage(providers: &str, provider: &str, kind: &str, seconds: u64) {
-    let body = json!({"provider": provider, "kind": kind, "seconds": seconds});
-    let r = reqwest::blocking::Client::new().post(format!("{providers}/admin/outages")).json(&body).send().unwrap();
-    assert!(r.status().is_success(), "outage accepted: {}", r.status());
-}
-
 #[test]
 fn tickets_whose_messages_were_dead_lettered_or_lost_move_again_by_themselves() {
     let dir = tempfile::tempdir().unwrap();
@@ -31,7 +25,7 @@ fn tickets_whose_messages_were_dead_lettered_or_lost_move_again_by_themselves() 
     let stack = Stack::start(StackOptions { scenario: "zero-latency", providers_url: Some(&providers), data: &data, env: &env, extra_args: &[] });
 
     // The registry fails every check: the tickets wait at validate, each with a retry queued.
-    outage(&providers, "registry", "down", 600);
+    outage(&providers, json!({"provider": "registry", "kind": "down", "seconds": 600}));
     let batch = stack.submit(TICKETS, "100000.00");
     let deadline = Instant::now() + Duration::from_secs(60);
     while stack.status(&batch)["counts"]["validate"].as_u64().unwrap_or(0) < (TICKETS as u64) * 9 / 10 {
@@ -56,7 +50,7 @@ fn tickets_whose_messages_were_dead_lettered_or_lost_move_again_by_themselves() 
     let lost = queues.execute(&format!("DELETE FROM messages WHERE {idle}"), []).unwrap();
     drop(queues);
     assert!(dead + lost > TICKETS / 2, "{dead} dead-lettered, {lost} lost");
-    outage(&providers, "registry", "down", 0);
+    outage(&providers, json!({"provider": "registry", "kind": "down", "seconds": 0}));
     let back = Instant::now();
 
     // Meanwhile the batch says it is stalled; within two minutes every ticket has moved on and ended.

@@ -57,8 +57,11 @@ impl From<UploadError> for Problem {
 
 impl From<StoreError> for Problem {
     fn from(e: StoreError) -> Problem {
-        tracing::error!(error = %e, "store error");
-        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("the store could not answer: {e}"))
+        // The store's own words stay in the log: they may name tables, hosts or data.
+        let correlation_id = uuid::Uuid::new_v4();
+        tracing::error!(error = %e, %correlation_id, "store error");
+        let detail = format!("the store could not answer; try again (correlation id {correlation_id})");
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
     }
 }
 

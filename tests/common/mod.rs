@@ -225,6 +225,12 @@ impl Stack {
     }
 }
 
+/// Makes a provider misbehave: `POST /admin/outages` on the simulator.
+pub fn outage(providers_url: &str, body: Value) {
+    let r = reqwest::blocking::Client::new().post(format!("{providers_url}/admin/outages")).json(&body).send().unwrap();
+    assert!(r.status().is_success(), "outage {body} accepted: {}", r.status());
+}
+
 pub fn stats(providers_url: &str) -> Value {
     reqwest::blocking::get(format!("{providers_url}/stats")).unwrap().json().unwrap()
 }

@@ -527,3 +527,24 @@ mod cosmos_idempotency_keys {
         }
     }
 }
+
+/// A row it cannot read is invalid data, said so, never filled in with made-up values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_reports_a_row_it_cannot_read_as_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let (b, _) = seeded(&store, 1_000, 1).await;
+    for (column, value) in [("currency", "E1"), ("client_id", "no spaces allowed"), ("created_at", "yesterday")] {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let good: String = conn.query_row(&format!("SELECT {column} FROM batches WHERE batch_id = ?1"), [b.batch_id.as_str()], |r| r.get(0)).unwrap();
+        conn.execute(&format!("UPDATE batches SET {column} = ?2 WHERE batch_id = ?1"), [b.batch_id.as_str(), value]).unwrap();
+        match store.batch(&b.batch_id).await {
+            Err(StoreError::Invalid(e)) => assert!(e.contains(column), "{e}"),
+            other => panic!("a batch with {column} = {value:?} read as {other:?}"),
+        }
+        assert!(matches!(store.batches(None, 10).await, Err(StoreError::Invalid(_))), "{column}");
+        conn.execute(&format!("UPDATE batches SET {column} = ?2 WHERE batch_id = ?1"), [b.batch_id.as_str(), good.as_str()]).unwrap();
+    }
+    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().batch_id, b.batch_id);
+}

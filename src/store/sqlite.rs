@@ -118,25 +118,38 @@ async fn run<R: Send + 'static>(
     .map_err(unavailable)?
 }
 
+/// A value read back that does not parse: the row is invalid data, never filled in.
+fn unreadable(column: &str, error: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("column {column}: {error}").into())
+}
+
+/// A row that cannot be read is invalid data; anything else the database says is its being unavailable.
+fn read_error(e: rusqlite::Error) -> StoreError {
+    match e {
+        rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..) => invalid(e),
+        e => unavailable(e),
+    }
+}
+
 fn batch_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Batch, String)> {
     let currency: String = row.get("currency")?;
     let batch_id: String = row.get("batch_id")?;
     let client_id: String = row.get("client_id")?;
     let completed: Option<String> = row.get("completed_at")?;
     let created: String = row.get("created_at")?;
-    let parse_time = |s: &str| s.parse::<DateTime<Utc>>().ok();
+    let parse_time = |column: &str, s: &str| s.parse::<DateTime<Utc>>().map_err(|e| unreadable(column, e));
     let batch = Batch {
-        batch_id: BatchId::parse(&batch_id).unwrap_or_else(|_| BatchId::generate()),
-        client_id: ClientId::parse(&client_id).unwrap_or_else(|_| ClientId::parse("invalid").unwrap()),
-        currency: Currency::parse(&currency).unwrap_or_else(|_| Currency::parse("EUR").unwrap()),
+        batch_id: BatchId::parse(&batch_id).map_err(|e| unreadable("batch_id", e))?,
+        client_id: ClientId::parse(&client_id).map_err(|e| unreadable("client_id", e))?,
+        currency: Currency::parse(&currency).map_err(|e| unreadable("currency", e))?,
         budget: row.get("budget")?,
         committed: row.get("committed")?,
         tickets: row.get("tickets")?,
         idempotency_key: row.get("idempotency_key")?,
         request_digest: row.get("request_digest")?,
         enqueued: row.get("enqueued")?,
-        completed_at: completed.as_deref().and_then(parse_time),
-        created_at: parse_time(&created).unwrap_or_default(),
+        completed_at: completed.as_deref().map(|c| parse_time("completed_at", c)).transpose()?,
+        created_at: parse_time("created_at", &created)?,
     };
     Ok((batch, batch_id))
 }
@@ -199,7 +212,7 @@ impl Store for SqliteStore {
                         batch_from_row,
                     )
                     .optional()
-                    .map_err(unavailable)?;
+                    .map_err(read_error)?;
                 if let Some((existing, _)) = existing {
                     return Ok(Created::Existing(existing));
                 }
@@ -256,7 +269,7 @@ impl Store for SqliteStore {
             conn.query_row(&format!("SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = ?1"), [id], batch_from_row)
                 .optional()
                 .map(|b| b.map(|(b, _)| b))
-                .map_err(unavailable)
+                .map_err(read_error)
         })
         .await
     }
@@ -309,7 +322,7 @@ impl Store for SqliteStore {
                         .map_err(unavailable)?;
                     let mut rows = stmt.query(params![c, limit]).map_err(unavailable)?;
                     while let Some(row) = rows.next().map_err(unavailable)? {
-                        push(row).map_err(unavailable)?;
+                        push(row).map_err(read_error)?;
                     }
                 }
                 None => {
@@ -318,7 +331,7 @@ impl Store for SqliteStore {
                         .map_err(unavailable)?;
                     let mut rows = stmt.query(params![limit]).map_err(unavailable)?;
                     while let Some(row) = rows.next().map_err(unavailable)? {
-                        push(row).map_err(unavailable)?;
+                        push(row).map_err(read_error)?;
                     }
                 }
             }
@@ -538,7 +551,7 @@ impl Store for SqliteStore {
             let mut rows = stmt.query(params![limit as i64]).map_err(unavailable)?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(unavailable)? {
-                out.push(batch_from_row(row).map_err(unavailable)?.0);
+                out.push(batch_from_row(row).map_err(read_error)?.0);
             }
             Ok(out)
         })

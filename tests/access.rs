@@ -59,21 +59,6 @@ fn get(s: &Stack, path: &str, key: Option<&str>) -> reqwest::blocking::Response 
     send(s, "GET", path, key, None)
 }
 
-fn ok_json(r: reqwest::blocking::Response) -> Value {
-    let status = r.status();
-    let body: Value = r.json().unwrap_or(Value::Null);
-    assert!(status.is_success(), "{status}: {body}");
-    body
-}
-
-fn problem(r: reqwest::blocking::Response, status: u16) -> Value {
-    assert_eq!(r.status().as_u16(), status);
-    assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let p: Value = r.json().unwrap();
-    assert_eq!(p["status"], status, "{p}");
-    p
-}
-
 fn upload(s: &Stack, key: &str, body: &Value) -> String {
     let r = send(s, "POST", "/api/batches", Some(key), Some(body));
     assert_eq!(r.status().as_u16(), 202);

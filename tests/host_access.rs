@@ -85,21 +85,6 @@ fn get(s: &Stack, path: &str, key: Option<&str>) -> reqwest::blocking::Response 
     request.send().expect("answered")
 }
 
-fn ok_json(r: reqwest::blocking::Response) -> Value {
-    let status = r.status();
-    let body: Value = r.json().unwrap_or(Value::Null);
-    assert!(status.is_success(), "{status}: {body}");
-    body
-}
-
-fn problem(r: reqwest::blocking::Response, status: u16) -> Value {
-    assert_eq!(r.status().as_u16(), status);
-    assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let p: Value = r.json().unwrap();
-    assert_eq!(p["status"], status, "{p}");
-    p
-}
-
 fn upload(s: &Stack, tickets: usize) -> String {
     let r = s
         .http

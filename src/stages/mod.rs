@@ -205,7 +205,7 @@ impl Pipeline {
     /// The store or the bus failed for this message: a copy comes back later, with
     /// a backoff that grows with each deferral, instead of the broker's immediate
     /// redelivery that would spend every delivery of a short outage at once.
-    /// `Ok(false)` when the copy cannot be sent either (or deferrals are used up).
+    /// `false` when the copy cannot be sent either (or deferrals are used up).
     pub async fn defer(&self, stage: Stage, message: &StageMessage) -> bool {
         if message.deferrals >= MAX_DEFERRALS {
             return false;

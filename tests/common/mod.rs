@@ -225,6 +225,23 @@ impl Stack {
     }
 }
 
+/// The JSON of a successful answer.
+pub fn ok_json(r: reqwest::blocking::Response) -> Value {
+    let status = r.status();
+    let body: Value = r.json().unwrap_or(Value::Null);
+    assert!(status.is_success(), "{status}: {body}");
+    body
+}
+
+/// A problem+json refusal with this status.
+pub fn problem(r: reqwest::blocking::Response, status: u16) -> Value {
+    assert_eq!(r.status().as_u16(), status);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let p: Value = r.json().unwrap();
+    assert_eq!(p["status"], status, "{p}");
+    p
+}
+
 /// Makes a provider misbehave: `POST /admin/outages` on the simulator.
 pub fn outage(providers_url: &str, body: Value) {
     let r = reqwest::blocking::Client::new().post(format!("{providers_url}/admin/outages")).json(&body).send().unwrap();

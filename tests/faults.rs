@@ -24,7 +24,7 @@ fn a_provider_down_for_a_minute_parks_tickets_that_redrive_then_pays() {
     let started = Instant::now();
     outage(&providers, json!({"provider": "gateway", "kind": "down", "seconds": 60}));
     outage(&providers, json!({"provider": "authority", "kind": "hang", "seconds": 3}));
-    outage(&providers, json!({"provider": "sanctions", "kind": "throttle", "seconds": 8}));
+    outage(&providers, json!({"provider": "sanctions", "kind": "throttle", "seconds": 15}));
     let batch = stack.submit(TICKETS, "1000000.00");
     let status = stack.wait_complete(&batch, Duration::from_secs(300));
     let during = stats(&providers);
@@ -78,6 +78,25 @@ fn a_provider_down_for_a_minute_parks_tickets_that_redrive_then_pays() {
     assert_eq!(timeline[at]["to_stage"], "pay", "{}", timeline[at]);
     assert!(kinds[..at].contains(&"retry_scheduled"), "the retries before parking: {kinds:?}");
     assert!(kinds[at..].contains(&"paid") || t["status"] != "paid", "{kinds:?}");
+}
+
+/// A call the handler stopped waiting for is still in flight at the provider
+/// until the provider answers it; sending another in its place would go past
+/// the provider's concurrency limit.
+#[test]
+fn calls_that_hang_past_the_client_timeout_keep_their_place_in_flight() {
+    let data = tempfile::tempdir().unwrap();
+    let (_sim, providers) = simulator("realistic");
+    let stack = Stack::start(StackOptions { scenario: "realistic", providers_url: Some(&providers), data: data.path(), env: &[], extra_args: &[] });
+
+    // Each hung lookup is held 10 s, past the 3 s client timeout.
+    outage(&providers, json!({"provider": "authority", "kind": "hang", "seconds": 8}));
+    let batch = stack.submit(400, "1000000.00");
+    let status = stack.wait_complete(&batch, Duration::from_secs(240));
+    let after = stats(&providers);
+    assert!(after["authority"]["timeouts"].as_u64().unwrap() > 0, "the authority hung: {after}");
+    assert_limits_held(&after);
+    assert_batch_invariants(&status, &after, 400);
 }
 
 fn parked(stack: &Stack, batch: &str) -> Vec<Value> {

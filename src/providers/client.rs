@@ -320,12 +320,12 @@ impl ProviderClient {
             headers,
             body,
         };
-        let Ok(_permit) = tokio::time::timeout(MAX_SLOT_WAIT, endpoint.limiter.acquire()).await else {
+        let Ok(permit) = tokio::time::timeout(MAX_SLOT_WAIT, endpoint.limiter.acquire()).await else {
             let error = format!("no free slot at {provider} within {}s; not sent", MAX_SLOT_WAIT.as_secs());
             let result = Err(CallError::Transient { error });
             return Call { exchange: self.record(sending, None, result.as_ref().map(drop), 0), result };
         };
-        let mut request = self.http.request(sending.method.clone(), &sending.url).timeout(self.timeout);
+        let mut request = self.http.request(sending.method.clone(), &sending.url);
         for (k, v) in &sending.headers {
             request = request.header(k, v);
         }
@@ -337,18 +337,18 @@ impl ProviderClient {
             journal.sending(caller, self.record(sending.clone(), None, Err(&unanswered), 0));
         }
         let started = Instant::now();
-        let (result, response) = match request.send().await {
-            Ok(r) => {
-                let (result, response) = self.answer(endpoint, r).await;
+        let (result, response) = match tokio::time::timeout(self.timeout, exchange(request, permit, self.timeout.max(ABANDONED_HOLD))).await {
+            Ok(Ok(raw)) => {
+                let (result, response) = self.answer(endpoint, raw);
                 (result.map_err(|e| e.redacted(&self.redactor)), response)
             }
-            Err(e) if e.is_timeout() => {
-                (Err(CallError::Transient { error: format!("timed out after {} ms", self.timeout.as_millis()) }), None)
-            }
-            Err(e) => {
+            Ok(Err(e)) => {
                 // The error quotes our URL, whose ticket id may look like a card number: kept as the URL rule says.
                 let error = self.redactor.text_quoting_url(&error_chain(&e), &sending.url);
                 (Err(CallError::Transient { error: format!("connection failed: {error}") }), None)
+            }
+            Err(_) => {
+                (Err(CallError::Transient { error: format!("timed out after {} ms", self.timeout.as_millis()) }), None)
             }
         };
         let latency_ms = started.elapsed().as_millis() as u64;
@@ -356,17 +356,16 @@ impl ProviderClient {
     }
 
     /// Reads an answer: what it means for the call, and the record of it.
-    async fn answer(&self, endpoint: &Endpoint, r: reqwest::Response) -> (Result<(u16, Value), CallError>, Option<HttpResponseRecord>) {
-        let status = r.status();
-        let headers = self.redactor.headers(r.headers().iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))));
-        let retry_after = r
-            .headers()
+    fn answer(&self, endpoint: &Endpoint, raw: RawAnswer) -> (Result<(u16, Value), CallError>, Option<HttpResponseRecord>) {
+        let status = raw.status;
+        let headers = self.redactor.headers(raw.headers.iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))));
+        let retry_after = raw
+            .headers
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let text = r.text().await.unwrap_or_else(|e| format!("<body unreadable: {e}>"));
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let body: Value = serde_json::from_str(&raw.text).unwrap_or(Value::String(raw.text));
         let result = classify(status, retry_after, &body);
         if let Err(CallError::Throttled { retry_after }) = &result {
             endpoint.limiter.pause(*retry_after);
@@ -393,6 +392,45 @@ impl ProviderClient {
             latency_ms,
             trace_id: None,
         }
+    }
+}
+
+/// The longest a request we stopped waiting for keeps its place in flight.
+/// The provider is still working on it, and its concurrency limit counts it,
+/// until it answers; one that never does is let go after this (or after the
+/// client's own timeout, if longer).
+pub const ABANDONED_HOLD: Duration = Duration::from_secs(60);
+
+/// An answer as it came off the wire.
+struct RawAnswer {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+}
+
+/// Sends a request and reads its answer on a task of its own, which holds the
+/// concurrency permit until the provider has answered (or [`ABANDONED_HOLD`]
+/// `hold` passed), even when the caller stops waiting sooner.
+async fn exchange(
+    request: reqwest::RequestBuilder,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    hold: Duration,
+) -> Result<RawAnswer, reqwest::Error> {
+    let exchange = async move {
+        let r = request.send().await?;
+        let (status, headers) = (r.status(), r.headers().clone());
+        let text = r.text().await.unwrap_or_else(|e| format!("<body unreadable: {e}>"));
+        Ok(RawAnswer { status, headers, text })
+    };
+    let held = tokio::spawn(async move {
+        let answer = tokio::time::timeout(hold, exchange).await;
+        drop(permit);
+        answer
+    });
+    match held.await {
+        Ok(Ok(answer)) => answer,
+        // Neither comes before the caller's own timeout, which is not longer than `hold`.
+        Ok(Err(_)) | Err(_) => std::future::pending().await,
     }
 }
 

@@ -2,10 +2,10 @@
 //! exceeded by this process, and a pause when a provider says "slow down".
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::ProviderName;
@@ -74,7 +74,7 @@ const LATE_TOLERANCE: Duration = Duration::from_millis(20);
 pub struct Limiter {
     interval: Option<Duration>,
     next_slot: Mutex<Instant>,
-    in_flight: Option<Semaphore>,
+    in_flight: Option<Arc<Semaphore>>,
 }
 
 impl Limiter {
@@ -83,15 +83,16 @@ impl Limiter {
         Limiter {
             interval: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
             next_slot: Mutex::new(Instant::now()),
-            in_flight: (limits.concurrency_limit > 0).then(|| Semaphore::new(limits.concurrency_limit as usize)),
+            in_flight: (limits.concurrency_limit > 0).then(|| Arc::new(Semaphore::new(limits.concurrency_limit as usize))),
         }
     }
 
     /// Waits for a place in flight and then for the next free slot in time.
-    /// The permit is held until the request is answered.
-    pub async fn acquire(&self) -> Option<SemaphorePermit<'_>> {
+    /// The permit is held until the provider is done with the request, which
+    /// may be after its caller stopped waiting for the answer.
+    pub async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
         let permit = match &self.in_flight {
-            Some(s) => Some(s.acquire().await.expect("the semaphore is never closed")),
+            Some(s) => Some(s.clone().acquire_owned().await.expect("the semaphore is never closed")),
             None => None,
         };
         if let Some(interval) = self.interval {

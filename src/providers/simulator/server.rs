@@ -55,7 +55,8 @@ struct Received {
     path: String,
 }
 
-/// Keeps every request to a provider (not the simulator's own endpoints) in `GET /requests`.
+/// Keeps every request to a provider (not the simulator's own endpoints) in
+/// `GET /requests`, and sees each one through to its end.
 async fn log_request(State(sim): State<Arc<Sim>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let path = req.uri().path();
     if !matches!(path, "/" | "/stats" | "/requests" | "/operations" | "/admin/outages") {
@@ -63,7 +64,12 @@ async fn log_request(State(sim): State<Arc<Sim>>, req: axum::extract::Request, n
         let received = Received { request_id, method: req.method().to_string(), path: path.to_owned() };
         lock(&sim.received).push(received);
     }
-    next.run(req).await
+    // A provider goes on with a request whose caller hung up, as a real one
+    // does: it stays in flight, and an operation is still applied.
+    match tokio::spawn(next.run(req)).await {
+        Ok(response) => response,
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "simulator_failed", Some(e.to_string())),
+    }
 }
 
 /// `GET /operations`: every operation applied so far, in the order applied.

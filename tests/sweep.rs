@@ -72,3 +72,40 @@ fn tickets_whose_messages_were_dead_lettered_or_lost_move_again_by_themselves() 
     let item = listed["batches"].as_array().unwrap().iter().find(|b| b["batch_id"] == batch.as_str()).unwrap().clone();
     assert_eq!((item["status"].clone(), item["completed_at"].clone()), (status["status"].clone(), status["completed_at"].clone()), "the list agrees");
 }
+
+/// An upload stored while Service Bus was unreachable says so in every view,
+/// and is queued by the sweep once the bus is back, without the client.
+#[test]
+fn an_upload_stored_while_the_bus_was_down_is_queued_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sim, providers) = simulator("zero-latency");
+    let env = [("TICKETPAY_SWEEP_OVERDUE_SECS", "2")];
+    let stack = Stack::start(StackOptions { scenario: "zero-latency", providers_url: Some(&providers), data: dir.path(), env: &env, extra_args: &[] });
+
+    let r = stack.http.post(format!("{}/admin/faults", stack.url)).json(&json!({"bus_unreachable_seconds": 5})).send().unwrap();
+    assert!(r.status().is_success(), "{:?}", r.text());
+    let p = problem(stack.upload_json(&batch_json("ops", TICKETS, "100000.00"), None), 503);
+    assert!(p["type"].as_str().unwrap().ends_with("/not-queued"), "{p}");
+    let back = Instant::now() + Duration::from_secs(5);
+
+    // Stored, and visibly not queued: in the list and in the batch's own view.
+    let listed = stack.get("/api/batches");
+    let item = listed["batches"].as_array().unwrap().iter().find(|b| b["queued"] == false).expect("the stored upload is listed").clone();
+    let batch = item["batch_id"].as_str().unwrap().to_owned();
+    assert!(p["detail"].as_str().unwrap().contains(&batch), "the problem names the stored batch: {p}");
+    let status = stack.status(&batch);
+    assert_eq!((status["queued"].clone(), status["tickets"].clone()), (json!(false), json!(TICKETS)), "{status}");
+
+    // Once the bus is back the sweep queues it; every ticket ends, nothing sent twice.
+    let status = loop {
+        let status = stack.status(&batch);
+        if status["status"] == "completed" {
+            break status;
+        }
+        assert!(Instant::now() < back + Duration::from_secs(120), "the upload moves within two minutes of the bus coming back: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status["queued"], true, "{status}");
+    assert_batch_invariants(&status, &stats(&providers), TICKETS as u64);
+    assert_eq!(stats(&providers)["authority"]["requests"].as_u64().unwrap(), TICKETS as u64, "each ticket looked up once");
+}

@@ -17,9 +17,8 @@ use super::problem::Problem;
 use super::{App, views};
 use crate::domain::upload::{self, Header};
 use crate::domain::ids::IdempotencyKey;
-use crate::domain::{Batch, BatchId, BatchRequest, ClientId, Event, EventKind, Stage, Status, Ticket};
-use crate::bus::OutgoingMessage;
-use crate::stages::message_for;
+use crate::domain::{Batch, BatchId, BatchRequest, ClientId, Event, EventKind, Stage, Ticket};
+use crate::stages::StageError;
 use crate::telemetry;
 use tracing::Instrument;
 use crate::store::{BatchSummary, Created};
@@ -132,50 +131,21 @@ async fn accept(app: &App, request: BatchRequest, key: Option<IdempotencyKey>) -
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/api/batches/{}", batch.batch_id))], Json(body)).into_response())
 }
 
-/// Sends every ticket's first message. Safe to repeat: the MessageIds are deterministic.
+/// Sends every ticket's first message (see `Pipeline::enqueue_upload`).
 pub(super) async fn enqueue(app: &App, batch: &Batch) -> Result<(), Problem> {
-    let store = &app.pipeline.store;
-    let mut cursor: Option<String> = None;
-    loop {
-        let page = store.tickets(&batch.batch_id, Some(Status::Lookup), 1_000, cursor.as_deref()).await?;
-        let messages: Vec<_> = page.tickets.iter().filter(|t| t.attempt == 0).map(first_message).collect();
-        app.pipeline.bus.send_batch("ticket-lookup", &messages).await.map_err(|e| {
-            Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not-queued",
-                format!("batch {} is stored but not every ticket was queued ({e}); send the same upload again with the same Idempotency-Key", batch.batch_id),
-            )
-        })?;
-        match page.next_cursor {
-            Some(next) => cursor = Some(next),
-            None => break,
-        }
-    }
-    store.mark_enqueued(&batch.batch_id).await?;
-    Ok(())
-}
-
-/// A ticket's first message, which starts the ticket's own trace, linked with the upload's.
-fn first_message(ticket: &Ticket) -> OutgoingMessage {
-    let root = tracing::info_span!(
-        parent: None,
-        "ticket accepted",
-        otel.kind = "producer",
-        batch_id = %ticket.batch_id,
-        ticket_id = %ticket.ticket_id,
-        client_id = %ticket.client_id,
-        stage = "upload",
-        attempt = 0,
-        outcome = "accepted",
-        "messaging.destination.name" = "ticket-lookup",
-    );
-    let upload = tracing::Span::current();
-    telemetry::link(&root, &upload);
-    // Both ways; the upload keeps as many links as the SDK allows (128), the tickets' links always stand.
-    telemetry::link(&upload, &root);
-    let mut message = message_for(ticket, Stage::Lookup, 0, None);
-    message.properties.extend(telemetry::context_properties(&root));
-    message
+    app.pipeline.enqueue_upload(batch).await.map_err(|e| match e {
+        StageError::Bus(e) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-queued",
+            format!(
+                "batch {} is stored but not every ticket was queued ({e}); it is queued again by itself within minutes, \
+                 or now if you send the same upload again with the same Idempotency-Key",
+                batch.batch_id
+            ),
+        ),
+        StageError::Store(e) => e.into(),
+        StageError::Busy { .. } => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the upload is being queued; try again"),
+    })
 }
 
 /// A client key lists its own batches; an operator's, every client's or the one asked for.

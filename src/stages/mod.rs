@@ -16,6 +16,7 @@ mod pay;
 mod reserve;
 pub mod spool;
 pub mod sweep;
+mod upload;
 mod validate;
 
 use std::collections::BTreeMap;

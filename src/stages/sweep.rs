@@ -3,8 +3,9 @@
 //! duplicate detection, never sent) and sends that message again under a
 //! fresh MessageId, or, after [`SweepPolicy::max_resends`] resends without
 //! progress, parks the ticket with the reason (an end state that was never
-//! told gives up its notification instead). It also records the completion
-//! of every batch whose last ticket has ended and been told.
+//! told gives up its notification instead). An upload cut short before every
+//! ticket was queued is queued whole. It also records the completion of every
+//! batch whose last ticket has ended and been told.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -46,21 +47,41 @@ pub struct Swept {
     pub gave_up: u32,
     /// Batches whose completion was recorded.
     pub completed: u32,
+    /// Uploads stored but cut short before every ticket was queued, queued now.
+    pub requeued_uploads: u32,
+}
+
+/// Where an overdue ticket's upload stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upload {
+    /// Never committed: the ticket is a leftover of a failed write.
+    Unknown,
+    /// Every ticket was queued: an overdue ticket lost its own message.
+    Queued,
+    /// Cut short before every ticket was queued; queued again by this run.
+    Requeued,
 }
 
 impl Pipeline {
     pub async fn sweep(&self, now: DateTime<Utc>) -> Result<Swept, StageError> {
         let mut swept = Swept::default();
         let before = now - chrono::Duration::from_std(self.sweep.overdue_after).unwrap_or_default();
-        let mut committed: HashMap<BatchId, bool> = HashMap::new();
+        let mut batches: HashMap<BatchId, Upload> = HashMap::new();
         for current in self.store.overdue_tickets(before, TICKETS_PER_RUN).await? {
             let batch_id = current.value.batch_id.clone();
-            let known = match committed.get(&batch_id) {
-                Some(k) => *k,
-                None => *committed.entry(batch_id.clone()).or_insert(self.store.batch(&batch_id).await?.is_some()),
+            let upload = match batches.get(&batch_id) {
+                Some(u) => *u,
+                None => {
+                    let upload = self.upload_of(&batch_id).await?;
+                    if upload == Upload::Requeued {
+                        swept.requeued_uploads += 1;
+                    }
+                    *batches.entry(batch_id).or_insert(upload)
+                }
             };
-            // Tickets of an upload that never committed are no one's to move.
-            if !known {
+            // An upload that never committed is no one's to move; one queued again
+            // just now sent this ticket's first message.
+            if upload != Upload::Queued {
                 continue;
             }
             match self.resend_overdue(current, now).await {
@@ -76,6 +97,17 @@ impl Pipeline {
             }
         }
         Ok(swept)
+    }
+
+    async fn upload_of(&self, batch_id: &BatchId) -> Result<Upload, StageError> {
+        Ok(match self.store.batch(batch_id).await? {
+            None => Upload::Unknown,
+            Some(batch) if batch.enqueued => Upload::Queued,
+            Some(batch) => {
+                self.enqueue_upload(&batch).await?;
+                Upload::Requeued
+            }
+        })
     }
 
     async fn resend_overdue(&self, current: Versioned<Ticket>, now: DateTime<Utc>) -> Result<Overdue, StageError> {

@@ -265,6 +265,7 @@ function batchSummary(b, eta) {
       ["Client", b.client_id],
       ["Created", when(b.created_at)],
       ["Tickets", `${b.tickets} (${b.done} done)`],
+      ...(b.queued ? [] : [["Queued", h("span", { id: "not-queued" }, "not yet: stored, its tickets are queued by the sweep")]]),
       [b.status === "completed" ? "Took" : "ETA", h("span", { id: "eta" }, eta)],
     ]),
     h("div", { class: "moneys" },

@@ -45,6 +45,7 @@ pub mod config;
 pub mod domain;
 pub mod handler;
 pub mod host;
+pub mod leases;
 pub mod package;
 pub mod providers;
 pub mod shutdown;

@@ -27,6 +27,12 @@ pub fn render(t: &Value, full: bool) -> String {
     if !t["reason"].is_null() {
         out.push_str(&format!("reason     {}\n", text(&t["reason"])));
     }
+    if !t["duplicate_of"].is_null() {
+        out.push_str(&format!("paid in    batch {} (this ticket is a duplicate of it)\n", text(&t["duplicate_of"])));
+    }
+    if t["payment"]["outcome_unknown"] == true {
+        out.push_str("payment    outcome unknown: the provider has not said whether it was applied\n");
+    }
     out.push_str(&format!("amounts    due {} · reserved {} · paid {} {currency}\n", text(&t["amount_due"]), text(&t["reserved"]), text(&t["paid"])));
     out.push_str(&format!("trace      {} (operation_Id in Application Insights)\n", text(&t["trace_id"])));
     out.push_str("timeline\n");
@@ -67,4 +73,21 @@ pub fn render(t: &Value, full: bool) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn a_duplicate_names_its_payer_and_an_unknown_outcome_says_so() {
+        let dup = json!({"status": "duplicate", "duplicate_of": "b-1", "payment": {"outcome_unknown": false}});
+        let out = super::render(&dup, false);
+        assert!(out.contains("paid in    batch b-1"), "{out}");
+        assert!(!out.contains("outcome unknown"), "{out}");
+        let unknown = json!({"status": "parked", "reason": "pay: outcome unknown at gateway (capture)", "payment": {"outcome_unknown": true}});
+        let out = super::render(&unknown, false);
+        assert!(out.contains("payment    outcome unknown"), "{out}");
+        assert!(!out.contains("paid in"), "{out}");
+    }
 }

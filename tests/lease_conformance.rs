@@ -113,6 +113,14 @@ conformance!(sqlite, {
     (Arc::new(leases) as Arc<dyn Leases>, Box::new(dir) as Box<dyn std::any::Any>)
 });
 
+// Azure Storage blob leases, on the storage emulator (Azurite): one per test, a fresh container.
+conformance!(azurite, {
+    let azurite = emulator::Azurite::start();
+    let leases = azurite.leases();
+    leases.create_container_if_missing().await.unwrap();
+    (Arc::new(leases) as Arc<dyn Leases>, Box::new(azurite) as Box<dyn std::any::Any>)
+});
+
 // Two processes sharing a data folder are two connections to one file.
 conformance!(sqlite_two_connections, {
     let dir = tempfile::tempdir().unwrap();
@@ -152,5 +160,90 @@ impl Leases for Split {
     }
     async fn paused_until(&self, r: &str) -> ticketpay::leases::Result<Option<chrono::DateTime<chrono::Utc>>> {
         self.two.paused_until(r).await
+    }
+}
+
+mod emulator {
+    //! Azurite, the Azure Storage emulator (npm `azurite`, found on PATH), with
+    //! its blob service only, in a temporary folder, on a free port; stopped on drop.
+
+    use std::net::{TcpListener, TcpStream};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use base64::Engine as _;
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+    use ticketpay::leases::blob::BlobLeases;
+
+    /// Azurite's well-known development account (documented, for tests only).
+    const ACCOUNT: &str = "devstoreaccount1";
+    const KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+    pub struct Azurite {
+        child: Child,
+        port: u16,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Azurite {
+        pub fn start() -> Azurite {
+            let program = find("azurite-blob").unwrap_or_else(|| {
+                panic!("azurite-blob is not on PATH: install the Azure Storage emulator with `npm install -g azurite@3` (.ci/run does)")
+            });
+            let dir = tempfile::tempdir().unwrap();
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let child = Command::new(&program)
+                .args(["--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--blobHost", "127.0.0.1"])
+                .arg("--blobPort")
+                .arg(port.to_string())
+                .arg("--location")
+                .arg(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+            let mut azurite = Azurite { child, port, _dir: dir };
+            let started = Instant::now();
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if let Some(status) = azurite.child.try_wait().unwrap() {
+                    panic!("Azurite exited before listening on port {port}: {status}");
+                }
+                assert!(started.elapsed() < Duration::from_secs(60), "Azurite did not listen on port {port} within 60 s");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            azurite
+        }
+
+        /// Leases on a fresh container, with an account SAS signed by the well-known key.
+        pub fn leases(&self) -> BlobLeases {
+            let container = format!("t{}", uuid::Uuid::new_v4().simple());
+            BlobLeases::with_sas(&format!("http://127.0.0.1:{}/{ACCOUNT}", self.port), &container, &account_sas()).unwrap()
+        }
+    }
+
+    impl Drop for Azurite {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn find(program: &str) -> Option<std::path::PathBuf> {
+        std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(program)).find(|p| p.is_file())
+    }
+
+    /// An account SAS for the blob service (version 2020-12-06 and later string to sign).
+    fn account_sas() -> String {
+        let (sp, ss, srt, sv) = ("rwdlacup", "b", "sco", "2021-08-06");
+        let se = (chrono::Utc::now() + chrono::Duration::hours(4)).format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let to_sign = format!("{ACCOUNT}\n{sp}\n{ss}\n{srt}\n\n{se}\n\n\n{sv}\n\n");
+        let key = base64::engine::general_purpose::STANDARD.decode(KEY).unwrap();
+        let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+        mac.update(to_sign.as_bytes());
+        let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        let enc = |v: &str| percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string();
+        format!("sv={sv}&ss={ss}&srt={srt}&sp={sp}&se={}&sig={}", enc(&se), enc(&sig))
     }
 }

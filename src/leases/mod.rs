@@ -8,6 +8,7 @@
 //! other facts every instance must share: who is running and wants capacity
 //! (so shares are fair), and until when a provider asked everyone to wait.
 
+pub mod blob;
 pub mod sqlite;
 
 use std::time::Duration;

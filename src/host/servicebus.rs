@@ -393,6 +393,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn admin_instances_lists_each_handler_instance() {
+        let (_app, core) = host().await;
+        let r: serde_json::Value =
+            reqwest::get(format!("{}/admin/instances", core.url)).await.unwrap().json().await.unwrap();
+        let list = r["instances"].as_array().unwrap();
+        assert_eq!(list.len(), 1, "{r}");
+        let i = &list[0];
+        assert_eq!(i["instance"], "instance-0");
+        assert_eq!(i["url"], "http://127.0.0.1:9");
+        assert_eq!(i["state"], "starting");
+        assert!(i["pid"].is_null(), "{i}");
+        assert_eq!(i["invocations"], 0);
+        assert_eq!(i["slices"], serde_json::json!([]), "no leases.db yet: no slices");
+    }
+
+    #[tokio::test]
     async fn single_message_with_broker_and_custom_properties() {
         let (_app, core) = host().await;
         let c = reqwest::Client::new();

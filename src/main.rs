@@ -43,6 +43,9 @@ enum Command {
         /// Fault injection: deliver every message twice at once.
         #[arg(long)]
         duplicate_deliveries: bool,
+        /// Handler processes to run, as instances of a scaled-out app (1 to 16).
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
     },
     /// The provider simulator: all nine provider roles over HTTP.
     Providers {
@@ -68,6 +71,9 @@ enum Command {
         port: u16,
         #[arg(long, default_value = ".")]
         app_root: PathBuf,
+        /// Handler processes to run, as instances of a scaled-out app (1 to 16).
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
     },
     /// Pays a batch through the local stack, then the naive way, and compares both with the provider-bound floor.
     /// Prints a table, then one JSON line.
@@ -85,6 +91,9 @@ enum Command {
         data: Option<PathBuf>,
         #[arg(long, default_value = ".")]
         app_root: PathBuf,
+        /// Handler processes to run, as instances of a scaled-out app (1 to 16).
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
     },
     /// Uploads a CSV or JSON file of tickets and follows the batch until it completes.
     Submit {
@@ -183,16 +192,21 @@ async fn main() {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Handler => ticketpay::handler::run().await,
-        Command::Local { port, providers_port, providers_url, scenario, data, app_root, duplicate_deliveries } => {
-            let opts = LocalOptions { app_root, port, providers_port, providers_url, scenario, data, duplicate_deliveries };
+        Command::Local { port, providers_port, providers_url, scenario, data, app_root, duplicate_deliveries, instances } => {
+            let instances = host::check_instances(instances)?;
+            let opts =
+                LocalOptions { app_root, port, providers_port, providers_url, scenario, data, duplicate_deliveries, instances };
             host::run(opts).await
         }
         Command::Providers { port, scenario } => ticketpay::providers::simulator::run(port, scenario).await,
-        Command::Demo { tickets, budget, scenario, data, port, app_root } => {
-            demo::run(demo::DemoOptions { tickets, budget, scenario, data, port, app_root }).await
+        Command::Demo { tickets, budget, scenario, data, port, app_root, instances } => {
+            let instances = host::check_instances(instances)?;
+            demo::run(demo::DemoOptions { tickets, budget, scenario, data, port, app_root, instances }).await
         }
-        Command::Bench { tickets, scenario, baseline_tickets, data, app_root } => {
-            let report = ticketpay::bench::run(ticketpay::bench::BenchOptions { tickets, scenario, app_root, baseline_tickets, data }).await?;
+        Command::Bench { tickets, scenario, baseline_tickets, data, app_root, instances } => {
+            let instances = host::check_instances(instances)?;
+            let opts = ticketpay::bench::BenchOptions { tickets, scenario, app_root, baseline_tickets, data, instances };
+            let report = ticketpay::bench::run(opts).await?;
             print!("{}", report.render());
             Ok(())
         }

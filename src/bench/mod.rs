@@ -34,6 +34,8 @@ pub struct BenchOptions {
     /// How many tickets the naive way pays (default: all, or a sample of about 45 s on a scenario with latency).
     pub baseline_tickets: Option<usize>,
     pub data: Option<PathBuf>,
+    /// Handler instances the local host runs.
+    pub instances: usize,
 }
 
 /// The naive way gets about this long; past it, a sample is scaled.
@@ -46,7 +48,13 @@ pub async fn run(opts: BenchOptions) -> Result<Report> {
         None => PathBuf::from(".ticketpay").join(format!("bench-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"))),
     };
     std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
-    eprintln!("ticketpay bench: {} tickets, scenario {}, data and logs in {}", opts.tickets, scenario.name, data.display());
+    eprintln!(
+        "ticketpay bench: {} tickets, scenario {}, {} instance(s), data and logs in {}",
+        opts.tickets,
+        scenario.name,
+        opts.instances,
+        data.display()
+    );
 
     let (simulator, found) =
         Spawned::start(&["providers", "--port", "0", "--scenario", &opts.scenario], &data.join("providers.log"), &["ticketpay providers: listening on"])?;
@@ -76,14 +84,17 @@ pub struct PipelineRun {
     pub peak_rss_each: Vec<u64>,
     pub status: Value,
     pub stats: Value,
+    /// Handler instances the local host ran.
+    pub instances: usize,
 }
 
 async fn pipeline_run(opts: &BenchOptions, data: &Path, providers_url: &str, simulator_pid: i32) -> Result<PipelineRun> {
     let app_root = opts.app_root.to_str().context("the app root is not UTF-8")?;
     let store = data.join("stack");
     let store = store.to_str().context("the data folder is not UTF-8")?;
+    let instances = opts.instances.to_string();
     let args = [
-        "local", "--port", "0", "--providers-port", "0", "--providers-url", providers_url, "--scenario", &opts.scenario, "--data", store,
+        "local", "--instances", &instances, "--port", "0", "--providers-port", "0", "--providers-url", providers_url, "--scenario", &opts.scenario, "--data", store,
         "--app-root", app_root,
     ];
     let (host, found) = Spawned::start(&args, &data.join("host.log"), &["ticketpay local: listening on", "ticketpay local: ready"])?;
@@ -102,7 +113,8 @@ async fn pipeline_run(opts: &BenchOptions, data: &Path, providers_url: &str, sim
     let (peak_rss_bytes, peak_rss_each) = rss.finish();
     let stats = reqwest::get(format!("{providers_url}/stats")).await?.json::<Value>().await?;
     host.stop();
-    Ok(PipelineRun { seconds, handler_cpu_seconds, host_cpu_seconds, peak_rss_bytes, peak_rss_each, status, stats })
+    let instances = opts.instances;
+    Ok(PipelineRun { seconds, handler_cpu_seconds, host_cpu_seconds, peak_rss_bytes, peak_rss_each, status, stats, instances })
 }
 
 /// Uploads the sample batch with a budget that covers every ticket, so every payable ticket is paid.

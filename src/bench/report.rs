@@ -17,6 +17,8 @@ use crate::providers::simulator::Scenario;
 pub struct Report {
     pub scenario: String,
     pub cores: usize,
+    /// Handler instances the local host ran.
+    pub instances: usize,
     pub tickets: usize,
     pub seconds: f64,
     pub tickets_per_s: f64,
@@ -62,6 +64,7 @@ impl Report {
         Report {
             scenario: scenario.name.clone(),
             cores: std::thread::available_parallelism().map_or(1, |c| c.get()),
+            instances: run.instances,
             tickets,
             seconds: round(run.seconds, 2),
             tickets_per_s: round(n / run.seconds, 1),
@@ -92,7 +95,11 @@ impl Report {
     /// The table, then the JSON line.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "\nticketpay bench · scenario {} · {} tickets · {} cores\n", self.scenario, self.tickets, self.cores);
+        let _ = writeln!(
+            out,
+            "\nticketpay bench · scenario {} · {} tickets · {} cores · {} instance(s)\n",
+            self.scenario, self.tickets, self.cores, self.instances
+        );
         let _ = writeln!(out, "{:<24} {:>9} {:>10} {:>14}", "", "seconds", "tickets/s", "CPU ms/ticket");
         let _ = writeln!(
             out,

@@ -19,6 +19,8 @@ pub struct DemoOptions {
     pub data: Option<PathBuf>,
     pub port: u16,
     pub app_root: PathBuf,
+    /// Handler instances the local host runs.
+    pub instances: usize,
 }
 
 /// A sample CSV: ticket ids, authorities in turn, and a reference each.
@@ -42,6 +44,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         scenario: opts.scenario.clone(),
         data: data.clone(),
         duplicate_deliveries: false,
+        instances: opts.instances,
     })
     .await?;
     println!("local host at {} · providers at {}", host.url, host.providers_url);

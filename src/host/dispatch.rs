@@ -28,7 +28,8 @@ impl Dispatch {
         let tasks = shared
             .queues
             .values()
-            .map(|spec| tokio::spawn(run_queue(shared.clone(), spec.clone(), settler.clone(), stop_rx.clone())))
+            .flat_map(|spec| (0..shared.instances.len()).map(move |i| (spec.clone(), i)))
+            .map(|(spec, i)| tokio::spawn(run_queue(shared.clone(), spec, i, settler.clone(), stop_rx.clone())))
             .collect();
         Dispatch { stop, tasks, settler: settler_task }
     }
@@ -110,8 +111,16 @@ fn delivery_limit(shared: &Shared, spec: &QueueSpec) -> Duration {
     }
 }
 
-async fn run_queue(shared: Arc<Shared>, spec: Arc<QueueSpec>, settler: Settler, mut stop: watch::Receiver<bool>) {
-    let mut worker = shared.worker.clone();
+/// Drains `spec`'s queue into instance `instance`, up to the function's
+/// concurrency (each instance has its own host, hence its own limit).
+async fn run_queue(
+    shared: Arc<Shared>,
+    spec: Arc<QueueSpec>,
+    instance: usize,
+    settler: Settler,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut worker = shared.instances[instance].state.clone();
     let mut worker_alive = true;
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Option<String>>();
     let mut in_flight = 0usize;
@@ -133,7 +142,7 @@ async fn run_queue(shared: Arc<Shared>, spec: Arc<QueueSpec>, settler: Settler, 
             break;
         }
         let mut sleep_for = None;
-        if shared.handler_ready() && in_flight < limit {
+        if shared.instances[instance].ready() && in_flight < limit {
             let store = shared.store.clone();
             let q = queue.clone();
             let max = limit - in_flight;
@@ -149,7 +158,15 @@ async fn run_queue(shared: Arc<Shared>, spec: Arc<QueueSpec>, settler: Settler, 
                         if let Some(s) = &m.session_id {
                             busy.insert(s.clone());
                         }
-                        tokio::spawn(deliver(shared.clone(), spec.clone(), settler.clone(), m, run_for, done_tx.clone()));
+                        tokio::spawn(deliver(
+                            shared.clone(),
+                            spec.clone(),
+                            instance,
+                            settler.clone(),
+                            m,
+                            run_for,
+                            done_tx.clone(),
+                        ));
                     }
                     sleep_for = r.next_due.map(|t| Duration::from_millis((t - now_ms()).max(0) as u64));
                 }
@@ -170,7 +187,7 @@ async fn run_queue(shared: Arc<Shared>, spec: Arc<QueueSpec>, settler: Settler, 
             }
         };
         tokio::select! {
-            _ = spec.wake.notified() => {}
+            _ = spec.wakes[instance].notified() => {}
             Some(session) = done_rx.recv() => {
                 in_flight -= 1;
                 if let Some(s) = session { busy.remove(&s); }
@@ -195,12 +212,14 @@ async fn run_queue(shared: Arc<Shared>, spec: Arc<QueueSpec>, settler: Settler, 
 async fn deliver(
     shared: Arc<Shared>,
     spec: Arc<QueueSpec>,
+    instance: usize,
     settler: Settler,
     m: Message,
     run_for: Duration,
     done: mpsc::UnboundedSender<Option<String>>,
 ) {
-    let once = || invoke::invoke(&shared.client, &shared.handler_url, &spec, &m);
+    let target = &shared.instances[instance];
+    let once = || invoke::invoke(&shared.client, target.counted(), &spec, &m);
     let result = if shared.config.duplicate_deliveries {
         tokio::time::timeout(run_for, async {
             let (a, b) = tokio::join!(once(), once());

@@ -53,14 +53,64 @@ pub struct LocalOptions {
     pub data: PathBuf,
     /// Deliver every message twice at once (fault injection).
     pub duplicate_deliveries: bool,
+    /// How many handler processes to run, as instances of a scaled-out app (1..=16).
+    pub instances: usize,
+}
+
+/// Most handler instances `ticketpay local --instances` runs.
+pub const MAX_INSTANCES: usize = 16;
+
+/// Checks an `--instances` value: 1 to [`MAX_INSTANCES`].
+pub fn check_instances(n: usize) -> Result<usize> {
+    if (1..=MAX_INSTANCES).contains(&n) {
+        Ok(n)
+    } else {
+        Err(anyhow!("--instances must be between 1 and {MAX_INSTANCES} (got {n})"))
+    }
+}
+
+/// One handler process of the app, as the host sees it.
+pub(crate) struct Instance {
+    /// `instance-{i}`.
+    pub id: String,
+    /// `http://127.0.0.1:{handler port}`.
+    pub url: String,
+    pub state: watch::Receiver<WorkerState>,
+    /// The process id of the running handler (0 while none).
+    pub pid: Arc<std::sync::atomic::AtomicI32>,
+    /// Invocations delivered to it (queue, timer and HTTP).
+    pub invocations: std::sync::atomic::AtomicU64,
+}
+
+impl Instance {
+    pub fn new(id: String, url: String, state: watch::Receiver<WorkerState>) -> Instance {
+        Instance { id, url, state, pid: Arc::default(), invocations: Default::default() }
+    }
+
+    pub fn ready(&self) -> bool {
+        matches!(*self.state.borrow(), WorkerState::Ready)
+    }
+
+    pub fn counted(&self) -> &str {
+        self.invocations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.url
+    }
 }
 
 /// One queue-triggered function and the queue it drains.
 pub(crate) struct QueueSpec {
     pub function: String,
     pub trigger: QueueTrigger,
-    /// Woken when a message arrives on the queue.
-    pub wake: Notify,
+    /// Woken when a message arrives on the queue: one per instance.
+    pub wakes: Vec<Notify>,
+}
+
+impl QueueSpec {
+    pub fn wake(&self) {
+        for w in &self.wakes {
+            w.notify_one();
+        }
+    }
 }
 
 /// What the HTTP endpoints and the dispatchers share.
@@ -69,9 +119,12 @@ pub(crate) struct Shared {
     pub store: Store,
     /// By queue name, lower-cased (Service Bus entity names are case-insensitive).
     pub queues: BTreeMap<String, Arc<QueueSpec>>,
-    /// `http://127.0.0.1:{handler port}`.
-    pub handler_url: String,
-    pub worker: watch::Receiver<WorkerState>,
+    /// The handler processes, each with its own port.
+    pub instances: Vec<Instance>,
+    /// Round-robin position for HTTP requests and timers.
+    pub next: std::sync::atomic::AtomicUsize,
+    /// Durable state (`{data}/leases.db` is read for `/admin/instances`).
+    pub data: PathBuf,
     /// Client for the handler: no proxy, no redirects, pooled.
     pub client: reqwest::Client,
     pub guard: Guard,
@@ -80,8 +133,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Some instance is ready.
     pub fn handler_ready(&self) -> bool {
-        matches!(*self.worker.borrow(), WorkerState::Ready)
+        self.instances.iter().any(Instance::ready)
+    }
+
+    /// A ready instance, round robin.
+    pub fn pick(&self) -> Option<&Instance> {
+        let n = self.instances.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (0..n).map(|k| &self.instances[(start + k) % n]).find(|i| i.ready())
     }
 
     /// Seconds left of an injected bus outage, if one is on.
@@ -114,8 +175,7 @@ impl Core {
         config: HostConfig,
         data: &Path,
         listener: TcpListener,
-        handler_url: String,
-        worker: watch::Receiver<WorkerState>,
+        instances: Vec<Instance>,
         guard: Guard,
     ) -> Result<Core> {
         let db = data.join("queues.db");
@@ -126,7 +186,7 @@ impl Core {
         let queues: BTreeMap<String, Arc<QueueSpec>> = config
             .queue_functions()
             .map(|(f, q)| {
-                let spec = QueueSpec { function: f.name.clone(), trigger: q.clone(), wake: Notify::new() };
+                let spec = QueueSpec { function: f.name.clone(), trigger: q.clone(), wakes: instances.iter().map(|_| Notify::new()).collect() };
                 (q.queue.to_ascii_lowercase(), Arc::new(spec))
             })
             .collect();
@@ -153,7 +213,10 @@ impl Core {
             );
         }
         let bus_down_until = std::sync::Mutex::new(None);
-        let shared = Arc::new(Shared { config, store, queues, handler_url, worker, client, guard, bus_down_until });
+        let next = Default::default();
+        let data = data.to_path_buf();
+        let shared =
+            Arc::new(Shared { config, store, queues, instances, next, data, client, guard, bus_down_until });
 
         let mut app = servicebus::routes(&shared);
         if proxy_http {
@@ -233,7 +296,7 @@ pub struct LocalHost {
     /// No API keys are configured: anyone who reaches the API is an operator.
     pub api_open: bool,
     core: Core,
-    worker: Worker,
+    workers: Vec<Worker>,
     simulator: Option<JoinHandle<()>>,
 }
 
@@ -280,7 +343,7 @@ impl LocalHost {
             }
         };
 
-        let handler_port = free_port()?;
+        let n = check_instances(opts.instances)?;
         let program = worker::resolve_executable(&app_root, &config.executable)?;
         let lookup = |k: &str| settings.get(k).cloned().or_else(|| std::env::var(k).ok());
         // Values win over the environment, as they do for the handler started below.
@@ -289,7 +352,7 @@ impl LocalHost {
             Some(given) => BusToken::given(&given),
             None => BusToken::random(),
         };
-        let args = config.arguments.iter().map(|a| worker::expand(a, lookup)).collect();
+        let args: Vec<String> = config.arguments.iter().map(|a| worker::expand(a, lookup)).collect();
         let cwd_handler =
             if config.working_directory.is_empty() { app_root.clone() } else { app_root.join(&config.working_directory) };
         let mut env: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -300,9 +363,6 @@ impl LocalHost {
             env.retain(|(name, _)| name != k);
             env.push((k.to_string(), v));
         };
-        set("FUNCTIONS_CUSTOMHANDLER_PORT", handler_port.to_string(), false);
-        set("FUNCTIONS_HTTPWORKER_PORT", handler_port.to_string(), false);
-        set("FUNCTIONS_CUSTOMHANDLER_WORKER_ID", uuid::Uuid::new_v4().to_string(), false);
         set("FUNCTIONS_APP_ROOT_PATH", app_root.to_string_lossy().into_owned(), false);
         set("FUNCTIONS_WORKER_RUNTIME", "custom".into(), true);
         set(crate::config::BUS_URL, format!("http://127.0.0.1:{host_port}"), true);
@@ -313,10 +373,28 @@ impl LocalHost {
             set("TICKETPAY_PROVIDERS_CONFIG", pc, true);
         }
 
-        let (state_tx, state_rx) = watch::channel(WorkerState::Starting);
-        let handler_url = format!("http://127.0.0.1:{handler_port}");
+        // Each instance: its own port, worker id and instance id, otherwise the same environment.
+        let mut specs = Vec::new();
+        let mut instances = Vec::new();
+        for i in 0..n {
+            let port = free_port()?;
+            let mut env = env.clone();
+            let mut put = |k: &str, v: String| {
+                env.retain(|(name, _)| name != k);
+                env.push((k.to_string(), v));
+            };
+            put("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string());
+            put("FUNCTIONS_HTTPWORKER_PORT", port.to_string());
+            put("FUNCTIONS_CUSTOMHANDLER_WORKER_ID", uuid::Uuid::new_v4().to_string());
+            put("TICKETPAY_INSTANCE_ID", format!("instance-{i}"));
+            let (state_tx, state_rx) = watch::channel(WorkerState::Starting);
+            let instance = Instance::new(format!("instance-{i}"), format!("http://127.0.0.1:{port}"), state_rx);
+            let spec = WorkerSpec { program: program.clone(), args: args.clone(), cwd: cwd_handler.clone(), env, port };
+            specs.push((spec, state_tx, instance.pid.clone()));
+            instances.push(instance);
+        }
         let guard = Guard { access, bus_token };
-        let core = match Core::start(config, &data, listener, handler_url, state_rx, guard).await {
+        let core = match Core::start(config, &data, listener, instances, guard).await {
             Ok(c) => c,
             Err(e) => {
                 if let Some(s) = simulator {
@@ -325,23 +403,35 @@ impl LocalHost {
                 return Err(e);
             }
         };
-        let worker = Worker::start(WorkerSpec { program, args, cwd: cwd_handler, env, port: handler_port }, state_tx);
-        if let Err(e) = worker.wait_ready().await {
-            worker.stop().await;
+        let workers: Vec<Worker> =
+            specs.into_iter().map(|(spec, tx, pid)| Worker::start_with_pid(spec, tx, pid)).collect();
+        let mut failed = None;
+        for w in &workers {
+            if let Err(e) = w.wait_ready().await {
+                failed = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            for w in workers {
+                w.stop().await;
+            }
             core.stop().await;
             if let Some(s) = simulator {
                 s.abort();
             }
             return Err(e);
         }
-        Ok(LocalHost { url: core.url.clone(), providers_url, api_open, core, worker, simulator })
+        Ok(LocalHost { url: core.url.clone(), providers_url, api_open, core, workers, simulator })
     }
 
     /// Stops delivering, waits for in-flight invocations (at most ~10 s),
     /// stops the handler, the HTTP server and the simulator.
     pub async fn shutdown(mut self) -> Result<()> {
         self.core.stop_delivering(Duration::from_secs(10)).await;
-        self.worker.stop().await;
+        for w in self.workers {
+            w.stop().await;
+        }
         self.core.stop().await;
         if let Some(s) = self.simulator {
             s.abort();

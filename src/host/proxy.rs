@@ -24,16 +24,16 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 }
 
 pub(crate) async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
-    if !s.handler_ready() {
+    let Some(target) = s.pick() else {
         return problem(StatusCode::BAD_GATEWAY, "the handler is not running (starting or restarting); try again shortly");
-    }
+    };
     let (parts, body) = req.into_parts();
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
         Err(e) => return problem(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
     };
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let url = match reqwest::Url::parse(&format!("{}{path}", s.handler_url)) {
+    let url = match reqwest::Url::parse(&format!("{}{path}", target.counted())) {
         Ok(url) => url,
         Err(e) => return problem(StatusCode::BAD_REQUEST, format!("the path cannot be forwarded: {e}")),
     };

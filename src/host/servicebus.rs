@@ -27,6 +27,7 @@ pub(crate) fn routes(shared: &Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/queues", get(admin_queues))
         .route("/queues/{queue}/deadletters", get(dead_letters))
         .route("/faults", post(inject_fault))
+        .route("/instances", get(admin_instances))
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "no such admin endpoint") })
         .layer(from_fn_with_state(shared.clone(), guard::require_operator));
     let send = Router::new()
@@ -239,7 +240,7 @@ async fn send(State(s): State<Arc<Shared>>, Path(queue): Path<String>, headers: 
     let window = spec.trigger.settings.duplicate_detection_window;
     match tokio::task::spawn_blocking(move || store.send(&q, window, msgs, now_ms())).await {
         Ok(Ok(_)) => {
-            spec.wake.notify_one();
+            spec.wake();
             StatusCode::CREATED.into_response()
         }
         Ok(Err(e)) => problem(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the message: {e:#}")),
@@ -264,6 +265,52 @@ async fn inject_fault(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     let until = std::time::Instant::now() + Duration::from_secs(request.bus_unreachable_seconds);
     *s.bus_down_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
     axum::Json(json!({ "bus_unreachable_seconds": request.bus_unreachable_seconds })).into_response()
+}
+
+/// `{"instances": [{"instance", "url", "pid", "state", "invocations", "slices"}]}`:
+/// each handler instance and the leases (`{data}/leases.db`) it holds now.
+async fn admin_instances(State(s): State<Arc<Shared>>) -> Response {
+    use crate::leases::Leases;
+    let db = s.data.join("leases.db");
+    let mut held: std::collections::HashMap<String, Vec<String>> = Default::default();
+    if db.exists() {
+        let holders = match crate::leases::sqlite::SqliteLeases::open(&db) {
+            Ok(l) => l.holders("").await,
+            Err(e) => Err(e),
+        };
+        match holders {
+            Ok(h) => {
+                for (resource, holder) in h {
+                    held.entry(holder).or_default().push(resource);
+                }
+            }
+            Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the leases: {e:#}")),
+        }
+    }
+    let list: Vec<Value> = s
+        .instances
+        .iter()
+        .map(|i| {
+            let state = match &*i.state.borrow() {
+                super::worker::WorkerState::Starting => "starting",
+                super::worker::WorkerState::Ready => "ready",
+                super::worker::WorkerState::Down(_) => "restarting",
+                super::worker::WorkerState::Stopped => "stopped",
+            };
+            let pid = i.pid.load(std::sync::atomic::Ordering::Relaxed);
+            let mut slices = held.remove(&i.id).unwrap_or_default();
+            slices.sort();
+            json!({
+                "instance": i.id,
+                "url": i.url,
+                "pid": (pid > 0).then_some(pid),
+                "state": state,
+                "invocations": i.invocations.load(std::sync::atomic::Ordering::Relaxed),
+                "slices": slices,
+            })
+        })
+        .collect();
+    axum::Json(json!({ "instances": list })).into_response()
 }
 
 /// `{"<queue>": {"function", "sessions", "active", "scheduled", "locked", "dead_lettered"}}`.
@@ -343,6 +390,22 @@ mod tests {
             .receive(queue, 100, sessions.then_some(&busy), Duration::from_secs(30), now_ms() + 3_600_000)
             .unwrap()
             .messages
+    }
+
+    #[tokio::test]
+    async fn admin_instances_lists_each_handler_instance() {
+        let (_app, core) = host().await;
+        let r: serde_json::Value =
+            reqwest::get(format!("{}/admin/instances", core.url)).await.unwrap().json().await.unwrap();
+        let list = r["instances"].as_array().unwrap();
+        assert_eq!(list.len(), 1, "{r}");
+        let i = &list[0];
+        assert_eq!(i["instance"], "instance-0");
+        assert_eq!(i["url"], "http://127.0.0.1:9");
+        assert_eq!(i["state"], "starting");
+        assert!(i["pid"].is_null(), "{i}");
+        assert_eq!(i["invocations"], 0);
+        assert_eq!(i["slices"], serde_json::json!([]), "no leases.db yet: no slices");
     }
 
     #[tokio::test]

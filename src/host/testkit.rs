@@ -115,7 +115,8 @@ pub async fn core(app_root: &Path, data: &Path, handler_url: &str, state: Worker
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (tx, rx) = watch::channel(state);
     let guard = Guard { access: Access::Open, bus_token: BusToken::given(BUS_TOKEN) };
-    let core = Core::start(config, data, l, handler_url.to_string(), rx, guard).await.unwrap();
+    let instance = super::Instance::new("instance-0".into(), handler_url.to_string(), rx);
+    let core = Core::start(config, data, l, vec![instance], guard).await.unwrap();
     (core, tx)
 }
 

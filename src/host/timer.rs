@@ -162,7 +162,13 @@ async fn run(shared: Arc<Shared>, timer: TimerSpec, mut stop: watch::Receiver<bo
 /// One occurrence, due at `due`: returns it, as the next one's `Last`.
 async fn fire(shared: &Shared, timer: &TimerSpec, last: Option<DateTime<Utc>>, due: DateTime<Utc>) -> DateTime<Utc> {
     let next = timer.schedule.next_after(due).unwrap_or(due);
-    let mut request = shared.client.post(format!("{}/{}", shared.handler_url, timer.function)).json(&payload(timer, last, due, next));
+    // One occurrence runs on one instance only, as the host's singleton lock has it.
+    let Some(target) = shared.pick() else {
+        tracing::warn!(function = %timer.function, "no handler instance is ready; the occurrence is skipped");
+        return due;
+    };
+    let mut request =
+        shared.client.post(format!("{}/{}", target.counted(), timer.function)).json(&payload(timer, last, due, next));
     if let Some(t) = shared.config.function_timeout {
         request = request.timeout(t);
     }

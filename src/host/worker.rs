@@ -6,6 +6,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
@@ -43,9 +45,14 @@ pub const READY_LIMIT: Duration = Duration::from_secs(30);
 impl Worker {
     /// Starts supervising; `state` is the sender the rest of the host watches.
     pub fn start(spec: WorkerSpec, state: watch::Sender<WorkerState>) -> Worker {
+        Worker::start_with_pid(spec, state, Arc::default())
+    }
+
+    /// As [`Worker::start`]; `pid` holds the running handler's process id (0 while none).
+    pub fn start_with_pid(spec: WorkerSpec, state: watch::Sender<WorkerState>, pid: Arc<AtomicI32>) -> Worker {
         let rx = state.subscribe();
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(supervise(spec, state, stop_rx));
+        let task = tokio::spawn(supervise(spec, state, stop_rx, pid));
         Worker { state: rx, stop, task }
     }
 
@@ -200,7 +207,12 @@ async fn answers(client: &reqwest::Client, port: u16) -> bool {
     client.get(format!("http://127.0.0.1:{port}/")).send().await.is_ok()
 }
 
-async fn supervise(spec: WorkerSpec, state: watch::Sender<WorkerState>, mut stop: watch::Receiver<bool>) {
+async fn supervise(
+    spec: WorkerSpec,
+    state: watch::Sender<WorkerState>,
+    mut stop: watch::Receiver<bool>,
+    pid: Arc<AtomicI32>,
+) {
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(2))
@@ -215,6 +227,7 @@ async fn supervise(spec: WorkerSpec, state: watch::Sender<WorkerState>, mut stop
         let why = match spawn(&spec).await {
             Err(e) => format!("{e:#}"),
             Ok(mut child) => {
+                pid.store(child.pid, Ordering::Relaxed);
                 let _ = state.send(WorkerState::Starting);
                 // Readiness: any HTTP answer to GET /.
                 let mut outcome = None;
@@ -245,6 +258,7 @@ async fn supervise(spec: WorkerSpec, state: watch::Sender<WorkerState>, mut stop
                 }
             }
         };
+        pid.store(0, Ordering::Relaxed);
         if *stop.borrow() {
             break;
         }

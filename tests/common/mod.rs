@@ -327,3 +327,22 @@ pub fn recorder() -> (String, Arc<Mutex<Vec<String>>>) {
     });
     (url, bodies)
 }
+
+impl Stack {
+    /// `GET /admin/instances`: the handler instances the host runs.
+    pub fn instances(&self) -> Vec<Value> {
+        self.get("/admin/instances")["instances"].as_array().expect("a list of instances").clone()
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some`; panics saying `what` after `within`.
+pub fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

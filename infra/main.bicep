@@ -234,6 +234,7 @@ module functionApp 'modules/functionapp.bicep' = {
     identityId: identity.outputs.id
     identityClientId: identity.outputs.clientId
     storageAccountName: storage.outputs.name
+    leaseContainerName: storage.outputs.leaseContainerName
     deploymentContainerUrl: storage.outputs.deploymentContainerUrl
     serviceBusFullyQualifiedNamespace: serviceBus.outputs.fullyQualifiedNamespace
     serviceBusEndpoint: serviceBus.outputs.endpoint

@@ -174,6 +174,44 @@ fn load_store(s: &Settings<'_>) -> Result<StoreConfig, SettingError> {
     Ok(StoreConfig::Embedded { path: PathBuf::from(dir).join("store.db") })
 }
 
+/// Where the leases on each provider's capacity are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseConfig {
+    /// SQLite in the data folder's `leases.db`, shared by every process using the folder.
+    Embedded { path: PathBuf },
+    /// Blob leases in a container of the Function App's storage account.
+    Blob { service_url: String, container: String, identity: Identity },
+}
+
+/// The container holding the capacity leases, when `TICKETPAY_LEASE_CONTAINER` does not say.
+pub const DEFAULT_LEASE_CONTAINER: &str = "ticketpay-leases";
+
+fn load_leases(s: &Settings<'_>) -> Result<LeaseConfig, SettingError> {
+    const SERVICE_URI: &str = "AzureWebJobsStorage__blobServiceUri";
+    let service_url = match (s.optional(SERVICE_URI), s.optional("AzureWebJobsStorage__accountName")) {
+        (Some(url), _) => Some(url.trim().trim_end_matches('/').to_owned()),
+        (None, Some(account)) => Some(format!("https://{}.blob.core.windows.net", account.trim())),
+        (None, None) => None,
+    };
+    let Some(service_url) = service_url else {
+        let dir = s.optional("TICKETPAY_DATA_DIR").unwrap_or_else(|| ".ticketpay".into());
+        return Ok(LeaseConfig::Embedded { path: PathBuf::from(dir).join("leases.db") });
+    };
+    if !service_url.starts_with("https://") && !service_url.starts_with("http://") {
+        return Err(setting_error(SERVICE_URI, format!("`{service_url}` is not a blob service URL like https://myaccount.blob.core.windows.net")));
+    }
+    let container = s.optional("TICKETPAY_LEASE_CONTAINER").unwrap_or_else(|| DEFAULT_LEASE_CONTAINER.into());
+    Ok(LeaseConfig::Blob { service_url, container, identity: Identity::for_connection(s, "AzureWebJobsStorage") })
+}
+
+/// Who this process is among the deployment's instances: `TICKETPAY_INSTANCE_ID`
+/// (the local host numbers its handlers), the platform's `WEBSITE_INSTANCE_ID`, or one made up.
+fn load_instance(s: &Settings<'_>) -> String {
+    s.optional("TICKETPAY_INSTANCE_ID")
+        .or_else(|| s.optional("WEBSITE_INSTANCE_ID").map(|id| id.chars().take(16).collect()))
+        .unwrap_or_else(|| format!("instance-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]))
+}
+
 /// Everything the handler needs to run.
 pub struct HandlerConfig {
     pub port: u16,
@@ -189,6 +227,8 @@ pub struct HandlerConfig {
     /// Where audit records wait while the store cannot take them.
     pub spool_dir: PathBuf,
     pub sweep: crate::stages::sweep::SweepPolicy,
+    pub leases: LeaseConfig,
+    pub instance: String,
 }
 
 impl HandlerConfig {
@@ -229,7 +269,24 @@ impl HandlerConfig {
             overdue_after: Duration::from_secs(s.number("TICKETPAY_SWEEP_OVERDUE_SECS", defaults.overdue_after.as_secs())?),
             max_resends: s.number("TICKETPAY_SWEEP_MAX_RESENDS", defaults.max_resends)?,
         };
-        Ok(HandlerConfig { port, bus, store, authorities, retry, claim_lease, endpoints, client, redactor, access, spool_dir, sweep })
+        let leases = load_leases(s)?;
+        let instance = load_instance(s);
+        Ok(HandlerConfig {
+            port,
+            bus,
+            store,
+            authorities,
+            retry,
+            claim_lease,
+            endpoints,
+            client,
+            redactor,
+            access,
+            spool_dir,
+            sweep,
+            leases,
+            instance,
+        })
     }
 }
 

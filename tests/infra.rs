@@ -209,6 +209,7 @@ const NOT_APP_SETTINGS: &[(&str, &str)] = &[
     ("TICKETPAY_URL", "read by the command-line tools (submit, status, trace) on an operator's machine"),
     ("TICKETPAY_API_KEY", "the key the command-line tools send, on the caller's machine"),
     ("TICKETPAY_DATA_DIR", "local only (see above)"),
+    ("TICKETPAY_INSTANCE_ID", "local only: the local host names each handler it starts; in Azure the platform's WEBSITE_INSTANCE_ID names the instance"),
     ("TICKETPAY_BUS_TOKEN", "local only: the token the local host makes at start and gives its handler; in Azure the handler sends with an Entra token"),
 ];
 

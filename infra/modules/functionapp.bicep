@@ -31,6 +31,9 @@ param serviceName string
 param identityId string
 param identityClientId string
 param storageAccountName string
+
+@description('Container of the provider capacity leases.')
+param leaseContainerName string
 param deploymentContainerUrl string
 param serviceBusFullyQualifiedNamespace string
 param serviceBusEndpoint string
@@ -65,6 +68,8 @@ var appSettings = {
   AzureWebJobsStorage__accountName: storageAccountName
   AzureWebJobsStorage__credential: 'managedidentity'
   AzureWebJobsStorage__clientId: identityClientId
+  // Provider capacity leases: blobs in this container of the same account.
+  TICKETPAY_LEASE_CONTAINER: leaseContainerName
   // Service Bus trigger connection (functions/*/function.json: connection ServiceBusConnection).
   ServiceBusConnection__fullyQualifiedNamespace: serviceBusFullyQualifiedNamespace
   ServiceBusConnection__credential: 'managedidentity'

@@ -59,6 +59,16 @@ resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/con
   }
 }
 
+// Zero-byte blobs whose leases share each provider's capacity among the
+// instances (the identity's Storage Blob Data Owner role covers them).
+resource leaseContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: 'ticketpay-leases'
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
 resource dataRoles 'Microsoft.Authorization/roleAssignments@2022-04-01' = [
   for roleId in roles: {
     name: guid(account.id, principalId, roleId)
@@ -72,5 +82,6 @@ resource dataRoles 'Microsoft.Authorization/roleAssignments@2022-04-01' = [
 ]
 
 output name string = account.name
+output leaseContainerName string = leaseContainer.name
 output blobEndpoint string = account.properties.primaryEndpoints.blob
 output deploymentContainerUrl string = '${account.properties.primaryEndpoints.blob}${deploymentContainer.name}'

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
@@ -42,6 +42,7 @@ pub fn router() -> Router<Arc<App>> {
     Router::new()
         .route("/api/openapi.json", get(openapi))
         .route("/api/authorities", get(authorities))
+        .route("/api/capacity", get(capacity))
         .route("/api/batches", get(batches::list).post(batches::upload))
         .route("/api/batches/{batch_id}", get(batches::status))
         .route("/api/batches/{batch_id}/redrive", post(redrive::redrive))
@@ -59,6 +60,18 @@ async fn openapi() -> impl IntoResponse {
 
 async fn authorities(State(app): State<Arc<App>>) -> impl IntoResponse {
     Json(serde_json::json!({ "authorities": app.authorities }))
+}
+
+/// What this instance holds of each provider's shared capacity: an operator's view.
+async fn capacity(State(app): State<Arc<App>>, caller: access::Caller) -> Result<Response, Problem> {
+    if caller != access::Caller::Operator {
+        return Err(access::forbidden("the providers' capacity is an operator's view"));
+    }
+    let body = match app.pipeline.providers.capacity() {
+        Some(c) => serde_json::json!({ "instance": c.instance(), "shared": true, "providers": c.view() }),
+        None => serde_json::json!({ "instance": null, "shared": false, "providers": [] }),
+    };
+    Ok(Json(body).into_response())
 }
 
 async fn not_found() -> Problem {

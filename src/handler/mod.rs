@@ -20,7 +20,10 @@ use serde_json::json;
 use crate::api::access::Access;
 use crate::api::{self, App};
 use crate::bus::BusSender;
-use crate::config::{BusConfig, HandlerConfig, Settings, StoreConfig};
+use crate::config::{BusConfig, HandlerConfig, LeaseConfig, Settings, StoreConfig};
+use crate::leases::Leases;
+use crate::leases::blob::BlobLeases;
+use crate::leases::sqlite::SqliteLeases;
 use crate::store::Store;
 use crate::store::cosmos::CosmosStore;
 use crate::domain::Stage;
@@ -159,11 +162,20 @@ pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
         BusConfig::Azure { url, identity } => BusSender::with_credential(url, identity.credential()?),
     };
     let spool = crate::stages::spool::AuditSpool::start(&config.spool_dir, store.clone())?;
+    let leases: Arc<dyn Leases> = match &config.leases {
+        LeaseConfig::Embedded { path } => Arc::new(SqliteLeases::open(path)?),
+        LeaseConfig::Blob { service_url, container, identity } => {
+            Arc::new(BlobLeases::new(service_url, container, identity.credential()?)?)
+        }
+    };
+    let providers = ProviderClient::new(config.endpoints, &config.client, config.redactor)
+        .with_journal(spool.clone())
+        .with_shared_capacity(&config.client, leases, config.instance);
     let pipeline = Pipeline {
         store,
         spool: spool.clone(),
         bus,
-        providers: ProviderClient::new(config.endpoints, &config.client, config.redactor).with_journal(spool.clone()),
+        providers,
         retry: config.retry,
         sweep: config.sweep,
         claim_lease: config.claim_lease,
@@ -180,6 +192,9 @@ pub async fn run() -> anyhow::Result<()> {
     let app = build(config).await?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     tracing::info!(port, "ticketpay handler listening");
-    axum::serve(listener, router(app)).with_graceful_shutdown(crate::shutdown::signal()).await?;
+    axum::serve(listener, router(app.clone())).with_graceful_shutdown(crate::shutdown::signal()).await?;
+    if let Some(capacity) = app.pipeline.providers.capacity() {
+        capacity.release_all().await;
+    }
     Ok(())
 }

@@ -10,7 +10,8 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::limits::{ClientConfig, Limiter};
+use super::capacity::Capacity;
+use super::limits::{ClientConfig, Limiter, slices};
 use super::redact::Redactor;
 use super::wire::{self, CheckRequest, CheckResponse, LookupResponse, OperationRequest, OperationResponse};
 use super::ProviderName;
@@ -102,7 +103,7 @@ pub struct Call<T> {
 struct Endpoint {
     base: String,
     api_key: Option<String>,
-    limiter: Limiter,
+    limiter: Arc<Limiter>,
 }
 
 pub struct ProviderClient {
@@ -111,6 +112,7 @@ pub struct ProviderClient {
     timeout: Duration,
     redactor: Redactor,
     journal: Option<Arc<dyn RequestJournal>>,
+    capacity: Option<Arc<Capacity>>,
 }
 
 /// Told of each request just before it goes out, as it will be recorded: a
@@ -142,17 +144,40 @@ impl ProviderClient {
                 let endpoint = Endpoint {
                     base: endpoints.base_urls.get(&name).cloned().unwrap_or_default().trim_end_matches('/').to_owned(),
                     api_key: endpoints.api_keys.get(&name).cloned(),
-                    limiter: Limiter::new(&limits, config.rate_headroom),
+                    limiter: Arc::new(Limiter::whole(&limits, config.rate_headroom)),
                 };
                 (name, endpoint)
             })
             .collect();
-        ProviderClient { http, endpoints, timeout: config.timeout, redactor, journal: None }
+        ProviderClient { http, endpoints, timeout: config.timeout, redactor, journal: None, capacity: None }
     }
 
     pub fn with_journal(mut self, journal: Arc<dyn RequestJournal>) -> ProviderClient {
         self.journal = Some(journal);
         self
+    }
+
+    /// Spends only the slices of each provider's capacity that `instance`
+    /// holds a lease on, shared through `leases` with every other instance.
+    pub fn with_shared_capacity(mut self, config: &ClientConfig, leases: Arc<dyn crate::leases::Leases>, instance: String) -> ProviderClient {
+        let mut shared = Vec::new();
+        for (name, endpoint) in &mut self.endpoints {
+            let Some(limits) = config.providers.get(name) else { continue };
+            let cut = slices(limits, config.rate_headroom);
+            if cut.is_empty() {
+                continue;
+            }
+            endpoint.limiter = Arc::new(Limiter::empty(limits));
+            shared.push((*name, cut, endpoint.limiter.clone()));
+        }
+        let call_bound = self.timeout;
+        self.capacity = Some(Capacity::start(leases, instance, call_bound, shared));
+        self
+    }
+
+    /// What this instance holds of each provider's capacity, if it is shared.
+    pub fn capacity(&self) -> Option<&Arc<Capacity>> {
+        self.capacity.as_ref()
     }
 
     pub async fn lookup(&self, authority: &str, currency: &str, caller: &Caller<'_>) -> Call<LookupResponse> {
@@ -339,7 +364,7 @@ impl ProviderClient {
         let started = Instant::now();
         let (result, response) = match tokio::time::timeout(self.timeout, exchange(request, permit, self.timeout.max(ABANDONED_HOLD))).await {
             Ok(Ok(raw)) => {
-                let (result, response) = self.answer(endpoint, raw);
+                let (result, response) = self.answer(endpoint, provider, raw);
                 (result.map_err(|e| e.redacted(&self.redactor)), response)
             }
             Ok(Err(e)) => {
@@ -356,7 +381,7 @@ impl ProviderClient {
     }
 
     /// Reads an answer: what it means for the call, and the record of it.
-    fn answer(&self, endpoint: &Endpoint, raw: RawAnswer) -> (Result<(u16, Value), CallError>, Option<HttpResponseRecord>) {
+    fn answer(&self, endpoint: &Endpoint, provider: ProviderName, raw: RawAnswer) -> (Result<(u16, Value), CallError>, Option<HttpResponseRecord>) {
         let status = raw.status;
         let headers = self.redactor.headers(raw.headers.iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))));
         let retry_after = raw
@@ -367,8 +392,16 @@ impl ProviderClient {
             .map(Duration::from_secs);
         let body: Value = serde_json::from_str(&raw.text).unwrap_or(Value::String(raw.text));
         let result = classify(status, retry_after, &body);
-        if let Err(CallError::Throttled { retry_after }) = &result {
-            endpoint.limiter.pause(*retry_after);
+        let pause = match &result {
+            Err(CallError::Throttled { retry_after }) => Some(*retry_after),
+            Err(_) if status == StatusCode::SERVICE_UNAVAILABLE => retry_after,
+            _ => None,
+        };
+        if let Some(for_) = pause {
+            endpoint.limiter.pause(for_);
+            if let Some(capacity) = &self.capacity {
+                capacity.pause(provider, for_);
+            }
         }
         let record = HttpResponseRecord { status: status.as_u16(), headers, body: self.redactor.body(body.clone()) };
         (result.map(|()| (status.as_u16(), body)), Some(record))
@@ -413,7 +446,7 @@ struct RawAnswer {
 /// `hold` passed), even when the caller stops waiting sooner.
 async fn exchange(
     request: reqwest::RequestBuilder,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: Option<super::limits::InFlight>,
     hold: Duration,
 ) -> Result<RawAnswer, reqwest::Error> {
     let exchange = async move {

@@ -1,11 +1,13 @@
-//! Provider protection: each provider's rate and concurrency limits, never
-//! exceeded by this process, and a pause when a provider says "slow down".
+//! Provider protection: each provider's rate and concurrency limits, cut into
+//! slices that instances lease (see [`super::capacity`]), never exceeded by
+//! the deployment, and a pause when a provider says "slow down".
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::ProviderName;
@@ -69,59 +71,240 @@ impl ClientConfig {
 /// How late past its slot a caller may still go.
 const LATE_TOLERANCE: Duration = Duration::from_millis(20);
 
+/// Slices a provider's capacity is cut into at most.
+pub const MAX_SLICES: u32 = 20;
+
+/// One share of a provider's capacity: what its holder may spend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Slice {
+    pub index: u32,
+    /// Requests per second (headroom applied); 0 when the provider has no rate limit.
+    pub rate: f64,
+    /// Calls in flight; 0 when the provider has no concurrency limit.
+    pub in_flight: u32,
+}
+
+/// A provider's capacity cut into slices: at most [`MAX_SLICES`], and no more
+/// than its concurrency limit, so every slice may have a call in flight. A
+/// provider with no limits has no slices (nothing to share).
+pub fn slices(limits: &ProviderLimits, headroom: f64) -> Vec<Slice> {
+    let rate = limits.rate_limit * headroom;
+    let conc = limits.concurrency_limit;
+    if rate <= 0.0 && conc == 0 {
+        return Vec::new();
+    }
+    let n = if conc > 0 { conc.min(MAX_SLICES) } else { MAX_SLICES };
+    (0..n)
+        .map(|index| Slice {
+            index,
+            rate: if rate > 0.0 { rate / f64::from(n) } else { 0.0 },
+            in_flight: if conc > 0 { conc / n + u32::from(index < conc % n) } else { 0 },
+        })
+        .collect()
+}
+
+/// How long without a call before a limiter counts as idle (its shares go back).
+pub const IDLE_AFTER: Duration = Duration::from_secs(2);
+
 /// Spaces one provider's requests evenly at the allowed rate and caps how many
-/// are in flight. Waiting callers queue in order; nobody spins.
+/// are in flight. Waiting callers queue in order; nobody spins. The capacity
+/// is either the whole limit (one process is the deployment) or the sum of the
+/// slices this instance holds a lease on, changed as leases come and go.
 pub struct Limiter {
+    /// Whether the provider has a rate limit, a concurrency limit.
+    limited: (bool, bool),
+    pace: Mutex<Pace>,
+    in_flight: Option<Arc<Gate>>,
+    /// Woken when capacity arrives.
+    opened: Notify,
+    /// Woken when a caller finds no capacity: whoever shares it out should look now.
+    wanted: Notify,
+    waiting: AtomicU32,
+    last_used: Mutex<Instant>,
+}
+
+struct Pace {
+    next_slot: Instant,
+    /// Between two requests; `None` with no rate limit.
     interval: Option<Duration>,
-    next_slot: Mutex<Instant>,
-    in_flight: Option<Arc<Semaphore>>,
+    /// Whether there is any capacity to spend.
+    open: bool,
+}
+
+/// Counts a caller as waiting while it waits.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Limiter {
-    pub fn new(limits: &ProviderLimits, headroom: f64) -> Limiter {
-        let rate = limits.rate_limit * headroom;
+    /// The whole of the provider's limits, for a process that is the deployment.
+    pub fn whole(limits: &ProviderLimits, headroom: f64) -> Limiter {
+        let limiter = Limiter::empty(limits);
+        limiter.set_capacity(limits.rate_limit * headroom, limits.concurrency_limit);
+        limiter
+    }
+
+    /// No capacity until [`Limiter::set_capacity`] gives some (the slices held).
+    pub fn empty(limits: &ProviderLimits) -> Limiter {
+        let limited = (limits.rate_limit > 0.0, limits.concurrency_limit > 0);
         Limiter {
-            interval: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
-            next_slot: Mutex::new(Instant::now()),
-            in_flight: (limits.concurrency_limit > 0).then(|| Arc::new(Semaphore::new(limits.concurrency_limit as usize))),
+            limited,
+            pace: Mutex::new(Pace { next_slot: Instant::now(), interval: None, open: !limited.0 && !limited.1 }),
+            in_flight: limited.1.then(|| Arc::new(Gate::default())),
+            opened: Notify::new(),
+            wanted: Notify::new(),
+            waiting: AtomicU32::new(0),
+            last_used: Mutex::new(Instant::now() - IDLE_AFTER),
         }
+    }
+
+    /// Sets the rate this limiter spends (requests per second) and adds
+    /// `add_in_flight` places in flight.
+    pub fn set_capacity(&self, rate: f64, add_in_flight: u32) {
+        if let Some(g) = &self.in_flight {
+            g.widen(add_in_flight);
+        }
+        self.set_rate(rate);
+    }
+
+    /// Sets the rate; a rate-limited provider at rate 0 is closed to new calls.
+    pub fn set_rate(&self, rate: f64) {
+        let mut pace = lock(&self.pace);
+        pace.interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+        pace.open = if self.limited.0 { rate > 0.0 } else { true };
+        drop(pace);
+        self.opened.notify_waiters();
+    }
+
+    /// Takes back `n` places in flight at once (no new call takes them), and
+    /// returns when the calls beyond what is left are done.
+    pub async fn withdraw_in_flight(&self, n: u32) {
+        if let (Some(g), true) = (&self.in_flight, n > 0) {
+            g.narrow(n).await;
+        }
+    }
+
+    /// Whether someone has wanted to call the provider lately.
+    pub fn busy(&self) -> bool {
+        self.waiting.load(Relaxed) > 0 || lock(&self.last_used).elapsed() < IDLE_AFTER
+    }
+
+    /// Resolves when a caller found no capacity.
+    pub async fn wanted(&self) {
+        self.wanted.notified().await;
     }
 
     /// Waits for a place in flight and then for the next free slot in time.
     /// The permit is held until the provider is done with the request, which
     /// may be after its caller stopped waiting for the answer.
-    pub async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
+    pub async fn acquire(&self) -> Option<InFlight> {
+        self.waiting.fetch_add(1, Relaxed);
+        let _waiting = Waiting(&self.waiting);
+        loop {
+            let opened = self.opened.notified();
+            if lock(&self.pace).open {
+                break;
+            }
+            self.wanted.notify_one();
+            opened.await;
+        }
         let permit = match &self.in_flight {
-            Some(s) => Some(s.clone().acquire_owned().await.expect("the semaphore is never closed")),
+            Some(g) => Some(g.enter(&self.wanted).await),
             None => None,
         };
-        if let Some(interval) = self.interval {
-            // A caller that wakes well after its slot (the machine was busy) takes a
-            // new one: late callers going all at once would be a burst past the limit.
-            let tolerance = interval.max(LATE_TOLERANCE);
-            loop {
-                let slot = self.take_slot(interval);
-                tokio::time::sleep_until(slot).await;
-                if Instant::now().duration_since(slot) <= tolerance {
-                    break;
-                }
+        // A caller that wakes well after its slot (the machine was busy) takes a
+        // new one: late callers going all at once would be a burst past the limit.
+        while let Some((slot, interval)) = self.take_slot() {
+            tokio::time::sleep_until(slot).await;
+            if Instant::now().duration_since(slot) <= interval.max(LATE_TOLERANCE) {
+                break;
             }
         }
+        *lock(&self.last_used) = Instant::now();
         permit
     }
 
-    fn take_slot(&self, interval: Duration) -> Instant {
-        let mut next = self.next_slot.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = (*next).max(Instant::now());
-        *next = slot + interval;
-        slot
+    fn take_slot(&self) -> Option<(Instant, Duration)> {
+        let mut pace = lock(&self.pace);
+        let interval = pace.interval?;
+        let slot = pace.next_slot.max(Instant::now());
+        pace.next_slot = slot + interval;
+        Some((slot, interval))
     }
 
-    /// The provider asked us to wait (429 Retry-After): nobody calls it before then.
+    /// The provider asked us to wait (429 Retry-After): nobody here calls it before then.
     pub fn pause(&self, for_: Duration) {
-        let mut next = self.next_slot.lock().unwrap_or_else(|p| p.into_inner());
-        *next = (*next).max(Instant::now() + for_);
+        let mut pace = lock(&self.pace);
+        pace.next_slot = pace.next_slot.max(Instant::now() + for_);
     }
+
+    /// Until when calls wait for a pause, if they do.
+    pub fn paused_for(&self) -> Option<Duration> {
+        lock(&self.pace).next_slot.checked_duration_since(Instant::now()).filter(|d| *d > Duration::from_millis(50))
+    }
+}
+
+/// Places in flight: how many are allowed and how many are taken. Unlike a
+/// semaphore, places can be taken back at once, ahead of waiting callers.
+#[derive(Default)]
+struct Gate {
+    places: Mutex<(u32, u32)>,
+    changed: Notify,
+}
+
+/// A place in flight, given back when dropped.
+pub struct InFlight(Arc<Gate>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        lock(&self.0.places).1 -= 1;
+        self.0.changed.notify_waiters();
+    }
+}
+
+impl Gate {
+    async fn enter(self: &Arc<Self>, wanted: &Notify) -> InFlight {
+        loop {
+            let changed = self.changed.notified();
+            {
+                let mut places = lock(&self.places);
+                if places.1 < places.0 {
+                    places.1 += 1;
+                    return InFlight(self.clone());
+                }
+            }
+            wanted.notify_one();
+            changed.await;
+        }
+    }
+
+    fn widen(&self, n: u32) {
+        lock(&self.places).0 += n;
+        self.changed.notify_waiters();
+    }
+
+    async fn narrow(&self, n: u32) {
+        {
+            let mut places = lock(&self.places);
+            places.0 = places.0.saturating_sub(n);
+        }
+        loop {
+            let changed = self.changed.notified();
+            let (allowed, taken) = *lock(&self.places);
+            if taken <= allowed {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -143,7 +326,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn requests_are_spaced_at_the_allowed_rate() {
-        let limiter = Limiter::new(&ProviderLimits { rate_limit: 10.0, concurrency_limit: 0 }, 1.0);
+        let limiter = Limiter::whole(&ProviderLimits { rate_limit: 10.0, concurrency_limit: 0 }, 1.0);
         let start = Instant::now();
         for _ in 0..11 {
             let _ = limiter.acquire().await;
@@ -157,12 +340,26 @@ mod tests {
 
     #[tokio::test]
     async fn no_more_than_the_concurrency_limit_are_in_flight() {
-        let limiter = Limiter::new(&ProviderLimits { rate_limit: 0.0, concurrency_limit: 2 }, 1.0);
+        let limiter = Limiter::whole(&ProviderLimits { rate_limit: 0.0, concurrency_limit: 2 }, 1.0);
         let a = limiter.acquire().await;
         let b = limiter.acquire().await;
         assert!(tokio::time::timeout(Duration::from_millis(50), limiter.acquire()).await.is_err());
         drop(a);
         assert!(tokio::time::timeout(Duration::from_millis(50), limiter.acquire()).await.is_ok());
         drop(b);
+    }
+
+    #[test]
+    fn capacity_is_cut_into_slices_that_add_up_to_the_limit() {
+        let all = slices(&ProviderLimits { rate_limit: 100.0, concurrency_limit: 32 }, 0.95);
+        assert_eq!(all.len(), 20);
+        assert!((all.iter().map(|s| s.rate).sum::<f64>() - 95.0).abs() < 1e-9);
+        assert_eq!(all.iter().map(|s| s.in_flight).sum::<u32>(), 32);
+        assert!(all.iter().all(|s| (1..=2).contains(&s.in_flight)));
+        let tight = slices(&ProviderLimits { rate_limit: 20.0, concurrency_limit: 4 }, 1.0);
+        assert_eq!(tight.iter().map(|s| (s.rate, s.in_flight)).collect::<Vec<_>>(), vec![(5.0, 1); 4]);
+        let rate_only = slices(&ProviderLimits { rate_limit: 40.0, concurrency_limit: 0 }, 1.0);
+        assert_eq!((rate_only.len(), rate_only[0].rate, rate_only[0].in_flight), (20, 2.0, 0));
+        assert!(slices(&ProviderLimits { rate_limit: 0.0, concurrency_limit: 0 }, 0.9).is_empty());
     }
 }

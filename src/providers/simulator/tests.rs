@@ -598,12 +598,15 @@ async fn keeps_up_without_latency() {
     assert!(elapsed < Duration::from_secs(10), "{n} requests took {elapsed:?}");
 }
 
+/// As at a real provider, a request whose caller hung up is seen through:
+/// it keeps its place in flight until it is done.
 #[tokio::test]
-async fn a_caller_giving_up_frees_its_place() {
-    let sc = with_defaults("timeout_rate = 1.0\nhang_ms = 5000\nconcurrency_limit = 2\n");
+async fn a_caller_giving_up_does_not_free_its_place_until_the_request_is_done() {
+    let sc = with_defaults("timeout_rate = 1.0\nhang_ms = 1500\nconcurrency_limit = 2\n");
     let srv = Server::start(sc.clone()).await;
     let t = find(&sc, |o| o.pays());
     let impatient = reqwest::Client::builder().timeout(Duration::from_millis(200)).build().unwrap();
+    let started = std::time::Instant::now();
     let r = impatient
         .post(srv.url("/receipt/issue"))
         .header("Idempotency-Key", "gone")
@@ -611,9 +614,18 @@ async fn a_caller_giving_up_frees_its_place() {
         .send()
         .await;
     assert!(r.unwrap_err().is_timeout());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let s = &srv.stats().await["receipt"];
-    assert_eq!((s["timeouts"].as_u64(), s["in_flight"].as_u64()), (Some(1), Some(0)), "{s}");
+    let s = srv.stats().await["receipt"].clone();
+    assert_eq!(s["in_flight"].as_u64(), Some(1), "still being worked on: {s}");
+    loop {
+        let s = srv.stats().await["receipt"].clone();
+        if s["in_flight"].as_u64() == Some(0) {
+            assert!(started.elapsed() >= Duration::from_millis(1400), "held for its hang: {:?}", started.elapsed());
+            assert_eq!(s["timeouts"].as_u64(), Some(1), "{s}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the hung request ends: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

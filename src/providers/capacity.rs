@@ -1,0 +1,301 @@
+//! Shared capacity: a provider's limits hold for the whole deployment, however
+//! many instances run. Each provider's capacity is cut into slices
+//! ([`super::limits::slices`]); an instance spends only the slices it holds a
+//! lease on ([`crate::leases`]), renews them while it has work, stops using one
+//! a safety margin before its lease could run out, and gives them back when
+//! idle. Instances with work share the slices fairly: each takes at most its
+//! share (slices / instances wanting) and one holding more gives the rest
+//! back. A provider that says "slow down" pauses it for every instance.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::ProviderName;
+use super::limits::{Limiter, Slice};
+use crate::leases::{LeaseId, Leases};
+
+/// A lease's term; renewed every [`RENEW_EVERY`].
+pub const TERM: Duration = Duration::from_secs(20);
+pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How often each instance looks at its shares (and sooner when a caller finds none).
+const TICK: Duration = Duration::from_secs(1);
+/// How often a pause set by another instance is looked for.
+pub const PAUSE_POLL: Duration = Duration::from_millis(200);
+
+/// One provider's shares as this instance holds them.
+struct Shares {
+    provider: ProviderName,
+    slices: Vec<Slice>,
+    limiter: Arc<Limiter>,
+    held: Mutex<HashMap<u32, Held>>,
+}
+
+struct Held {
+    lease: LeaseId,
+    /// New calls only before this: the lease cannot have run out before the calls end.
+    usable_until: Instant,
+    renewed_at: Instant,
+    /// Being given back: no new calls, the lease kept until the last call is done.
+    releasing: bool,
+}
+
+/// What an instance holds of one provider, as the status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShareView {
+    pub provider: ProviderName,
+    pub slices: usize,
+    pub held: usize,
+    pub rate: f64,
+    pub in_flight: u32,
+    pub paused_for_ms: Option<u64>,
+}
+
+pub struct Capacity {
+    leases: Arc<dyn Leases>,
+    instance: String,
+    /// Stop starting calls on a slice this long before its lease may end.
+    margin: Duration,
+    shares: Vec<Arc<Shares>>,
+}
+
+impl Capacity {
+    /// Shares out `limiters` (each provider's, built with [`Limiter::empty`])
+    /// with the other instances through `leases`, and keeps doing so on tasks
+    /// of its own. Calls last at most `call_bound`, which sets the margin.
+    pub fn start(
+        leases: Arc<dyn Leases>,
+        instance: String,
+        call_bound: Duration,
+        limiters: Vec<(ProviderName, Vec<Slice>, Arc<Limiter>)>,
+    ) -> Arc<Capacity> {
+        let margin = (call_bound + Duration::from_secs(1)).min(TERM - 2 * RENEW_EVERY);
+        let shares = limiters
+            .into_iter()
+            .filter(|(_, slices, _)| !slices.is_empty())
+            .map(|(provider, slices, limiter)| Arc::new(Shares { provider, slices, limiter, held: Mutex::new(HashMap::new()) }))
+            .collect();
+        let capacity = Arc::new(Capacity { leases, instance, margin, shares });
+        for shares in &capacity.shares {
+            tokio::spawn(capacity.clone().keep(shares.clone()));
+            tokio::spawn(capacity.clone().follow_pauses(shares.clone()));
+        }
+        capacity
+    }
+
+    /// This provider is paused for everyone for `for_` (a 429 or 503 with Retry-After).
+    pub fn pause(self: &Arc<Self>, provider: ProviderName, for_: Duration) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.leases.pause(provider.as_str(), for_).await {
+                tracing::warn!(%provider, error = %e, "a provider's pause could not be shared");
+            }
+        });
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    pub fn view(&self) -> Vec<ShareView> {
+        self.shares
+            .iter()
+            .map(|s| {
+                let held = lock(&s.held);
+                let using: Vec<&Slice> = held.iter().filter(|(_, h)| !h.releasing).map(|(i, _)| &s.slices[*i as usize]).collect();
+                ShareView {
+                    provider: s.provider,
+                    slices: s.slices.len(),
+                    held: held.len(),
+                    rate: using.iter().map(|x| x.rate).sum(),
+                    in_flight: using.iter().map(|x| x.in_flight).sum(),
+                    paused_for_ms: s.limiter.paused_for().map(|d| d.as_millis() as u64),
+                }
+            })
+            .collect()
+    }
+
+    async fn follow_pauses(self: Arc<Self>, shares: Arc<Shares>) {
+        loop {
+            if let Ok(Some(until)) = self.leases.paused_until(shares.provider.as_str()).await {
+                if let Ok(left) = (until - chrono::Utc::now()).to_std() {
+                    shares.limiter.pause(left);
+                }
+            }
+            tokio::time::sleep(PAUSE_POLL).await;
+        }
+    }
+
+    async fn keep(self: Arc<Self>, shares: Arc<Shares>) {
+        loop {
+            self.look(&shares).await;
+            tokio::select! {
+                () = tokio::time::sleep(TICK) => {}
+                () = shares.limiter.wanted() => {}
+            }
+        }
+    }
+
+    /// One look at a provider's shares: announce, renew, drop what can no
+    /// longer be used, then take or give back slices towards the fair share.
+    async fn look(self: &Arc<Self>, shares: &Arc<Shares>) {
+        let group = shares.provider.as_str();
+        let wants = shares.limiter.busy();
+        let members = match self.leases.announce(group, &self.instance, wants, TERM).await {
+            Ok(members) => members,
+            Err(e) => {
+                tracing::warn!(provider = group, error = %e, "leases unreachable; spending only what is still safely held");
+                self.drop_unusable(shares);
+                return;
+            }
+        };
+        self.renew(shares).await;
+        self.drop_unusable(shares);
+        let target = if wants { self.fair_share(shares, &members).await } else { 0 };
+        let holding = lock(&shares.held).values().filter(|h| !h.releasing).count();
+        if holding < target {
+            self.take(shares, target - holding).await;
+        } else if holding > target {
+            self.give_back(shares, holding - target);
+        }
+    }
+
+    /// Each instance with work may hold `slices / wanting` (rounded down, at
+    /// least one); one more while no other instance with work holds less.
+    async fn fair_share(&self, shares: &Shares, members: &[crate::leases::Member]) -> usize {
+        let n = shares.slices.len();
+        let wanting: Vec<&str> = members.iter().filter(|m| m.wants).map(|m| m.instance.as_str()).collect();
+        let contenders = wanting.len().max(1);
+        let floor = (n / contenders).max(1);
+        let Ok(holders) = self.leases.holders(&format!("{}/", shares.provider)).await else { return floor };
+        let held_by = |who: &str| holders.iter().filter(|(_, h)| h == who).count();
+        let someone_short = wanting.iter().any(|w| *w != self.instance && held_by(w) < floor);
+        if someone_short { floor } else { n.div_ceil(contenders) }
+    }
+
+    async fn renew(&self, shares: &Shares) {
+        let due: Vec<(u32, LeaseId)> = lock(&shares.held)
+            .iter()
+            .filter(|(_, h)| h.renewed_at.elapsed() >= RENEW_EVERY)
+            .map(|(i, h)| (*i, h.lease.clone()))
+            .collect();
+        for (index, lease) in due {
+            let asked = Instant::now();
+            match self.leases.renew(&resource(shares.provider, index), &lease, TERM).await {
+                Ok(true) => {
+                    if let Some(h) = lock(&shares.held).get_mut(&index) {
+                        h.renewed_at = asked;
+                        h.usable_until = asked + TERM - self.margin;
+                    }
+                }
+                Ok(false) => {
+                    tracing::warn!(provider = %shares.provider, index, "a capacity lease was lost");
+                    if let Some(h) = lock(&shares.held).get_mut(&index) {
+                        h.usable_until = asked;
+                    }
+                }
+                Err(e) => tracing::warn!(provider = %shares.provider, index, error = %e, "a capacity lease could not be renewed"),
+            }
+        }
+    }
+
+    /// Slices whose lease may run out before a call started now would end stop being spent.
+    fn drop_unusable(&self, shares: &Arc<Shares>) {
+        let now = Instant::now();
+        let mut held = lock(&shares.held);
+        let lapsed: Vec<u32> = held.iter().filter(|(_, h)| h.usable_until <= now).map(|(i, _)| *i).collect();
+        for index in lapsed {
+            let h = held.remove(&index).expect("listed");
+            if !h.releasing {
+                let slice = shares.slices[index as usize];
+                let limiter = shares.limiter.clone();
+                tokio::spawn(async move { limiter.withdraw_in_flight(slice.in_flight).await });
+            }
+        }
+        shares.limiter.set_rate(rate_of(shares, &held));
+    }
+
+    async fn take(&self, shares: &Arc<Shares>, mut wanted: usize) {
+        let n = shares.slices.len() as u32;
+        let start = offset(&self.instance, n);
+        for k in 0..n {
+            if wanted == 0 {
+                break;
+            }
+            let index = (start + k) % n;
+            if lock(&shares.held).contains_key(&index) {
+                continue;
+            }
+            let asked = Instant::now();
+            match self.leases.acquire(&resource(shares.provider, index), &self.instance, TERM).await {
+                Ok(Some(lease)) => {
+                    let h = Held { lease, usable_until: asked + TERM - self.margin, renewed_at: asked, releasing: false };
+                    let mut held = lock(&shares.held);
+                    held.insert(index, h);
+                    let slice = shares.slices[index as usize];
+                    shares.limiter.set_capacity(rate_of(shares, &held), slice.in_flight);
+                    wanted -= 1;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(provider = %shares.provider, error = %e, "capacity leases unreachable");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stops spending `count` slices and gives each lease back once its calls are done.
+    fn give_back(self: &Arc<Self>, shares: &Arc<Shares>, count: usize) {
+        let mut held = lock(&shares.held);
+        let chosen: Vec<u32> = held.iter().filter(|(_, h)| !h.releasing).map(|(i, _)| *i).take(count).collect();
+        for index in &chosen {
+            held.get_mut(index).expect("listed").releasing = true;
+        }
+        shares.limiter.set_rate(rate_of(shares, &held));
+        drop(held);
+        for index in chosen {
+            let (this, shares) = (self.clone(), shares.clone());
+            tokio::spawn(async move {
+                shares.limiter.withdraw_in_flight(shares.slices[index as usize].in_flight).await;
+                let lease = lock(&shares.held).remove(&index).map(|h| h.lease);
+                if let Some(lease) = lease {
+                    let _ = this.leases.release(&resource(shares.provider, index), &lease).await;
+                }
+            });
+        }
+    }
+
+    /// Gives every lease back (an instance that stops), so others need not wait for them to run out.
+    pub async fn release_all(&self) {
+        for shares in &self.shares {
+            let held: Vec<(u32, LeaseId)> = lock(&shares.held).drain().map(|(i, h)| (i, h.lease)).collect();
+            shares.limiter.set_rate(0.0);
+            for (index, lease) in held {
+                let _ = self.leases.release(&resource(shares.provider, index), &lease).await;
+            }
+            let _ = self.leases.leave(shares.provider.as_str(), &self.instance).await;
+        }
+    }
+}
+
+fn rate_of(shares: &Shares, held: &HashMap<u32, Held>) -> f64 {
+    held.iter().filter(|(_, h)| !h.releasing).map(|(i, _)| shares.slices[*i as usize].rate).sum()
+}
+
+fn resource(provider: ProviderName, index: u32) -> String {
+    format!("{provider}/{index}")
+}
+
+/// Where an instance starts looking for free slices, so instances do not all race for slice 0.
+fn offset(instance: &str, n: u32) -> u32 {
+    let hash = instance.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    hash % n.max(1)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

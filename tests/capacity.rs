@@ -1,0 +1,130 @@
+//! Shared capacity: instances of one deployment, each with its own limiter,
+//! spend only the slices of a provider's limits they hold a lease on, so the
+//! provider's limits hold for all of them together, and a provider that says
+//! "slow down" is left alone by every instance.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ticketpay::domain::Stage;
+use ticketpay::leases::Leases;
+use ticketpay::leases::sqlite::SqliteLeases;
+use ticketpay::providers::ProviderName;
+use ticketpay::providers::client::{Caller, ProviderClient, ProviderEndpoints};
+use ticketpay::providers::limits::ClientConfig;
+use ticketpay::providers::redact::Redactor;
+
+const TIGHT: &str = r#"
+description = "One tight provider"
+seed = 3
+[client]
+timeout_ms = 2000
+rate_headroom = 1.0
+[outcomes]
+nothing_due = 0.0
+unknown_ticket = 0.0
+amount_minor = [500, 20000]
+[defaults]
+latency_ms = [60, 120]
+rate_limit = 20
+concurrency_limit = 4
+"#;
+
+/// An instance of the deployment: its own client and limiter, leases shared through `leases.db`.
+fn instance(providers: &str, config: &ClientConfig, leases_db: &std::path::Path, name: &str) -> Arc<ProviderClient> {
+    let base_urls = ProviderName::ALL.into_iter().map(|p| (p, format!("{providers}/{p}"))).collect();
+    let endpoints = ProviderEndpoints { base_urls, api_keys: Default::default() };
+    let leases: Arc<dyn Leases> = Arc::new(SqliteLeases::open(leases_db).unwrap());
+    Arc::new(ProviderClient::new(endpoints, config, Redactor::new(&[], &[])).with_shared_capacity(config, leases, name.to_owned()))
+}
+
+async fn lookups(client: Arc<ProviderClient>, from: usize, n: usize) -> usize {
+    let calls = (from..from + n).map(|i| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let ticket_id = format!("t-{i:05}");
+            let caller = Caller { batch_id: "b-1", ticket_id: &ticket_id, client_id: "ops", stage: Stage::Lookup, attempt: 0 };
+            client.lookup("CITY-PARKING", "EUR", &caller).await.result.is_ok()
+        })
+    });
+    futures::future::join_all(calls).await.into_iter().filter(|r| *r.as_ref().unwrap()).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_together_stay_within_a_providers_limits_and_share_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("tight.toml");
+    std::fs::write(&scenario, TIGHT).unwrap();
+    let (_sim, providers) = simulator(scenario.to_str().unwrap());
+    let config = ClientConfig::from_toml(TIGHT).unwrap();
+    let db = dir.path().join("leases.db");
+    let clients: Vec<_> = ["a", "b", "c"].iter().map(|n| instance(&providers, &config, &db, n)).collect();
+
+    // 3 instances x 40 lookups at 20/s and 4 in flight: about 6 s if the limit is spent well.
+    let started = Instant::now();
+    let runs: Vec<_> = clients.iter().enumerate().map(|(i, c)| tokio::spawn(lookups(c.clone(), i * 1000, 40))).collect();
+    let mut seen_sharing = false;
+    while !runs.iter().all(|r| r.is_finished()) {
+        let held: Vec<usize> = clients.iter().map(|c| authority(c).held).collect();
+        assert!(held.iter().sum::<usize>() <= 4, "never more slices held than there are: {held:?}");
+        seen_sharing |= held.iter().filter(|h| **h > 0).count() >= 2;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done: usize = futures::future::join_all(runs).await.into_iter().map(|r| r.unwrap()).sum();
+    let took = started.elapsed();
+    assert_eq!(done, 120, "every call was answered");
+    let s = sim_stats(&providers).await;
+    assert_limits_held(&s);
+    assert_eq!(s["authority"]["throttled"].as_u64(), Some(0), "the provider never had to refuse: {}", s["authority"]);
+    assert!(seen_sharing, "instances with work hold slices at the same time");
+    assert!(took < Duration::from_secs(20), "the shares were spent, not wasted: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_says_slow_down_hears_nothing_from_any_instance_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("tight.toml");
+    std::fs::write(&scenario, TIGHT.replace("rate_limit = 20", "rate_limit = 40").replace("concurrency_limit = 4", "concurrency_limit = 8")).unwrap();
+    let (_sim, providers) = simulator(scenario.to_str().unwrap());
+    let config = ClientConfig::from_toml(&std::fs::read_to_string(&scenario).unwrap()).unwrap();
+    let db = dir.path().join("leases.db");
+    let clients: Vec<_> = ["a", "b"].iter().map(|n| instance(&providers, &config, &db, n)).collect();
+    assert_eq!(lookups(clients[0].clone(), 0, 5).await + lookups(clients[1].clone(), 100, 5).await, 10);
+
+    // One instance hears a 429 with Retry-After: 2; then both have work.
+    let shared = SqliteLeases::open(&db).unwrap();
+    let url = providers.clone();
+    tokio::task::spawn_blocking(move || outage(&url, serde_json::json!({"provider": "authority", "kind": "throttle", "seconds": 1})))
+        .await
+        .unwrap();
+    let heard = lookups(clients[0].clone(), 200, 1).await;
+    assert_eq!(heard, 0, "throttled");
+    let paused = shared.paused_until("authority").await.unwrap().expect("the pause is shared");
+    // The other instance hears of it within a poll of the shared state.
+    let heard_at = Instant::now();
+    while authority(&clients[1]).paused_for_ms.is_none() {
+        assert!(heard_at.elapsed() < Duration::from_millis(500), "every instance hears of the pause");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = sim_stats(&providers).await["authority"]["requests"].as_u64().unwrap();
+    let runs: Vec<_> = clients.iter().enumerate().map(|(i, c)| tokio::spawn(lookups(c.clone(), 300 + i * 100, 10))).collect();
+    while chrono::Utc::now() < paused - chrono::Duration::milliseconds(50) {
+        let now = sim_stats(&providers).await["authority"]["requests"].as_u64().unwrap();
+        assert_eq!(now, before, "no instance calls a provider that asked for a pause");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done: usize = futures::future::join_all(runs).await.into_iter().map(|r| r.unwrap()).sum();
+    assert_eq!(done, 20, "after the pause every call goes through");
+}
+
+async fn sim_stats(providers: &str) -> serde_json::Value {
+    let url = providers.to_owned();
+    tokio::task::spawn_blocking(move || stats(&url)).await.unwrap()
+}
+
+fn authority(c: &ProviderClient) -> ticketpay::providers::capacity::ShareView {
+    c.capacity().unwrap().view().into_iter().find(|v| v.provider == ProviderName::Authority).unwrap()
+}

@@ -84,3 +84,53 @@ fn instances_outside_one_to_sixteen_are_refused() {
         assert!(err.contains("--instances must be between 1 and 16"), "{err}");
     }
 }
+
+/// Four instances, every provider at 20 req/s and 4 in flight: together they
+/// stay within both limits, each holding slices of them while it has work,
+/// and after one is killed the others take its slices once its leases end.
+#[test]
+fn four_instances_together_stay_within_tight_limits() {
+    let data = tempfile::tempdir().unwrap();
+    let scenario = data.path().join("tight.toml");
+    std::fs::write(&scenario, TIGHT).unwrap();
+    let scenario = scenario.to_str().unwrap();
+    let (_sim, providers) = simulator(scenario);
+    let stack = Stack::start(StackOptions {
+        scenario,
+        providers_url: Some(&providers),
+        data: data.path(),
+        env: &[],
+        extra_args: &["--instances", "4"],
+    });
+
+    let batch = stack.submit(60, "100000.00");
+    let mut holders = HashSet::new();
+    let victim = poll("an instance holding slices", Duration::from_secs(60), || {
+        let listed = stack.instances();
+        holders.extend(listed.iter().filter(|i| !i["slices"].as_array().unwrap().is_empty()).map(|i| i["instance"].as_str().unwrap().to_owned()));
+        listed.into_iter().find(|i| !i["slices"].as_array().unwrap().is_empty())
+    });
+    unsafe { libc::kill(pid(&victim).unwrap() as i32, libc::SIGKILL) };
+    let status = stack.wait_complete(&batch, Duration::from_secs(240));
+    assert_batch_invariants(&status, &stats(&providers), 60);
+    for s in stats(&providers).as_object().unwrap().values() {
+        assert_eq!(s.get("duplicates").and_then(Value::as_u64).unwrap_or(0), 0, "nothing applied twice: {s}");
+    }
+    assert!(!holders.is_empty(), "slices were held");
+}
+
+const TIGHT: &str = r#"
+description = "Every provider at 20 req/s and 4 in flight"
+seed = 5
+[client]
+timeout_ms = 2000
+rate_headroom = 1.0
+[outcomes]
+nothing_due = 0.02
+unknown_ticket = 0.01
+amount_minor = [500, 20000]
+[defaults]
+latency_ms = [20, 60]
+rate_limit = 20
+concurrency_limit = 4
+"#;

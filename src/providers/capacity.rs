@@ -120,6 +120,11 @@ impl Capacity {
 
     async fn follow_pauses(self: Arc<Self>, shares: Arc<Shares>) {
         loop {
+            // An instance with nothing to send need not know.
+            if !shares.limiter.busy() {
+                tokio::time::sleep(PAUSE_POLL).await;
+                continue;
+            }
             if let Ok(Some(until)) = self.leases.paused_until(shares.provider.as_str()).await {
                 if let Ok(left) = (until - chrono::Utc::now()).to_std() {
                     shares.limiter.pause(left);

@@ -24,9 +24,12 @@
 //! - [`providers`]: the nine provider roles, their wire format, the one HTTP
 //!   client (rate and concurrency limits, redaction, the audit record of every
 //!   exchange) and the simulator that plays them all on this machine.
-//! - Two seams: [`store`] (batches, tickets, budget, events; embedded SQLite
-//!   on one machine, Cosmos DB in Azure, one conformance suite for both) and [`bus`] (sending the next stage's message
-//!   through the Service Bus REST API, to Azure or to the local host).
+//! - Three seams: [`store`] (batches, tickets, budget, events; embedded SQLite
+//!   on one machine, Cosmos DB in Azure, one conformance suite for both), [`bus`] (sending the next stage's message
+//!   through the Service Bus REST API, to Azure or to the local host); and
+//!   [`leases`], who may spend which slice of each provider's capacity (blob
+//!   leases in Azure, the embedded store on one machine), so a provider's
+//!   limits hold for the whole deployment ([`providers::capacity`]).
 //! - Two hosts for the same [`handler`]: the Azure Functions host, or
 //!   [`host`], the local Functions host that reads the same `host.json` and
 //!   `functions/*/function.json`, serves the Service Bus REST endpoints and

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::ProviderName;
-use super::limits::{Limiter, Slice};
+use super::limits::{Limiter, Slice, lock};
 use crate::leases::{LeaseId, Leases};
 
 /// A lease's term; renewed every [`RENEW_EVERY`].
@@ -299,8 +299,4 @@ fn resource(provider: ProviderName, index: u32) -> String {
 fn offset(instance: &str, n: u32) -> u32 {
     let hash = instance.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
     hash % n.max(1)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

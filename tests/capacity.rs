@@ -22,7 +22,7 @@ description = "One tight provider"
 seed = 3
 [client]
 timeout_ms = 2000
-rate_headroom = 1.0
+rate_headroom = 0.95
 [outcomes]
 nothing_due = 0.0
 unknown_ticket = 0.0
@@ -91,6 +91,53 @@ async fn instances_together_stay_within_a_providers_limits_and_share_them() {
     assert_eq!(s["authority"]["throttled"].as_u64(), Some(0), "the provider never had to refuse: {}", s["authority"]);
     assert!(seen_sharing, "instances with work hold slices at the same time");
     assert!(took < Duration::from_secs(30), "the shares were spent, not wasted: {took:?}");
+}
+
+/// Six instances with work and a provider of four slices: those holding one
+/// hand it on after a while, so none waits until the others are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_more_instances_than_slices_each_gets_its_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("tight.toml");
+    std::fs::write(&scenario, TIGHT).unwrap();
+    let (_sim, providers) = simulator(scenario.to_str().unwrap());
+    let config = ClientConfig::from_toml(TIGHT).unwrap();
+    let db = dir.path().join("leases.db");
+    let names = ["a", "b", "c", "d", "e", "f"];
+    let clients: Vec<_> = names.iter().map(|n| instance(&providers, &config, &db, n)).collect();
+    assert_eq!(authority(&clients[0]).slices, 4);
+
+    // Each has 80 lookups: 16 s on one slice, longer than a turn.
+    let runs: Vec<_> = clients.iter().enumerate().map(|(i, c)| tokio::spawn(tried(c.clone(), i * 1000, 80, 20))).collect();
+    let started = Instant::now();
+    let mut first_held: Vec<Option<Duration>> = vec![None; names.len()];
+    let mut first_done: Option<Duration> = None;
+    let mut last_held = Vec::new();
+    while !runs.iter().all(|r| r.is_finished()) {
+        let held: Vec<usize> = clients.iter().map(|c| authority(c).held).collect();
+        assert!(held.iter().sum::<usize>() <= 4, "never more slices held than there are: {held:?}");
+        if held != last_held {
+            eprintln!("{:>6.1}s held {held:?}", started.elapsed().as_secs_f64());
+            last_held = held.clone();
+        }
+        for (i, h) in held.iter().enumerate() {
+            if *h > 0 && first_held[i].is_none() {
+                first_held[i] = Some(started.elapsed());
+            }
+        }
+        if first_done.is_none() && runs.iter().any(|r| r.is_finished()) {
+            first_done = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done: usize = futures::future::join_all(runs).await.into_iter().map(|r| r.unwrap()).sum();
+    assert_eq!(done, 6 * 80, "every call was answered");
+    assert_limits_held(&sim_stats(&providers).await);
+    let first_done = first_done.expect("a first instance finished");
+    for (name, held) in names.iter().zip(&first_held) {
+        let held = held.unwrap_or_else(|| panic!("{name} never held a slice: {first_held:?}"));
+        assert!(held < first_done, "{name} waited for its first slice ({held:?}) until another was done ({first_done:?})");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

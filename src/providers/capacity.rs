@@ -7,10 +7,12 @@
 //! share (slices / instances wanting) and one holding more gives the rest
 //! back. A provider that says "slow down" pauses it for every instance.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -21,8 +23,14 @@ use crate::leases::{LeaseId, Leases};
 /// A lease's term; renewed every [`RENEW_EVERY`].
 pub const TERM: Duration = Duration::from_secs(20);
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
-/// How often each instance looks at its shares (and sooner when a caller finds none).
+/// How often each instance looks at its shares, and sooner, at most every
+/// [`SOONEST`], when it holds less than its share and a caller finds none.
 const TICK: Duration = Duration::from_secs(1);
+const SOONEST: Duration = Duration::from_millis(200);
+/// With more instances wanting a provider than it has slices, one holds a
+/// slice this long while another waits, then hands it on and rests.
+pub const ROTATE_AFTER: Duration = Duration::from_secs(10);
+const REST: Duration = Duration::from_secs(3);
 /// How often a pause set by another instance is looked for.
 pub const PAUSE_POLL: Duration = Duration::from_millis(200);
 
@@ -32,12 +40,17 @@ struct Shares {
     slices: Vec<Slice>,
     limiter: Arc<Limiter>,
     held: Mutex<HashMap<u32, Held>>,
+    /// No slice is taken before then: this instance just handed one on.
+    resting_until: Mutex<Option<Instant>>,
+    /// Holds less than its share: a caller finding no capacity is a reason to look again.
+    short: AtomicBool,
 }
 
 struct Held {
     lease: LeaseId,
     /// New calls only before this: the lease cannot have run out before the calls end.
     usable_until: Instant,
+    taken_at: Instant,
     renewed_at: Instant,
     /// Being given back: no new calls, the lease kept until the last call is done.
     releasing: bool,
@@ -51,7 +64,29 @@ pub struct ShareView {
     pub held: usize,
     pub rate: f64,
     pub in_flight: u32,
+    /// Calls this instance has in flight now, and callers waiting for capacity.
+    pub calls_in_flight: u32,
+    pub waiting: u32,
     pub paused_for_ms: Option<u64>,
+}
+
+/// One provider's capacity: this instance's part and the whole deployment's.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProviderCapacity {
+    #[serde(flatten)]
+    pub here: ShareView,
+    /// What the lease service says: `None` when it cannot be reached.
+    pub deployment: Option<DeploymentShare>,
+}
+
+/// A provider's slices as the lease service holds them, for every instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeploymentShare {
+    pub held: usize,
+    /// Slices held by each instance holding any.
+    pub holders: BTreeMap<String, usize>,
+    /// A pause one instance shared with all (a 429 or 503 with Retry-After).
+    pub paused_until: Option<DateTime<Utc>>,
 }
 
 pub struct Capacity {
@@ -75,11 +110,11 @@ impl Capacity {
         let margin = (call_bound + Duration::from_secs(1)).min(TERM - 2 * RENEW_EVERY);
         let shares = limiters
             .into_iter()
-            .filter(|(_, slices, _)| !slices.is_empty())
-            .map(|(provider, slices, limiter)| Arc::new(Shares { provider, slices, limiter, held: Mutex::new(HashMap::new()) }))
+            .map(|(provider, slices, limiter)| Arc::new(Shares { provider, slices, limiter, held: Mutex::new(HashMap::new()), resting_until: Mutex::new(None), short: AtomicBool::new(true) }))
             .collect();
         let capacity = Arc::new(Capacity { leases, instance, margin, shares });
-        for shares in &capacity.shares {
+        // A provider without limits has no slices to share.
+        for shares in capacity.shares.iter().filter(|s| !s.slices.is_empty()) {
             tokio::spawn(capacity.clone().keep(shares.clone()));
             tokio::spawn(capacity.clone().follow_pauses(shares.clone()));
         }
@@ -110,12 +145,36 @@ impl Capacity {
                     provider: s.provider,
                     slices: s.slices.len(),
                     held: held.len(),
-                    rate: using.iter().map(|x| x.rate).sum(),
+                    rate: if using.is_empty() { 0.0 } else { s.limiter.rate() },
                     in_flight: using.iter().map(|x| x.in_flight).sum(),
+                    calls_in_flight: s.limiter.in_use().0,
+                    waiting: s.limiter.in_use().1,
                     paused_for_ms: s.limiter.paused_for().map(|d| d.as_millis() as u64),
                 }
             })
             .collect()
+    }
+
+    /// [`Capacity::view`] beside what the lease service says of the whole deployment.
+    pub async fn status(&self) -> Vec<ProviderCapacity> {
+        let holders = self.leases.holders("").await;
+        let mut out = Vec::new();
+        for here in self.view() {
+            let deployment = match (&holders, self.leases.paused_until(here.provider.as_str()).await) {
+                (Ok(all), Ok(paused_until)) => {
+                    let prefix = format!("{}/", here.provider);
+                    let mut by = BTreeMap::new();
+                    for (_, who) in all.iter().filter(|(r, _)| r.starts_with(&prefix)) {
+                        *by.entry(who.clone()).or_insert(0) += 1;
+                    }
+                    let paused_until = paused_until.filter(|t| *t > Utc::now());
+                    Some(DeploymentShare { held: by.values().sum(), holders: by, paused_until })
+                }
+                _ => None,
+            };
+            out.push(ProviderCapacity { here, deployment });
+        }
+        out
     }
 
     async fn follow_pauses(self: Arc<Self>, shares: Arc<Shares>) {
@@ -136,10 +195,21 @@ impl Capacity {
 
     async fn keep(self: Arc<Self>, shares: Arc<Shares>) {
         loop {
+            let looked = Instant::now();
             self.look(&shares).await;
-            tokio::select! {
-                () = tokio::time::sleep(TICK) => {}
-                () = shares.limiter.wanted() => {}
+            let next_tick = tokio::time::sleep_until(looked + TICK);
+            tokio::pin!(next_tick);
+            loop {
+                tokio::select! {
+                    () = &mut next_tick => break,
+                    () = shares.limiter.wanted() => {
+                        // At its share, callers waiting is just the provider's limit at work.
+                        if shares.short.load(Relaxed) {
+                            tokio::time::sleep_until(looked + SOONEST).await;
+                            break;
+                        }
+                    }
+                }
             }
         }
     }
@@ -159,26 +229,51 @@ impl Capacity {
         };
         self.renew(shares).await;
         self.drop_unusable(shares);
-        let target = if wants { self.fair_share(shares, &members).await } else { 0 };
+        let share = if wants { self.fair_share(shares, &members).await } else { Share::none() };
         let holding = lock(&shares.held).values().filter(|h| !h.releasing).count();
-        if holding < target {
-            self.take(shares, target - holding).await;
-        } else if holding > target {
-            self.give_back(shares, holding - target);
+        // Idle until now, a caller finding no capacity is the first sign of work.
+        shares.short.store(holding < share.target || !wants, Relaxed);
+        if share.someone_waits && self.hand_on(shares) {
+            return;
+        }
+        let resting = lock(&shares.resting_until).is_some_and(|until| Instant::now() < until);
+        if holding < share.target && !resting {
+            self.take(shares, share.target - holding, &share.taken).await;
+        } else if holding > share.target {
+            self.give_back(shares, holding - share.target);
         }
     }
 
     /// Each instance with work may hold `slices / wanting` (rounded down, at
     /// least one); one more while no other instance with work holds less.
-    async fn fair_share(&self, shares: &Shares, members: &[crate::leases::Member]) -> usize {
+    async fn fair_share(&self, shares: &Shares, members: &[crate::leases::Member]) -> Share {
         let n = shares.slices.len();
         let wanting: Vec<&str> = members.iter().filter(|m| m.wants).map(|m| m.instance.as_str()).collect();
         let contenders = wanting.len().max(1);
         let floor = (n / contenders).max(1);
-        let Ok(holders) = self.leases.holders(&format!("{}/", shares.provider)).await else { return floor };
+        let prefix = format!("{}/", shares.provider);
+        let Ok(holders) = self.leases.holders(&prefix).await else {
+            return Share { target: floor, ..Share::none() };
+        };
         let held_by = |who: &str| holders.iter().filter(|(_, h)| h == who).count();
-        let someone_short = wanting.iter().any(|w| *w != self.instance && held_by(w) < floor);
-        if someone_short { floor } else { n.div_ceil(contenders) }
+        let others = || wanting.iter().filter(|w| **w != self.instance);
+        let someone_short = others().any(|w| held_by(w) < floor);
+        let someone_waits = contenders > n && others().any(|w| held_by(w) == 0);
+        let taken = holders.iter().filter_map(|(r, _)| r.strip_prefix(&prefix)?.parse().ok()).collect();
+        Share { target: if someone_short { floor } else { n.div_ceil(contenders) }, someone_waits, taken }
+    }
+
+    /// More instances want the provider than it has slices: one that has held
+    /// a slice for [`ROTATE_AFTER`] hands it on and rests, so every instance
+    /// gets its turn. Returns whether it did.
+    fn hand_on(self: &Arc<Self>, shares: &Arc<Shares>) -> bool {
+        let longest = lock(&shares.held).values().filter(|h| !h.releasing).map(|h| h.taken_at.elapsed()).max();
+        if longest.is_none_or(|held_for| held_for < ROTATE_AFTER) {
+            return false;
+        }
+        *lock(&shares.resting_until) = Some(Instant::now() + REST);
+        self.give_back(shares, 1);
+        true
     }
 
     async fn renew(&self, shares: &Shares) {
@@ -223,7 +318,8 @@ impl Capacity {
         shares.limiter.set_rate(rate_of(shares, &held));
     }
 
-    async fn take(&self, shares: &Arc<Shares>, mut wanted: usize) {
+    /// Asks for `wanted` more slices, of those not `taken` when last listed.
+    async fn take(&self, shares: &Arc<Shares>, mut wanted: usize, taken: &HashSet<u32>) {
         let n = shares.slices.len() as u32;
         let start = offset(&self.instance, n);
         for k in 0..n {
@@ -231,13 +327,13 @@ impl Capacity {
                 break;
             }
             let index = (start + k) % n;
-            if lock(&shares.held).contains_key(&index) {
+            if taken.contains(&index) || lock(&shares.held).contains_key(&index) {
                 continue;
             }
             let asked = Instant::now();
             match self.leases.acquire(&resource(shares.provider, index), &self.instance, TERM).await {
                 Ok(Some(lease)) => {
-                    let h = Held { lease, usable_until: asked + TERM - self.margin, renewed_at: asked, releasing: false };
+                    let h = Held { lease, usable_until: asked + TERM - self.margin, taken_at: asked, renewed_at: asked, releasing: false };
                     let mut held = lock(&shares.held);
                     held.insert(index, h);
                     let slice = shares.slices[index as usize];
@@ -253,19 +349,27 @@ impl Capacity {
         }
     }
 
-    /// Stops spending `count` slices and gives each lease back once its calls are done.
+    /// Stops spending `count` slices, the longest held first, and gives each
+    /// lease back once its calls are done.
     fn give_back(self: &Arc<Self>, shares: &Arc<Shares>, count: usize) {
         let mut held = lock(&shares.held);
-        let chosen: Vec<u32> = held.iter().filter(|(_, h)| !h.releasing).map(|(i, _)| *i).take(count).collect();
+        let mut spent: Vec<(Instant, u32)> = held.iter().filter(|(_, h)| !h.releasing).map(|(i, h)| (h.taken_at, *i)).collect();
+        spent.sort();
+        let chosen: Vec<u32> = spent.into_iter().take(count).map(|(_, i)| i).collect();
         for index in &chosen {
             held.get_mut(index).expect("listed").releasing = true;
         }
         shares.limiter.set_rate(rate_of(shares, &held));
         drop(held);
+        // Requests of the last window were counted against the larger share:
+        // the next holder may start spending it once that window has passed.
+        let quiet_from = Instant::now() + shares.limiter.window();
         for index in chosen {
             let (this, shares) = (self.clone(), shares.clone());
             tokio::spawn(async move {
-                shares.limiter.withdraw_in_flight(shares.slices[index as usize].in_flight).await;
+                let slice = shares.slices[index as usize];
+                shares.limiter.withdraw_in_flight(slice.in_flight).await;
+                tokio::time::sleep_until(quiet_from).await;
                 let lease = lock(&shares.held).remove(&index).map(|h| h.lease);
                 if let Some(lease) = lease {
                     let _ = this.leases.release(&resource(shares.provider, index), &lease).await;
@@ -284,6 +388,21 @@ impl Capacity {
             }
             let _ = self.leases.leave(shares.provider.as_str(), &self.instance).await;
         }
+    }
+}
+
+struct Share {
+    /// How many slices this instance should hold.
+    target: usize,
+    /// Another instance with work holds none, and there are fewer slices than instances with work.
+    someone_waits: bool,
+    /// The slices someone holds, as the lease service listed them.
+    taken: HashSet<u32>,
+}
+
+impl Share {
+    fn none() -> Share {
+        Share { target: 0, someone_waits: false, taken: HashSet::new() }
     }
 }
 

@@ -163,11 +163,11 @@ impl ProviderClient {
         let mut shared = Vec::new();
         for (name, endpoint) in &mut self.endpoints {
             let Some(limits) = config.providers.get(name) else { continue };
-            let cut = slices(limits, config.rate_headroom);
-            if cut.is_empty() {
-                continue;
+            let cut = slices(limits);
+            // A provider without limits keeps its open limiter: nothing to share.
+            if !cut.is_empty() {
+                endpoint.limiter = Arc::new(Limiter::empty(limits, config.rate_headroom));
             }
-            endpoint.limiter = Arc::new(Limiter::empty(limits));
             shared.push((*name, cut, endpoint.limiter.clone()));
         }
         let call_bound = self.timeout;

@@ -2,7 +2,7 @@
 //! slices that instances lease (see [`super::capacity`]), never exceeded by
 //! the deployment, and a pause when a provider says "slow down".
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,8 +25,10 @@ pub struct ProviderLimits {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientConfig {
     pub timeout: Duration,
-    /// Fraction of a provider's rate limit we allow ourselves, so network jitter
-    /// never pushes us over it.
+    /// Fraction of a provider's rate limit we allow ourselves: a limit of N
+    /// requests a second is spent as N requests in every `1 / rate_headroom`
+    /// seconds, so the network's timing jitter never puts more than N into
+    /// one of the provider's seconds.
     pub rate_headroom: f64,
     pub providers: HashMap<ProviderName, ProviderLimits>,
 }
@@ -78,29 +80,32 @@ pub const MAX_SLICES: u32 = 20;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Slice {
     pub index: u32,
-    /// Requests per second (headroom applied); 0 when the provider has no rate limit.
+    /// Whole requests of the provider's per-second limit; 0 when it has no rate limit.
     pub rate: f64,
     /// Calls in flight; 0 when the provider has no concurrency limit.
     pub in_flight: u32,
 }
 
-/// A provider's capacity cut into slices: at most [`MAX_SLICES`], and no more
-/// than its concurrency limit, so every slice may have a call in flight. A
-/// provider with no limits has no slices (nothing to share).
-pub fn slices(limits: &ProviderLimits, headroom: f64) -> Vec<Slice> {
-    let rate = limits.rate_limit * headroom;
+/// A provider's capacity cut into slices: at most [`MAX_SLICES`], no more
+/// than its concurrency limit (every slice may have a call in flight) nor its
+/// rate limit (every slice has whole requests a second, so the holders'
+/// shares add up to the limit exactly). A provider with no limits has no
+/// slices (nothing to share).
+pub fn slices(limits: &ProviderLimits) -> Vec<Slice> {
+    let rate = whole_requests(limits.rate_limit);
     let conc = limits.concurrency_limit;
-    if rate <= 0.0 && conc == 0 {
+    if rate == 0 && conc == 0 {
         return Vec::new();
     }
-    let n = if conc > 0 { conc.min(MAX_SLICES) } else { MAX_SLICES };
-    (0..n)
-        .map(|index| Slice {
-            index,
-            rate: if rate > 0.0 { rate / f64::from(n) } else { 0.0 },
-            in_flight: if conc > 0 { conc / n + u32::from(index < conc % n) } else { 0 },
-        })
-        .collect()
+    let at_most = |limit: u32| if limit > 0 { limit } else { u32::MAX };
+    let n = MAX_SLICES.min(at_most(conc)).min(at_most(rate));
+    let part = |total: u32, index: u32| if total > 0 { total / n + u32::from(index < total % n) } else { 0 };
+    (0..n).map(|index| Slice { index, rate: f64::from(part(rate, index)), in_flight: part(conc, index) }).collect()
+}
+
+/// A rate limit in whole requests a second (a fraction of one cannot be spent safely).
+fn whole_requests(rate_limit: f64) -> u32 {
+    if rate_limit >= 1.0 { rate_limit.floor().min(f64::from(u32::MAX)) as u32 } else { u32::from(rate_limit > 0.0) }
 }
 
 /// How long without a call before a limiter counts as idle (its shares go back).
@@ -129,6 +134,18 @@ struct Pace {
     interval: Option<Duration>,
     /// Whether there is any capacity to spend.
     open: bool,
+    /// At most `allowed` requests in any `window`: the guarantee the spacing
+    /// alone cannot give when callers wake late or the allowance changes.
+    window: Duration,
+    allowed: u32,
+    sent: VecDeque<Instant>,
+}
+
+enum Window {
+    Counted,
+    /// No rate to spend: the slices went back.
+    Closed,
+    FullUntil(Instant),
 }
 
 /// Counts a caller as waiting while it waits.
@@ -143,17 +160,25 @@ impl Drop for Waiting<'_> {
 impl Limiter {
     /// The whole of the provider's limits, for a process that is the deployment.
     pub fn whole(limits: &ProviderLimits, headroom: f64) -> Limiter {
-        let limiter = Limiter::empty(limits);
-        limiter.set_capacity(limits.rate_limit * headroom, limits.concurrency_limit);
+        let limiter = Limiter::empty(limits, headroom);
+        limiter.set_capacity(f64::from(whole_requests(limits.rate_limit)), limits.concurrency_limit);
         limiter
     }
 
     /// No capacity until [`Limiter::set_capacity`] gives some (the slices held).
-    pub fn empty(limits: &ProviderLimits) -> Limiter {
+    pub fn empty(limits: &ProviderLimits, headroom: f64) -> Limiter {
         let limited = (limits.rate_limit > 0.0, limits.concurrency_limit > 0);
+        let pace = Pace {
+            next_slot: Instant::now(),
+            interval: None,
+            open: !limited.0 && !limited.1,
+            window: Duration::from_secs_f64(1.0 / headroom.clamp(0.01, 1.0)),
+            allowed: 0,
+            sent: VecDeque::new(),
+        };
         Limiter {
             limited,
-            pace: Mutex::new(Pace { next_slot: Instant::now(), interval: None, open: !limited.0 && !limited.1 }),
+            pace: Mutex::new(pace),
             in_flight: limited.1.then(|| Arc::new(Gate::default())),
             opened: Notify::new(),
             wanted: Notify::new(),
@@ -162,8 +187,8 @@ impl Limiter {
         }
     }
 
-    /// Sets the rate this limiter spends (requests per second) and adds
-    /// `add_in_flight` places in flight.
+    /// Sets the rate this limiter spends (whole requests of the provider's
+    /// per-second limit) and adds `add_in_flight` places in flight.
     pub fn set_capacity(&self, rate: f64, add_in_flight: u32) {
         if let Some(g) = &self.in_flight {
             g.widen(add_in_flight);
@@ -174,8 +199,9 @@ impl Limiter {
     /// Sets the rate; a rate-limited provider at rate 0 is closed to new calls.
     pub fn set_rate(&self, rate: f64) {
         let mut pace = lock(&self.pace);
-        pace.interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
-        pace.open = if self.limited.0 { rate > 0.0 } else { true };
+        pace.allowed = rate.max(0.0).floor() as u32;
+        pace.interval = (pace.allowed > 0).then(|| pace.window / pace.allowed);
+        pace.open = if self.limited.0 { pace.allowed > 0 } else { true };
         drop(pace);
         self.opened.notify_waiters();
     }
@@ -193,6 +219,12 @@ impl Limiter {
         self.waiting.load(Relaxed) > 0 || lock(&self.last_used).elapsed() < IDLE_AFTER
     }
 
+    /// Calls in flight now, and callers waiting for capacity.
+    pub fn in_use(&self) -> (u32, u32) {
+        let calls = self.in_flight.as_ref().map_or(0, |g| lock(&g.places).1);
+        (calls, self.waiting.load(Relaxed))
+    }
+
     /// Resolves when a caller found no capacity.
     pub async fn wanted(&self) {
         self.wanted.notified().await;
@@ -205,27 +237,83 @@ impl Limiter {
         self.waiting.fetch_add(1, Relaxed);
         let _waiting = Waiting(&self.waiting);
         loop {
+            self.until_open().await;
+            let permit = match &self.in_flight {
+                Some(g) => Some(g.enter(&self.wanted).await),
+                None => None,
+            };
+            if self.until_slot().await {
+                *lock(&self.last_used) = Instant::now();
+                return permit;
+            }
+            // Closed while waiting for a slot (the slices went back): the place
+            // in flight goes back too, so the slices can be handed on.
+            drop(permit);
+        }
+    }
+
+    async fn until_open(&self) {
+        loop {
             let opened = self.opened.notified();
             if lock(&self.pace).open {
-                break;
+                return;
             }
             self.wanted.notify_one();
             opened.await;
         }
-        let permit = match &self.in_flight {
-            Some(g) => Some(g.enter(&self.wanted).await),
-            None => None,
-        };
-        // A caller that wakes well after its slot (the machine was busy) takes a
-        // new one: late callers going all at once would be a burst past the limit.
-        while let Some((slot, interval)) = self.take_slot() {
-            tokio::time::sleep_until(slot).await;
-            if Instant::now().duration_since(slot) <= interval.max(LATE_TOLERANCE) {
-                break;
+    }
+
+    /// Waits for the next slot and for room in the window; `false` when the
+    /// limiter closed meanwhile.
+    async fn until_slot(&self) -> bool {
+        loop {
+            // A caller that wakes well after its slot (the machine was busy) takes a
+            // new one: late callers going all at once would be a burst past the limit.
+            while let Some((slot, interval)) = self.take_slot() {
+                tokio::time::sleep_until(slot).await;
+                if Instant::now().duration_since(slot) <= interval.max(LATE_TOLERANCE) {
+                    break;
+                }
+            }
+            match self.count_in_window() {
+                Window::Counted => return true,
+                Window::Closed => return false,
+                Window::FullUntil(until) => tokio::time::sleep_until(until).await,
             }
         }
-        *lock(&self.last_used) = Instant::now();
-        permit
+    }
+
+    /// Counts a request about to be sent, or says when the window has room for it.
+    fn count_in_window(&self) -> Window {
+        if !self.limited.0 {
+            return Window::Counted;
+        }
+        let mut pace = lock(&self.pace);
+        if pace.allowed == 0 {
+            return Window::Closed;
+        }
+        let now = Instant::now();
+        let window = pace.window;
+        while pace.sent.front().is_some_and(|t| *t + window <= now) {
+            pace.sent.pop_front();
+        }
+        let allowed = pace.allowed as usize;
+        if pace.sent.len() < allowed {
+            pace.sent.push_back(now);
+            return Window::Counted;
+        }
+        Window::FullUntil(pace.sent[pace.sent.len() - allowed] + window)
+    }
+
+    /// Requests a second this limiter spends now (0 without a rate limit).
+    pub fn rate(&self) -> f64 {
+        let pace = lock(&self.pace);
+        f64::from(pace.allowed) / pace.window.as_secs_f64()
+    }
+
+    /// The span in which at most the allowed requests are sent.
+    pub fn window(&self) -> Duration {
+        lock(&self.pace).window
     }
 
     fn take_slot(&self) -> Option<(Instant, Duration)> {
@@ -351,15 +439,54 @@ mod tests {
 
     #[test]
     fn capacity_is_cut_into_slices_that_add_up_to_the_limit() {
-        let all = slices(&ProviderLimits { rate_limit: 100.0, concurrency_limit: 32 }, 0.95);
+        let all = slices(&ProviderLimits { rate_limit: 100.0, concurrency_limit: 32 });
         assert_eq!(all.len(), 20);
-        assert!((all.iter().map(|s| s.rate).sum::<f64>() - 95.0).abs() < 1e-9);
+        assert!(all.iter().all(|s| s.rate == 5.0), "whole requests a second each: {all:?}");
         assert_eq!(all.iter().map(|s| s.in_flight).sum::<u32>(), 32);
         assert!(all.iter().all(|s| (1..=2).contains(&s.in_flight)));
-        let tight = slices(&ProviderLimits { rate_limit: 20.0, concurrency_limit: 4 }, 1.0);
+        let tight = slices(&ProviderLimits { rate_limit: 20.0, concurrency_limit: 4 });
         assert_eq!(tight.iter().map(|s| (s.rate, s.in_flight)).collect::<Vec<_>>(), vec![(5.0, 1); 4]);
-        let rate_only = slices(&ProviderLimits { rate_limit: 40.0, concurrency_limit: 0 }, 1.0);
+        let rate_only = slices(&ProviderLimits { rate_limit: 40.0, concurrency_limit: 0 });
         assert_eq!((rate_only.len(), rate_only[0].rate, rate_only[0].in_flight), (20, 2.0, 0));
-        assert!(slices(&ProviderLimits { rate_limit: 0.0, concurrency_limit: 0 }, 0.9).is_empty());
+        let slow = slices(&ProviderLimits { rate_limit: 7.5, concurrency_limit: 32 });
+        assert_eq!(slow.iter().map(|s| s.rate).collect::<Vec<_>>(), vec![1.0; 7], "no slice of less than one request a second");
+        let odd = slices(&ProviderLimits { rate_limit: 30.0, concurrency_limit: 0 });
+        assert_eq!(odd.iter().map(|s| s.rate).sum::<f64>(), 30.0);
+        assert!(slices(&ProviderLimits { rate_limit: 0.0, concurrency_limit: 0 }).is_empty());
+    }
+
+    /// However late callers wake and however the allowance changes, no
+    /// window holds more than the allowed requests.
+    #[tokio::test(start_paused = true)]
+    async fn no_window_holds_more_than_the_allowed_requests() {
+        let limiter = Arc::new(Limiter::empty(&ProviderLimits { rate_limit: 20.0, concurrency_limit: 0 }, 0.8));
+        assert_eq!(limiter.window(), Duration::from_millis(1250));
+        limiter.set_rate(10.0);
+        let start = Instant::now();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let callers: Vec<_> = (0..60)
+            .map(|_| {
+                let (limiter, sent) = (limiter.clone(), sent.clone());
+                tokio::spawn(async move {
+                    let _ = limiter.acquire().await;
+                    lock(&sent).push(Instant::now());
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1900)).await;
+        limiter.set_rate(4.0);
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        limiter.set_rate(10.0);
+        futures::future::join_all(callers).await;
+        let sent = lock(&sent).clone();
+        assert_eq!(sent.len(), 60);
+        let (lowered, raised, window) = (start + Duration::from_millis(1900), start + Duration::from_millis(3900), limiter.window());
+        for (i, t) in sent.iter().enumerate() {
+            let within = sent[i..].iter().filter(|u| **u < *t + window).count();
+            // The slots were all handed out at the first rate; the window still holds to the lower one.
+            let allowed = if *t >= lowered && *t + window <= raised { 4 } else { 10 };
+            assert!(within <= allowed, "{within} requests within one window from {:?}", *t - start);
+        }
+        assert!((limiter.rate() - 8.0).abs() < 1e-9, "10 requests every 1.25 s");
     }
 }

@@ -89,7 +89,24 @@ fn the_batch_completes_on_its_page(browser: &Browser, stack: &Stack, batch: &str
         assert_eq!(browser.text(&format!("#money-{money}")), status[money].as_str().unwrap(), "{money}");
     }
     browser.wait_text("#eta", |t| t.ends_with(" s"), SOON);
+    the_providers_capacity_is_shown(browser, stack);
     status
+}
+
+/// Each provider's row: this instance's calls, and the deployment's slices as the leases say.
+fn the_providers_capacity_is_shown(browser: &Browser, stack: &Stack) {
+    let capacity: Value = stack.http.get(format!("{}/api/capacity", stack.url)).send().unwrap().json().unwrap();
+    let providers = capacity["providers"].as_array().unwrap();
+    assert!(!providers.is_empty(), "{capacity}");
+    browser.wait_count("#capacity-table tr[data-provider]", providers.len(), SOON);
+    for p in providers {
+        let name = p["provider"].as_str().unwrap();
+        let row = format!("#capacity-table tr[data-provider='{name}'] td");
+        assert_eq!(browser.text(&row), name);
+        // zero-latency: no provider has limits, so none has slices.
+        assert_eq!(p["slices"], 0, "{p}");
+        browser.wait_text(&format!("{row}:nth-child(3)"), |t| t == "no limits", SOON);
+    }
 }
 
 /// The first page holds 50 tickets, markup in a reference shows as text, the

@@ -62,13 +62,13 @@ async fn authorities(State(app): State<Arc<App>>) -> impl IntoResponse {
     Json(serde_json::json!({ "authorities": app.authorities }))
 }
 
-/// What this instance holds of each provider's shared capacity: an operator's view.
+/// Each provider's shared capacity, here and across the deployment: an operator's view.
 async fn capacity(State(app): State<Arc<App>>, caller: access::Caller) -> Result<Response, Problem> {
     if caller != access::Caller::Operator {
         return Err(access::forbidden("the providers' capacity is an operator's view"));
     }
     let body = match app.pipeline.providers.capacity() {
-        Some(c) => serde_json::json!({ "instance": c.instance(), "shared": true, "providers": c.view() }),
+        Some(c) => serde_json::json!({ "instance": c.instance(), "shared": true, "providers": c.status().await }),
         None => serde_json::json!({ "instance": null, "shared": false, "providers": [] }),
     };
     Ok(Json(body).into_response())

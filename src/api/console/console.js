@@ -27,6 +27,7 @@ const endpoints = {
   tickets: (b, status, cursor) =>
     `/api/batches/${enc(b)}/tickets?limit=${TICKETS_PER_PAGE}&status=${enc(status)}&cursor=${enc(cursor || "")}`,
   ticket: (b, t) => `/api/batches/${enc(b)}/tickets/${enc(t)}`,
+  capacity: () => "/api/capacity",
 };
 
 /* ---------- DOM ---------- */
@@ -244,13 +245,14 @@ async function batchPage(mine, batchId) {
   const summary = h("section", { id: "batch" });
   const tickets = ticketList(batchId);
   const eta = etaMeter();
+  const providers = capacityPanel();
   let shown = false;
   await poll(mine, async () => {
     const status = await api(endpoints.batch(batchId));
     summary.replaceChildren(...batchSummary(status, eta(status)));
-    if (!shown) show(summary, tickets.root);
+    if (!shown) show(summary, providers.root, tickets.root);
     shown = true;
-    await tickets.refresh();
+    await Promise.all([tickets.refresh(), providers.refresh()]);
     // The completion time is recorded just after the last ticket is told.
     return status.status === "completed" && Boolean(status.completed_at);
   });
@@ -276,6 +278,44 @@ function batchSummary(b, eta) {
       h("div", { id: "end-states" }, h("h2", {}, "End states"),
         END_STATES.map((s) => bar(s, b.counts[s] || 0, b.tickets, `of ${b.tickets}`, `count-${s}`, `s-${s}`)))),
   ];
+}
+
+// The providers' shared capacity, for an operator's key; a client's key is refused it and sees nothing.
+function capacityPanel() {
+  const root = h("section", { id: "capacity", hidden: "" });
+  let refused = false;
+  async function refresh() {
+    if (refused) return;
+    let c;
+    try {
+      c = await api(endpoints.capacity());
+    } catch (error) {
+      if (!/^403 /.test(error.message)) throw error;
+      refused = true;
+      return;
+    }
+    root.hidden = false;
+    root.replaceChildren(h("h2", {}, "Providers"), capacityTable(c));
+  }
+  return { root, refresh };
+}
+
+function capacityTable(c) {
+  const head = ["Provider", `In use here (${c.instance || "this process"})`, "Slices held by the deployment", "Paused"];
+  const row = (p) => {
+    const d = p.deployment;
+    const holders = d ? Object.entries(d.holders).map(([who, n]) => `${who} ${n}`).join(", ") : "";
+    const allowed = p.in_flight ? ` of ${p.in_flight}` : "";
+    return h("tr", { "data-provider": p.provider },
+      h("td", {}, p.provider),
+      h("td", { class: "num" }, `${p.calls_in_flight}${allowed} in flight, ${p.rate.toFixed(1)} req/s` + (p.waiting ? `, ${p.waiting} waiting` : "")),
+      h("td", { class: "num" }, !p.slices ? "no limits" : d ? `${d.held} of ${p.slices}` : "lease service unreachable",
+        d && holders ? h("span", { class: "muted" }, ` (${holders})`) : ""),
+      h("td", { class: "paused" }, d && d.paused_until ? `until ${timeOf(d.paused_until)} (429)` : "no"));
+  };
+  return h("table", { class: "list", id: "capacity-table" },
+    h("thead", {}, h("tr", {}, head.map((t) => h("th", {}, t)))),
+    h("tbody", {}, c.providers.map(row)));
 }
 
 function bar(name, value, total, note, id, tone) {

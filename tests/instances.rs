@@ -86,8 +86,9 @@ fn instances_outside_one_to_sixteen_are_refused() {
 }
 
 /// Four instances, every provider at 20 req/s and 4 in flight: together they
-/// stay within both limits, each holding slices of them while it has work,
-/// and after one is killed the others take its slices once its leases end.
+/// stay within both limits, each holding slices of them while it has work;
+/// one killed while holding slices loses them when their leases end, and the
+/// others (or its restarted process) hold them again within one lease period.
 #[test]
 fn four_instances_together_stay_within_tight_limits() {
     let data = tempfile::tempdir().unwrap();
@@ -103,20 +104,79 @@ fn four_instances_together_stay_within_tight_limits() {
         extra_args: &["--instances", "4"],
     });
 
-    let batch = stack.submit(60, "100000.00");
-    let mut holders = HashSet::new();
-    let victim = poll("an instance holding slices", Duration::from_secs(60), || {
+    // 500 tickets at 20 req/s a provider: each provider has work for longer than a lease term.
+    let batch = stack.submit(500, "1000000.00");
+    let slices = |i: &Value| i["slices"].as_array().unwrap().len();
+    let victim = poll("instances sharing the slices", Duration::from_secs(60), || {
         let listed = stack.instances();
-        holders.extend(listed.iter().filter(|i| !i["slices"].as_array().unwrap().is_empty()).map(|i| i["instance"].as_str().unwrap().to_owned()));
-        listed.into_iter().find(|i| !i["slices"].as_array().unwrap().is_empty())
+        (listed.iter().filter(|i| slices(i) > 0).count() >= 2).then(|| listed.into_iter().max_by_key(slices).unwrap())
     });
+    let capacity: Value = stack.http.get(format!("{}/api/capacity", stack.url)).send().unwrap().json().unwrap();
+    for p in capacity["providers"].as_array().unwrap() {
+        let d = &p["deployment"];
+        let by: u64 = d["holders"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+        assert_eq!(d["held"], by, "{p}");
+        assert!(by <= p["slices"].as_u64().unwrap(), "never more slices held than there are: {p}");
+    }
+    let leases = Leases(rusqlite::Connection::open(data.path().join("leases.db")).unwrap());
+    let name = victim["instance"].as_str().unwrap();
+    let before = leases.held_by(name);
     unsafe { libc::kill(pid(&victim).unwrap() as i32, libc::SIGKILL) };
+    // As the killed process left them (its restarted process takes leases of its own).
+    let mut dead = leases.held_by(name);
+    dead.retain(|slice, (lease, _)| before.get(slice).is_some_and(|(l, _)| l == lease));
+    assert!(!dead.is_empty(), "the killed instance held leases: {victim}");
+
+    // Each is taken again (a new lease) soon after it ends, while its provider has work.
+    let mut reclaimed = 0;
+    for (slice, (lease, expires_ms)) in &dead {
+        let provider = slice.split('/').next().unwrap();
+        let by = expires_ms + RECLAIM_SLACK_MS;
+        while leases.now_ms() < by && leases.lease_of(slice).is_none_or(|l| l == *lease) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if leases.lease_of(slice).is_some_and(|l| l != *lease) {
+            reclaimed += 1;
+            continue;
+        }
+        let before = stats(&providers)[provider]["requests"].as_u64().unwrap();
+        let status = stack.wait_complete(&batch, Duration::from_secs(240));
+        assert_eq!(stats(&providers)[provider]["requests"].as_u64().unwrap(), before, "{slice} not taken again within one lease period while {provider} had work: {status}");
+    }
+    assert!(reclaimed > 0, "the killed instance's slices were taken again: {dead:?}");
+
     let status = stack.wait_complete(&batch, Duration::from_secs(240));
-    assert_batch_invariants(&status, &stats(&providers), 60);
+    assert_batch_invariants(&status, &stats(&providers), 500);
     for s in stats(&providers).as_object().unwrap().values() {
         assert_eq!(s.get("duplicates").and_then(Value::as_u64).unwrap_or(0), 0, "nothing applied twice: {s}");
     }
-    assert!(!holders.is_empty(), "slices were held");
+}
+
+/// A lease ended is taken again on the next look of an instance that wants it.
+const RECLAIM_SLACK_MS: i64 = 3_000;
+
+/// The leases as the embedded lease service holds them (`{data}/leases.db`), by its own clock.
+struct Leases(rusqlite::Connection);
+
+impl Leases {
+    fn now_ms(&self) -> i64 {
+        self.0.query_row("SELECT CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)", [], |r| r.get(0)).unwrap()
+    }
+
+    /// Slice -> (lease id, end) of the leases `instance` holds now.
+    fn held_by(&self, instance: &str) -> std::collections::BTreeMap<String, (String, i64)> {
+        let now = self.now_ms();
+        let mut stmt = self.0.prepare("SELECT resource, lease_id, expires_ms FROM leases WHERE instance = ?1 AND expires_ms > ?2").unwrap();
+        stmt.query_map(rusqlite::params![instance, now], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?)))).unwrap().map(Result::unwrap).collect()
+    }
+
+    /// The lease on `slice` in force now, if any.
+    fn lease_of(&self, slice: &str) -> Option<String> {
+        let now = self.now_ms();
+        self.0
+            .query_row("SELECT lease_id FROM leases WHERE resource = ?1 AND expires_ms > ?2", rusqlite::params![slice, now], |r| r.get(0))
+            .ok()
+    }
 }
 
 const TIGHT: &str = r#"
@@ -124,7 +184,7 @@ description = "Every provider at 20 req/s and 4 in flight"
 seed = 5
 [client]
 timeout_ms = 2000
-rate_headroom = 1.0
+rate_headroom = 0.95
 [outcomes]
 nothing_due = 0.02
 unknown_ticket = 0.01

@@ -61,3 +61,17 @@ fn on_realistic_the_floor_comes_from_the_rate_limits_and_the_naive_way_is_sample
     assert_eq!(report["baseline_scaled"], true);
     assert!(table.contains("measured on 4 tickets, scaled to 200"), "{table}");
 }
+
+/// Four instances share every provider's limits through leases: a full batch
+/// on `realistic` stays within each provider's own counters of requests per
+/// second and in flight, and none had to refuse a request.
+#[test]
+fn four_instances_pay_a_full_batch_within_every_providers_limits() {
+    let (table, report) = bench(&["--tickets", "5000", "--scenario", "realistic", "--baseline-tickets", "2", "--instances", "4"]);
+    assert_nothing_lost_or_doubled(&report, 5000);
+    assert_eq!(report["instances"], 4);
+    assert_eq!(report["throttled"], 0, "no provider had to refuse: {report}");
+    let ratio = report["ratio_to_floor"].as_f64().expect("realistic has a floor");
+    assert!(ratio >= 1.0, "nothing beats the floor: {report}");
+    println!("{table}");
+}

@@ -238,7 +238,10 @@ impl Capacity {
         }
         let resting = lock(&shares.resting_until).is_some_and(|until| Instant::now() < until);
         if holding < share.target && !resting {
-            self.take(shares, share.target - holding, &share.taken).await;
+            // An even part of the running instances' at a time: one that found
+            // work first need not give back what the others are about to ask for.
+            let step = (shares.slices.len() / members.len().max(1)).max(1);
+            self.take(shares, (share.target - holding).min(step), &share.taken).await;
         } else if holding > share.target {
             self.give_back(shares, holding - share.target);
         }

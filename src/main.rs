@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use ticketpay::cli::{client::ApiClient, demo, progress, submit, trace};
+use ticketpay::cli::{client::ApiClient, demo, operations, progress, submit, trace};
 use ticketpay::host::{self, LocalOptions};
 use ticketpay::telemetry::{self, Exporter, Telemetry};
 
@@ -131,6 +131,17 @@ enum Command {
         #[command(flatten)]
         key: KeyArg,
     },
+    /// Writes a batch's results for its client as CSV: one row per ticket, then the totals.
+    Results {
+        batch: String,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
+        url: String,
+        #[command(flatten)]
+        key: KeyArg,
+    },
     /// Builds the deployment package: a folder (and a zip beside it) with host.json, the function folders and the binary.
     Package {
         #[arg(long, default_value = ".azure/package")]
@@ -228,6 +239,7 @@ async fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Results { batch, out, url, key } => operations::results(&key.client(&url), &batch, out.as_deref()).await,
         Command::Package { out, app_root, binary } => {
             let p = ticketpay::package::build(&ticketpay::package::PackageOptions { app_root, out, binary })?;
             println!("package {} ({} functions: {}) and {}", p.folder.display(), p.functions.len(), p.functions.join(", "), p.zip.display());

@@ -10,6 +10,7 @@ mod console;
 mod extract;
 pub mod problem;
 mod redrive;
+mod results;
 mod tickets;
 mod views;
 
@@ -46,6 +47,8 @@ pub fn router() -> Router<Arc<App>> {
         .route("/api/batches", get(batches::list).post(batches::upload))
         .route("/api/batches/{batch_id}", get(batches::status))
         .route("/api/batches/{batch_id}/redrive", post(redrive::redrive))
+        .route("/api/batches/{batch_id}/results", get(results::results))
+        .route("/api/batches/{batch_id}/results.csv", get(results::results_csv))
         .route("/api/batches/{batch_id}/tickets", get(tickets::list))
         .route("/api/batches/{batch_id}/tickets/{ticket_id}", get(tickets::show))
         .route("/api/tickets", get(tickets::by_reference))

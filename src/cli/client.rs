@@ -48,6 +48,16 @@ impl ApiClient {
         read(response).await
     }
 
+    /// A GET answered with text (a CSV), not JSON.
+    pub async fn get_text(&self, path: &str) -> Result<String> {
+        let url = format!("{}{path}", self.base);
+        let response = self.request(reqwest::Method::GET, &url).send().await.with_context(|| format!("cannot reach {url}"))?;
+        if !response.status().is_success() {
+            bail!("{}", problem_text(response).await);
+        }
+        response.text().await.context("the API's answer could not be read")
+    }
+
     /// Uploads a batch. Retries a lost connection with the same Idempotency-Key, so it is safe.
     pub async fn upload(&self, query: &[(&str, &str)], content_type: &str, body: Vec<u8>, key: &str) -> Result<Value> {
         let url = format!("{}/api/batches", self.base);

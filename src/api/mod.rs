@@ -5,10 +5,12 @@
 //! `openapi.json` beside this file describes it and is served as it is.
 
 pub mod access;
+mod attention;
 mod batches;
 mod console;
 mod extract;
 pub mod problem;
+mod reconciliation;
 mod redrive;
 mod results;
 mod tickets;
@@ -46,6 +48,7 @@ pub fn router() -> Router<Arc<App>> {
         .route("/api/capacity", get(capacity))
         .route("/api/batches", get(batches::list).post(batches::upload))
         .route("/api/batches/{batch_id}", get(batches::status))
+        .route("/api/batches/{batch_id}/attention", get(attention::attention))
         .route("/api/batches/{batch_id}/redrive", post(redrive::redrive))
         .route("/api/batches/{batch_id}/results", get(results::results))
         .route("/api/batches/{batch_id}/results.csv", get(results::results_csv))

@@ -131,6 +131,24 @@ enum Command {
         #[command(flatten)]
         key: KeyArg,
     },
+    /// Settles a ticket that needs a person (see `GET /api/batches/{id}/attention` for what is open to it).
+    Resolve {
+        batch: String,
+        ticket: String,
+        /// confirmed_applied, confirmed_not_applied, undone_by_hand, redrive, give_up or acknowledge.
+        #[arg(long)]
+        action: String,
+        /// Why: kept in the ticket's audit trail with your key's name.
+        #[arg(long)]
+        note: String,
+        /// The provider's reference for the operation (confirmed_applied needs it).
+        #[arg(long)]
+        reference: Option<String>,
+        #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
+        url: String,
+        #[command(flatten)]
+        key: KeyArg,
+    },
     /// Writes a batch's results for its client as CSV: one row per ticket, then the totals.
     Results {
         batch: String,
@@ -238,6 +256,10 @@ async fn run(command: Command) -> Result<()> {
                 println!("  {:<20} at {:<9} parked because: {}", t["ticket_id"].as_str().unwrap_or(""), t["stage"].as_str().unwrap_or(""), t["reason"].as_str().unwrap_or(""));
             }
             Ok(())
+        }
+        Command::Resolve { batch, ticket, action, note, reference, url, key } => {
+            let decision = operations::Decision { action: &action, note: &note, reference: reference.as_deref() };
+            operations::resolve(&key.client(&url), &batch, &ticket, &decision).await
         }
         Command::Results { batch, out, url, key } => operations::results(&key.client(&url), &batch, out.as_deref()).await,
         Command::Package { out, app_root, binary } => {

@@ -12,6 +12,7 @@ mod extract;
 pub mod problem;
 mod reconciliation;
 mod redrive;
+mod resolve;
 mod results;
 mod tickets;
 mod views;
@@ -54,6 +55,7 @@ pub fn router() -> Router<Arc<App>> {
         .route("/api/batches/{batch_id}/results.csv", get(results::results_csv))
         .route("/api/batches/{batch_id}/tickets", get(tickets::list))
         .route("/api/batches/{batch_id}/tickets/{ticket_id}", get(tickets::show))
+        .route("/api/batches/{batch_id}/tickets/{ticket_id}/resolve", post(resolve::resolve))
         .route("/api/tickets", get(tickets::by_reference))
         .merge(console::router())
         .fallback(not_found)

@@ -20,3 +20,29 @@ pub async fn results(api: &ApiClient, batch: &str, out: Option<&Path>) -> Result
     }
     Ok(())
 }
+
+/// What an operator decided about one ticket.
+pub struct Decision<'a> {
+    pub action: &'a str,
+    pub note: &'a str,
+    pub reference: Option<&'a str>,
+}
+
+/// Settles one ticket that needs a person, and says where it went.
+pub async fn resolve(api: &ApiClient, batch: &str, ticket: &str, d: &Decision<'_>) -> Result<()> {
+    let mut body = serde_json::json!({ "action": d.action, "note": d.note });
+    if let Some(r) = d.reference {
+        body["provider_reference"] = r.into();
+    }
+    let answer = api.post(&format!("/api/batches/{batch}/tickets/{ticket}/resolve"), &body).await?;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    println!("{ticket}: {} → {}", d.action, text(&answer["status"]));
+    if let Some(reason) = answer["ticket"]["reason"].as_str() {
+        println!("  {reason}");
+    }
+    let open: Vec<String> = answer["actions"].as_array().into_iter().flatten().map(text).collect();
+    if !open.is_empty() {
+        println!("  open next: {}", open.join(", "));
+    }
+    Ok(())
+}

@@ -184,6 +184,9 @@ enum OutageKind {
     StatusError,
     /// Every request answered `status` (default 403), nothing applied.
     Refuse,
+    /// Compensations (refund, cancel, reverse, void) declined for good (the
+    /// documented 422), nothing undone; the rest as usual. What a person must settle.
+    RefuseUndo,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -335,7 +338,7 @@ impl ProviderState {
                 c.errors.fetch_add(1, Relaxed);
                 return Fault::Refused(status);
             }
-            Some((OutageKind::Throttle | OutageKind::StatusError, _)) | None => {}
+            Some((OutageKind::Throttle | OutageKind::StatusError | OutageKind::RefuseUndo, _)) | None => {}
         }
         let s = &self.settings;
         let mut rng = rand::rng();
@@ -447,7 +450,7 @@ struct OutageRequest {
 /// `POST /admin/outages {"provider", "kind", "seconds", "status"?}`: the
 /// provider misbehaves from now for that long (0 ends an outage). Kinds:
 /// `down`, `hang`, `throttle`, `hang_after_apply`, `error_after_apply`,
-/// `status_error` and `refuse` (these two answer `status`, a 4xx).
+/// `status_error` and `refuse` (these two answer `status`, a 4xx), `refuse_undo`.
 async fn start_outage(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     let req: OutageRequest = match parse_json(&body) {
         Ok(r) => r,
@@ -633,6 +636,10 @@ async fn operate(
         Err(r) => return r,
     };
 
+    if !is_forward && ps.outage().is_some_and(|o| o.kind == OutageKind::RefuseUndo) {
+        ps.counters.declined.fetch_add(1, Relaxed);
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "declined", Some(format!("{p} refuses to {operation} this operation")));
+    }
     let declined = is_forward && outcome_for(&sim.scenario, &req.ticket_id).fails_at == Some(p);
     match ps.draw_fault(Asks::Operation) {
         Fault::None => {}

@@ -131,6 +131,20 @@ enum Command {
         #[command(flatten)]
         key: KeyArg,
     },
+    /// Asks the payment providers about every operation the batch recorded and compares; exits 1 if anything disagrees.
+    Reconcile {
+        batch: String,
+        /// Only this payment provider (gateway, settlement, ledger, receipt).
+        #[arg(long)]
+        provider: Option<String>,
+        /// Print the run as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
+        url: String,
+        #[command(flatten)]
+        key: KeyArg,
+    },
     /// Settles a ticket that needs a person (see `GET /api/batches/{id}/attention` for what is open to it).
     Resolve {
         batch: String,
@@ -256,6 +270,9 @@ async fn run(command: Command) -> Result<()> {
                 println!("  {:<20} at {:<9} parked because: {}", t["ticket_id"].as_str().unwrap_or(""), t["stage"].as_str().unwrap_or(""), t["reason"].as_str().unwrap_or(""));
             }
             Ok(())
+        }
+        Command::Reconcile { batch, provider, json, url, key } => {
+            operations::reconcile(&key.client(&url), &batch, provider.as_deref(), json).await
         }
         Command::Resolve { batch, ticket, action, note, reference, url, key } => {
             let decision = operations::Decision { action: &action, note: &note, reference: reference.as_deref() };

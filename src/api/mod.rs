@@ -50,6 +50,8 @@ pub fn router() -> Router<Arc<App>> {
         .route("/api/batches", get(batches::list).post(batches::upload))
         .route("/api/batches/{batch_id}", get(batches::status))
         .route("/api/batches/{batch_id}/attention", get(attention::attention))
+        .route("/api/batches/{batch_id}/reconciliation", get(reconciliation::reconcile))
+        .route("/api/batches/{batch_id}/reconciliations", get(reconciliation::runs))
         .route("/api/batches/{batch_id}/redrive", post(redrive::redrive))
         .route("/api/batches/{batch_id}/results", get(results::results))
         .route("/api/batches/{batch_id}/results.csv", get(results::results_csv))

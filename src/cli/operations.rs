@@ -46,3 +46,42 @@ pub async fn resolve(api: &ApiClient, batch: &str, ticket: &str, d: &Decision<'_
     }
     Ok(())
 }
+
+/// Reconciles a batch with its payment providers and prints the report;
+/// fails (exit 1) when anything disagrees or went unanswered.
+pub async fn reconcile(api: &ApiClient, batch: &str, provider: Option<&str>, as_json: bool) -> Result<()> {
+    let path = match provider {
+        Some(p) => format!("/api/batches/{batch}/reconciliation?provider={p}"),
+        None => format!("/api/batches/{batch}/reconciliation"),
+    };
+    let run = api.get(&path).await?;
+    if as_json {
+        println!("{run}");
+    } else {
+        print!("{}", report(&run));
+    }
+    match run["disagreements"].as_array().map_or(0, Vec::len) {
+        0 => Ok(()),
+        n => anyhow::bail!("{n} operation(s) of batch {batch} disagree with the providers or went unanswered"),
+    }
+}
+
+fn report(run: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+    let mut out = format!("reconciliation {} of batch {} by {} at {}: {} operation(s) asked\n", text(&run["run_id"]), text(&run["batch_id"]), text(&run["by"]), text(&run["at"]), run["checked"]);
+    out.push_str(&format!("{:<11} {:>7} {:>14} {:>10} {:>16} {:>11}\n", "provider", "agree", "provider_only", "ours_only", "amount_mismatch", "unanswered"));
+    for (name, c) in run["providers"].as_object().into_iter().flatten() {
+        out.push_str(&format!(
+            "{name:<11} {:>7} {:>14} {:>10} {:>16} {:>11}\n",
+            c["agree"], c["provider_only"], c["ours_only"], c["amount_mismatch"], c["unanswered"]
+        ));
+    }
+    for d in run["disagreements"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  {} {} {} ({}): ours {}, theirs {} → {}  {}\n",
+            text(&d["ticket_id"]), text(&d["provider"]), text(&d["operation"]), text(&d["idempotency_key"]),
+            text(&d["ours"]), d["theirs"], text(&d["verdict"]), text(&d["ticket_url"])
+        ));
+    }
+    out
+}

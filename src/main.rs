@@ -272,7 +272,8 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Reconcile { batch, provider, json, url, key } => {
-            operations::reconcile(&key.client(&url), &batch, provider.as_deref(), json).await
+            let api = key.client(&url).with_timeout(std::time::Duration::from_secs(30 * 60));
+            operations::reconcile(&api, &batch, provider.as_deref(), json).await
         }
         Command::Resolve { batch, ticket, action, note, reference, url, key } => {
             let decision = operations::Decision { action: &action, note: &note, reference: reference.as_deref() };

@@ -125,4 +125,21 @@ fn captures_applied_and_never_answered_are_found_settled_and_then_agree() {
     assert_eq!(attention["count"], 0, "{attention}");
     let runs = ok_json(keyed(&s, "GET", &format!("/api/batches/{batch}/reconciliations"), OPS_KEY, None));
     assert_eq!(runs["runs"].as_array().unwrap().len(), 2);
+
+    // The ledger loses a posting we recorded: found, and acknowledged once settled with the ledger by hand.
+    let key = format!("{batch}:HA0001:post");
+    let forgot = reqwest::blocking::Client::new().post(format!("{}/admin/forget", s.providers_url)).json(&json!({"provider": "ledger", "idempotency_key": key})).send().unwrap();
+    assert!(forgot.status().is_success());
+    let (out, run) = reconcile_cli(&s, &batch);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!((run["providers"]["ledger"]["ours_only"].as_u64(), run["disagreements"][0]["idempotency_key"].as_str()), (Some(1), Some(key.as_str())), "{run}");
+    let attention = ok_json(keyed(&s, "GET", &format!("/api/batches/{batch}/attention"), OPS_KEY, None));
+    let listed = &attention["tickets"][0];
+    assert_eq!((listed["ticket_id"].as_str(), listed["concerns"].clone(), listed["actions"].clone()), (Some("HA0001"), json!(["disagreeing"]), json!(["acknowledge"])));
+    let path = format!("/api/batches/{batch}/tickets/HA0001/resolve");
+    problem(keyed(&s, "POST", &path, OPS_KEY, Some(&json!({"action": "give_up", "note": "n"}))), 409);
+    ok_json(keyed(&s, "POST", &path, OPS_KEY, Some(&json!({"action": "acknowledge", "note": "the ledger re-posted it by hand"}))));
+    let attention = ok_json(keyed(&s, "GET", &format!("/api/batches/{batch}/attention"), OPS_KEY, None));
+    assert_eq!(attention["count"], 0, "{attention}");
+    assert_eq!(ok_json(keyed(&s, "GET", &format!("/api/batches/{batch}/tickets/HA0001"), OPS_KEY, None))["status"], "paid", "an acknowledgement changes nothing");
 }

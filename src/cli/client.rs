@@ -18,6 +18,12 @@ impl ApiClient {
         ApiClient { http, base: base.trim_end_matches('/').to_owned(), key: None }
     }
 
+    /// Waits this long for each answer instead of a minute (a reconciliation asks every provider first).
+    pub fn with_timeout(mut self, timeout: Duration) -> ApiClient {
+        self.http = reqwest::Client::builder().timeout(timeout).build().expect("static client settings");
+        self
+    }
+
     /// Sends this API key with every request (`x-functions-key`).
     pub fn with_key(mut self, key: Option<String>) -> ApiClient {
         self.key = key.filter(|k| !k.is_empty());

@@ -29,6 +29,7 @@ fn an_operator_settles_a_parked_ticket_from_the_attention_page() {
     browser.goto(&format!("{}/api/console/batches/{batch}", s.url));
     browser.wait_text("#attention-link", |t| t == "needs attention", SOON);
     assert_eq!(browser.text("#results-link"), "results (CSV)");
+    browser.wait_text("#last-run", |t| t.contains("never reconciled"), SOON);
     browser.click("#attention-link");
     let row = "#attention tr[data-ticket='T000001']";
     browser.wait_text(&format!("{row} .concerns"), |t| t == "parked", SOON);

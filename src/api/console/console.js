@@ -361,10 +361,24 @@ function ticketRow(batchId, t) {
 
 /* ---------- the operator's day: results, attention, resolve ---------- */
 
+// The last reconciliation of each batch, read once per page (a client key may not: then nothing shows).
+const reconciled = new Map();
+
 function operatorLinks(batchId) {
+  const last = h("span", { id: "last-run", class: "muted" }, reconciled.get(batchId) || "");
+  if (!reconciled.has(batchId)) {
+    reconciled.set(batchId, "");
+    api(`/api/batches/${enc(batchId)}/reconciliations?limit=1`).then(({ runs }) => {
+      const run = runs[0];
+      const text = run ? ` · reconciled ${when(run.at)} by ${run.by}: ${run.disagreements} disagreeing` : " · never reconciled";
+      reconciled.set(batchId, text);
+      if ($("last-run")) $("last-run").textContent = text;
+    }).catch(() => {});
+  }
   return [
     h("a", { href: pages.attention(batchId), id: "attention-link" }, "needs attention"), " · ",
     h("a", { href: endpoints.results(batchId), id: "results-link", onclick: (e) => downloadResults(e, batchId) }, "results (CSV)"),
+    last,
   ];
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use ticketpay::cli::{client::ApiClient, demo, progress, submit, trace};
+use ticketpay::cli::{client::ApiClient, demo, operations, progress, submit, trace};
 use ticketpay::host::{self, LocalOptions};
 use ticketpay::telemetry::{self, Exporter, Telemetry};
 
@@ -131,6 +131,49 @@ enum Command {
         #[command(flatten)]
         key: KeyArg,
     },
+    /// Asks the payment providers about every operation the batch recorded and compares; exits 1 if anything disagrees.
+    Reconcile {
+        batch: String,
+        /// Only this payment provider (gateway, settlement, ledger, receipt).
+        #[arg(long)]
+        provider: Option<String>,
+        /// Print the run as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
+        url: String,
+        #[command(flatten)]
+        key: KeyArg,
+    },
+    /// Settles a ticket that needs a person (see `GET /api/batches/{id}/attention` for what is open to it).
+    Resolve {
+        batch: String,
+        ticket: String,
+        /// confirmed_applied, confirmed_not_applied, undone_by_hand, redrive, give_up or acknowledge.
+        #[arg(long)]
+        action: String,
+        /// Why: kept in the ticket's audit trail with your key's name.
+        #[arg(long)]
+        note: String,
+        /// The provider's reference for the operation (confirmed_applied needs it).
+        #[arg(long)]
+        reference: Option<String>,
+        #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
+        url: String,
+        #[command(flatten)]
+        key: KeyArg,
+    },
+    /// Writes a batch's results for its client as CSV: one row per ticket, then the totals.
+    Results {
+        batch: String,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, env = "TICKETPAY_URL", default_value = DEFAULT_URL)]
+        url: String,
+        #[command(flatten)]
+        key: KeyArg,
+    },
     /// Builds the deployment package: a folder (and a zip beside it) with host.json, the function folders and the binary.
     Package {
         #[arg(long, default_value = ".azure/package")]
@@ -228,6 +271,15 @@ async fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Reconcile { batch, provider, json, url, key } => {
+            let api = key.client(&url).with_timeout(std::time::Duration::from_secs(30 * 60));
+            operations::reconcile(&api, &batch, provider.as_deref(), json).await
+        }
+        Command::Resolve { batch, ticket, action, note, reference, url, key } => {
+            let decision = operations::Decision { action: &action, note: &note, reference: reference.as_deref() };
+            operations::resolve(&key.client(&url), &batch, &ticket, &decision).await
+        }
+        Command::Results { batch, out, url, key } => operations::results(&key.client(&url), &batch, out.as_deref()).await,
         Command::Package { out, app_root, binary } => {
             let p = ticketpay::package::build(&ticketpay::package::PackageOptions { app_root, out, binary })?;
             println!("package {} ({} functions: {}) and {}", p.folder.display(), p.functions.len(), p.functions.join(", "), p.zip.display());

@@ -8,7 +8,9 @@ use ticketpay::domain::{
     AuthorityCode, Batch, BatchId, ClientId, Currency, Event, EventKind, Reference, Stage, Status, Ticket,
     TicketId,
 };
+use ticketpay::domain::reconciliation::{Check, ProviderView, ReconciliationRun, Recorded, Verdict};
 use ticketpay::domain::upload::TicketLine;
+use ticketpay::providers::ProviderName;
 use ticketpay::store::sqlite::SqliteStore;
 use ticketpay::store::{BudgetChange, Created, PaymentClaim, Store, StoreError, TicketUpdate};
 
@@ -364,6 +366,39 @@ async fn concurrent_takes_of_a_payment_claim_have_one_winner(store: Arc<dyn Stor
     assert_eq!(held, second[0]);
 }
 
+/// A run that found one disagreement, recorded at `at`.
+fn run(batch: &Batch, at: chrono::DateTime<Utc>, by: &str) -> ReconciliationRun {
+    let check = Check {
+        ticket_id: TicketId::parse("t0001").unwrap(),
+        provider: ProviderName::Gateway,
+        operation: "capture".into(),
+        idempotency_key: format!("{}:t0001:capture", batch.batch_id),
+        ours: Recorded::Unknown,
+        amount_minor: 1250,
+        currency: "EUR".into(),
+        theirs: ProviderView::Applied { reference: "gateway-1".into(), amount_minor: 1250, currency: "EUR".into() },
+        verdict: Verdict::ProviderOnly,
+    };
+    ReconciliationRun::new(batch.batch_id.clone(), by.into(), None, at, vec![check])
+}
+
+async fn reconciliation_runs_are_kept_per_batch_newest_first(store: Arc<dyn Store>) {
+    let (b, _) = seeded(store.as_ref(), 10_000, 2).await;
+    let (other, _) = seeded(store.as_ref(), 10_000, 1).await;
+    assert!(store.reconciliations(&b.batch_id, 10).await.unwrap().is_empty());
+    let now = Utc::now();
+    let runs = [run(&b, now - chrono::Duration::minutes(5), "first"), run(&b, now, "second"), run(&b, now - chrono::Duration::minutes(1), "middle")];
+    for r in &runs {
+        store.record_reconciliation(r).await.unwrap();
+    }
+    store.record_reconciliation(&run(&other, now, "elsewhere")).await.unwrap();
+    let read = store.reconciliations(&b.batch_id, 10).await.unwrap();
+    assert_eq!(read.iter().map(|r| r.by.as_str()).collect::<Vec<_>>(), ["second", "middle", "first"]);
+    assert_eq!(read[0], runs[1], "a run reads back as recorded");
+    assert_eq!(store.reconciliations(&b.batch_id, 1).await.unwrap(), [runs[1].clone()]);
+    assert_eq!(read[0].disagreements.len(), 1);
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -391,6 +426,8 @@ macro_rules! conformance {
             async fn overdue_tickets_and_unrecorded_completions_are_found() { let (s, _keep) = store().await; super::overdue_tickets_and_unrecorded_completions_are_found(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_payment_claim_changes_hands_only_from_the_version_read() { let (s, _keep) = store().await; super::a_payment_claim_changes_hands_only_from_the_version_read(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn reconciliation_runs_are_kept_per_batch_newest_first() { let (s, _keep) = store().await; super::reconciliation_runs_are_kept_per_batch_newest_first(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_takes_of_a_payment_claim_have_one_winner() { let (s, _keep) = store().await; super::concurrent_takes_of_a_payment_claim_have_one_winner(s).await }
         }

@@ -67,6 +67,21 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
+/// The name of the caller's key, as configured: who acted, in the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyName(pub String);
+
+/// The name audit trails give every caller of an API that takes no keys.
+pub const OPEN_KEY_NAME: &str = "anyone (the API takes no keys)";
+
+impl<S: Send + Sync> FromRequestParts<S> for KeyName {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<KeyName, Problem> {
+        parts.extensions.get::<KeyName>().cloned().ok_or_else(missing_key)
+    }
+}
+
 /// How the API is guarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
@@ -79,6 +94,14 @@ impl Access {
     /// The caller a request's key (header or query parameter) stands for.
     pub fn caller_of(&self, request: &Request) -> Result<Caller, Problem> {
         self.caller(presented_key(request).as_deref())
+    }
+
+    /// The name of the key a request presents (checked by [`Access::caller_of`] first).
+    fn name_of(&self, request: &Request) -> KeyName {
+        match self {
+            Access::Open => KeyName(OPEN_KEY_NAME.into()),
+            Access::Keys(keys) => KeyName(presented_key(request).and_then(|k| keys.name(&k)).unwrap_or_default()),
+        }
     }
 
     fn caller(&self, presented: Option<&str>) -> Result<Caller, Problem> {
@@ -110,6 +133,7 @@ struct RawKey {
 struct KeyEntry {
     digest: [u8; 32],
     caller: Caller,
+    name: String,
 }
 
 /// The configured keys, by the SHA-256 of each.
@@ -137,6 +161,11 @@ impl ApiKeys {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         self.0.iter().fold(None, |found, e| if same(&e.digest, &digest) { Some(e.caller.clone()) } else { found })
     }
+
+    fn name(&self, presented: &str) -> Option<String> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        self.0.iter().fold(None, |found, e| if same(&e.digest, &digest) { Some(e.name.clone()) } else { found })
+    }
 }
 
 impl KeyEntry {
@@ -152,7 +181,7 @@ impl KeyEntry {
             (Role::Client, Some(c)) => Caller::Client(ClientId::parse(&c).map_err(|e| format!("key `{name}`: {e}"))?),
             (Role::Client, None) => return Err(format!("key `{name}`: a client key needs its client_id")),
         };
-        Ok(KeyEntry { digest, caller })
+        Ok(KeyEntry { digest, caller, name: name.to_owned() })
     }
 }
 
@@ -185,7 +214,9 @@ pub async fn require_key(State(app): State<Arc<App>>, mut request: Request, next
     }
     match app.access.caller_of(&request) {
         Ok(caller) => {
+            let name = app.access.name_of(&request);
             request.extensions_mut().insert(caller);
+            request.extensions_mut().insert(name);
             next.run(request).await
         }
         Err(refused) => {

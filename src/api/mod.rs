@@ -5,11 +5,15 @@
 //! `openapi.json` beside this file describes it and is served as it is.
 
 pub mod access;
+mod attention;
 mod batches;
 mod console;
 mod extract;
 pub mod problem;
+mod reconciliation;
 mod redrive;
+mod resolve;
+mod results;
 mod tickets;
 mod views;
 
@@ -45,9 +49,15 @@ pub fn router() -> Router<Arc<App>> {
         .route("/api/capacity", get(capacity))
         .route("/api/batches", get(batches::list).post(batches::upload))
         .route("/api/batches/{batch_id}", get(batches::status))
+        .route("/api/batches/{batch_id}/attention", get(attention::attention))
+        .route("/api/batches/{batch_id}/reconciliation", get(reconciliation::reconcile))
+        .route("/api/batches/{batch_id}/reconciliations", get(reconciliation::runs))
         .route("/api/batches/{batch_id}/redrive", post(redrive::redrive))
+        .route("/api/batches/{batch_id}/results", get(results::results))
+        .route("/api/batches/{batch_id}/results.csv", get(results::results_csv))
         .route("/api/batches/{batch_id}/tickets", get(tickets::list))
         .route("/api/batches/{batch_id}/tickets/{ticket_id}", get(tickets::show))
+        .route("/api/batches/{batch_id}/tickets/{ticket_id}/resolve", post(resolve::resolve))
         .route("/api/tickets", get(tickets::by_reference))
         .merge(console::router())
         .fallback(not_found)

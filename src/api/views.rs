@@ -98,6 +98,7 @@ pub fn ticket(t: &Ticket, caller: &Caller) -> Value {
         "notified": t.notified,
         "notification": t.notification,
         "redrives": t.redrives,
+        "resolution": t.resolution,
         "created_at": t.created_at,
         "updated_at": t.updated_at,
     })

@@ -18,6 +18,12 @@ impl ApiClient {
         ApiClient { http, base: base.trim_end_matches('/').to_owned(), key: None }
     }
 
+    /// Waits this long for each answer instead of a minute (a reconciliation asks every provider first).
+    pub fn with_timeout(mut self, timeout: Duration) -> ApiClient {
+        self.http = reqwest::Client::builder().timeout(timeout).build().expect("static client settings");
+        self
+    }
+
     /// Sends this API key with every request (`x-functions-key`).
     pub fn with_key(mut self, key: Option<String>) -> ApiClient {
         self.key = key.filter(|k| !k.is_empty());
@@ -46,6 +52,16 @@ impl ApiClient {
         let url = format!("{}{path}", self.base);
         let response = self.request(reqwest::Method::POST, &url).json(body).send().await.with_context(|| format!("cannot reach {url}"))?;
         read(response).await
+    }
+
+    /// A GET answered with text (a CSV), not JSON.
+    pub async fn get_text(&self, path: &str) -> Result<String> {
+        let url = format!("{}{path}", self.base);
+        let response = self.request(reqwest::Method::GET, &url).send().await.with_context(|| format!("cannot reach {url}"))?;
+        if !response.status().is_success() {
+            bail!("{}", problem_text(response).await);
+        }
+        response.text().await.context("the API's answer could not be read")
     }
 
     /// Uploads a batch. Retries a lost connection with the same Idempotency-Key, so it is safe.

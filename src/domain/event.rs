@@ -53,6 +53,14 @@ pub enum EventKind {
     Notified {
         outcome: String,
     },
+    /// A person acted on the ticket (`domain::resolution`), with the key's name and their note.
+    Resolved {
+        action: super::resolution::Action,
+        by: String,
+        note: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        provider_reference: Option<String>,
+    },
     Exchange(Box<Exchange>),
 }
 
@@ -116,6 +124,12 @@ mod tests {
             EventKind::BudgetReleased { amount: "1.00".into() },
             EventKind::Paid { amount: "1.00".into() },
             EventKind::Notified { outcome: "sent".into() },
+            EventKind::Resolved {
+                action: crate::domain::resolution::Action::ConfirmedApplied,
+                by: "ops".into(),
+                note: "the gateway's console shows it".into(),
+                provider_reference: Some("gateway-1".into()),
+            },
             EventKind::Exchange(Box::new(Exchange {
                 provider: ProviderName::Gateway,
                 operation: "capture".into(),

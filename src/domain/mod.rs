@@ -5,6 +5,8 @@ pub mod batch;
 pub mod event;
 pub mod ids;
 pub mod money;
+pub mod reconciliation;
+pub mod resolution;
 pub mod ticket;
 pub mod upload;
 

@@ -360,6 +360,9 @@ pub struct Ticket {
     /// How many times the sweep sent this ticket's overdue message again since it last moved.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub resends: u32,
+    /// The last decision a person took on it (`domain::resolution`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<super::resolution::Resolution>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -461,6 +464,7 @@ impl Ticket {
             notification: None,
             redrives: 0,
             resends: 0,
+            resolution: None,
             created_at: now,
             updated_at: now,
         }
@@ -605,10 +609,10 @@ impl Ticket {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn ticket(status: Status) -> Ticket {
+    pub(crate) fn ticket(status: Status) -> Ticket {
         let now = Utc::now();
         let batch = super::super::Batch {
             batch_id: BatchId::parse("b1").unwrap(),

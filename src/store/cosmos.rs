@@ -7,7 +7,8 @@
 //! partition of `batches` of its own, `claim:{authority}:{ticket_id}`
 //! (`id` = `claim`), naming the batch that may pay that ticket. Container
 //! `idempotency` (partition key `/client_id`): one document per idempotency
-//! key, naming its batch.
+//! key, naming its batch. Each recorded reconciliation run of a batch is a
+//! document of its partition too (`id` = `reconciliation:{run_id}`).
 //!
 //! ETags are the versions. A ticket change, its budget movement and its events
 //! go in one transactional batch in the batch's partition. See
@@ -29,6 +30,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
+use crate::domain::reconciliation::ReconciliationRun;
 use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Event, Status, Ticket, TicketId};
 
 /// Container holding batches, tickets and events, partitioned by `/batch_id`.
@@ -157,6 +159,17 @@ impl EventDoc {
         let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
         EventDoc::new(e, format!("event:{}:{seq:016}-{nonce}", e.ticket_id), seq)
     }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ReconciliationDoc {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    batch_id: String,
+    /// `at` in microseconds, for ordering.
+    at_us: i64,
+    run: ReconciliationRun,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -815,6 +828,25 @@ impl Store for CosmosStore {
             }
         }
         Ok(out)
+    }
+
+    async fn record_reconciliation(&self, run: &ReconciliationRun) -> Result<()> {
+        let doc = ReconciliationDoc {
+            id: format!("reconciliation:{}", run.run_id),
+            kind: "reconciliation".into(),
+            batch_id: run.batch_id.to_string(),
+            at_us: run.at.timestamp_micros(),
+            run: run.clone(),
+        };
+        let what = format!("reconciliation of batch {}", run.batch_id);
+        self.batches.create_item(doc.batch_id.clone(), &doc.id, &doc, None).await.map_err(|e| map_err(&what, e))?;
+        Ok(())
+    }
+
+    async fn reconciliations(&self, batch_id: &BatchId, limit: usize) -> Result<Vec<ReconciliationRun>> {
+        let text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'reconciliation' ORDER BY c.at_us DESC");
+        let docs: Vec<ReconciliationDoc> = self.query(Query::from(text), FeedScope::partition(batch_id.as_str().to_owned()), "reconciliations").await?;
+        Ok(docs.into_iter().map(|d| d.run).collect())
     }
 
     async fn payment_claim(&self, authority: &AuthorityCode, ticket_id: &TicketId) -> Result<Option<Versioned<PaymentClaim>>> {

@@ -16,6 +16,7 @@ use async_trait::async_trait;
 
 use chrono::{DateTime, Utc};
 
+use crate::domain::reconciliation::ReconciliationRun;
 use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Event, Stage, Status, Ticket, TicketId};
 
 /// A document with the version it was read at.
@@ -202,6 +203,10 @@ pub trait Store: Send + Sync + 'static {
     /// `None` only if nobody holds it, otherwise only if it is still the version
     /// read as `over`. [`StoreError::Conflict`] when someone else got there first.
     async fn take_payment_claim(&self, claim: &PaymentClaim, over: Option<&str>) -> Result<Versioned<PaymentClaim>>;
+    /// Records a reconciliation run of a batch. Runs are never changed.
+    async fn record_reconciliation(&self, run: &ReconciliationRun) -> Result<()>;
+    /// A batch's recorded reconciliation runs, newest first.
+    async fn reconciliations(&self, batch_id: &BatchId, limit: usize) -> Result<Vec<ReconciliationRun>>;
     /// Gives the claim up if it is still as it was taken; `false` when it has
     /// changed hands since (or is gone), and then nothing is changed.
     async fn release_payment_claim(&self, claim: &Versioned<PaymentClaim>) -> Result<bool>;

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
+use crate::domain::reconciliation::ReconciliationRun;
 use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Currency, Event, Status, Ticket, TicketId};
 
 const SCHEMA: &str = "
@@ -53,6 +54,14 @@ CREATE TABLE IF NOT EXISTS events (
     doc TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_ticket ON events(batch_id, ticket_id, seq);
+CREATE TABLE IF NOT EXISTS reconciliations (
+    batch_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    at_us INTEGER NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (batch_id, run_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reconciliations_newest ON reconciliations(batch_id, at_us);
 CREATE TABLE IF NOT EXISTS payment_claims (
     authority TEXT NOT NULL,
     ticket_id TEXT NOT NULL,
@@ -572,6 +581,33 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<_>>()
                 .map_err(unavailable)?;
             docs.iter().map(|d| decode_ticket(d)).collect()
+        })
+        .await
+    }
+
+    async fn record_reconciliation(&self, run: &ReconciliationRun) -> Result<()> {
+        let doc = serde_json::to_string(run).map_err(invalid)?;
+        let (batch_id, run_id, at_us) = (run.batch_id.to_string(), run.run_id.clone(), run.at.timestamp_micros());
+        self.write(move |conn| {
+            conn.execute("INSERT INTO reconciliations (batch_id, run_id, at_us, doc) VALUES (?1, ?2, ?3, ?4)", params![batch_id, run_id, at_us, doc])
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn reconciliations(&self, batch_id: &BatchId, limit: usize) -> Result<Vec<ReconciliationRun>> {
+        let batch_id = batch_id.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT doc FROM reconciliations WHERE batch_id = ?1 ORDER BY at_us DESC, run_id DESC LIMIT ?2")
+                .map_err(unavailable)?;
+            let docs = stmt
+                .query_map(params![batch_id, limit as i64], |row| row.get::<_, String>(0))
+                .map_err(read_error)?
+                .collect::<rusqlite::Result<Vec<String>>>()
+                .map_err(read_error)?;
+            docs.iter().map(|d| serde_json::from_str(d).map_err(invalid)).collect()
         })
         .await
     }

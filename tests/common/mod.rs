@@ -346,3 +346,52 @@ pub fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Keys for the suites that check who may do what: one operator, two clients.
+pub const OPS_KEY: &str = "ops-key-41c9e07d2b";
+pub const ACME_API_KEY: &str = "acme-key-9d3f51a0c6";
+pub const GLOBEX_API_KEY: &str = "globex-key-07b2e8f4a1";
+
+/// `TICKETPAY_API_KEYS` for [`OPS_KEY`] (named `operations`), [`ACME_API_KEY`] and [`GLOBEX_API_KEY`].
+pub fn three_keys() -> String {
+    use ticketpay::api::access::key_digest;
+    json!([
+        { "name": "operations", "role": "operator", "sha256": key_digest(OPS_KEY) },
+        { "name": "acme-erp", "role": "client", "client_id": "acme", "sha256": key_digest(ACME_API_KEY) },
+        { "name": "globex-erp", "role": "client", "client_id": "globex", "sha256": key_digest(GLOBEX_API_KEY) },
+    ])
+    .to_string()
+}
+
+/// A copy of the repository's host.json and function.json files in `dir`, with a
+/// local.settings.json of `values`: pass it as `--app-root`.
+pub fn app_root_with(dir: &Path, values: Value) {
+    std::fs::copy(Path::new(APP_ROOT).join("host.json"), dir.join("host.json")).unwrap();
+    for entry in std::fs::read_dir(Path::new(APP_ROOT).join("functions")).unwrap() {
+        let function = entry.unwrap().path();
+        let target = dir.join("functions").join(function.file_name().unwrap());
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::copy(function.join("function.json"), target.join("function.json")).unwrap();
+    }
+    let settings = json!({ "IsEncrypted": false, "Values": values });
+    std::fs::write(dir.join("local.settings.json"), settings.to_string()).unwrap();
+}
+
+/// A request with an API key.
+pub fn keyed(s: &Stack, method: &str, path: &str, key: &str, body: Option<&Value>) -> reqwest::blocking::Response {
+    let mut request = s.http.request(method.parse().unwrap(), format!("{}{path}", s.url)).header("x-functions-key", key);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    request.send().expect("answered")
+}
+
+/// A scenario file with no latency, no limits, no faults and this `[outcomes]` mix; `extra` is appended.
+pub fn outcomes_scenario(dir: &Path, outcomes: &str, extra: &str) -> String {
+    let text = format!(
+        "description = \"test\"\nseed = 7\n[client]\ntimeout_ms = 2000\nrate_headroom = 0.9\n[outcomes]\namount_minor = [500, 20000]\n{outcomes}\n[defaults]\nlatency_ms = [0, 0]\nhang_ms = 50\n{extra}\n"
+    );
+    let path = dir.join("scenario.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}

@@ -20,6 +20,7 @@ const pages = {
   batches: () => CONSOLE,
   batch: (b) => `${CONSOLE}/batches/${enc(b)}`,
   ticket: (b, t) => `${CONSOLE}/batches/${enc(b)}/tickets/${enc(t)}`,
+  attention: (b) => `${CONSOLE}/batches/${enc(b)}/attention`,
 };
 const endpoints = {
   batches: () => "/api/batches?summary=true&limit=50",
@@ -28,6 +29,9 @@ const endpoints = {
     `/api/batches/${enc(b)}/tickets?limit=${TICKETS_PER_PAGE}&status=${enc(status)}&cursor=${enc(cursor || "")}`,
   ticket: (b, t) => `/api/batches/${enc(b)}/tickets/${enc(t)}`,
   capacity: () => "/api/capacity",
+  attention: (b) => `/api/batches/${enc(b)}/attention`,
+  resolve: (b, t) => `/api/batches/${enc(b)}/tickets/${enc(t)}/resolve`,
+  results: (b) => `/api/batches/${enc(b)}/results.csv`,
 };
 
 /* ---------- DOM ---------- */
@@ -136,12 +140,12 @@ function useEnteredKey(event) {
 
 class Refused extends Error {}
 
-async function api(path) {
-  const headers = { accept: "application/json" };
+async function api(path, init = {}) {
+  const headers = { accept: "application/json", ...init.headers };
   const k = key.get();
   if (k) headers["x-functions-key"] = k;
-  const response = await fetch(path, { headers, cache: "no-store" });
-  if (response.ok) return response.json();
+  const response = await fetch(path, { ...init, headers, cache: "no-store" });
+  if (response.ok) return init.text ? response.text() : response.json();
   const detail = await problemDetail(response);
   if (response.status === 401) throw new Refused(detail);
   throw new Error(`${response.status} ${detail}`);
@@ -191,6 +195,7 @@ function route(path) {
   const parts = path.slice(CONSOLE.length).split("/").filter(Boolean).map(decodeURIComponent);
   if (parts.length === 0) return (mine) => batchesPage(mine);
   if (parts.length === 2 && parts[0] === "batches") return (mine) => batchPage(mine, parts[1]);
+  if (parts.length === 3 && parts[0] === "batches" && parts[2] === "attention") return (mine) => attentionPage(mine, parts[1]);
   if (parts.length === 4 && parts[0] === "batches" && parts[2] === "tickets") {
     return (mine) => ticketPage(mine, parts[1], parts[3]);
   }
@@ -269,6 +274,7 @@ function batchSummary(b, eta) {
       ["Tickets", `${b.tickets} (${b.done} done)`],
       ...(b.queued ? [] : [["Queued", h("span", { id: "not-queued" }, "not yet: stored, its tickets are queued by the sweep")]]),
       [b.status === "completed" ? "Took" : "ETA", h("span", { id: "eta" }, eta)],
+      ["For the operator", operatorLinks(b.batch_id)],
     ]),
     h("div", { class: "moneys" },
       money("budget", b.budget), money("reserved", b.reserved), money("paid", b.paid), money("remaining", b.remaining)),
@@ -393,6 +399,89 @@ function ticketRow(batchId, t) {
     h("td", {}, when(t.updated_at)));
 }
 
+/* ---------- the operator's day: results, attention, resolve ---------- */
+
+// The last reconciliation of each batch, read once per page (a client key may not: then nothing shows).
+const reconciled = new Map();
+
+function operatorLinks(batchId) {
+  const last = h("span", { id: "last-run", class: "muted" }, reconciled.get(batchId) || "");
+  if (!reconciled.has(batchId)) {
+    reconciled.set(batchId, "");
+    api(`/api/batches/${enc(batchId)}/reconciliations?limit=1`).then(({ runs }) => {
+      const run = runs[0];
+      const text = run ? ` · reconciled ${when(run.at)} by ${run.by}: ${run.disagreements} disagreeing` : " · never reconciled";
+      reconciled.set(batchId, text);
+      if ($("last-run")) $("last-run").textContent = text;
+    }).catch(() => {});
+  }
+  return [
+    h("a", { href: pages.attention(batchId), id: "attention-link" }, "needs attention"), " · ",
+    h("a", { href: endpoints.results(batchId), id: "results-link", onclick: (e) => downloadResults(e, batchId) }, "results (CSV)"),
+    last,
+  ];
+}
+
+// The key travels in a header, never in a link: fetch the CSV, then hand it over as a file.
+async function downloadResults(event, batchId) {
+  event.preventDefault();
+  try {
+    const csv = await api(endpoints.results(batchId), { headers: { accept: "text/csv" }, text: true });
+    const link = h("a", { href: URL.createObjectURL(new Blob([csv], { type: "text/csv" })), download: `${batchId}-results.csv` });
+    link.click();
+    URL.revokeObjectURL(link.href);
+  } catch (error) {
+    setNotice(`Could not get the results: ${error.message}`);
+  }
+}
+
+async function attentionPage(mine, batchId) {
+  document.title = `Needs attention · ${batchId} · ticketpay`;
+  setCrumbs([batchId, pages.batch(batchId)], ["needs attention"]);
+  const render = async () => {
+    const view = await api(endpoints.attention(batchId));
+    const run = view.last_reconciliation;
+    show(h("h1", {}, "Needs attention ", h("span", { id: "attention-count", class: "chip" }, view.count)),
+      h("p", { id: "last-reconciliation", class: "muted" }, run
+        ? `Last reconciliation ${when(run.at)} by ${run.by}: ${run.checked} operations asked, ${run.disagreements} disagreeing.`
+        : "Never reconciled: run ticketpay reconcile or GET /api/batches/{id}/reconciliation."),
+      view.count ? attentionTable(batchId, view.tickets, render) : h("p", { class: "muted" }, "Nothing needs a person."));
+  };
+  await poll(mine, async () => { await render(); return true; });
+}
+
+function attentionTable(batchId, tickets, render) {
+  const head = ["Ticket", "Status", "Concerns", "Reason", "Waiting", "Act"];
+  return h("table", { class: "list", id: "attention" },
+    h("thead", {}, h("tr", {}, head.map((t) => h("th", {}, t)))),
+    h("tbody", {}, tickets.map((t) => h("tr", { "data-ticket": t.ticket_id },
+      h("td", {}, h("a", { href: pages.ticket(batchId, t.ticket_id) }, t.ticket_id)),
+      h("td", {}, badge(t.status)),
+      h("td", { class: "concerns" }, t.concerns.map((c) => h("span", { class: "chip" }, label(c)))),
+      h("td", {}, t.reason ?? ""),
+      h("td", { class: "num" }, duration(t.waiting_seconds)),
+      h("td", {}, t.actions.length ? resolveForm(batchId, t, render) : h("span", { class: "muted" }, "the sweep is on it"))))));
+}
+
+function resolveForm(batchId, t, render) {
+  const action = h("select", { name: "action" }, t.actions.map((a) => h("option", { value: a }, label(a))));
+  const note = h("input", { name: "note", placeholder: "note (why)", required: true });
+  const reference = h("input", { name: "provider_reference", placeholder: "provider reference" });
+  const submit = async (event) => {
+    event.preventDefault();
+    const body = { action: action.value, note: note.value };
+    if (reference.value.trim()) body.provider_reference = reference.value.trim();
+    try {
+      await api(endpoints.resolve(batchId, t.ticket_id), { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+      setNotice(null);
+      await render();
+    } catch (error) {
+      setNotice(`${t.ticket_id}: ${error.message}`);
+    }
+  };
+  return h("form", { class: "resolve", onsubmit: submit }, action, note, reference, h("button", { type: "submit" }, "Resolve"));
+}
+
 /* ---------- one ticket ---------- */
 
 async function ticketPage(mine, batchId, ticketId) {
@@ -457,6 +546,7 @@ function eventText(e) {
     case "paid": return `paid ${e.amount}`;
     case "notified": return `client notified: ${e.outcome}`;
     case "redriven": return `redriven to ${e.to_stage} (parked because ${e.parked_because})`;
+    case "resolved": return `${label(e.action)} by ${e.by}: ${e.note}${e.provider_reference ? ` (${e.provider_reference})` : ""}`;
     case "exchange": return [h("strong", {}, `${e.provider} ${e.operation}`), ` attempt ${e.attempt} `, badge(e.outcome)];
     default: return label(e.type);
   }

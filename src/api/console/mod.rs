@@ -26,6 +26,7 @@ pub fn router() -> Router<Arc<App>> {
         .route("/api/console", get(page))
         .route("/api/console/", get(page))
         .route("/api/console/batches/{batch_id}", get(page))
+        .route("/api/console/batches/{batch_id}/attention", get(page))
         .route("/api/console/batches/{batch_id}/tickets/{ticket_id}", get(page))
         .route("/api/console/console.js", get(script))
         .route("/api/console/console.css", get(style))

@@ -36,6 +36,7 @@ pub fn router(scenario: Scenario) -> Router {
         .route("/", get(root))
         .route("/stats", get(stats))
         .route("/admin/outages", post(start_outage))
+        .route("/admin/forget", post(forget))
         .route("/requests", get(requests))
         .route("/operations", get(applied_operations))
         .route("/authority/{authority}/tickets/{ticket_id}", get(lookup))
@@ -59,7 +60,7 @@ struct Received {
 /// `GET /requests`, and sees each one through to its end.
 async fn log_request(State(sim): State<Arc<Sim>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let path = req.uri().path();
-    if !matches!(path, "/" | "/stats" | "/requests" | "/operations" | "/admin/outages") {
+    if !matches!(path, "/" | "/stats" | "/requests" | "/operations" | "/admin/outages" | "/admin/forget") {
         let request_id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let received = Received { request_id, method: req.method().to_string(), path: path.to_owned() };
         lock(&sim.received).push(received);
@@ -184,6 +185,9 @@ enum OutageKind {
     StatusError,
     /// Every request answered `status` (default 403), nothing applied.
     Refuse,
+    /// Compensations (refund, cancel, reverse, void) declined for good (the
+    /// documented 422), nothing undone; the rest as usual. What a person must settle.
+    RefuseUndo,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -335,7 +339,7 @@ impl ProviderState {
                 c.errors.fetch_add(1, Relaxed);
                 return Fault::Refused(status);
             }
-            Some((OutageKind::Throttle | OutageKind::StatusError, _)) | None => {}
+            Some((OutageKind::Throttle | OutageKind::StatusError | OutageKind::RefuseUndo, _)) | None => {}
         }
         let s = &self.settings;
         let mut rng = rand::rng();
@@ -447,7 +451,7 @@ struct OutageRequest {
 /// `POST /admin/outages {"provider", "kind", "seconds", "status"?}`: the
 /// provider misbehaves from now for that long (0 ends an outage). Kinds:
 /// `down`, `hang`, `throttle`, `hang_after_apply`, `error_after_apply`,
-/// `status_error` and `refuse` (these two answer `status`, a 4xx).
+/// `status_error` and `refuse` (these two answer `status`, a 4xx), `refuse_undo`.
 async fn start_outage(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     let req: OutageRequest = match parse_json(&body) {
         Ok(r) => r,
@@ -465,6 +469,27 @@ async fn start_outage(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     let until = Instant::now() + Duration::from_secs(req.seconds);
     *lock(&sim.state(req.provider).outage) = Some(Outage { kind: req.kind, status, until });
     ok(json!({ "provider": req.provider, "kind": req.kind, "seconds": req.seconds, "status": status.as_u16() }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForgetRequest {
+    provider: ProviderName,
+    idempotency_key: String,
+}
+
+/// `POST /admin/forget {"provider", "idempotency_key"}`: the provider loses its
+/// record of an applied operation (status queries answer 404 from now on),
+/// as a provider's own bookkeeping may; `GET /operations` still lists it.
+async fn forget(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
+    let req: ForgetRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match lock(&sim.state(req.provider).applied).remove(&req.idempotency_key) {
+        Some(_) => ok(json!({ "provider": req.provider, "idempotency_key": req.idempotency_key, "forgotten": true })),
+        None => error(StatusCode::NOT_FOUND, "not_found", Some(format!("no operation with key {}", req.idempotency_key))),
+    }
 }
 
 fn refused(status: StatusCode) -> Response {
@@ -633,6 +658,10 @@ async fn operate(
         Err(r) => return r,
     };
 
+    if !is_forward && ps.outage().is_some_and(|o| o.kind == OutageKind::RefuseUndo) {
+        ps.counters.declined.fetch_add(1, Relaxed);
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "declined", Some(format!("{p} refuses to {operation} this operation")));
+    }
     let declined = is_forward && outcome_for(&sim.scenario, &req.ticket_id).fails_at == Some(p);
     match ps.draw_fault(Asks::Operation) {
         Fault::None => {}

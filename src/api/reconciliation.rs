@@ -21,7 +21,7 @@ use super::problem::Problem;
 use super::results::all_tickets;
 use super::App;
 use crate::domain::reconciliation::{Check, Expected, ProviderView, ReconciliationRun, expected_operations, verdict};
-use crate::domain::{Event, EventKind, PayStep, Stage, Ticket};
+use crate::domain::{Batch, Event, EventKind, PayStep, Stage, Ticket};
 use crate::providers::ProviderName;
 use crate::providers::client::{CallError, Caller as CallerOf};
 
@@ -37,10 +37,7 @@ pub async fn reconcile(
     PathParams(batch_id): PathParams<String>,
     QueryParams(query): QueryParams,
 ) -> Result<Response, Problem> {
-    let batch = find_batch(&app, &caller, &batch_id).await?;
-    if caller != Caller::Operator {
-        return Err(forbidden("reconciliation is an operator's check"));
-    }
+    let batch = operators_batch(&app, &caller, &batch_id).await?;
     let provider = match query.get("provider").filter(|p| !p.is_empty()) {
         Some(p) => Some(payment_provider(p)?),
         None => None,
@@ -77,13 +74,19 @@ pub async fn runs(
     PathParams(batch_id): PathParams<String>,
     QueryParams(query): QueryParams,
 ) -> Result<Response, Problem> {
-    let batch = find_batch(&app, &caller, &batch_id).await?;
-    if caller != Caller::Operator {
-        return Err(forbidden("reconciliation is an operator's check"));
-    }
+    let batch = operators_batch(&app, &caller, &batch_id).await?;
     let limit = parse_limit(&query, 20, 100)?;
     let runs = app.pipeline.store.reconciliations(&batch.batch_id, limit).await?;
     Ok(Json(json!({ "batch_id": batch.batch_id, "runs": runs.iter().map(summary).collect::<Vec<_>>() })).into_response())
+}
+
+/// A batch as the caller may see it (404 as if absent), and only for an operator.
+async fn operators_batch(app: &App, caller: &Caller, batch_id: &str) -> Result<Batch, Problem> {
+    let batch = find_batch(app, caller, batch_id).await?;
+    if *caller != Caller::Operator {
+        return Err(forbidden("reconciliation is an operator's check"));
+    }
+    Ok(batch)
 }
 
 fn payment_provider(name: &str) -> Result<ProviderName, Problem> {

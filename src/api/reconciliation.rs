@@ -26,7 +26,7 @@ use crate::providers::ProviderName;
 use crate::providers::client::{CallError, Caller as CallerOf};
 
 /// Queries in flight at once; the providers' own limits are kept by the client's limiter.
-const QUERIES_AT_ONCE: usize = 8;
+const QUERIES_AT_ONCE: usize = 64;
 /// A query with no usable answer (5xx, 429, a refused query) is asked again this many times in all.
 const ATTEMPTS: u32 = 5;
 

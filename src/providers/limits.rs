@@ -103,7 +103,15 @@ pub fn slices(limits: &ProviderLimits) -> Vec<Slice> {
     (0..n).map(|index| Slice { index, rate: f64::from(part(rate, index)), in_flight: part(conc, index) }).collect()
 }
 
-/// A rate limit in whole requests a second (a fraction of one cannot be spent safely).
+/// The span a limiter's whole requests are counted in: a second stretched by
+/// the headroom, and for a limit under one request a second, the time one takes.
+fn window(rate_limit: f64, headroom: f64) -> Duration {
+    let second = if rate_limit > 0.0 && rate_limit < 1.0 { 1.0 / rate_limit } else { 1.0 };
+    Duration::from_secs_f64(second / headroom.clamp(0.01, 1.0))
+}
+
+/// A rate limit in whole requests a second, or one for a limit under one a
+/// second (spent over its own longer window).
 fn whole_requests(rate_limit: f64) -> u32 {
     if rate_limit >= 1.0 { rate_limit.floor().min(f64::from(u32::MAX)) as u32 } else { u32::from(rate_limit > 0.0) }
 }
@@ -172,7 +180,7 @@ impl Limiter {
             next_slot: Instant::now(),
             interval: None,
             open: !limited.0 && !limited.1,
-            window: Duration::from_secs_f64(1.0 / headroom.clamp(0.01, 1.0)),
+            window: window(limits.rate_limit, headroom),
             allowed: 0,
             sent: VecDeque::new(),
         };
@@ -453,6 +461,10 @@ mod tests {
         let odd = slices(&ProviderLimits { rate_limit: 30.0, concurrency_limit: 0 });
         assert_eq!(odd.iter().map(|s| s.rate).sum::<f64>(), 30.0);
         assert!(slices(&ProviderLimits { rate_limit: 0.0, concurrency_limit: 0 }).is_empty());
+        let trickle = ProviderLimits { rate_limit: 0.5, concurrency_limit: 4 };
+        assert_eq!(slices(&trickle).iter().map(|s| s.rate).collect::<Vec<_>>(), vec![1.0]);
+        let limiter = Limiter::whole(&trickle, 1.0);
+        assert_eq!((limiter.window(), limiter.rate()), (Duration::from_secs(2), 0.5), "one request every two seconds");
     }
 
     /// However late callers wake and however the allowance changes, no

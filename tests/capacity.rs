@@ -41,6 +41,18 @@ fn instance(providers: &str, config: &ClientConfig, leases_db: &std::path::Path,
     Arc::new(ProviderClient::new(endpoints, config, Redactor::new(&[], &[])).with_shared_capacity(config, leases, name.to_owned()))
 }
 
+/// The simulator on [`TIGHT`] and one instance per name, sharing `leases.db` in a new folder.
+fn tight_deployment(names: &[&str]) -> (tempfile::TempDir, Process, String, Vec<Arc<ProviderClient>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("tight.toml");
+    std::fs::write(&scenario, TIGHT).unwrap();
+    let (sim, providers) = simulator(scenario.to_str().unwrap());
+    let config = ClientConfig::from_toml(TIGHT).unwrap();
+    let db = dir.path().join("leases.db");
+    let clients = names.iter().map(|n| instance(&providers, &config, &db, n)).collect();
+    (dir, sim, providers, clients)
+}
+
 async fn lookups(client: Arc<ProviderClient>, from: usize, n: usize) -> usize {
     tried(client, from, n, 5).await
 }
@@ -65,13 +77,7 @@ async fn tried(client: Arc<ProviderClient>, from: usize, n: usize, tries: usize)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_together_stay_within_a_providers_limits_and_share_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let scenario = dir.path().join("tight.toml");
-    std::fs::write(&scenario, TIGHT).unwrap();
-    let (_sim, providers) = simulator(scenario.to_str().unwrap());
-    let config = ClientConfig::from_toml(TIGHT).unwrap();
-    let db = dir.path().join("leases.db");
-    let clients: Vec<_> = ["a", "b", "c"].iter().map(|n| instance(&providers, &config, &db, n)).collect();
+    let (_dir, _sim, providers, clients) = tight_deployment(&["a", "b", "c"]);
 
     // 3 instances x 40 lookups at 20/s and 4 in flight: about 6 s if the limit is spent well.
     let started = Instant::now();
@@ -97,14 +103,8 @@ async fn instances_together_stay_within_a_providers_limits_and_share_them() {
 /// hand it on after a while, so none waits until the others are done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_more_instances_than_slices_each_gets_its_turn() {
-    let dir = tempfile::tempdir().unwrap();
-    let scenario = dir.path().join("tight.toml");
-    std::fs::write(&scenario, TIGHT).unwrap();
-    let (_sim, providers) = simulator(scenario.to_str().unwrap());
-    let config = ClientConfig::from_toml(TIGHT).unwrap();
-    let db = dir.path().join("leases.db");
     let names = ["a", "b", "c", "d", "e", "f"];
-    let clients: Vec<_> = names.iter().map(|n| instance(&providers, &config, &db, n)).collect();
+    let (_dir, _sim, providers, clients) = tight_deployment(&names);
     assert_eq!(authority(&clients[0]).slices, 4);
 
     // Each has 80 lookups: 16 s on one slice, longer than a turn.

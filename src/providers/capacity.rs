@@ -140,6 +140,7 @@ impl Capacity {
             .iter()
             .map(|s| {
                 let held = lock(&s.held);
+                let (calls_in_flight, waiting) = s.limiter.in_use();
                 let using: Vec<&Slice> = held.iter().filter(|(_, h)| !h.releasing).map(|(i, _)| &s.slices[*i as usize]).collect();
                 ShareView {
                     provider: s.provider,
@@ -147,8 +148,8 @@ impl Capacity {
                     held: held.len(),
                     rate: if using.is_empty() { 0.0 } else { s.limiter.rate() },
                     in_flight: using.iter().map(|x| x.in_flight).sum(),
-                    calls_in_flight: s.limiter.in_use().0,
-                    waiting: s.limiter.in_use().1,
+                    calls_in_flight,
+                    waiting,
                     paused_for_ms: s.limiter.paused_for().map(|d| d.as_millis() as u64),
                 }
             })

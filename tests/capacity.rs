@@ -43,11 +43,15 @@ fn instance(providers: &str, config: &ClientConfig, leases_db: &std::path::Path,
 
 /// The simulator on [`TIGHT`] and one instance per name, sharing `leases.db` in a new folder.
 fn tight_deployment(names: &[&str]) -> (tempfile::TempDir, Process, String, Vec<Arc<ProviderClient>>) {
+    deployment(TIGHT, names)
+}
+
+fn deployment(scenario_toml: &str, names: &[&str]) -> (tempfile::TempDir, Process, String, Vec<Arc<ProviderClient>>) {
     let dir = tempfile::tempdir().unwrap();
-    let scenario = dir.path().join("tight.toml");
-    std::fs::write(&scenario, TIGHT).unwrap();
+    let scenario = dir.path().join("scenario.toml");
+    std::fs::write(&scenario, scenario_toml).unwrap();
     let (sim, providers) = simulator(scenario.to_str().unwrap());
-    let config = ClientConfig::from_toml(TIGHT).unwrap();
+    let config = ClientConfig::from_toml(scenario_toml).unwrap();
     let db = dir.path().join("leases.db");
     let clients = names.iter().map(|n| instance(&providers, &config, &db, n)).collect();
     (dir, sim, providers, clients)
@@ -138,6 +142,49 @@ async fn with_more_instances_than_slices_each_gets_its_turn() {
         let held = held.unwrap_or_else(|| panic!("{name} never held a slice: {first_held:?}"));
         assert!(held < first_done, "{name} waited for its first slice ({held:?}) until another was done ({first_done:?})");
     }
+}
+
+/// Two instances with work, one with far less than the other: the light one
+/// keeps what it needs and the busy one spends the rest, instead of each
+/// holding half and the busy one waiting while the light one's half idles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_with_little_work_leaves_the_rest_to_one_with_much() {
+    let wide = TIGHT.replace("rate_limit = 20", "rate_limit = 40").replace("concurrency_limit = 4", "concurrency_limit = 20");
+    let (_dir, _sim, providers, clients) = deployment(&wide, &["busy", "light"]);
+    let slices = authority(&clients[0]).slices;
+    assert_eq!(slices, 20);
+
+    // The light one asks about 4 lookups a second, a tenth of the limit.
+    let (busy, light) = (clients[0].clone(), clients[1].clone());
+    let trickle = tokio::spawn(async move {
+        let mut answered = 0;
+        for i in 0..100 {
+            answered += tried(light.clone(), 10_000 + i, 1, 5).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        answered
+    });
+    let flood = tokio::spawn(tried(busy, 0, 600, 20));
+    let started = Instant::now();
+    let mut most_held_by_busy = 0;
+    while !flood.is_finished() {
+        let held: Vec<usize> = clients.iter().map(|c| authority(c).held).collect();
+        assert!(held.iter().sum::<usize>() <= slices, "never more slices held than there are: {held:?}");
+        if !trickle.is_finished() && authority(&clients[1]).held > 0 {
+            most_held_by_busy = most_held_by_busy.max(held[0]);
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "the flood is answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(flood.await.unwrap(), 600, "every call of the busy instance was answered");
+    assert!(
+        most_held_by_busy >= slices * 3 / 4,
+        "while the light instance also had work, the busy one held at most {most_held_by_busy} of {slices} slices"
+    );
+    trickle.abort();
+    let s = sim_stats(&providers).await;
+    assert_limits_held(&s);
+    assert_eq!(s["authority"]["throttled"].as_u64(), Some(0), "the provider never had to refuse: {}", s["authority"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

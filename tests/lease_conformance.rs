@@ -65,13 +65,15 @@ async fn many_contenders_get_one_winner_per_slice(leases: Arc<dyn Leases>) {
 }
 
 async fn members_and_pauses_are_shared(leases: Arc<dyn Leases>) {
-    assert_eq!(leases.announce("gateway", "a", true, TERM).await.unwrap().len(), 1);
-    let seen = leases.announce("gateway", "b", false, TERM).await.unwrap();
-    let wants: Vec<(String, bool)> = seen.iter().map(|m| (m.instance.clone(), m.wants)).collect();
-    assert_eq!(wants, vec![("a".to_owned(), true), ("b".to_owned(), false)]);
-    assert_eq!(leases.announce("fraud", "a", true, TERM).await.unwrap().len(), 1, "groups are apart");
+    assert_eq!(leases.announce("gateway", "a", 7, TERM).await.unwrap().len(), 1);
+    let seen = leases.announce("gateway", "b", 0, TERM).await.unwrap();
+    let wants: Vec<(String, u32)> = seen.iter().map(|m| (m.instance.clone(), m.wants)).collect();
+    assert_eq!(wants, vec![("a".to_owned(), 7), ("b".to_owned(), 0)]);
+    let seen = leases.announce("gateway", "a", 20, TERM).await.unwrap();
+    assert_eq!(seen[0].wants, 20, "a member's demand is what it said last");
+    assert_eq!(leases.announce("fraud", "a", 1, TERM).await.unwrap().len(), 1, "groups are apart");
     leases.leave("gateway", "a").await.unwrap();
-    assert_eq!(leases.announce("gateway", "b", true, TERM).await.unwrap().len(), 1, "a member that left is gone");
+    assert_eq!(leases.announce("gateway", "b", 3, TERM).await.unwrap().len(), 1, "a member that left is gone");
 
     assert_eq!(leases.paused_until("gateway").await.unwrap(), None);
     leases.pause("gateway", Duration::from_secs(2)).await.unwrap();
@@ -149,7 +151,7 @@ impl Leases for Split {
     async fn holders(&self, p: &str) -> ticketpay::leases::Result<Vec<(String, String)>> {
         self.two.holders(p).await
     }
-    async fn announce(&self, g: &str, i: &str, w: bool, t: Duration) -> ticketpay::leases::Result<Vec<ticketpay::leases::Member>> {
+    async fn announce(&self, g: &str, i: &str, w: u32, t: Duration) -> ticketpay::leases::Result<Vec<ticketpay::leases::Member>> {
         self.two.announce(g, i, w, t).await
     }
     async fn leave(&self, g: &str, i: &str) -> ticketpay::leases::Result<()> {

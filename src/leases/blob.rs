@@ -5,7 +5,7 @@
 //! Layout of the container:
 //! - `slices/{resource}`: a zero-byte blob per capacity slice; its blob lease
 //!   is the lease, and its metadata `instance` names the holder.
-//! - `members/{group}/{instance}`: metadata `wants` and `expires_ms`.
+//! - `members/{group}/{instance}`: metadata `wants` (slices it has work for) and `expires_ms`.
 //! - `pauses/{resource}`: metadata `until_ms`.
 //!
 //! In Azure the identity needs Storage Blob Data Contributor on the container.
@@ -314,7 +314,7 @@ impl Leases for BlobLeases {
         Ok(held)
     }
 
-    async fn announce(&self, group: &str, instance: &str, wants: bool, term: Duration) -> Result<Vec<Member>> {
+    async fn announce(&self, group: &str, instance: &str, wants: u32, term: Duration) -> Result<Vec<Member>> {
         check_term(term)?;
         let prefix = members_prefix(group);
         let blob = self.container.blob_client(&format!("{prefix}{instance}"));
@@ -334,7 +334,7 @@ impl Leases for BlobLeases {
             let meta = metadata(item);
             let expires_ms = meta.and_then(|m| m.get("expires_ms")).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
             if expires_ms > now {
-                let wants = meta.and_then(|m| m.get("wants")).is_some_and(|v| v == "true");
+                let wants = meta.and_then(|m| m.get("wants")).map_or(0, |v| wanted_slices(v));
                 members.push(Member { instance: name.to_owned(), wants });
             } else if let Some(etag) = item.properties.as_ref().and_then(|p| p.etag.clone()) {
                 // Gone for a term: tidy up, unless it announced itself again meanwhile.
@@ -415,5 +415,14 @@ impl Leases for BlobLeases {
             }
             Err(e) => Err(self.fail(&format!("read pause of {resource}"), e)),
         }
+    }
+}
+
+/// A member's `wants`: a count of slices, or as instances of an older release
+/// wrote it, `true` (as many as it can get) or `false`.
+fn wanted_slices(v: &str) -> u32 {
+    match v {
+        "true" => u32::MAX,
+        other => other.parse().unwrap_or(0),
     }
 }

@@ -28,8 +28,8 @@ pub struct LeaseId(pub String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub instance: String,
-    /// Whether it has work for this resource group and wants capacity.
-    pub wants: bool,
+    /// How many of the group's slices it has work for (0: none).
+    pub wants: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,9 +63,9 @@ pub trait Leases: Send + Sync + 'static {
     async fn release(&self, resource: &str, lease: &LeaseId) -> Result<()>;
     /// The resources under `prefix` held now, with who holds them.
     async fn holders(&self, prefix: &str) -> Result<Vec<(String, String)>>;
-    /// Says `instance` is running (and whether it wants capacity of `group`)
-    /// for the next `term`; returns every member of `group` seen within its term.
-    async fn announce(&self, group: &str, instance: &str, wants: bool, term: Duration) -> Result<Vec<Member>>;
+    /// Says `instance` is running (and how many slices of `group` it has work
+    /// for) for the next `term`; returns every member of `group` seen within its term.
+    async fn announce(&self, group: &str, instance: &str, wants: u32, term: Duration) -> Result<Vec<Member>>;
     /// Leaves `group` at once (an instance that stops).
     async fn leave(&self, group: &str, instance: &str) -> Result<()>;
     /// Nobody calls `resource` for the next `for_`, counted from the service's

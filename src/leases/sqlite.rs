@@ -125,7 +125,7 @@ impl Leases for SqliteLeases {
         .await
     }
 
-    async fn announce(&self, group: &str, instance: &str, wants: bool, term: Duration) -> Result<Vec<Member>> {
+    async fn announce(&self, group: &str, instance: &str, wants: u32, term: Duration) -> Result<Vec<Member>> {
         check_term(term)?;
         let (group, instance) = (group.to_owned(), instance.to_owned());
         self.run(move |c| {

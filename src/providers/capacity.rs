@@ -3,12 +3,14 @@
 //! ([`super::limits::slices`]); an instance spends only the slices it holds a
 //! lease on ([`crate::leases`]), renews them while it has work, stops using one
 //! a safety margin before its lease could run out, and gives them back when
-//! idle. Instances with work share the slices fairly: each takes at most its
-//! share (slices / instances wanting) and one holding more gives the rest
-//! back. A provider that says "slow down" pauses it for every instance.
+//! idle. Each instance announces how many slices it has work for, measured
+//! from what it sent; the slices are shared max-min fairly: an instance that
+//! needs less than an even split keeps what it needs, the ones that need more
+//! split the rest, and one holding more than its share gives the rest back.
+//! A provider that says "slow down" pauses it for every instance.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +33,14 @@ const SOONEST: Duration = Duration::from_millis(200);
 /// slice this long while another waits, then hands it on and rests.
 pub const ROTATE_AFTER: Duration = Duration::from_secs(10);
 const REST: Duration = Duration::from_secs(3);
+/// An instance sending at this part of what its slices allow needs more.
+const HUNGRY: f64 = 0.9;
+/// An instance that needs less keeps enough to send at most this part of it.
+const ROOMY: f64 = 0.8;
+/// What an instance needs is measured from what it sent over the last
+/// [`REMEMBER`], read at most every [`MEASURE_OVER`].
+const MEASURE_OVER: Duration = Duration::from_millis(500);
+const REMEMBER: Duration = Duration::from_secs(2);
 /// How often a pause set by another instance is looked for.
 pub const PAUSE_POLL: Duration = Duration::from_millis(200);
 
@@ -44,6 +54,36 @@ struct Shares {
     resting_until: Mutex<Option<Instant>>,
     /// Holds less than its share: a caller finding no capacity is a reason to look again.
     short: AtomicBool,
+    need: Mutex<Need>,
+    announced: AtomicU32,
+}
+
+impl Shares {
+    fn new(provider: ProviderName, slices: Vec<Slice>, limiter: Arc<Limiter>) -> Shares {
+        Shares {
+            provider,
+            slices,
+            limiter,
+            held: Mutex::new(HashMap::new()),
+            resting_until: Mutex::new(None),
+            short: AtomicBool::new(true),
+            need: Mutex::new(Need { readings: VecDeque::new() }),
+            announced: AtomicU32::new(0),
+        }
+    }
+}
+
+/// What this instance sent a provider lately: readings at least
+/// [`MEASURE_OVER`] apart, over the last [`REMEMBER`].
+struct Need {
+    readings: VecDeque<Reading>,
+}
+
+struct Reading {
+    at: Instant,
+    sent: u64,
+    peak_in_flight: u32,
+    places: u32,
 }
 
 struct Held {
@@ -67,6 +107,10 @@ pub struct ShareView {
     /// Calls this instance has in flight now, and callers waiting for capacity.
     pub calls_in_flight: u32,
     pub waiting: u32,
+    /// Requests this instance has sent the provider since it started.
+    pub sent: u64,
+    /// Slices it last said it has work for.
+    pub needs: u32,
     pub paused_for_ms: Option<u64>,
 }
 
@@ -110,7 +154,7 @@ impl Capacity {
         let margin = (call_bound + Duration::from_secs(1)).min(TERM - 2 * RENEW_EVERY);
         let shares = limiters
             .into_iter()
-            .map(|(provider, slices, limiter)| Arc::new(Shares { provider, slices, limiter, held: Mutex::new(HashMap::new()), resting_until: Mutex::new(None), short: AtomicBool::new(true) }))
+            .map(|(provider, slices, limiter)| Arc::new(Shares::new(provider, slices, limiter)))
             .collect();
         let capacity = Arc::new(Capacity { leases, instance, margin, shares });
         // A provider without limits has no slices to share.
@@ -150,6 +194,8 @@ impl Capacity {
                     in_flight: using.iter().map(|x| x.in_flight).sum(),
                     calls_in_flight,
                     waiting,
+                    sent: s.limiter.sent(),
+                    needs: s.announced.load(Relaxed),
                     paused_for_ms: s.limiter.paused_for().map(|d| d.as_millis() as u64),
                 }
             })
@@ -219,8 +265,10 @@ impl Capacity {
     /// longer be used, then take or give back slices towards the fair share.
     async fn look(self: &Arc<Self>, shares: &Arc<Shares>) {
         let group = shares.provider.as_str();
-        let wants = shares.limiter.busy();
-        let members = match self.leases.announce(group, &self.instance, wants, TERM).await {
+        let need = self.need(shares);
+        shares.announced.store(need, Relaxed);
+        let wants = need > 0;
+        let members = match self.leases.announce(group, &self.instance, need, TERM).await {
             Ok(members) => members,
             Err(e) => {
                 tracing::warn!(provider = group, error = %e, "leases unreachable; spending only what is still safely held");
@@ -230,7 +278,7 @@ impl Capacity {
         };
         self.renew(shares).await;
         self.drop_unusable(shares);
-        let share = if wants { self.fair_share(shares, &members).await } else { Share::none() };
+        let share = if wants { self.fair_share(shares, need, &members).await } else { Share::none() };
         let holding = lock(&shares.held).values().filter(|h| !h.releasing).count();
         // Idle until now, a caller finding no capacity is the first sign of work.
         shares.short.store(holding < share.target || !wants, Relaxed);
@@ -243,28 +291,85 @@ impl Capacity {
             // work first need not give back what the others are about to ask for.
             let step = (shares.slices.len() / members.len().max(1)).max(1);
             self.take(shares, (share.target - holding).min(step), &share.taken).await;
-        } else if holding > share.target {
-            self.give_back(shares, holding - share.target);
+        } else if holding > share.keep {
+            self.give_back(shares, holding - share.keep);
         }
     }
 
-    /// Each instance with work may hold `slices / wanting` (rounded down, at
-    /// least one); one more while no other instance with work holds less.
-    async fn fair_share(&self, shares: &Shares, members: &[crate::leases::Member]) -> Share {
+    /// How many slices this instance has work for: none when idle; as many as
+    /// it can get when, over the last few seconds, it sent at nearly all its
+    /// slices allow or kept all its places busy (or it holds none while
+    /// callers wait); otherwise enough to send what it sent with room to spare.
+    fn need(&self, shares: &Shares) -> u32 {
+        let n = shares.slices.len() as u32;
+        let mut need = lock(&shares.need);
+        if !shares.limiter.busy() {
+            need.readings.clear();
+            return 0;
+        }
+        let now = Instant::now();
+        if need.readings.back().is_none_or(|r| now.duration_since(r.at) >= MEASURE_OVER) {
+            let usage = shares.limiter.usage();
+            need.readings.push_back(Reading { at: now, sent: usage.sent, peak_in_flight: usage.peak_in_flight, places: usage.places });
+        }
+        while need.readings.len() > 2 && now.duration_since(need.readings[1].at) >= REMEMBER {
+            need.readings.pop_front();
+        }
+        let (first, last) = (&need.readings[0], &need.readings[need.readings.len() - 1]);
+        let span = last.at.duration_since(first.at);
+        if span < MEASURE_OVER {
+            return n;
+        }
+        let sent_rate = (last.sent - first.sent) as f64 / span.as_secs_f64();
+        let peak = need.readings.iter().skip(1).map(|r| r.peak_in_flight).max().unwrap_or(0);
+        self.needed_slices(shares, sent_rate, peak, last.places)
+    }
+
+    fn needed_slices(&self, shares: &Shares, sent_rate: f64, peak_in_flight: u32, places: u32) -> u32 {
+        let n = shares.slices.len() as u32;
+        let held = lock(&shares.held).values().filter(|h| !h.releasing).count();
+        if held == 0 {
+            return n;
+        }
+        let rate = shares.limiter.rate();
+        let rate_bound = rate > 0.0 && sent_rate >= HUNGRY * rate;
+        let flight_bound = places > 0 && peak_in_flight >= places;
+        if rate_bound || flight_bound {
+            return n;
+        }
+        // The peak in flight is already the most it needed; the rate is an average.
+        let per_slice = |total: f64| total / held as f64;
+        let by_rate = if rate > 0.0 { sent_rate / (ROOMY * per_slice(rate)) } else { 0.0 };
+        let by_flight = if places > 0 { f64::from(peak_in_flight) / per_slice(f64::from(places)) } else { 0.0 };
+        (by_rate.max(by_flight).ceil() as u32).clamp(1, n)
+    }
+
+    /// This instance's part of the slices, max-min fair over what every
+    /// instance with work needs ([`allotment`]): at its floor while another
+    /// holds less than its own, one more otherwise.
+    async fn fair_share(&self, shares: &Shares, need: u32, members: &[crate::leases::Member]) -> Share {
         let n = shares.slices.len();
-        let wanting: Vec<&str> = members.iter().filter(|m| m.wants).map(|m| m.instance.as_str()).collect();
-        let contenders = wanting.len().max(1);
-        let floor = (n / contenders).max(1);
+        let mut needs: Vec<(&str, usize)> = members
+            .iter()
+            .filter(|m| m.wants > 0 && m.instance != self.instance)
+            .map(|m| (m.instance.as_str(), (m.wants as usize).min(n)))
+            .collect();
+        needs.push((self.instance.as_str(), (need as usize).min(n)));
+        let parts = allotment(n, &needs);
+        let mine = parts[&self.instance.as_str()];
         let prefix = format!("{}/", shares.provider);
         let Ok(holders) = self.leases.holders(&prefix).await else {
-            return Share { target: floor, ..Share::none() };
+            return Share { target: mine.floor, keep: mine.floor, ..Share::none() };
         };
         let held_by = |who: &str| holders.iter().filter(|(_, h)| h == who).count();
-        let others = || wanting.iter().filter(|w| **w != self.instance);
-        let someone_short = others().any(|w| held_by(w) < floor);
-        let someone_waits = contenders > n && others().any(|w| held_by(w) == 0);
+        let others = || parts.iter().filter(|(w, _)| **w != self.instance);
+        let someone_short = others().any(|(w, part)| held_by(w) < part.floor);
+        let someone_waits = needs.len() > n && others().any(|(w, _)| held_by(w) == 0);
         let taken = holders.iter().filter_map(|(r, _)| r.strip_prefix(&prefix)?.parse().ok()).collect();
-        Share { target: if someone_short { floor } else { n.div_ceil(contenders) }, someone_waits, taken }
+        // Slices beyond its part are given back only to someone short of theirs:
+        // an instance alone with work keeps what a lull would otherwise take.
+        let (target, keep) = if someone_short { (mine.floor, mine.floor) } else { (mine.ceil, n) };
+        Share { target, keep, someone_waits, taken }
     }
 
     /// More instances want the provider than it has slices: one that has held
@@ -396,8 +501,10 @@ impl Capacity {
 }
 
 struct Share {
-    /// How many slices this instance should hold.
+    /// How many slices this instance may take.
     target: usize,
+    /// How many it may keep: more than its target while no one else is short.
+    keep: usize,
     /// Another instance with work holds none, and there are fewer slices than instances with work.
     someone_waits: bool,
     /// The slices someone holds, as the lease service listed them.
@@ -406,8 +513,44 @@ struct Share {
 
 impl Share {
     fn none() -> Share {
-        Share { target: 0, someone_waits: false, taken: HashSet::new() }
+        Share { target: 0, keep: 0, someone_waits: false, taken: HashSet::new() }
     }
+}
+
+/// An instance's part of a provider's slices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Part {
+    /// Held by right.
+    floor: usize,
+    /// Held while no one else is below their floor.
+    ceil: usize,
+}
+
+/// Max-min fair parts of `n` slices for instances each needing some: each
+/// gets what it needs if that is no more than an even split of what the
+/// instances needing less left over; those needing more split the rest, with
+/// the remainder of the split as one more for any of them. With more
+/// instances than slices each is owed one, and they take turns.
+fn allotment<'a>(n: usize, needs: &[(&'a str, usize)]) -> HashMap<&'a str, Part> {
+    let mut by_need = needs.to_vec();
+    by_need.sort_by_key(|(who, need)| (*need, *who));
+    let mut parts = HashMap::new();
+    let mut left = n;
+    for (i, (who, need)) in by_need.iter().enumerate() {
+        let sharing = by_need.len() - i;
+        if need * sharing <= left {
+            parts.insert(*who, Part { floor: *need, ceil: *need });
+            left -= need;
+            continue;
+        }
+        let even = left / sharing;
+        let ceil = even + usize::from(left % sharing > 0);
+        for (who, _) in &by_need[i..] {
+            parts.insert(*who, Part { floor: even.max(1), ceil: ceil.max(1) });
+        }
+        break;
+    }
+    parts
 }
 
 fn rate_of(shares: &Shares, held: &HashMap<u32, Held>) -> f64 {
@@ -422,4 +565,44 @@ fn resource(provider: ProviderName, index: u32) -> String {
 fn offset(instance: &str, n: u32) -> u32 {
     let hash = instance.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
     hash % n.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(n: usize, needs: &[(&'static str, usize)]) -> Vec<(usize, usize)> {
+        let all = allotment(n, needs);
+        needs.iter().map(|(who, _)| (all[who].floor, all[who].ceil)).collect()
+    }
+
+    #[test]
+    fn instances_needing_all_split_evenly() {
+        assert_eq!(parts(20, &[("a", 20), ("b", 20), ("c", 20), ("d", 20)]), vec![(5, 5); 4]);
+        assert_eq!(parts(20, &[("a", 20), ("b", 20), ("c", 20)]), vec![(6, 7); 3]);
+    }
+
+    #[test]
+    fn what_one_needs_less_of_goes_to_the_others() {
+        assert_eq!(parts(20, &[("a", 20), ("b", 2), ("c", 20), ("d", 20)]), vec![(6, 6), (2, 2), (6, 6), (6, 6)]);
+        assert_eq!(parts(20, &[("a", 3), ("b", 4), ("c", 20)]), vec![(3, 3), (4, 4), (13, 13)]);
+    }
+
+    #[test]
+    fn needs_that_fit_are_met_and_the_rest_stays_free() {
+        assert_eq!(parts(20, &[("a", 3), ("b", 4)]), vec![(3, 3), (4, 4)]);
+    }
+
+    #[test]
+    fn never_more_than_the_slices() {
+        for needs in [vec![("a", 7), ("b", 9), ("c", 20)], vec![("a", 1), ("b", 20), ("c", 20)], vec![("a", 19), ("b", 19)]] {
+            let total: usize = parts(20, &needs).iter().map(|(floor, _)| floor).sum();
+            assert!(total <= 20, "{needs:?}: {total}");
+        }
+    }
+
+    #[test]
+    fn more_instances_than_slices_each_owed_one() {
+        assert_eq!(parts(2, &[("a", 2), ("b", 2), ("c", 2)]), vec![(1, 1); 3]);
+    }
 }

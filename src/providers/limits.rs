@@ -3,7 +3,7 @@
 //! the deployment, and a pause when a provider says "slow down".
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,6 +134,21 @@ pub struct Limiter {
     wanted: Notify,
     waiting: AtomicU32,
     last_used: Mutex<Instant>,
+    /// Requests let through, ever.
+    sent: AtomicU64,
+}
+
+/// What a limiter let through: whoever shares its capacity out reads it to
+/// learn how much this instance needs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    /// Requests let through, ever.
+    pub sent: u64,
+    /// The most requests on their way at once since the last reading (not
+    /// counting callers holding a place while they wait for a slot in time).
+    pub peak_in_flight: u32,
+    /// Places in flight this limiter has now (0 without a concurrency limit).
+    pub places: u32,
 }
 
 struct Pace {
@@ -192,6 +207,7 @@ impl Limiter {
             wanted: Notify::new(),
             waiting: AtomicU32::new(0),
             last_used: Mutex::new(Instant::now() - IDLE_AFTER),
+            sent: AtomicU64::new(0),
         }
     }
 
@@ -233,6 +249,20 @@ impl Limiter {
         (calls, self.waiting.load(Relaxed))
     }
 
+    /// Requests let through, ever.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Relaxed)
+    }
+
+    /// What was let through; the peak in flight starts again from the calls in flight now.
+    pub fn usage(&self) -> Usage {
+        let (peak_in_flight, places) = self.in_flight.as_ref().map_or((0, 0), |g| {
+            let sending = g.sending.load(Relaxed);
+            (g.peak.swap(sending, Relaxed).max(sending), lock(&g.places).0)
+        });
+        Usage { sent: self.sent.load(Relaxed), peak_in_flight, places }
+    }
+
     /// Resolves when a caller found no capacity.
     pub async fn wanted(&self) {
         self.wanted.notified().await;
@@ -246,12 +276,16 @@ impl Limiter {
         let _waiting = Waiting(&self.waiting);
         loop {
             self.until_open().await;
-            let permit = match &self.in_flight {
+            let mut permit = match &self.in_flight {
                 Some(g) => Some(g.enter(&self.wanted).await),
                 None => None,
             };
             if self.until_slot().await {
                 *lock(&self.last_used) = Instant::now();
+                self.sent.fetch_add(1, Relaxed);
+                if let Some(p) = &mut permit {
+                    p.send();
+                }
                 return permit;
             }
             // Closed while waiting for a slot (the slices went back): the place
@@ -350,15 +384,34 @@ impl Limiter {
 struct Gate {
     places: Mutex<(u32, u32)>,
     changed: Notify,
+    /// Places whose request is on its way (the others wait for a slot in time).
+    sending: AtomicU32,
+    /// The most requests on their way at once since [`Limiter::usage`] last read it.
+    peak: AtomicU32,
 }
 
 /// A place in flight, given back when dropped.
-pub struct InFlight(Arc<Gate>);
+pub struct InFlight {
+    gate: Arc<Gate>,
+    /// Past its slot in time: the request is on its way.
+    sent: bool,
+}
+
+impl InFlight {
+    fn send(&mut self) {
+        self.sent = true;
+        let sending = self.gate.sending.fetch_add(1, Relaxed) + 1;
+        self.gate.peak.fetch_max(sending, Relaxed);
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        lock(&self.0.places).1 -= 1;
-        self.0.changed.notify_waiters();
+        if self.sent {
+            self.gate.sending.fetch_sub(1, Relaxed);
+        }
+        lock(&self.gate.places).1 -= 1;
+        self.gate.changed.notify_waiters();
     }
 }
 
@@ -370,7 +423,7 @@ impl Gate {
                 let mut places = lock(&self.places);
                 if places.1 < places.0 {
                     places.1 += 1;
-                    return InFlight(self.clone());
+                    return InFlight { gate: self.clone(), sent: false };
                 }
             }
             wanted.notify_one();

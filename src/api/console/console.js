@@ -314,7 +314,8 @@ function capacityTable(c) {
     const allowed = p.in_flight ? ` of ${p.in_flight}` : "";
     return h("tr", { "data-provider": p.provider },
       h("td", {}, p.provider),
-      h("td", { class: "num" }, `${p.calls_in_flight}${allowed} in flight, ${p.rate.toFixed(1)} req/s` + (p.waiting ? `, ${p.waiting} waiting` : "")),
+      h("td", { class: "num" }, `${p.calls_in_flight}${allowed} in flight, ${p.rate.toFixed(1)} req/s` + (p.waiting ? `, ${p.waiting} waiting` : "")
+        + (p.slices && p.needs ? `; needs ${p.needs === p.slices ? "all" : p.needs} of ${p.slices} slices` : "")),
       h("td", { class: "num" }, !p.slices ? "no limits" : d ? `${d.held} of ${p.slices}` : "lease service unreachable",
         d && holders ? h("span", { class: "muted" }, ` (${holders})`) : ""),
       h("td", { class: "paused" }, d && d.paused_until ? `until ${timeOf(d.paused_until)} (429)` : "no"));

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::ProviderName;
@@ -149,6 +149,10 @@ pub struct Usage {
     pub peak_in_flight: u32,
     /// Places in flight this limiter has now (0 without a concurrency limit).
     pub places: u32,
+    /// Callers queued now for capacity this limiter does not have: waiting for
+    /// a place in flight, or without a concurrency limit, for a later slot
+    /// than the next.
+    pub queued: u32,
 }
 
 struct Pace {
@@ -224,7 +228,8 @@ impl Limiter {
     pub fn set_rate(&self, rate: f64) {
         let mut pace = lock(&self.pace);
         pace.allowed = rate.max(0.0).floor() as u32;
-        pace.interval = (pace.allowed > 0).then(|| pace.window / pace.allowed);
+        // Rounded up: the allowed requests spaced by it never fall inside one window.
+        pace.interval = (pace.allowed > 0).then(|| Duration::from_nanos(pace.window.as_nanos().div_ceil(u128::from(pace.allowed)) as u64));
         pace.open = if self.limited.0 { pace.allowed > 0 } else { true };
         drop(pace);
         self.opened.notify_waiters();
@@ -245,7 +250,7 @@ impl Limiter {
 
     /// Calls in flight now, and callers waiting for capacity.
     pub fn in_use(&self) -> (u32, u32) {
-        let calls = self.in_flight.as_ref().map_or(0, |g| lock(&g.places).1);
+        let calls = self.in_flight.as_ref().map_or(0, |g| g.taken());
         (calls, self.waiting.load(Relaxed))
     }
 
@@ -256,11 +261,14 @@ impl Limiter {
 
     /// What was let through; the peak in flight starts again from the calls in flight now.
     pub fn usage(&self) -> Usage {
-        let (peak_in_flight, places) = self.in_flight.as_ref().map_or((0, 0), |g| {
-            let sending = g.sending.load(Relaxed);
-            (g.peak.swap(sending, Relaxed).max(sending), lock(&g.places).0)
-        });
-        Usage { sent: self.sent.load(Relaxed), peak_in_flight, places }
+        let (peak_in_flight, places, queued) = match &self.in_flight {
+            Some(g) => {
+                let sending = g.sending.load(Relaxed);
+                (g.peak.swap(sending, Relaxed).max(sending), g.allowed(), g.queued())
+            }
+            None => (0, 0, self.waiting.load(Relaxed).saturating_sub(1)),
+        };
+        Usage { sent: self.sent.load(Relaxed), peak_in_flight, places, queued }
     }
 
     /// Resolves when a caller found no capacity.
@@ -308,15 +316,17 @@ impl Limiter {
     /// Waits for the next slot and for room in the window; `false` when the
     /// limiter closed meanwhile.
     async fn until_slot(&self) -> bool {
-        loop {
-            // A caller that wakes well after its slot (the machine was busy) takes a
-            // new one: late callers going all at once would be a burst past the limit.
-            while let Some((slot, interval)) = self.take_slot() {
-                tokio::time::sleep_until(slot).await;
-                if Instant::now().duration_since(slot) <= interval.max(LATE_TOLERANCE) {
-                    break;
-                }
+        // A caller that wakes well after its slot (the machine was busy) takes a
+        // new one: late callers going all at once would be a burst past the limit.
+        while let Some((slot, interval)) = self.take_slot() {
+            tokio::time::sleep_until(slot).await;
+            if Instant::now().duration_since(slot) <= interval.max(LATE_TOLERANCE) {
+                break;
             }
+        }
+        // A window still full (a request before went late) holds this one back
+        // without costing it its slot: a second slot would be a request lost.
+        loop {
             match self.count_in_window() {
                 Window::Counted => return true,
                 Window::Closed => return false,
@@ -378,16 +388,42 @@ impl Limiter {
     }
 }
 
-/// Places in flight: how many are allowed and how many are taken. Unlike a
+/// Places in flight: how many are allowed and how many are taken, and the
+/// callers waiting for one, served in the order they came. Unlike a
 /// semaphore, places can be taken back at once, ahead of waiting callers.
 #[derive(Default)]
 struct Gate {
-    places: Mutex<(u32, u32)>,
+    places: Mutex<Places>,
+    /// Woken when a place is given back (a narrowing waits on it).
     changed: Notify,
     /// Places whose request is on its way (the others wait for a slot in time).
     sending: AtomicU32,
     /// The most requests on their way at once since [`Limiter::usage`] last read it.
     peak: AtomicU32,
+}
+
+#[derive(Default)]
+struct Places {
+    allowed: u32,
+    taken: u32,
+    queue: VecDeque<oneshot::Sender<()>>,
+}
+
+impl Places {
+    fn within(&self) -> bool {
+        self.taken <= self.allowed
+    }
+
+    /// Hands free places to the callers first in line.
+    fn hand_on(&mut self) {
+        while self.taken < self.allowed {
+            let Some(next) = self.queue.pop_front() else { return };
+            // A caller that stopped waiting has dropped its end.
+            if next.send(()).is_ok() {
+                self.taken += 1;
+            }
+        }
+    }
 }
 
 /// A place in flight, given back when dropped.
@@ -410,41 +446,91 @@ impl Drop for InFlight {
         if self.sent {
             self.gate.sending.fetch_sub(1, Relaxed);
         }
-        lock(&self.gate.places).1 -= 1;
-        self.gate.changed.notify_waiters();
+        self.gate.give_back();
+    }
+}
+
+/// A caller's place in line; if it stops waiting just as a place was handed
+/// to it, the place goes on to the next in line.
+struct InLine {
+    gate: Arc<Gate>,
+    turn: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        if let Some(mut turn) = self.turn.take() {
+            turn.close();
+            if turn.try_recv().is_ok() {
+                self.gate.give_back();
+            }
+        }
     }
 }
 
 impl Gate {
     async fn enter(self: &Arc<Self>, wanted: &Notify) -> InFlight {
         loop {
-            let changed = self.changed.notified();
-            {
+            let turn = {
                 let mut places = lock(&self.places);
-                if places.1 < places.0 {
-                    places.1 += 1;
+                if places.queue.is_empty() && places.taken < places.allowed {
+                    places.taken += 1;
                     return InFlight { gate: self.clone(), sent: false };
                 }
-            }
+                let (tx, rx) = oneshot::channel();
+                places.queue.push_back(tx);
+                rx
+            };
             wanted.notify_one();
-            changed.await;
+            let mut line = InLine { gate: self.clone(), turn: Some(turn) };
+            let handed = match line.turn.as_mut() {
+                Some(turn) => turn.await.is_ok(),
+                None => false,
+            };
+            if handed {
+                line.turn = None;
+                return InFlight { gate: self.clone(), sent: false };
+            }
         }
     }
 
-    fn widen(&self, n: u32) {
-        lock(&self.places).0 += n;
+    fn give_back(&self) {
+        {
+            let mut places = lock(&self.places);
+            places.taken -= 1;
+            places.hand_on();
+        }
         self.changed.notify_waiters();
+    }
+
+    /// Calls in flight now (places taken).
+    fn taken(&self) -> u32 {
+        lock(&self.places).taken
+    }
+
+    fn allowed(&self) -> u32 {
+        lock(&self.places).allowed
+    }
+
+    /// Callers in line for a place (not counting those that stopped waiting).
+    fn queued(&self) -> u32 {
+        lock(&self.places).queue.iter().filter(|turn| !turn.is_closed()).count() as u32
+    }
+
+    fn widen(&self, n: u32) {
+        let mut places = lock(&self.places);
+        places.allowed += n;
+        places.hand_on();
     }
 
     async fn narrow(&self, n: u32) {
         {
             let mut places = lock(&self.places);
-            places.0 = places.0.saturating_sub(n);
+            places.allowed = places.allowed.saturating_sub(n);
         }
         loop {
             let changed = self.changed.notified();
-            let (allowed, taken) = *lock(&self.places);
-            if taken <= allowed {
+            if lock(&self.places).within() {
                 return;
             }
             changed.await;
@@ -498,6 +584,44 @@ mod tests {
         drop(b);
     }
 
+    /// A place in flight goes to the caller that has waited longest, so no
+    /// caller waits past its turn however many come after it.
+    #[tokio::test]
+    async fn places_in_flight_go_in_the_order_callers_came() {
+        let limiter = Arc::new(Limiter::whole(&ProviderLimits { rate_limit: 0.0, concurrency_limit: 1 }, 1.0));
+        let first = limiter.acquire().await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut callers = Vec::new();
+        for i in 0..20 {
+            let (caller, order) = (limiter.clone(), order.clone());
+            callers.push(tokio::spawn(async move {
+                let place = caller.acquire().await;
+                lock(&order).push(i);
+                tokio::task::yield_now().await;
+                drop(place);
+            }));
+            while limiter.in_use().1 < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        // One caller gives up: its turn passes to the next in line.
+        let quitter = tokio::spawn({
+            let limiter = limiter.clone();
+            async move { limiter.acquire().await }
+        });
+        while limiter.in_use().1 < 21 {
+            tokio::task::yield_now().await;
+        }
+        quitter.abort();
+        drop(first);
+        use futures::FutureExt;
+        assert!(limiter.acquire().now_or_never().is_none(), "a newcomer does not take the place of those in line");
+        futures::future::join_all(callers).await;
+        assert_eq!(*lock(&order), (0..20).collect::<Vec<_>>());
+        assert_eq!(limiter.in_use(), (0, 0), "every place came back");
+        assert!(tokio::time::timeout(Duration::from_millis(50), limiter.acquire()).await.is_ok());
+    }
+
     #[test]
     fn capacity_is_cut_into_slices_that_add_up_to_the_limit() {
         let all = slices(&ProviderLimits { rate_limit: 100.0, concurrency_limit: 32 });
@@ -518,6 +642,35 @@ mod tests {
         assert_eq!(slices(&trickle).iter().map(|s| s.rate).collect::<Vec<_>>(), vec![1.0]);
         let limiter = Limiter::whole(&trickle, 1.0);
         assert_eq!((limiter.window(), limiter.rate()), (Duration::from_secs(2), 0.5), "one request every two seconds");
+    }
+
+    /// Callers always waiting get the whole allowance: a request held back by a
+    /// full window keeps its slot instead of taking another.
+    #[tokio::test(start_paused = true)]
+    async fn callers_always_waiting_get_the_whole_rate() {
+        for rate in [25.0, 100.0] {
+            let limiter = Arc::new(Limiter::whole(&ProviderLimits { rate_limit: rate, concurrency_limit: 64 }, 0.95));
+            let start = Instant::now();
+            let sent = Arc::new(Mutex::new(Vec::new()));
+            let callers: Vec<_> = (0..40u64)
+                .map(|i| {
+                    let (limiter, sent) = (limiter.clone(), sent.clone());
+                    tokio::spawn(async move {
+                        while start.elapsed() < Duration::from_secs(8) {
+                            let place = limiter.acquire().await;
+                            lock(&sent).push(Instant::now());
+                            tokio::time::sleep(Duration::from_millis(20 + (i * 37) % 180)).await;
+                            drop(place);
+                        }
+                    })
+                })
+                .collect();
+            futures::future::join_all(callers).await;
+            let (from, to) = (start + Duration::from_secs(1), start + Duration::from_secs(7));
+            let n = lock(&sent).iter().filter(|t| (from..to).contains(*t)).count() as f64;
+            let allowed = limiter.rate() * 6.0;
+            assert!(n >= (allowed - 1.0).floor() && n <= allowed + 1.0, "{n} requests in 6 s at {rate}/s, {allowed} allowed");
+        }
     }
 
     /// However late callers wake and however the allowance changes, no

@@ -5,13 +5,14 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::invoke::{self, InvokeError};
-use super::queue::{Message, Settled, Settlement, Store, now_ms};
+use super::queue::{Message, Settled, Settlement, Store, Take, now_ms};
 use super::{QueueSpec, Shared};
 
 /// The running dispatchers.
@@ -111,6 +112,34 @@ fn delivery_limit(shared: &Shared, spec: &QueueSpec) -> Duration {
     }
 }
 
+/// How long messages left for a queue's other receivers wait for them.
+const LEFT_FOR_OTHERS: Duration = Duration::from_millis(5);
+
+/// Counts an instance among its queue's receivers while it is free to take messages.
+struct Receiving<'a> {
+    spec: &'a QueueSpec,
+    counted: bool,
+}
+
+impl Receiving<'_> {
+    fn set(&mut self, on: bool) {
+        if on != self.counted {
+            if on {
+                self.spec.receiving.fetch_add(1, Relaxed);
+            } else {
+                self.spec.receiving.fetch_sub(1, Relaxed);
+            }
+            self.counted = on;
+        }
+    }
+}
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 /// Drains `spec`'s queue into instance `instance`, up to the function's
 /// concurrency (each instance has its own host, hence its own limit).
 async fn run_queue(
@@ -137,17 +166,19 @@ async fn run_queue(
     let lock_for = run_for + Duration::from_secs(5);
     let queue = spec.trigger.queue.clone();
 
+    let mut receiving = Receiving { spec: &spec, counted: false };
     loop {
         if *stop.borrow() {
             break;
         }
         let mut sleep_for = None;
-        if shared.instances[instance].ready() && in_flight < limit {
+        receiving.set(shared.instances[instance].ready() && in_flight < limit);
+        if receiving.counted {
             let store = shared.store.clone();
             let q = queue.clone();
-            let max = limit - in_flight;
+            let take = Take { max: limit - in_flight, among: spec.receiving.load(Relaxed) };
             let busy_now = sessions.then(|| busy.clone());
-            let received = tokio::task::spawn_blocking(move || store.receive(&q, max, busy_now.as_ref(), lock_for, now_ms())).await;
+            let received = tokio::task::spawn_blocking(move || store.receive(&q, take, busy_now.as_ref(), lock_for, now_ms())).await;
             match received {
                 Ok(Ok(r)) => {
                     if r.expired > 0 {
@@ -169,6 +200,10 @@ async fn run_queue(
                         ));
                     }
                     sleep_for = r.next_due.map(|t| Duration::from_millis((t - now_ms()).max(0) as u64));
+                    if r.left {
+                        // Left for the other receivers; taken here if they do not come.
+                        sleep_for = Some(sleep_for.map_or(LEFT_FOR_OTHERS, |d| d.min(LEFT_FOR_OTHERS)));
+                    }
                 }
                 Ok(Err(e)) => {
                     tracing::error!(queue = %queue, "cannot receive: {e:#}");
@@ -201,6 +236,7 @@ async fn run_queue(
             r = stop.changed() => { if r.is_err() { break; } }
         }
     }
+    receiving.set(false);
     while in_flight > 0 {
         if done_rx.recv().await.is_none() {
             break;
@@ -439,7 +475,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let c = core.shared.store.counts(0).unwrap()["ticket-lookup"];
         assert_eq!((c.dead_lettered, c.locked), (0, 0));
-        let m = core.shared.store.receive("ticket-lookup", 1, None, std::time::Duration::from_secs(1), super::now_ms()).unwrap();
+        let m = core.shared.store.receive("ticket-lookup", super::Take::up_to(1), None, std::time::Duration::from_secs(1), super::now_ms()).unwrap();
         assert_eq!(m.messages[0].delivery_count, 1, "refused connections were not counted");
         core.stop().await;
     }

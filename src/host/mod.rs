@@ -22,6 +22,7 @@ mod testkit;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
@@ -103,12 +104,23 @@ pub(crate) struct QueueSpec {
     pub trigger: QueueTrigger,
     /// Woken when a message arrives on the queue: one per instance.
     pub wakes: Vec<Notify>,
+    /// Instances waiting for messages on this queue now (free to take more).
+    pub receiving: AtomicUsize,
+    /// Which instance is woken first next time, so none is always first.
+    wake_from: AtomicUsize,
 }
 
 impl QueueSpec {
+    pub fn new(function: String, trigger: QueueTrigger, instances: usize) -> QueueSpec {
+        let wakes = (0..instances).map(|_| Notify::new()).collect();
+        QueueSpec { function, trigger, wakes, receiving: AtomicUsize::new(0), wake_from: AtomicUsize::new(0) }
+    }
+
     pub fn wake(&self) {
-        for w in &self.wakes {
-            w.notify_one();
+        let n = self.wakes.len();
+        let from = self.wake_from.fetch_add(1, Relaxed);
+        for k in 0..n {
+            self.wakes[(from + k) % n].notify_one();
         }
     }
 }
@@ -186,7 +198,7 @@ impl Core {
         let queues: BTreeMap<String, Arc<QueueSpec>> = config
             .queue_functions()
             .map(|(f, q)| {
-                let spec = QueueSpec { function: f.name.clone(), trigger: q.clone(), wakes: instances.iter().map(|_| Notify::new()).collect() };
+                let spec = QueueSpec::new(f.name.clone(), q.clone(), instances.len());
                 (q.queue.to_ascii_lowercase(), Arc::new(spec))
             })
             .collect();

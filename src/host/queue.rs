@@ -67,10 +67,27 @@ pub struct SendOutcome {
 #[derive(Debug, Default)]
 pub struct Received {
     pub messages: Vec<Message>,
+    /// Visible messages left for the queue's other receivers.
+    pub left: bool,
     /// Expired messages moved to the dead-letter queue while looking.
     pub expired: usize,
     /// When the next scheduled message becomes visible, if any.
     pub next_due: Option<i64>,
+}
+
+/// How many messages one receive may lock.
+#[derive(Debug, Clone, Copy)]
+pub struct Take {
+    pub max: usize,
+    /// Receivers waiting on the queue now, this one included: each takes its part.
+    pub among: usize,
+}
+
+impl Take {
+    /// Up to `max`, for a receiver alone on its queue.
+    pub fn up_to(max: usize) -> Take {
+        Take { max, among: 1 }
+    }
 }
 
 /// How a delivery ended.
@@ -230,18 +247,21 @@ impl Store {
         Ok(out)
     }
 
-    /// Locks up to `max` visible messages of `queue`, oldest first, for `lock_for`.
-    /// With `sessions = Some(busy)`, takes at most one message per session and
-    /// none from the sessions in `busy` (those with a delivery in flight).
-    /// Expired messages met on the way are dead-lettered (`TTLExpiredException`).
+    /// Locks visible messages of `queue`, oldest first, for `lock_for`: up to
+    /// `take.max`, and no more than this receiver's part of them when others
+    /// wait too. With `sessions = Some(busy)`, takes at most one message per
+    /// session and none from the sessions in `busy` (those with a delivery in
+    /// flight). Expired messages met on the way are dead-lettered
+    /// (`TTLExpiredException`).
     pub fn receive(
         &self,
         queue: &str,
-        max: usize,
+        take: Take,
         sessions: Option<&HashSet<String>>,
         lock_for: Duration,
         now: i64,
     ) -> Result<Received> {
+        let Take { max, among } = take;
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut out = Received::default();
@@ -277,17 +297,29 @@ impl Store {
                         "SELECT seq, expires_at FROM messages WHERE queue = ?1 AND {AVAILABLE} AND visible_at <= ?2
                          ORDER BY visible_at, seq LIMIT ?3"
                     ))?;
+                    // As Service Bus hands messages to the receivers waiting for
+                    // them, this one takes its part of what is visible now.
+                    let mut part = max;
+                    let mut first = true;
                     // Expired ones do not count: look a little further if some were.
                     loop {
+                        let look = (part - out.messages.len()) * among.max(1);
                         let rows: Vec<(i64, Option<i64>)> = q
-                            .query_map(params![queue, now, (max - out.messages.len()) as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                            .query_map(params![queue, now, look as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
                             .collect::<rusqlite::Result<_>>()?;
                         let n = rows.len();
+                        if std::mem::take(&mut first) {
+                            part = part.min(n.div_ceil(among.max(1)));
+                            out.left = n > part;
+                        }
                         let before = out.expired;
                         for (seq, exp) in rows {
+                            if out.messages.len() >= part {
+                                break;
+                            }
                             take(seq, exp, &mut out)?;
                         }
-                        if out.expired == before || n == 0 || out.messages.len() >= max {
+                        if out.expired == before || n == 0 || out.messages.len() >= part {
                             break;
                         }
                     }
@@ -539,7 +571,7 @@ mod tests {
         let t = 1_000_000;
         assert_eq!(s.send("q", W, vec![msg("a"), msg("b"), msg("a")], t).unwrap(), SendOutcome { accepted: 2, duplicates: 1 });
         assert_eq!(s.send("other", W, vec![msg("a")], t).unwrap().accepted, 1, "dedup is per queue");
-        let r = s.receive("q", 10, None, LOCK, t).unwrap();
+        let r = s.receive("q", Take::up_to(10), None, LOCK, t).unwrap();
         assert_eq!(ids(&r), ["a", "b"]);
         assert!(r.messages.iter().all(|m| m.delivery_count == 1));
         let done: Vec<_> = r.messages.iter().map(|m| (m.sequence_number, m.lock_token.clone(), Settlement::Complete)).collect();
@@ -554,19 +586,35 @@ mod tests {
         assert_eq!(s.prune_dedup(W, t + 601_000 + 1).unwrap(), 2);
     }
 
+    /// Receivers waiting together each take their part of what is visible, as
+    /// Service Bus spreads messages over the receivers asking for them; one
+    /// alone, or one whose part is more than it has room for, takes what fits.
+    #[test]
+    fn receivers_waiting_together_share_the_visible_messages() {
+        let (_d, s) = open();
+        let t = 1_000_000;
+        s.send("q", W, (0..10).map(|i| msg(&format!("m{i}"))).collect(), t).unwrap();
+        let first = s.receive("q", Take { max: 64, among: 4 }, None, LOCK, t).unwrap();
+        assert_eq!((ids(&first), first.left), (vec!["m0", "m1", "m2"], true));
+        let second = s.receive("q", Take { max: 2, among: 3 }, None, LOCK, t).unwrap();
+        assert_eq!((ids(&second), second.left), (vec!["m3", "m4"], true));
+        let last = s.receive("q", Take { max: 64, among: 1 }, None, LOCK, t).unwrap();
+        assert_eq!((last.messages.len(), last.left), (5, false));
+    }
+
     #[test]
     fn scheduled_messages_are_invisible_until_due() {
         let (_d, s) = open();
         let t = 1_000_000;
         let later = NewMessage { scheduled_at: Some(t + 5_000), ..msg("later") };
         s.send("q", W, vec![later, msg("now")], t).unwrap();
-        let r = s.receive("q", 10, None, LOCK, t).unwrap();
+        let r = s.receive("q", Take::up_to(10), None, LOCK, t).unwrap();
         assert_eq!(ids(&r), ["now"]);
         assert_eq!(r.next_due, Some(t + 5_000));
         let c = s.counts(t).unwrap()["q"];
         assert_eq!((c.active, c.scheduled, c.locked), (0, 1, 1));
-        assert!(s.receive("q", 10, None, LOCK, t + 4_999).unwrap().messages.is_empty());
-        assert_eq!(ids(&s.receive("q", 10, None, LOCK, t + 5_000).unwrap()), ["later"]);
+        assert!(s.receive("q", Take::up_to(10), None, LOCK, t + 4_999).unwrap().messages.is_empty());
+        assert_eq!(ids(&s.receive("q", Take::up_to(10), None, LOCK, t + 5_000).unwrap()), ["later"]);
     }
 
     #[test]
@@ -575,7 +623,7 @@ mod tests {
         let t = 1_000_000;
         s.send("q", W, vec![msg("a"), msg("b")], t).unwrap();
         for n in 1..=3u32 {
-            let r = s.receive("q", 1, None, LOCK, t).unwrap();
+            let r = s.receive("q", Take::up_to(1), None, LOCK, t).unwrap();
             let m = &r.messages[0];
             assert_eq!((m.message_id.as_str(), m.delivery_count), ("a", n), "abandoned message keeps its place");
             let how = Settlement::Abandon { max_delivery_count: 3, reason: "boom".into() };
@@ -584,7 +632,7 @@ mod tests {
             // Settling twice with the same token finds the lock gone.
             assert_eq!(s.settle(&[(m.sequence_number, m.lock_token.clone(), how)], t).unwrap(), vec![Settled::LockLost]);
         }
-        assert_eq!(ids(&s.receive("q", 10, None, LOCK, t).unwrap()), ["b"]);
+        assert_eq!(ids(&s.receive("q", Take::up_to(10), None, LOCK, t).unwrap()), ["b"]);
         let c = s.counts(t).unwrap()["q"];
         assert_eq!((c.active, c.locked, c.dead_lettered), (0, 1, 1));
         let dl = s.dead_letters("q", 10).unwrap();
@@ -597,9 +645,9 @@ mod tests {
     fn release_does_not_count_the_delivery() {
         let (_d, s) = open();
         s.send("q", W, vec![msg("a")], 0).unwrap();
-        let m = s.receive("q", 1, None, LOCK, 0).unwrap().messages.remove(0);
+        let m = s.receive("q", Take::up_to(1), None, LOCK, 0).unwrap().messages.remove(0);
         assert_eq!(s.settle(&[(m.sequence_number, m.lock_token, Settlement::Release)], 0).unwrap(), vec![Settled::Released]);
-        assert_eq!(s.receive("q", 1, None, LOCK, 0).unwrap().messages[0].delivery_count, 1);
+        assert_eq!(s.receive("q", Take::up_to(1), None, LOCK, 0).unwrap().messages[0].delivery_count, 1);
     }
 
     #[test]
@@ -608,40 +656,40 @@ mod tests {
         s.send("q", W, vec![in_session("a1", "A"), in_session("a2", "A"), in_session("b1", "B"), in_session("c1", "C")], 0)
             .unwrap();
         let busy: HashSet<String> = ["C".to_string()].into();
-        let r = s.receive("q", 10, Some(&busy), LOCK, 0).unwrap();
+        let r = s.receive("q", Take::up_to(10), Some(&busy), LOCK, 0).unwrap();
         assert_eq!(ids(&r), ["a1", "b1"]);
         // A and B are now in flight too: nothing else may be taken.
         let busy: HashSet<String> = ["A", "B", "C"].map(String::from).into();
-        assert!(s.receive("q", 10, Some(&busy), LOCK, 0).unwrap().messages.is_empty());
+        assert!(s.receive("q", Take::up_to(10), Some(&busy), LOCK, 0).unwrap().messages.is_empty());
         // a1's lock is still held, so A's next message waits even if A is not marked busy.
         let busy: HashSet<String> = ["B", "C"].map(String::from).into();
-        assert!(s.receive("q", 10, Some(&busy), LOCK, 0).unwrap().messages.is_empty());
+        assert!(s.receive("q", Take::up_to(10), Some(&busy), LOCK, 0).unwrap().messages.is_empty());
         let a1 = &r.messages[0];
         s.settle(&[(a1.sequence_number, a1.lock_token.clone(), Settlement::Complete)], 0).unwrap();
-        assert_eq!(ids(&s.receive("q", 10, Some(&busy), LOCK, 0).unwrap()), ["a2"]);
+        assert_eq!(ids(&s.receive("q", Take::up_to(10), Some(&busy), LOCK, 0).unwrap()), ["a2"]);
         // Limited by max.
         s.send("q", W, vec![in_session("d1", "D"), in_session("e1", "E")], 0).unwrap();
-        assert_eq!(ids(&s.receive("q", 1, Some(&HashSet::new()), LOCK, 0).unwrap()), ["c1"]);
+        assert_eq!(ids(&s.receive("q", Take::up_to(1), Some(&HashSet::new()), LOCK, 0).unwrap()), ["c1"]);
     }
 
     #[test]
     fn stale_locks_are_released_on_reopen() {
         let (d, s) = open();
         s.send("q", W, vec![msg("a"), msg("b")], 0).unwrap();
-        let r = s.receive("q", 1, None, LOCK, 0).unwrap();
+        let r = s.receive("q", Take::up_to(1), None, LOCK, 0).unwrap();
         assert_eq!(ids(&r), ["a"]);
         // b delivered twice already with max 2: its lock loss dead-letters it.
-        let b = s.receive("q", 1, None, LOCK, 0).unwrap().messages.remove(0);
+        let b = s.receive("q", Take::up_to(1), None, LOCK, 0).unwrap().messages.remove(0);
         s.settle(&[(b.sequence_number, b.lock_token, Settlement::Abandon { max_delivery_count: 9, reason: "x".into() })], 0)
             .unwrap();
-        assert_eq!(ids(&s.receive("q", 1, None, LOCK, 0).unwrap()), ["b"]);
+        assert_eq!(ids(&s.receive("q", Take::up_to(1), None, LOCK, 0).unwrap()), ["b"]);
         drop(s); // as if killed: the locks stay recorded
 
         let s = Store::open(&d.path().join("queues.db")).unwrap();
-        assert!(s.receive("q", 10, None, LOCK, 0).unwrap().messages.is_empty(), "locks persist until released");
+        assert!(s.receive("q", Take::up_to(10), None, LOCK, 0).unwrap().messages.is_empty(), "locks persist until released");
         let max: HashMap<String, u32> = [("q".to_string(), 2)].into();
         assert_eq!(s.release_stale_locks(&max, 0).unwrap(), 2);
-        let r = s.receive("q", 10, None, LOCK, 0).unwrap();
+        let r = s.receive("q", Take::up_to(10), None, LOCK, 0).unwrap();
         assert_eq!(ids(&r), ["a"]);
         assert_eq!(r.messages[0].delivery_count, 2, "the lost delivery counted");
         assert_eq!(s.counts(0).unwrap()["q"].dead_lettered, 1);
@@ -652,7 +700,7 @@ mod tests {
         let (_d, s) = open();
         let short = NewMessage { time_to_live: Some(Duration::from_secs(1)), ..msg("short") };
         s.send("q", W, vec![short, msg("long")], 0).unwrap();
-        let r = s.receive("q", 1, None, LOCK, 2_000).unwrap();
+        let r = s.receive("q", Take::up_to(1), None, LOCK, 2_000).unwrap();
         assert_eq!((ids(&r), r.expired), (vec!["long"], 1));
         assert_eq!(s.dead_letters("q", 10).unwrap()[0].reason, "TTLExpiredException");
     }

@@ -369,7 +369,7 @@ async fn dead_letters(State(s): State<Arc<Shared>>, Path(queue): Path<String>, Q
 mod tests {
     use std::collections::HashSet;
 
-    use super::super::queue::Message;
+    use super::super::queue::{Message, Take};
     use super::super::testkit::*;
     use super::super::worker::WorkerState;
     use super::*;
@@ -387,7 +387,7 @@ mod tests {
         let busy = HashSet::new();
         core.shared
             .store
-            .receive(queue, 100, sessions.then_some(&busy), Duration::from_secs(30), now_ms() + 3_600_000)
+            .receive(queue, Take::up_to(100), sessions.then_some(&busy), Duration::from_secs(30), now_ms() + 3_600_000)
             .unwrap()
             .messages
     }

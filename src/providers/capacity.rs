@@ -54,6 +54,9 @@ struct Shares {
     resting_until: Mutex<Option<Instant>>,
     /// Holds less than its share: a caller finding no capacity is a reason to look again.
     short: AtomicBool,
+    /// Holds more than an even split while others have work: one of them may
+    /// be short of its share any moment, so it looks again soon.
+    over: AtomicBool,
     need: Mutex<Need>,
     announced: AtomicU32,
 }
@@ -67,6 +70,7 @@ impl Shares {
             held: Mutex::new(HashMap::new()),
             resting_until: Mutex::new(None),
             short: AtomicBool::new(true),
+            over: AtomicBool::new(false),
             need: Mutex::new(Need { readings: VecDeque::new() }),
             announced: AtomicU32::new(0),
         }
@@ -84,6 +88,7 @@ struct Reading {
     sent: u64,
     peak_in_flight: u32,
     places: u32,
+    queued: u32,
 }
 
 struct Held {
@@ -244,7 +249,7 @@ impl Capacity {
         loop {
             let looked = Instant::now();
             self.look(&shares).await;
-            let next_tick = tokio::time::sleep_until(looked + TICK);
+            let next_tick = tokio::time::sleep_until(looked + if shares.over.load(Relaxed) { SOONEST } else { TICK });
             tokio::pin!(next_tick);
             loop {
                 tokio::select! {
@@ -282,6 +287,8 @@ impl Capacity {
         let holding = lock(&shares.held).values().filter(|h| !h.releasing).count();
         // Idle until now, a caller finding no capacity is the first sign of work.
         shares.short.store(holding < share.target || !wants, Relaxed);
+        let others_want = members.iter().any(|m| m.wants > 0 && m.instance != self.instance);
+        shares.over.store(others_want && holding > shares.slices.len() / members.len().max(1), Relaxed);
         if share.someone_waits && self.hand_on(shares) {
             return;
         }
@@ -310,7 +317,8 @@ impl Capacity {
         let now = Instant::now();
         if need.readings.back().is_none_or(|r| now.duration_since(r.at) >= MEASURE_OVER) {
             let usage = shares.limiter.usage();
-            need.readings.push_back(Reading { at: now, sent: usage.sent, peak_in_flight: usage.peak_in_flight, places: usage.places });
+            let reading = Reading { at: now, sent: usage.sent, peak_in_flight: usage.peak_in_flight, places: usage.places, queued: usage.queued };
+            need.readings.push_back(reading);
         }
         while need.readings.len() > 2 && now.duration_since(need.readings[1].at) >= REMEMBER {
             need.readings.pop_front();
@@ -322,19 +330,21 @@ impl Capacity {
         }
         let sent_rate = (last.sent - first.sent) as f64 / span.as_secs_f64();
         let peak = need.readings.iter().skip(1).map(|r| r.peak_in_flight).max().unwrap_or(0);
-        self.needed_slices(shares, sent_rate, peak, last.places)
+        self.needed_slices(shares, sent_rate, peak, last)
     }
 
-    fn needed_slices(&self, shares: &Shares, sent_rate: f64, peak_in_flight: u32, places: u32) -> u32 {
+    fn needed_slices(&self, shares: &Shares, sent_rate: f64, peak_in_flight: u32, now: &Reading) -> u32 {
         let n = shares.slices.len() as u32;
         let held = lock(&shares.held).values().filter(|h| !h.releasing).count();
         if held == 0 {
             return n;
         }
-        let rate = shares.limiter.rate();
+        let (places, rate) = (now.places, shares.limiter.rate());
         let rate_bound = rate > 0.0 && sent_rate >= HUNGRY * rate;
         let flight_bound = places > 0 && peak_in_flight >= places;
-        if rate_bound || flight_bound {
+        // Callers in line for capacity it lacks: what it sent is not what it has work for.
+        let queued = now.queued > 0;
+        if rate_bound || flight_bound || queued {
             return n;
         }
         // The peak in flight is already the most it needed; the rate is an average.

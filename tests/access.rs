@@ -96,10 +96,22 @@ fn each_key_sees_and_does_only_what_its_role_allows() {
         problem(get(&s, &format!("{path}?code=not-a-key"), None), 401);
     }
     problem(send(&s, "POST", "/api/batches", None, Some(&batch_json("acme", 1, "1.00"))), 401);
-    // Routes holding no data are open (they may not exist on this build).
-    for path in ["/api/console", "/api/console/app.js", "/api/openapi.json"] {
-        assert_ne!(get(&s, path, None).status().as_u16(), 401, "{path}");
+    // Routes holding no data are open: the console's page, script and style, the API's description.
+    for (path, content_type) in [
+        ("/api/console", "text/html"),
+        ("/api/console/batches/b-1/tickets/T1", "text/html"),
+        ("/api/console/console.js", "javascript"),
+        ("/api/console/console.css", "text/css"),
+        ("/api/openapi.json", "application/json"),
+    ] {
+        let r = get(&s, path, None);
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        let served = r.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(served.contains(content_type), "{path}: {served}");
+        assert!(!r.text().unwrap().is_empty(), "{path}");
     }
+    // A console address that is not one is still behind the key.
+    problem(get(&s, "/api/consoles", None), 401);
 
     // The key in the `code` query parameter works like the header.
     let by_code = ok_json(get(&s, &format!("/api/batches?code={ACME_KEY}"), None));

@@ -7,7 +7,7 @@
 //! tickets on the real local stack, then checks every promise from the
 //! outside: the API, and what the simulator applied and received.
 //!
-//! `CHAOS_SEED=… cargo nextest run --test chaos` replays one run;
+//! `CHAOS_SEED=… scripts/test --profile long --test chaos` replays one run;
 //! `CHAOS_SEEDS=N` runs N random seeds. By default the seeds are chosen so that
 //! every fault kind comes up at least once.
 

@@ -243,10 +243,10 @@ impl Capacity {
                 tokio::time::sleep(PAUSE_POLL).await;
                 continue;
             }
-            if let Ok(Some(until)) = self.leases.paused_until(shares.provider.as_str()).await {
-                if let Ok(left) = (until - chrono::Utc::now()).to_std() {
-                    shares.limiter.pause(left);
-                }
+            if let Ok(Some(until)) = self.leases.paused_until(shares.provider.as_str()).await
+                && let Ok(left) = (until - chrono::Utc::now()).to_std()
+            {
+                shares.limiter.pause(left);
             }
             tokio::time::sleep(PAUSE_POLL).await;
         }
@@ -572,7 +572,7 @@ fn allotment<'a>(n: usize, needs: &[(&'a str, usize)]) -> HashMap<&'a str, Part>
             continue;
         }
         let even = left / sharing;
-        let ceil = even + usize::from(left % sharing > 0);
+        let ceil = even + usize::from(!left.is_multiple_of(sharing));
         for (who, _) in &by_need[i..] {
             parts.insert(*who, Part { floor: even.max(1), ceil: ceil.max(1) });
         }

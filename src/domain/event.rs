@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ids::{BatchId, TicketId};
 use super::ticket::{Stage, Status};
-use crate::providers::ProviderName;
+use super::ProviderName;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ids::{BatchId, TicketId};
 use super::ticket::{PayStep, Ticket};
-use crate::providers::ProviderName;
+use super::ProviderName;
 
 /// What we recorded of one operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

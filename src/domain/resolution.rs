@@ -169,7 +169,7 @@ impl Ticket {
     }
 
     /// The payment operation whose outcome is unknown, and its provider.
-    fn in_flight(&self) -> Result<(crate::providers::ProviderName, String), String> {
+    fn in_flight(&self) -> Result<(super::ProviderName, String), String> {
         let operation = self.pay.slot.in_flight.clone().ok_or("no operation is in flight")?;
         let (step, _) = self.pay.next_operation().ok_or("no operation is in flight")?;
         Ok((step.provider(), operation))

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ids::{AuthorityCode, BatchId, ClientId, Reference, TicketId};
 use super::money::Currency;
-use crate::providers::ProviderName;
+use super::ProviderName;
 
 /// A pipeline stage: one queue and one function each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

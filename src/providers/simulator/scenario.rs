@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow, bail};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::providers::ProviderName;
+use crate::domain::ProviderName;
 
 /// The scenarios shipped with the binary, by name.
 pub const SHIPPED: [(&str, &str); 3] = [

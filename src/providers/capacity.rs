@@ -83,6 +83,13 @@ struct Need {
     readings: VecDeque<Reading>,
 }
 
+/// How many slices an instance has work for, and whether that was measured
+/// or only assumed (nothing held, or too little sent yet to tell).
+struct Demand {
+    slices: u32,
+    measured: bool,
+}
+
 struct Reading {
     at: Instant,
     sent: u64,
@@ -270,7 +277,7 @@ impl Capacity {
     /// longer be used, then take or give back slices towards the fair share.
     async fn look(self: &Arc<Self>, shares: &Arc<Shares>) {
         let group = shares.provider.as_str();
-        let need = self.need(shares);
+        let Demand { slices: need, measured } = self.need(shares);
         shares.announced.store(need, Relaxed);
         let wants = need > 0;
         let members = match self.leases.announce(group, &self.instance, need, TERM).await {
@@ -283,12 +290,19 @@ impl Capacity {
         };
         self.renew(shares).await;
         self.drop_unusable(shares);
-        let share = if wants { self.fair_share(shares, need, &members).await } else { Share::none() };
+        let mut share = if wants { self.fair_share(shares, need, &members).await } else { Share::none() };
+        let even = (shares.slices.len() / members.len().max(1)).max(1);
+        if !measured {
+            // Until it has sent enough to tell, no more than an even split of the
+            // running instances: those finding work a moment later need not
+            // wait for it to give back what it took first.
+            share.target = share.target.min(even);
+        }
         let holding = lock(&shares.held).values().filter(|h| !h.releasing).count();
         // Idle until now, a caller finding no capacity is the first sign of work.
         shares.short.store(holding < share.target || !wants, Relaxed);
         let others_want = members.iter().any(|m| m.wants > 0 && m.instance != self.instance);
-        shares.over.store(others_want && holding > shares.slices.len() / members.len().max(1), Relaxed);
+        shares.over.store(others_want && holding > even, Relaxed);
         if share.someone_waits && self.hand_on(shares) {
             return;
         }
@@ -296,8 +310,7 @@ impl Capacity {
         if holding < share.target && !resting {
             // An even part of the running instances' at a time: one that found
             // work first need not give back what the others are about to ask for.
-            let step = (shares.slices.len() / members.len().max(1)).max(1);
-            self.take(shares, (share.target - holding).min(step), &share.taken).await;
+            self.take(shares, (share.target - holding).min(even), &share.taken).await;
         } else if holding > share.keep {
             self.give_back(shares, holding - share.keep);
         }
@@ -307,12 +320,12 @@ impl Capacity {
     /// it can get when, over the last few seconds, it sent at nearly all its
     /// slices allow or kept all its places busy (or it holds none while
     /// callers wait); otherwise enough to send what it sent with room to spare.
-    fn need(&self, shares: &Shares) -> u32 {
+    fn need(&self, shares: &Shares) -> Demand {
         let n = shares.slices.len() as u32;
         let mut need = lock(&shares.need);
         if !shares.limiter.busy() {
             need.readings.clear();
-            return 0;
+            return Demand { slices: 0, measured: true };
         }
         let now = Instant::now();
         if need.readings.back().is_none_or(|r| now.duration_since(r.at) >= MEASURE_OVER) {
@@ -326,19 +339,24 @@ impl Capacity {
         let (first, last) = (&need.readings[0], &need.readings[need.readings.len() - 1]);
         let span = last.at.duration_since(first.at);
         if span < MEASURE_OVER {
-            return n;
+            return Demand { slices: n, measured: false };
         }
         let sent_rate = (last.sent - first.sent) as f64 / span.as_secs_f64();
         let peak = need.readings.iter().skip(1).map(|r| r.peak_in_flight).max().unwrap_or(0);
         self.needed_slices(shares, sent_rate, peak, last)
     }
 
-    fn needed_slices(&self, shares: &Shares, sent_rate: f64, peak_in_flight: u32, now: &Reading) -> u32 {
+    fn needed_slices(&self, shares: &Shares, sent_rate: f64, peak_in_flight: u32, now: &Reading) -> Demand {
         let n = shares.slices.len() as u32;
         let held = lock(&shares.held).values().filter(|h| !h.releasing).count();
         if held == 0 {
-            return n;
+            return Demand { slices: n, measured: false };
         }
+        Demand { slices: self.measured_need(shares, held, sent_rate, peak_in_flight, now), measured: true }
+    }
+
+    fn measured_need(&self, shares: &Shares, held: usize, sent_rate: f64, peak_in_flight: u32, now: &Reading) -> u32 {
+        let n = shares.slices.len() as u32;
         let (places, rate) = (now.places, shares.limiter.rate());
         let rate_bound = rate > 0.0 && sent_rate >= HUNGRY * rate;
         let flight_bound = places > 0 && peak_in_flight >= places;

@@ -264,7 +264,8 @@ impl Limiter {
         let (peak_in_flight, places, queued) = match &self.in_flight {
             Some(g) => {
                 let sending = g.sending.load(Relaxed);
-                (g.peak.swap(sending, Relaxed).max(sending), g.allowed(), g.queued())
+                let (places, queued) = g.allowed_and_queued();
+                (g.peak.swap(sending, Relaxed).max(sending), places, queued)
             }
             None => (0, 0, self.waiting.load(Relaxed).saturating_sub(1)),
         };
@@ -477,6 +478,8 @@ impl Gate {
                     places.taken += 1;
                     return InFlight { gate: self.clone(), sent: false };
                 }
+                // Callers that stopped waiting leave their turn behind; the line keeps only the others.
+                places.queue.retain(|turn| !turn.is_closed());
                 let (tx, rx) = oneshot::channel();
                 places.queue.push_back(tx);
                 rx
@@ -508,13 +511,10 @@ impl Gate {
         lock(&self.places).taken
     }
 
-    fn allowed(&self) -> u32 {
-        lock(&self.places).allowed
-    }
-
-    /// Callers in line for a place (not counting those that stopped waiting).
-    fn queued(&self) -> u32 {
-        lock(&self.places).queue.iter().filter(|turn| !turn.is_closed()).count() as u32
+    /// Places allowed, and callers in line for one (not counting those that stopped waiting).
+    fn allowed_and_queued(&self) -> (u32, u32) {
+        let places = lock(&self.places);
+        (places.allowed, places.queue.iter().filter(|turn| !turn.is_closed()).count() as u32)
     }
 
     fn widen(&self, n: u32) {

@@ -157,6 +157,10 @@ pub struct Usage {
 
 struct Pace {
     next_slot: Instant,
+    /// Slots taken by callers that stopped waiting before them: the next
+    /// callers take these first, so callers giving up together do not push
+    /// everyone after them seconds out.
+    spare: Vec<Instant>,
     /// Between two requests; `None` with no rate limit.
     interval: Option<Duration>,
     /// Whether there is any capacity to spend.
@@ -173,6 +177,20 @@ enum Window {
     /// No rate to spend: the slices went back.
     Closed,
     FullUntil(Instant),
+}
+
+/// A slot in time a caller waits for; given back if the caller stops waiting before it.
+struct Claim<'a> {
+    limiter: &'a Limiter,
+    slot: Option<Instant>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            lock(&self.limiter.pace).spare.push(slot);
+        }
+    }
 }
 
 /// Counts a caller as waiting while it waits.
@@ -197,6 +215,7 @@ impl Limiter {
         let limited = (limits.rate_limit > 0.0, limits.concurrency_limit > 0);
         let pace = Pace {
             next_slot: Instant::now(),
+            spare: Vec::new(),
             interval: None,
             open: !limited.0 && !limited.1,
             window: window(limits.rate_limit, headroom),
@@ -227,7 +246,12 @@ impl Limiter {
     /// Sets the rate; a rate-limited provider at rate 0 is closed to new calls.
     pub fn set_rate(&self, rate: f64) {
         let mut pace = lock(&self.pace);
-        pace.allowed = rate.max(0.0).floor() as u32;
+        let allowed = rate.max(0.0).floor() as u32;
+        if allowed != pace.allowed {
+            // Spaced for another rate.
+            pace.spare.clear();
+        }
+        pace.allowed = allowed;
         // Rounded up: the allowed requests spaced by it never fall inside one window.
         pace.interval = (pace.allowed > 0).then(|| Duration::from_nanos(pace.window.as_nanos().div_ceil(u128::from(pace.allowed)) as u64));
         pace.open = if self.limited.0 { pace.allowed > 0 } else { true };
@@ -320,7 +344,9 @@ impl Limiter {
         // A caller that wakes well after its slot (the machine was busy) takes a
         // new one: late callers going all at once would be a burst past the limit.
         while let Some((slot, interval)) = self.take_slot() {
+            let mut claim = Claim { limiter: self, slot: Some(slot) };
             tokio::time::sleep_until(slot).await;
+            claim.slot = None;
             if Instant::now().duration_since(slot) <= interval.max(LATE_TOLERANCE) {
                 break;
             }
@@ -372,7 +398,13 @@ impl Limiter {
     fn take_slot(&self) -> Option<(Instant, Duration)> {
         let mut pace = lock(&self.pace);
         let interval = pace.interval?;
-        let slot = pace.next_slot.max(Instant::now());
+        let now = Instant::now();
+        // A spare slot already past is time that went unused: spending it now would be a burst.
+        pace.spare.retain(|slot| *slot >= now);
+        if let Some((i, _)) = pace.spare.iter().enumerate().min_by_key(|(_, slot)| **slot) {
+            return Some((pace.spare.swap_remove(i), interval));
+        }
+        let slot = pace.next_slot.max(now);
         pace.next_slot = slot + interval;
         Some((slot, interval))
     }
@@ -381,6 +413,8 @@ impl Limiter {
     pub fn pause(&self, for_: Duration) {
         let mut pace = lock(&self.pace);
         pace.next_slot = pace.next_slot.max(Instant::now() + for_);
+        let resume = pace.next_slot;
+        pace.spare.retain(|slot| *slot >= resume);
     }
 
     /// Until when calls wait for a pause, if they do.
@@ -670,6 +704,28 @@ mod tests {
             let n = lock(&sent).iter().filter(|t| (from..to).contains(*t)).count() as f64;
             let allowed = limiter.rate() * 6.0;
             assert!(n >= (allowed - 1.0).floor() && n <= allowed + 1.0, "{n} requests in 6 s at {rate}/s, {allowed} allowed");
+        }
+    }
+
+    /// Callers that give up together, each after taking the next slot, leave
+    /// those slots to whoever comes next: the rate they leave unspent is not
+    /// pushed out to the callers after them.
+    #[tokio::test(start_paused = true)]
+    async fn callers_that_give_up_leave_their_slots_to_the_next() {
+        for concurrency_limit in [1, 0] {
+            let limiter = Arc::new(Limiter::whole(&ProviderLimits { rate_limit: 5.0, concurrency_limit }, 1.0));
+            drop(limiter.acquire().await);
+            let start = Instant::now();
+            let impatient: Vec<_> = (0..30)
+                .map(|_| {
+                    let limiter = limiter.clone();
+                    tokio::spawn(async move { tokio::time::timeout(Duration::from_millis(100), limiter.acquire()).await.is_ok() })
+                })
+                .collect();
+            let gave_up = futures::future::join_all(impatient).await.into_iter().filter(|r| !r.as_ref().unwrap()).count();
+            assert_eq!(gave_up, 30, "no slot came within 100 ms");
+            let _next = limiter.acquire().await;
+            assert_eq!(start.elapsed(), Duration::from_millis(200), "the next caller has the slot after the last request sent");
         }
     }
 

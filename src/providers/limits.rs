@@ -2,7 +2,7 @@
 //! slices that instances lease (see [`super::capacity`]), never exceeded by
 //! the deployment, and a pause when a provider says "slow down".
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -160,7 +160,7 @@ struct Pace {
     /// Slots taken by callers that stopped waiting before them: the next
     /// callers take these first, so callers giving up together do not push
     /// everyone after them seconds out.
-    spare: Vec<Instant>,
+    spare: BTreeSet<Instant>,
     /// Between two requests; `None` with no rate limit.
     interval: Option<Duration>,
     /// Whether there is any capacity to spend.
@@ -188,7 +188,7 @@ struct Claim<'a> {
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
-            lock(&self.limiter.pace).spare.push(slot);
+            lock(&self.limiter.pace).spare.insert(slot);
         }
     }
 }
@@ -215,7 +215,7 @@ impl Limiter {
         let limited = (limits.rate_limit > 0.0, limits.concurrency_limit > 0);
         let pace = Pace {
             next_slot: Instant::now(),
-            spare: Vec::new(),
+            spare: BTreeSet::new(),
             interval: None,
             open: !limited.0 && !limited.1,
             window: window(limits.rate_limit, headroom),
@@ -400,9 +400,9 @@ impl Limiter {
         let interval = pace.interval?;
         let now = Instant::now();
         // A spare slot already past is time that went unused: spending it now would be a burst.
-        pace.spare.retain(|slot| *slot >= now);
-        if let Some((i, _)) = pace.spare.iter().enumerate().min_by_key(|(_, slot)| **slot) {
-            return Some((pace.spare.swap_remove(i), interval));
+        pace.spare = pace.spare.split_off(&now);
+        if let Some(slot) = pace.spare.pop_first() {
+            return Some((slot, interval));
         }
         let slot = pace.next_slot.max(now);
         pace.next_slot = slot + interval;
@@ -414,7 +414,7 @@ impl Limiter {
         let mut pace = lock(&self.pace);
         pace.next_slot = pace.next_slot.max(Instant::now() + for_);
         let resume = pace.next_slot;
-        pace.spare.retain(|slot| *slot >= resume);
+        pace.spare = pace.spare.split_off(&resume);
     }
 
     /// Until when calls wait for a pause, if they do.

@@ -46,6 +46,10 @@ enum Command {
         /// Handler processes to run, as instances of a scaled-out app (1 to 16).
         #[arg(long, default_value_t = 1)]
         instances: usize,
+        /// Messages per invocation of the queue functions, in place of host.json's
+        /// maxMessageBatchSize (1: one message per invocation).
+        #[arg(long)]
+        max_batch: Option<usize>,
     },
     /// The provider simulator: all nine provider roles over HTTP.
     Providers {
@@ -94,6 +98,10 @@ enum Command {
         /// Handler processes to run, as instances of a scaled-out app (1 to 16).
         #[arg(long, default_value_t = 1)]
         instances: usize,
+        /// Messages per invocation of the queue functions (default: host.json's
+        /// maxMessageBatchSize; 1: one message per invocation).
+        #[arg(long)]
+        max_batch: Option<usize>,
     },
     /// Uploads a CSV or JSON file of tickets and follows the batch until it completes.
     Submit {
@@ -235,10 +243,10 @@ async fn main() {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Handler => ticketpay::handler::run().await,
-        Command::Local { port, providers_port, providers_url, scenario, data, app_root, duplicate_deliveries, instances } => {
+        Command::Local { port, providers_port, providers_url, scenario, data, app_root, duplicate_deliveries, instances, max_batch } => {
             let instances = host::check_instances(instances)?;
             let opts =
-                LocalOptions { app_root, port, providers_port, providers_url, scenario, data, duplicate_deliveries, instances };
+                LocalOptions { app_root, port, providers_port, providers_url, scenario, data, duplicate_deliveries, instances, max_batch };
             host::run(opts).await
         }
         Command::Providers { port, scenario } => ticketpay::providers::simulator::run(port, scenario).await,
@@ -246,9 +254,10 @@ async fn run(command: Command) -> Result<()> {
             let instances = host::check_instances(instances)?;
             demo::run(demo::DemoOptions { tickets, budget, scenario, data, port, app_root, instances }).await
         }
-        Command::Bench { tickets, scenario, baseline_tickets, data, app_root, instances } => {
+        Command::Bench { tickets, scenario, baseline_tickets, data, app_root, instances, max_batch } => {
             let instances = host::check_instances(instances)?;
-            let opts = ticketpay::bench::BenchOptions { tickets, scenario, app_root, baseline_tickets, data, instances };
+            let max_batch = max_batch.map(host::check_max_batch).transpose()?;
+            let opts = ticketpay::bench::BenchOptions { tickets, scenario, app_root, baseline_tickets, data, instances, max_batch };
             let report = ticketpay::bench::run(opts).await?;
             print!("{}", report.render());
             Ok(())

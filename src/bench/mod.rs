@@ -36,6 +36,19 @@ pub struct BenchOptions {
     pub data: Option<PathBuf>,
     /// Handler instances the local host runs.
     pub instances: usize,
+    /// Messages per invocation, in place of host.json's (1: one at a time).
+    pub max_batch: Option<usize>,
+}
+
+/// Messages per invocation in this run: `--max-batch`, else what the app's
+/// host.json and function.json files say (1 when no queue function takes batches).
+fn max_batch(opts: &BenchOptions) -> Result<usize> {
+    let mut config = crate::host::config::HostConfig::load(&opts.app_root)?;
+    if let Some(n) = opts.max_batch {
+        config.set_max_batch(n);
+    }
+    let batched = config.queue_functions().any(|(_, q)| q.cardinality == crate::host::config::Cardinality::Many);
+    Ok(if batched { config.batches.max_size } else { 1 })
 }
 
 /// The naive way gets about this long; past it, a sample is scaled.
@@ -49,10 +62,11 @@ pub async fn run(opts: BenchOptions) -> Result<Report> {
     };
     std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
     eprintln!(
-        "ticketpay bench: {} tickets, scenario {}, {} instance(s), data and logs in {}",
+        "ticketpay bench: {} tickets, scenario {}, {} instance(s), up to {} message(s) per invocation, data and logs in {}",
         opts.tickets,
         scenario.name,
         opts.instances,
+        max_batch(&opts)?,
         data.display()
     );
 
@@ -86,6 +100,8 @@ pub struct PipelineRun {
     pub stats: Value,
     /// Handler instances the local host ran.
     pub instances: usize,
+    /// Messages per invocation (1: one at a time).
+    pub max_batch: usize,
 }
 
 async fn pipeline_run(opts: &BenchOptions, data: &Path, providers_url: &str, simulator_pid: i32) -> Result<PipelineRun> {
@@ -93,9 +109,11 @@ async fn pipeline_run(opts: &BenchOptions, data: &Path, providers_url: &str, sim
     let store = data.join("stack");
     let store = store.to_str().context("the data folder is not UTF-8")?;
     let instances = opts.instances.to_string();
+    let max_batch = max_batch(opts)?;
+    let batch = max_batch.to_string();
     let args = [
         "local", "--instances", &instances, "--port", "0", "--providers-port", "0", "--providers-url", providers_url, "--scenario", &opts.scenario, "--data", store,
-        "--app-root", app_root,
+        "--app-root", app_root, "--max-batch", &batch,
     ];
     let (host, found) = Spawned::start(&args, &data.join("host.log"), &["ticketpay local: listening on", "ticketpay local: ready"])?;
     let api = ApiClient::new(&found[0]);
@@ -114,7 +132,7 @@ async fn pipeline_run(opts: &BenchOptions, data: &Path, providers_url: &str, sim
     let stats = reqwest::get(format!("{providers_url}/stats")).await?.json::<Value>().await?;
     host.stop();
     let instances = opts.instances;
-    Ok(PipelineRun { seconds, handler_cpu_seconds, host_cpu_seconds, peak_rss_bytes, peak_rss_each, status, stats, instances })
+    Ok(PipelineRun { seconds, handler_cpu_seconds, host_cpu_seconds, peak_rss_bytes, peak_rss_each, status, stats, instances, max_batch })
 }
 
 /// Uploads the sample batch with a budget that covers every ticket, so every payable ticket is paid.

@@ -19,6 +19,8 @@ pub struct Report {
     pub cores: usize,
     /// Handler instances the local host ran.
     pub instances: usize,
+    /// Messages per invocation of the queue functions (1: one at a time).
+    pub max_batch: usize,
     pub tickets: usize,
     pub seconds: f64,
     pub tickets_per_s: f64,
@@ -65,6 +67,7 @@ impl Report {
             scenario: scenario.name.clone(),
             cores: std::thread::available_parallelism().map_or(1, |c| c.get()),
             instances: run.instances,
+            max_batch: run.max_batch,
             tickets,
             seconds: round(run.seconds, 2),
             tickets_per_s: round(n / run.seconds, 1),
@@ -97,8 +100,8 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\nticketpay bench · scenario {} · {} tickets · {} cores · {} instance(s)\n",
-            self.scenario, self.tickets, self.cores, self.instances
+            "\nticketpay bench · scenario {} · {} tickets · {} cores · {} instance(s) · up to {} message(s) per invocation\n",
+            self.scenario, self.tickets, self.cores, self.instances, self.max_batch
         );
         let _ = writeln!(out, "{:<24} {:>9} {:>10} {:>14}", "", "seconds", "tickets/s", "CPU ms/ticket");
         let _ = writeln!(

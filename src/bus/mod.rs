@@ -15,7 +15,6 @@ use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tracing::Instrument;
 
 /// A message for a queue, with the broker properties the pipeline relies on.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,7 +30,7 @@ pub struct OutgoingMessage {
     pub body: Vec<u8>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
     #[error("service bus unavailable: {0}")]
     Transient(String),
@@ -54,6 +53,25 @@ pub struct BusSender {
     http: reqwest::Client,
     base: String,
     credential: Credential,
+    outbox: Arc<Outbox>,
+}
+
+/// Messages sent one by one from concurrent tasks (the messages of a batch
+/// invocation, concurrent invocations) leave together: while the sends in
+/// flight are at their limit, new ones wait here and then go as one batch
+/// request per queue and session.
+struct Outbox {
+    waiting: std::sync::Mutex<Vec<(OutgoingMessage, tokio::sync::oneshot::Sender<Result<(), BusError>>)>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+/// Requests in flight at once before new messages wait to be grouped.
+const SENDS_IN_FLIGHT: usize = 4;
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox { waiting: Default::default(), in_flight: Arc::new(tokio::sync::Semaphore::new(SENDS_IN_FLIGHT)) }
+    }
 }
 
 /// How a sender proves who it is.
@@ -96,7 +114,7 @@ impl BusSender {
             .pool_max_idle_per_host(64)
             .build()
             .expect("the HTTP client builds with static settings");
-        BusSender { http, base: base.trim_end_matches('/').to_owned(), credential: Credential::None }
+        BusSender { http, base: base.trim_end_matches('/').to_owned(), credential: Credential::None, outbox: Default::default() }
     }
 
     /// A sender to the local host's endpoints (e.g. `http://127.0.0.1:7071`),
@@ -134,9 +152,41 @@ impl BusSender {
         );
         let mut m = m.clone();
         m.properties.extend(crate::telemetry::context_properties(&span));
-        let sent = self.send_one(&m).instrument(span.clone()).await;
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.outbox.waiting.lock().unwrap_or_else(|p| p.into_inner()).push((m, answer));
+        // The sends run in their own task: one whose caller gives up still goes out.
+        tokio::spawn(self.clone().flush());
+        let sent = answered.await.unwrap_or_else(|_| Err(BusError::Transient("the send was dropped".into())));
         span.record("outcome", if sent.is_ok() { "sent" } else { "failed" });
         sent
+    }
+
+    /// Once a send may start, takes everything waiting and sends it: one
+    /// request for a lone message, one batch request per queue and session
+    /// for the rest. A flush that finds nothing waiting (an earlier one took
+    /// it) does nothing.
+    async fn flush(self) {
+        let Ok(_permit) = self.outbox.in_flight.clone().acquire_owned().await else { return };
+        let waiting = std::mem::take(&mut *self.outbox.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+        if waiting.is_empty() {
+            return;
+        }
+        let mut groups: BTreeMap<(String, Option<String>), Vec<_>> = BTreeMap::new();
+        for (m, answer) in waiting {
+            groups.entry((m.queue.clone(), m.session_id.clone())).or_default().push((m, answer));
+        }
+        let this = &self;
+        let sends = groups.into_iter().map(|((queue, _), group)| async move {
+            let (messages, answers): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+            let sent = match messages.as_slice() {
+                [one] => this.send_one(one).await,
+                many => this.send_batch(&queue, many).await,
+            };
+            for answer in answers {
+                let _ = answer.send(sent.as_ref().map(|_| ()).map_err(BusError::clone));
+            }
+        });
+        futures::future::join_all(sends).await;
     }
 
     async fn send_one(&self, m: &OutgoingMessage) -> Result<(), BusError> {

@@ -44,6 +44,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         scenario: opts.scenario.clone(),
         data: data.clone(),
         duplicate_deliveries: false,
+        max_batch: None,
         instances: opts.instances,
     })
     .await?;

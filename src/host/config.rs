@@ -31,6 +31,8 @@ pub struct HostConfig {
     pub max_concurrent_sessions: usize,
     /// `extensions.serviceBus.maxAutoLockRenewalDuration`.
     pub max_auto_lock_renewal: Duration,
+    /// How batch-triggered functions (`"cardinality": "many"`) are fed.
+    pub batches: BatchOptions,
     /// Every function folder, sorted by name.
     pub functions: Vec<FunctionConfig>,
     /// Fault injection, not from host.json: deliver every message twice at once,
@@ -52,6 +54,34 @@ pub enum Trigger {
     Timer { binding: String, schedule: super::timer::Schedule, run_on_startup: bool },
 }
 
+/// `extensions.serviceBus.maxMessageBatchSize`, `minMessageBatchSize` and
+/// `maxBatchWaitTime`, with the Service Bus extension's defaults and limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOptions {
+    /// The most messages one invocation receives (default 1000).
+    pub max_size: usize,
+    /// Fewer than this many are delivered only once `max_wait` has passed (default 1).
+    pub min_size: usize,
+    /// How long a batch below `min_size` waits for more (default 30 s; used only when `min_size` > 1).
+    pub max_wait: Duration,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions { max_size: 1000, min_size: 1, max_wait: Duration::from_secs(30) }
+    }
+}
+
+/// The extension refuses a longer `maxBatchWaitTime`.
+const MAX_BATCH_WAIT: Duration = Duration::from_secs(150);
+
+/// The trigger's `cardinality`: one message per invocation, or a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cardinality {
+    One,
+    Many,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataType {
     /// `"dataType": "binary"`: the body goes to the handler as one base64 string.
@@ -65,6 +95,7 @@ pub struct QueueTrigger {
     pub queue: String,
     pub binding: String,
     pub data_type: DataType,
+    pub cardinality: Cardinality,
     pub sessions: bool,
     pub settings: QueueSettings,
 }
@@ -155,6 +186,8 @@ impl HostConfig {
             Some(s) => parse_timespan(&s).with_context(|| ctx("extensions.serviceBus.maxAutoLockRenewalDuration"))?,
         };
 
+        let batches = parse_batch_options(&sb, &ctx)?;
+
         let functions = load_functions(app_root)?;
         let mut by_queue: BTreeMap<String, &str> = BTreeMap::new();
         for f in &functions {
@@ -177,8 +210,21 @@ impl HostConfig {
             max_concurrent_calls,
             max_concurrent_sessions,
             max_auto_lock_renewal,
+            batches,
             functions,
         })
+    }
+
+    /// Every queue function takes up to `n` messages per invocation: one at a
+    /// time for 1, else a batch (`minMessageBatchSize` kept within it).
+    pub fn set_max_batch(&mut self, n: usize) {
+        self.batches.max_size = n;
+        self.batches.min_size = self.batches.min_size.min(n);
+        for f in &mut self.functions {
+            if let Trigger::Queue(q) = &mut f.trigger {
+                q.cardinality = if n == 1 { Cardinality::One } else { Cardinality::Many };
+            }
+        }
     }
 
     pub fn queue_functions(&self) -> impl Iterator<Item = (&FunctionConfig, &QueueTrigger)> {
@@ -278,9 +324,15 @@ pub fn parse_function(name: &str, path: &Path) -> Result<Option<FunctionConfig>>
                     Some(s) if s.eq_ignore_ascii_case("string") => DataType::String,
                     Some(other) => bail!("{}: unsupported value {other:?} (binary or string)", at("dataType")),
                 };
+                let cardinality = match opt_str(b, "cardinality", || at("cardinality"))?.as_deref() {
+                    None => Cardinality::One,
+                    Some(s) if s.eq_ignore_ascii_case("one") => Cardinality::One,
+                    Some(s) if s.eq_ignore_ascii_case("many") => Cardinality::Many,
+                    Some(other) => bail!("{}: unsupported value {other:?} (one or many)", at("cardinality")),
+                };
                 let sessions = opt_bool(b, "isSessionsEnabled", || at("isSessionsEnabled"))?.unwrap_or(false);
                 let settings = parse_queue_settings(b.get("queueSettings"), &at("queueSettings"))?;
-                Trigger::Queue(QueueTrigger { queue, binding, data_type, sessions, settings })
+                Trigger::Queue(QueueTrigger { queue, binding, data_type, cardinality, sessions, settings })
             }
             _ => {
                 tracing::warn!("{file}: trigger type {ty} is not supported by ticketpay local; function {name} is skipped");
@@ -290,6 +342,30 @@ pub fn parse_function(name: &str, path: &Path) -> Result<Option<FunctionConfig>>
     }
     let trigger = trigger.ok_or_else(|| anyhow!("{file}: no trigger binding (type ending in Trigger)"))?;
     Ok(Some(FunctionConfig { name: name.to_string(), trigger }))
+}
+
+fn parse_batch_options(sb: &Value, ctx: &impl Fn(&str) -> String) -> Result<BatchOptions> {
+    let mut o = BatchOptions::default();
+    let key = |k: &str| ctx(&format!("extensions.serviceBus.{k}"));
+    if let Some(n) = opt_u64(sb, "maxMessageBatchSize", || key("maxMessageBatchSize"))? {
+        if n == 0 {
+            bail!("{} must be at least 1", key("maxMessageBatchSize"));
+        }
+        o.max_size = n as usize;
+    }
+    if let Some(n) = opt_u64(sb, "minMessageBatchSize", || key("minMessageBatchSize"))? {
+        if n == 0 || n as usize > o.max_size {
+            bail!("{} must be between 1 and maxMessageBatchSize ({})", key("minMessageBatchSize"), o.max_size);
+        }
+        o.min_size = n as usize;
+    }
+    if let Some(s) = opt_str(sb, "maxBatchWaitTime", || key("maxBatchWaitTime"))? {
+        o.max_wait = parse_timespan(&s).with_context(|| key("maxBatchWaitTime"))?;
+        if o.max_wait > MAX_BATCH_WAIT {
+            bail!("{} must be at most {MAX_BATCH_WAIT:?}", key("maxBatchWaitTime"));
+        }
+    }
+    Ok(o)
 }
 
 fn parse_queue_settings(v: Option<&Value>, at: &str) -> Result<QueueSettings> {

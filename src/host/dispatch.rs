@@ -1,7 +1,15 @@
-//! Delivery: one dispatcher task per queue-triggered function takes visible
-//! messages under a peek-lock (respecting maxConcurrentCalls, and for session
-//! queues one message per session and maxConcurrentSessions), invokes the
-//! handler, and settles each delivery. Settlements are written in batches.
+//! Delivery: one dispatcher task per queue-triggered function and instance
+//! takes visible messages under a peek-lock, invokes the handler, and settles
+//! each delivery. Settlements are written in batches.
+//!
+//! - One message per invocation: up to maxConcurrentCalls at once (for session
+//!   queues one message per session, and maxConcurrentSessions), each lock
+//!   renewed up to maxAutoLockRenewalDuration.
+//! - A batch per invocation (`"cardinality": "many"`), as the Service Bus
+//!   extension's batch loop does: one batch at a time, up to
+//!   maxMessageBatchSize messages (held back below minMessageBatchSize for at
+//!   most maxBatchWaitTime), one session's messages only, no lock renewal;
+//!   every message completed on success and abandoned on failure.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,6 +19,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::config::Cardinality;
 use super::invoke::{self, InvokeError};
 use super::queue::{Message, Settled, Settlement, Store, Take, now_ms};
 use super::{QueueSpec, Shared};
@@ -30,7 +39,10 @@ impl Dispatch {
             .queues
             .values()
             .flat_map(|spec| (0..shared.instances.len()).map(move |i| (spec.clone(), i)))
-            .map(|(spec, i)| tokio::spawn(run_queue(shared.clone(), spec, i, settler.clone(), stop_rx.clone())))
+            .map(|(spec, i)| match spec.trigger.cardinality {
+                Cardinality::One => tokio::spawn(run_queue(shared.clone(), spec, i, settler.clone(), stop_rx.clone())),
+                Cardinality::Many => tokio::spawn(run_batches(shared.clone(), spec, i, settler.clone(), stop_rx.clone())),
+            })
             .collect();
         Dispatch { stop, tasks, settler: settler_task }
     }
@@ -254,8 +266,22 @@ async fn deliver(
     run_for: Duration,
     done: mpsc::UnboundedSender<Option<String>>,
 ) {
+    let body = invoke::payload(&spec, &m, chrono::Utc::now());
+    let how = invoke_once(&shared, &spec, instance, &body, run_for).await;
+    if let Settlement::Abandon { reason, .. } = &how {
+        tracing::warn!(function = %spec.function, message_id = %m.message_id, delivery_count = m.delivery_count, "invocation failed: {reason}");
+    }
+    settle_all(&settler, &spec, std::slice::from_ref(&m), how).await;
+    // Release the slot only once the settlement is written, so a session's
+    // next message cannot overtake an abandoned one.
+    let _ = done.send(m.session_id);
+}
+
+/// Invokes the handler with `body` (twice at once under duplicate-delivery
+/// faults) within `run_for`, and says how the delivered messages are settled.
+async fn invoke_once(shared: &Shared, spec: &QueueSpec, instance: usize, body: &serde_json::Value, run_for: Duration) -> Settlement {
     let target = &shared.instances[instance];
-    let once = || invoke::invoke(&shared.client, target.counted(), &spec, &m);
+    let once = || invoke::invoke(&shared.client, target.counted(), spec, body);
     let result = if shared.config.duplicate_deliveries {
         tokio::time::timeout(run_for, async {
             let (a, b) = tokio::join!(once(), once());
@@ -265,35 +291,140 @@ async fn deliver(
     } else {
         tokio::time::timeout(run_for, once()).await
     };
-    let how = match result {
+    let max_delivery_count = spec.trigger.settings.max_delivery_count;
+    match result {
         Ok(Ok(())) => Settlement::Complete,
         Ok(Err(InvokeError::NotDelivered(e))) => {
-            tracing::debug!(function = %spec.function, message_id = %m.message_id, "handler not reachable ({e}); message released");
+            tracing::debug!(function = %spec.function, "handler not reachable ({e}); messages released");
             Settlement::Release
         }
-        Ok(Err(InvokeError::Failed(e))) => {
-            tracing::warn!(function = %spec.function, message_id = %m.message_id, delivery_count = m.delivery_count, "invocation failed: {e}");
-            Settlement::Abandon { max_delivery_count: spec.trigger.settings.max_delivery_count, reason: e }
-        }
-        Err(_) => {
-            let e = format!("invocation timed out after {run_for:?}");
-            tracing::warn!(function = %spec.function, message_id = %m.message_id, delivery_count = m.delivery_count, "{e}");
-            Settlement::Abandon { max_delivery_count: spec.trigger.settings.max_delivery_count, reason: e }
-        }
-    };
-    match settler.settle(m.sequence_number, m.lock_token.clone(), how).await {
-        Some(Settled::DeadLettered) => tracing::warn!(
-            function = %spec.function, queue = %spec.trigger.queue, message_id = %m.message_id,
-            "message moved to the dead-letter queue after {} deliveries", m.delivery_count
-        ),
-        Some(Settled::LockLost) => {
-            tracing::warn!(function = %spec.function, message_id = %m.message_id, "lock lost before settlement")
-        }
-        _ => {}
+        Ok(Err(InvokeError::Failed(e))) => Settlement::Abandon { max_delivery_count, reason: e },
+        Err(_) => Settlement::Abandon { max_delivery_count, reason: format!("invocation timed out after {run_for:?}") },
     }
-    // Release the slot only once the settlement is written, so a session's
-    // next message cannot overtake an abandoned one.
-    let _ = done.send(m.session_id);
+}
+
+/// Settles every message of one invocation the same way (one transaction when they arrive together).
+async fn settle_all(settler: &Settler, spec: &QueueSpec, ms: &[Message], how: Settlement) {
+    let settled = futures::future::join_all(ms.iter().map(|m| settler.settle(m.sequence_number, m.lock_token.clone(), how.clone()))).await;
+    for (m, s) in ms.iter().zip(settled) {
+        match s {
+            Some(Settled::DeadLettered) => tracing::warn!(
+                function = %spec.function, queue = %spec.trigger.queue, message_id = %m.message_id,
+                "message moved to the dead-letter queue after {} deliveries", m.delivery_count
+            ),
+            Some(Settled::LockLost) => {
+                tracing::warn!(function = %spec.function, message_id = %m.message_id, "lock lost before settlement")
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The batch loop of a `"cardinality": "many"` function on one instance: one
+/// invocation at a time, each with what could be received up to
+/// maxMessageBatchSize. Below minMessageBatchSize, what was received waits
+/// (locked) for more, at most maxBatchWaitTime, then goes as a partial batch.
+/// A session queue's batch holds one session's messages, and the session just
+/// served is taken again while it has any.
+async fn run_batches(shared: Arc<Shared>, spec: Arc<QueueSpec>, instance: usize, settler: Settler, mut stop: watch::Receiver<bool>) {
+    let mut worker = shared.instances[instance].state.clone();
+    let mut worker_alive = true;
+    let options = shared.config.batches;
+    let sessions = spec.trigger.sessions;
+    // Batches get no lock renewal: the whole batch must finish within one lock.
+    let lock = spec.trigger.settings.lock_duration;
+    let run_for = shared.config.function_timeout.map_or(lock, |t| t.min(lock));
+    let lock_for = run_for + Duration::from_secs(5);
+    let queue = spec.trigger.queue.clone();
+    let mut held: Vec<Message> = Vec::new();
+    let mut held_since: Option<tokio::time::Instant> = None;
+    let mut session: Option<String> = None;
+    let mut receiving = Receiving { spec: &spec, counted: false };
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let mut sleep_for = None;
+        receiving.set(shared.instances[instance].ready());
+        if receiving.counted {
+            let store = shared.store.clone();
+            let q = queue.clone();
+            let room = options.max_size - held.len();
+            let among = spec.receiving.load(Relaxed);
+            let only = held.first().and_then(|m| m.session_id.clone());
+            let prefer = only.clone().or_else(|| session.clone());
+            let received = tokio::task::spawn_blocking(move || {
+                if sessions {
+                    store.receive_session_batch(&q, room, prefer.as_deref(), only.is_none(), lock_for, now_ms())
+                } else {
+                    store.receive(&q, Take { max: room, among }, None, lock_for, now_ms())
+                }
+            })
+            .await;
+            match received {
+                Ok(Ok(r)) => {
+                    if r.expired > 0 {
+                        tracing::warn!(queue = %queue, "{} expired message(s) moved to the dead-letter queue", r.expired);
+                    }
+                    held.extend(r.messages);
+                    let waited = held_since.is_some_and(|t| t.elapsed() >= options.max_wait);
+                    if !held.is_empty() && (held.len() >= options.min_size || waited) {
+                        receiving.set(false);
+                        session = held[0].session_id.clone();
+                        held_since = None;
+                        let batch = std::mem::take(&mut held);
+                        deliver_batch(&shared, &spec, instance, &settler, batch, run_for).await;
+                        continue;
+                    }
+                    if !held.is_empty() {
+                        let since = *held_since.get_or_insert_with(tokio::time::Instant::now);
+                        sleep_for = Some(options.max_wait.saturating_sub(since.elapsed()));
+                    }
+                    let due = r.next_due.map(|t| Duration::from_millis((t - now_ms()).max(0) as u64));
+                    sleep_for = match (sleep_for, due) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    if r.left {
+                        sleep_for = Some(sleep_for.map_or(LEFT_FOR_OTHERS, |d| d.min(LEFT_FOR_OTHERS)));
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(queue = %queue, "cannot receive: {e:#}");
+                    sleep_for = Some(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    tracing::error!(queue = %queue, "receive task failed: {e}");
+                    sleep_for = Some(Duration::from_secs(1));
+                }
+            }
+        }
+        let sleep = async {
+            match sleep_for {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = spec.wakes[instance].notified() => {}
+            _ = sleep => {}
+            r = worker.changed(), if worker_alive => { if r.is_err() { worker_alive = false; } }
+            r = stop.changed() => { if r.is_err() { break; } }
+        }
+    }
+    receiving.set(false);
+    // Held back for a fuller batch and never delivered: let them go uncounted.
+    settle_all(&settler, &spec, &held, Settlement::Release).await;
+}
+
+/// One batch invocation, then every message settled as it went.
+async fn deliver_batch(shared: &Shared, spec: &QueueSpec, instance: usize, settler: &Settler, batch: Vec<Message>, run_for: Duration) {
+    let body = invoke::batch_payload(spec, &batch, chrono::Utc::now());
+    let how = invoke_once(shared, spec, instance, &body, run_for).await;
+    if let Settlement::Abandon { reason, .. } = &how {
+        tracing::warn!(function = %spec.function, messages = batch.len(), "batch invocation failed, every message abandoned: {reason}");
+    }
+    settle_all(settler, spec, &batch, how).await;
 }
 
 #[cfg(test)]
@@ -477,6 +608,156 @@ mod tests {
         assert_eq!((c.dead_lettered, c.locked), (0, 0));
         let m = core.shared.store.receive("ticket-lookup", super::Take::up_to(1), None, std::time::Duration::from_secs(1), super::now_ms()).unwrap();
         assert_eq!(m.messages[0].delivery_count, 1, "refused connections were not counted");
+        core.stop().await;
+    }
+
+    /// A batch invocation's JSON-string array, parsed.
+    fn column(md: &Value, key: &str) -> Vec<Value> {
+        serde_json::from_str(md[key].as_str().unwrap_or_else(|| panic!("{key} is a JSON string: {md}"))).unwrap()
+    }
+
+    fn bodies(call: &super::super::testkit::Call) -> Vec<String> {
+        let v = call.json();
+        let data: Vec<String> = serde_json::from_str(v["Data"]["message"].as_str().unwrap()).unwrap();
+        data.iter().map(|b| String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).unwrap()).unwrap()).collect()
+    }
+
+    async fn send_many(url: &str, queue: &str, messages: Vec<Value>) {
+        let r = reqwest::Client::new()
+            .post(format!("{url}/{queue}/messages"))
+            .bearer_auth(BUS_TOKEN)
+            .header("content-type", super::super::servicebus::BATCH_CONTENT_TYPE)
+            .body(Value::Array(messages).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+
+    fn numbered(prefix: &str, n: usize, session: Option<&str>) -> Vec<Value> {
+        (0..n)
+            .map(|i| {
+                let mut broker = json!({"MessageId": format!("{prefix}{i}"), "CorrelationId": format!("c{i}")});
+                if let Some(s) = session {
+                    broker["SessionId"] = json!(s);
+                }
+                json!({"Body": format!("{prefix}{i}"), "BrokerProperties": broker, "UserProperties": {"n": i.to_string()}})
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_invocation_carries_bodies_and_metadata_as_arrays_in_json_strings() {
+        let app = batch_app(&[("lookup", "ticket-lookup", false, 10)], json!({"maxMessageBatchSize": 10}));
+        let (handler, calls) = fake_handler(|_, _| ok_json()).await;
+        let (core, state) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Starting).await;
+        send_many(&core.url, "ticket-lookup", numbered("m", 3, None)).await;
+        state.send(WorkerState::Ready).unwrap();
+        eventually("completion", || core.shared.store.counts(0).unwrap().is_empty()).await;
+
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 1, "three visible messages, one invocation");
+        let call = &calls[0];
+        assert_eq!((call.method.as_str(), call.path_and_query.as_str()), ("POST", "/lookup"));
+        assert_eq!(bodies(call), ["m0", "m1", "m2"]);
+        let md = &call.json()["Metadata"];
+        assert_eq!(column(md, "MessageIdArray"), [json!("m0"), json!("m1"), json!("m2")]);
+        assert_eq!(column(md, "DeliveryCountArray"), [json!(1), json!(1), json!(1)]);
+        assert_eq!(column(md, "CorrelationIdArray")[2], "c2");
+        assert_eq!(column(md, "SessionIdArray"), [Value::Null, Value::Null, Value::Null]);
+        assert_eq!(column(md, "ApplicationPropertiesArray")[1], json!({"n": "1"}));
+        assert_eq!(column(md, "UserPropertiesArray"), column(md, "ApplicationPropertiesArray"));
+        assert_eq!(column(md, "LockTokenArray").len(), 3);
+        let seq = column(md, "SequenceNumberArray");
+        assert!(seq.windows(2).all(|w| w[0].as_i64() < w[1].as_i64()), "in queue order: {seq:?}");
+        let enq = column(md, "EnqueuedTimeUtcArray");
+        chrono::NaiveDateTime::parse_from_str(enq[0].as_str().unwrap(), "%Y-%m-%dT%H:%M:%S%.3f").unwrap();
+        for single in ["DeliveryCount", "MessageId", "LockToken", "SequenceNumber", "ApplicationProperties"] {
+            assert!(md.get(single).is_none(), "no single-message {single} in a batch");
+        }
+        assert_eq!(md["MessageActions"], json!({}));
+        assert_eq!(md["sys"]["MethodName"], "lookup");
+        core.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_is_abandoned_whole_and_every_delivery_counts() {
+        let app = batch_app(&[("lookup", "ticket-lookup", false, 3)], json!({"maxMessageBatchSize": 10}));
+        let (handler, calls) = fake_handler(|n, _| if n == 1 { fail() } else { ok_json() }).await;
+        let (core, state) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Starting).await;
+        send_many(&core.url, "ticket-lookup", numbered("m", 4, None)).await;
+        state.send(WorkerState::Ready).unwrap();
+        eventually("completion", || core.shared.store.counts(0).unwrap().is_empty()).await;
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(bodies(&calls[1]), ["m0", "m1", "m2", "m3"], "the same batch again, in order");
+        assert_eq!(column(&calls[1].json()["Metadata"], "DeliveryCountArray"), [json!(2), json!(2), json!(2), json!(2)]);
+        core.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn one_batch_at_a_time_never_more_than_the_max_size() {
+        let app = batch_app(&[("lookup", "ticket-lookup", false, 10)], json!({"maxMessageBatchSize": 4}));
+        let active = std::sync::Arc::new(AtomicUsize::new(0));
+        let peak = std::sync::Arc::new(AtomicUsize::new(0));
+        let (a, p) = (active.clone(), peak.clone());
+        let (handler, calls) = fake_handler(move |_, _| {
+            p.fetch_max(a.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            a.fetch_sub(1, Ordering::SeqCst);
+            ok_json()
+        })
+        .await;
+        let (core, _s) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
+        send_many(&core.url, "ticket-lookup", numbered("m", 10, None)).await;
+        eventually("completion", || core.shared.store.counts(0).unwrap().is_empty()).await;
+        let sizes: Vec<usize> = calls.lock().unwrap().iter().map(|c| bodies(c).len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 10);
+        assert!(sizes.iter().all(|&n| n <= 4), "{sizes:?}");
+        assert_eq!(peak.load(Ordering::SeqCst), 1, "one invocation at a time per function and instance");
+        core.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_session_batch_holds_one_session_in_order() {
+        let app = batch_app(&[("reserve", "ticket-reserve", true, 10)], json!({"maxMessageBatchSize": 100}));
+        let (handler, calls) = fake_handler(|_, _| ok_json()).await;
+        let (core, state) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Starting).await;
+        let mut all = Vec::new();
+        for s in ["A", "B", "C"] {
+            all.extend(numbered(s, 5, Some(s)));
+        }
+        send_many(&core.url, "ticket-reserve", all).await;
+        state.send(WorkerState::Ready).unwrap();
+        eventually("completion", || core.shared.store.counts(0).unwrap().is_empty()).await;
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 3, "one batch per session");
+        for call in &calls {
+            let sessions = column(&call.json()["Metadata"], "SessionIdArray");
+            let s = sessions[0].as_str().unwrap().to_owned();
+            assert!(sessions.iter().all(|x| x == &json!(s)), "one session per batch: {sessions:?}");
+            assert_eq!(bodies(call), (0..5).map(|i| format!("{s}{i}")).collect::<Vec<_>>(), "in order");
+        }
+        core.stop().await;
+    }
+
+    #[tokio::test]
+    async fn below_the_min_size_a_batch_waits_then_goes_partial() {
+        let app = batch_app(
+            &[("lookup", "ticket-lookup", false, 10)],
+            json!({"maxMessageBatchSize": 10, "minMessageBatchSize": 3, "maxBatchWaitTime": "00:00:01"}),
+        );
+        let (handler, calls) = fake_handler(|_, _| ok_json()).await;
+        let (core, _s) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
+        send_many(&core.url, "ticket-lookup", numbered("a", 2, None)).await;
+        let sent = std::time::Instant::now();
+        eventually("the partial batch", || calls.lock().unwrap().len() == 1).await;
+        let waited = sent.elapsed();
+        assert!(waited >= std::time::Duration::from_millis(900), "two of three waited for more: {waited:?}");
+        assert_eq!(bodies(&calls.lock().unwrap()[0]), ["a0", "a1"]);
+        send_many(&core.url, "ticket-lookup", numbered("b", 3, None)).await;
+        eventually("the full batch", || calls.lock().unwrap().len() == 2).await;
+        assert_eq!(bodies(&calls.lock().unwrap()[1]), ["b0", "b1", "b2"]);
         core.stop().await;
     }
 }

@@ -1,6 +1,9 @@
 //! One invocation of a queue-triggered function, in the custom-handler wire
 //! format of the real Functions host: `POST /{FunctionName}` with
-//! `{"Data": {...}, "Metadata": {...}}`, values encoded as the host encodes them.
+//! `{"Data": {...}, "Metadata": {...}}`, values encoded as the host encodes them
+//! (`GetHttpScriptInvocationContextValue`): a byte array as base64, a string or
+//! a number JSON-encoded again, a dictionary as an object, and an array (a
+//! batch's bodies, its metadata columns) as a JSON string holding the array.
 
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -34,6 +37,80 @@ fn date_time(t: DateTime<Utc>) -> String {
 
 fn millis(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// What every Service Bus invocation carries besides the messages: the
+/// settlement objects (empty for an HTTP worker, which cannot use them) and `sys`.
+fn common_metadata(md: &mut Map<String, Value>, spec: &QueueSpec, now: DateTime<Utc>) {
+    let actions = if spec.trigger.sessions {
+        json!({ "SessionLockedUntil": format!("{}+00:00", date_time(now + chrono::Duration::minutes(1))) })
+    } else {
+        json!({})
+    };
+    for key in ["MessageReceiver", "MessageSession", "MessageActions", "SessionActions"] {
+        md.insert(key.into(), actions.clone());
+    }
+    md.insert("ReceiveActions".into(), json!({}));
+    md.insert(
+        "sys".into(),
+        json!({
+            "MethodName": spec.function,
+            "UtcNow": format!("{}.{:07}Z", date_time(now), now.timestamp_subsec_nanos() / 100),
+            "RandGuid": uuid::Uuid::new_v4().to_string(),
+        }),
+    );
+}
+
+/// An array as the host hands it over: serialised into a JSON string.
+fn serialised(items: Vec<Value>) -> Value {
+    Value::String(Value::Array(items).to_string())
+}
+
+/// DateTime with milliseconds, as an array element (`2025-01-02T03:04:05.123`).
+fn date_time_ms(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3f").to_string()
+}
+
+/// The request body for delivering the batch `ms` to `spec`'s function
+/// (`"cardinality": "many"`): the bodies and each metadata column as arrays,
+/// one entry per message at the same index, and no single-message keys.
+pub(crate) fn batch_payload(spec: &QueueSpec, ms: &[Message], now: DateTime<Utc>) -> Value {
+    let t = &spec.trigger;
+    let bodies = ms
+        .iter()
+        .map(|m| match t.data_type {
+            DataType::Binary => Value::String(base64::engine::general_purpose::STANDARD.encode(&m.body)),
+            DataType::String => Value::String(String::from_utf8_lossy(&m.body).into_owned()),
+        })
+        .collect();
+    let column = |f: &dyn Fn(&Message) -> Value| serialised(ms.iter().map(f).collect());
+    let text = |v: &Option<String>| v.clone().map_or(Value::Null, Value::String);
+    let expiry = |m: &Message| m.expires_at.map(millis).map(date_time_ms).unwrap_or_else(|| "9999-12-31T23:59:59.999".into());
+    let mut md = Map::new();
+    md.insert("DeliveryCountArray".into(), column(&|m| m.delivery_count.into()));
+    md.insert("SequenceNumberArray".into(), column(&|m| m.sequence_number.into()));
+    md.insert("LockTokenArray".into(), column(&|m| m.lock_token.clone().into()));
+    md.insert("MessageIdArray".into(), column(&|m| m.message_id.clone().into()));
+    md.insert("DeadLetterSourceArray".into(), column(&|_| Value::Null));
+    md.insert("ContentTypeArray".into(), column(&|m| text(&m.content_type)));
+    md.insert("CorrelationIdArray".into(), column(&|m| text(&m.correlation_id)));
+    md.insert("SessionIdArray".into(), column(&|m| text(&m.session_id)));
+    md.insert("ReplyToArray".into(), column(&|m| text(&m.reply_to)));
+    md.insert("ToArray".into(), column(&|m| text(&m.to)));
+    md.insert("ReplyToSessionIdArray".into(), column(&|m| text(&m.reply_to_session_id)));
+    md.insert("SubjectArray".into(), column(&|m| text(&m.label)));
+    md.insert("LabelArray".into(), column(&|m| text(&m.label)));
+    md.insert("PartitionKeyArray".into(), column(&|m| text(&m.partition_key)));
+    // The extension fills this one with the partition keys too.
+    md.insert("TransactionPartitionKeyArray".into(), column(&|m| text(&m.partition_key)));
+    md.insert("EnqueuedTimeUtcArray".into(), column(&|m| date_time_ms(millis(m.enqueued_at)).into()));
+    md.insert("EnqueuedTimeArray".into(), column(&|m| format!("{}+00:00", date_time_ms(millis(m.enqueued_at))).into()));
+    md.insert("ExpiresAtUtcArray".into(), column(&|m| expiry(m).into()));
+    md.insert("ExpiresAtArray".into(), column(&|m| format!("{}+00:00", expiry(m)).into()));
+    md.insert("ApplicationPropertiesArray".into(), column(&|m| Value::Object(m.properties.clone())));
+    md.insert("UserPropertiesArray".into(), column(&|m| Value::Object(m.properties.clone())));
+    common_metadata(&mut md, spec, now);
+    json!({ "Data": { t.binding.clone(): serialised(bodies) }, "Metadata": md })
 }
 
 /// The request body for delivering `m` to `spec`'s function.
@@ -90,22 +167,14 @@ pub(crate) fn payload(spec: &QueueSpec, m: &Message, now: DateTime<Utc>) -> Valu
             md.entry(k).or_insert_with(|| quoted(&s));
         }
     }
-    md.insert(
-        "sys".into(),
-        json!({
-            "MethodName": spec.function,
-            "UtcNow": format!("{}.{:07}Z", date_time(now), now.timestamp_subsec_nanos() / 100),
-            "RandGuid": uuid::Uuid::new_v4().to_string(),
-        }),
-    );
+    common_metadata(&mut md, spec, now);
     json!({ "Data": { t.binding.clone(): data }, "Metadata": md })
 }
 
-/// Delivers `m` to the handler at `base` (e.g. `http://127.0.0.1:4321`).
-/// Success is a 2xx reply with a JSON content type and a JSON body; its
-/// `Logs` lines are logged at info.
-pub(crate) async fn invoke(client: &reqwest::Client, base: &str, spec: &QueueSpec, m: &Message) -> Result<(), InvokeError> {
-    let body = payload(spec, m, Utc::now());
+/// Delivers an invocation's `body` (a [`payload`] or [`batch_payload`]) to the
+/// handler at `base` (e.g. `http://127.0.0.1:4321`). Success is a 2xx reply
+/// with a JSON content type and a JSON body; its `Logs` lines are logged at info.
+pub(crate) async fn invoke(client: &reqwest::Client, base: &str, spec: &QueueSpec, body: &Value) -> Result<(), InvokeError> {
     let invocation_id = uuid::Uuid::new_v4().to_string();
     let resp = client
         .post(format!("{base}/{}", spec.function))

@@ -56,6 +56,14 @@ pub struct LocalOptions {
     pub duplicate_deliveries: bool,
     /// How many handler processes to run, as instances of a scaled-out app (1..=16).
     pub instances: usize,
+    /// Messages per invocation of every queue function, in place of host.json's
+    /// (1: one message per invocation, `"cardinality": "one"`).
+    pub max_batch: Option<usize>,
+}
+
+/// Checks a `--max-batch` value: at least 1.
+pub fn check_max_batch(n: usize) -> Result<usize> {
+    if n >= 1 { Ok(n) } else { Err(anyhow!("--max-batch must be at least 1 (got {n})")) }
 }
 
 /// Most handler instances `ticketpay local --instances` runs.
@@ -322,6 +330,9 @@ impl LocalHost {
         let app_root = app_root.canonicalize().with_context(|| format!("app root {} not found", app_root.display()))?;
         let mut config = HostConfig::load(&app_root)?;
         config.duplicate_deliveries = opts.duplicate_deliveries;
+        if let Some(n) = opts.max_batch {
+            config.set_max_batch(check_max_batch(n)?);
+        }
         let data = cwd.join(&opts.data);
         std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
         let data = data.canonicalize()?;

@@ -369,6 +369,97 @@ impl Store {
         Ok(out)
     }
 
+    /// For a batch-triggered session queue: locks up to `max` visible messages
+    /// of one session, in order. The session `held` (the one this receiver had)
+    /// is taken again while it has messages, as a session receiver keeps its
+    /// session until it idles; otherwise the first session after it with
+    /// visible messages and none locked, unless `others` is false. Expired
+    /// messages met on the way are dead-lettered.
+    pub fn receive_session_batch(
+        &self,
+        queue: &str,
+        max: usize,
+        held: Option<&str>,
+        others: bool,
+        lock_for: Duration,
+        now: i64,
+    ) -> Result<Received> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut out = Received::default();
+        let locked_until = now + lock_for.as_millis() as i64;
+        {
+            let mut free = tx.prepare_cached(&format!(
+                "SELECT seq, expires_at FROM messages WHERE queue = ?1 AND {AVAILABLE} AND session_id = ?2
+                 AND visible_at <= ?3 AND NOT EXISTS (SELECT 1 FROM messages AS l
+                     WHERE l.queue = ?1 AND l.session_id = ?2 AND l.lock_token IS NOT NULL)
+                 ORDER BY visible_at, seq LIMIT ?4"
+            ))?;
+            let mut next_session = tx.prepare_cached(&format!(
+                "SELECT session_id FROM messages WHERE queue = ?1 AND {AVAILABLE} AND session_id > ?2
+                 ORDER BY session_id LIMIT 1"
+            ))?;
+            let mut lock_one = tx.prepare_cached(&format!(
+                "UPDATE messages SET lock_token = ?2, locked_until = ?3, delivery_count = delivery_count + 1
+                 WHERE seq = ?1 AND {AVAILABLE} RETURNING {COLUMNS}"
+            ))?;
+            let mut expire = tx.prepare_cached(
+                "UPDATE messages SET dead_letter = 1, dl_reason = 'TTLExpiredException',
+                    dl_description = 'The message expired and was dead lettered.', dl_at = ?2 WHERE seq = ?1",
+            )?;
+            // The held session first, then the others in order after it, wrapping round once.
+            let start = held.unwrap_or_default().to_owned();
+            let mut candidates: Vec<String> = held.map(str::to_owned).into_iter().collect();
+            let mut after = start.clone();
+            let mut wrapped = false;
+            'sessions: loop {
+                for sid in candidates.drain(..) {
+                    let rows: Vec<(i64, Option<i64>)> = free
+                        .query_map(params![queue, sid, now, max as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<rusqlite::Result<_>>()?;
+                    for (seq, expires_at) in rows {
+                        if matches!(expires_at, Some(t) if t <= now) {
+                            expire.execute(params![seq, now])?;
+                            out.expired += 1;
+                            continue;
+                        }
+                        let token = uuid::Uuid::new_v4().to_string();
+                        if let Some(m) = lock_one.query_row(params![seq, token, locked_until], row_to_message).optional()? {
+                            out.messages.push(m);
+                        }
+                    }
+                    if !out.messages.is_empty() {
+                        break 'sessions;
+                    }
+                }
+                if !others {
+                    break;
+                }
+                let next: Option<String> = next_session.query_row(params![queue, after], |r| r.get(0)).optional()?;
+                match next {
+                    Some(sid) if wrapped && sid >= start => break,
+                    Some(sid) => {
+                        after = sid.clone();
+                        if held != Some(sid.as_str()) {
+                            candidates.push(sid);
+                        }
+                    }
+                    None if !wrapped && !start.is_empty() => {
+                        wrapped = true;
+                        after = String::new();
+                    }
+                    None => break,
+                }
+            }
+            let mut due = tx.prepare_cached(&format!(
+                "SELECT MIN(visible_at) FROM messages WHERE queue = ?1 AND {AVAILABLE} AND visible_at > ?2"
+            ))?;
+            out.next_due = due.query_row(params![queue, now], |r| r.get(0))?;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
     /// Settles deliveries, all in one transaction.
     pub fn settle(&self, ops: &[(i64, String, Settlement)], now: i64) -> Result<Vec<Settled>> {
         let mut conn = self.lock();

@@ -25,12 +25,27 @@ pub const BUS_TOKEN: &str = "test-bus-token";
 pub type Fn_ = (&'static str, &'static str, bool, u32);
 
 pub fn app(functions: &[Fn_]) -> tempfile::TempDir {
+    app_with(functions, None)
+}
+
+/// Like [`app`], with every queue function on `"cardinality": "many"` and
+/// `batches` (e.g. `{"maxMessageBatchSize": 3}`) added to `extensions.serviceBus`.
+pub fn batch_app(functions: &[Fn_], batches: Value) -> tempfile::TempDir {
+    app_with(functions, Some(batches))
+}
+
+fn app_with(functions: &[Fn_], batches: Option<Value>) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
+    let mut service_bus = json!({"maxConcurrentCalls": 8, "maxConcurrentSessions": 3, "maxAutoLockRenewalDuration": "00:00:05"});
+    if let Some(Value::Object(extra)) = &batches {
+        service_bus.as_object_mut().unwrap().extend(extra.clone());
+    }
+    let cardinality = if batches.is_some() { "many" } else { "one" };
     let host = json!({
         "version": "2.0",
         "functionTimeout": "00:00:05",
         "customHandler": {"description": {"defaultExecutablePath": "ticketpay", "arguments": ["handler"]}, "enableProxyingHttpRequest": true},
-        "extensions": {"serviceBus": {"maxConcurrentCalls": 8, "maxConcurrentSessions": 3, "maxAutoLockRenewalDuration": "00:00:05"}}
+        "extensions": {"serviceBus": service_bus}
     });
     std::fs::write(d.path().join("host.json"), host.to_string()).unwrap();
     let write = |name: &str, f: Value| {
@@ -44,7 +59,7 @@ pub fn app(functions: &[Fn_]) -> tempfile::TempDir {
     for (name, queue, sessions, max) in functions {
         write(name, json!({"bindings": [{
             "type": "serviceBusTrigger", "direction": "in", "name": "message", "queueName": queue,
-            "dataType": "binary", "isSessionsEnabled": sessions,
+            "dataType": "binary", "cardinality": cardinality, "isSessionsEnabled": sessions,
             "queueSettings": {"lockDuration": "PT30S", "maxDeliveryCount": max, "duplicateDetectionHistoryTimeWindow": "PT10M"}}]}));
     }
     d

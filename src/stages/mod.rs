@@ -132,6 +132,8 @@ impl StageError {
 /// and how many times, before it is left to the broker (and then the sweep).
 const MAX_DEFERRAL: Duration = Duration::from_secs(60);
 const MAX_DEFERRALS: u32 = 30;
+/// How soon a message put off by its batch comes back.
+const PUT_OFF: Duration = Duration::from_secs(2);
 
 impl Handled {
     /// What the invocation came to, for its span: the ticket's new status, or
@@ -212,12 +214,23 @@ impl Pipeline {
             return false;
         }
         let delay = Duration::from_secs(1u64 << message.deferrals.min(6)).min(MAX_DEFERRAL);
+        let copy = StageMessage { deferrals: message.deferrals + 1, ..message.clone() };
+        self.send_copy(stage, copy, delay, "deferred").await
+    }
+
+    /// A message its batch had no time left for: a copy comes back shortly,
+    /// unchanged, without counting as a failure of any kind.
+    pub async fn put_off(&self, stage: Stage, message: &StageMessage) -> bool {
+        self.send_copy(stage, message.clone(), PUT_OFF, "put-off").await
+    }
+
+    /// Sends `copy` to `stage`'s queue about `delay` from now (with jitter), under a MessageId of its own.
+    async fn send_copy(&self, stage: Stage, copy: StageMessage, delay: Duration, why: &str) -> bool {
         let jittered = delay.mul_f64(0.5 + 0.5 * rand::random::<f64>());
         let at = Utc::now() + chrono::Duration::from_std(jittered).unwrap_or_default();
-        let copy = StageMessage { deferrals: message.deferrals + 1, ..message.clone() };
         let out = OutgoingMessage {
             queue: stage.queue(),
-            message_id: format!("{}:{}:{}:deferred:{}", copy.batch_id, copy.ticket_id, stage.function(), uuid::Uuid::new_v4().simple()),
+            message_id: format!("{}:{}:{}:{why}:{}", copy.batch_id, copy.ticket_id, stage.function(), uuid::Uuid::new_v4().simple()),
             session_id: stage.uses_sessions().then(|| copy.batch_id.to_string()),
             correlation_id: Some(format!("{}:{}", copy.batch_id, copy.ticket_id)),
             scheduled_at: Some(at),

@@ -72,10 +72,48 @@ CREATE TABLE IF NOT EXISTS payment_claims (
 ) WITHOUT ROWID;
 ";
 
+/// Every write (and every read that must see the last write) runs on one
+/// writer thread. What callers hand it while it is busy goes in the next
+/// transaction together (group commit): concurrent stages, the messages of a
+/// batch invocation among them, share one commit instead of one each. Each
+/// operation runs in its own savepoint, so one that fails undoes only itself,
+/// and its answer is given once the whole group is committed.
 #[derive(Clone)]
 pub struct SqliteStore {
-    writer: Arc<Mutex<Connection>>,
+    writer: std::sync::mpsc::Sender<Job>,
     reader: Arc<Mutex<Connection>>,
+}
+
+/// An operation for the writer thread; what it returns delivers its answer
+/// once the group it ran in is committed (`true`) or lost (`false`).
+type Job = Box<dyn FnOnce(&mut Connection) -> Box<dyn FnOnce(bool) + Send> + Send>;
+
+/// The most operations one group transaction takes.
+const GROUP_MAX: usize = 512;
+
+fn write_groups(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        // Should BEGIN fail, each operation's savepoint is a transaction of its own.
+        let grouped = conn.execute_batch("BEGIN IMMEDIATE").is_ok();
+        let answers: Vec<_> = group
+            .into_iter()
+            .filter_map(|job| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn))).ok())
+            .collect();
+        let committed = !grouped || conn.execute_batch("COMMIT").is_ok();
+        if !committed {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for answer in answers {
+            answer(committed);
+        }
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -103,11 +141,35 @@ impl SqliteStore {
         let writer = open_connection(path)?;
         writer.execute_batch(SCHEMA).map_err(unavailable)?;
         let reader = open_connection(path)?;
-        Ok(SqliteStore { writer: Arc::new(Mutex::new(writer)), reader: Arc::new(Mutex::new(reader)) })
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_groups(writer, queue))
+            .map_err(unavailable)?;
+        Ok(SqliteStore { writer: jobs, reader: Arc::new(Mutex::new(reader)) })
     }
 
+    /// Runs `f` on the writer thread, in a savepoint of the next group transaction.
     async fn write<R: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<R> + Send + 'static) -> Result<R> {
-        run(self.writer.clone(), f).await
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn: &mut Connection| {
+            let result = match conn.execute_batch("SAVEPOINT job") {
+                Ok(()) => {
+                    let r = f(conn);
+                    let end = if r.is_ok() { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+                    match (r, conn.execute_batch(end)) {
+                        (Ok(_), Err(e)) => Err(unavailable(e)),
+                        (r, _) => r,
+                    }
+                }
+                Err(e) => Err(unavailable(e)),
+            };
+            Box::new(move |committed: bool| {
+                let _ = answer.send(if committed { result } else { Err(unavailable("the store could not commit the write")) });
+            })
+        });
+        self.writer.send(job).map_err(|_| unavailable("the store's writer has stopped"))?;
+        answered.await.map_err(|_| unavailable("the store's writer dropped the write"))?
     }
 
     async fn read<R: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<R> + Send + 'static) -> Result<R> {
@@ -165,7 +227,7 @@ fn batch_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Batch, String)> 
 
 const BATCH_COLUMNS: &str = "batch_id, client_id, currency, budget, committed, tickets, idempotency_key, request_digest, enqueued, completed_at, created_at";
 
-fn insert_events(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> Result<()> {
+fn insert_events(tx: &Connection, events: &[Event]) -> Result<()> {
     let mut stmt = tx
         .prepare_cached("INSERT INTO events (batch_id, ticket_id, doc) VALUES (?1, ?2, ?3)")
         .map_err(unavailable)?;
@@ -212,7 +274,7 @@ impl Store for SqliteStore {
         let tickets = tickets.to_vec();
         let events = events.to_vec();
         self.write(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
+            let tx = conn.savepoint().map_err(unavailable)?;
             if let Some(key) = &batch.idempotency_key {
                 let existing = tx
                     .query_row(
@@ -369,7 +431,7 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let TicketUpdate { ticket, etag, budget, events } = update;
             let version: i64 = etag.parse().map_err(|_| StoreError::Conflict(format!("ticket {} (etag {etag})", ticket.ticket_id)))?;
-            let tx = conn.transaction().map_err(unavailable)?;
+            let tx = conn.savepoint().map_err(unavailable)?;
             let doc = serde_json::to_string(&ticket).map_err(invalid)?;
             let changed = tx
                 .prepare_cached(
@@ -422,7 +484,7 @@ impl Store for SqliteStore {
     async fn append_events(&self, events: &[Event]) -> Result<()> {
         let events = events.to_vec();
         self.write(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
+            let tx = conn.savepoint().map_err(unavailable)?;
             insert_events(&tx, &events)?;
             tx.commit().map_err(unavailable)
         })

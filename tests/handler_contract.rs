@@ -132,6 +132,81 @@ fn queue_invocations_follow_the_host_contract() {
     assert!(body["error"].as_str().unwrap().contains("no-such-function"));
 }
 
+/// The body the Functions host posts for a Service Bus trigger with
+/// `"cardinality": "many"` and `dataType: binary`: the bodies and every metadata
+/// column are arrays serialised into JSON strings (`GetHttpScriptInvocationContextValue`
+/// falls back to `JsonConvert.SerializeObject` for anything not an object).
+fn batch_invocation(bodies: &[Value], message_ids: &[&str]) -> Value {
+    let n = bodies.len();
+    let encoded: Vec<String> = bodies.iter().map(|b| base64::engine::general_purpose::STANDARD.encode(b.to_string())).collect();
+    let text = |v: Value| Value::String(v.to_string());
+    let props = json!({ "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" });
+    json!({
+        "Data": { "message": text(json!(encoded)) },
+        "Metadata": {
+            "DeliveryCountArray": text(json!(vec![1; n])),
+            "LockTokenArray": text(json!((0..n).map(|i| format!("2f1c8d3e-0000-4000-8000-{i:012}")).collect::<Vec<_>>())),
+            "MessageIdArray": text(json!(message_ids)),
+            "SequenceNumberArray": text(json!((0..n).map(|i| 42 + i).collect::<Vec<_>>())),
+            "EnqueuedTimeUtcArray": text(json!(vec!["2026-11-21T04:34:42.123"; n])),
+            "ContentTypeArray": text(json!(vec![Value::Null; n])),
+            "SessionIdArray": text(json!(vec![Value::Null; n])),
+            "ApplicationPropertiesArray": text(json!(vec![props.clone(); n])),
+            "UserPropertiesArray": text(json!(vec![props; n])),
+            "MessageActions": {}, "MessageReceiver": {}, "MessageSession": {}, "SessionActions": {}, "Client": {}, "ReceiveActions": {},
+            "sys": { "MethodName": "lookup", "UtcNow": "2026-11-21T04:34:42.1234567Z", "RandGuid": "0f8fad5b-d9cb-469f-a165-70867728950e" }
+        }
+    })
+}
+
+#[test]
+fn a_batch_invocation_settles_each_message_and_answers_for_the_batch() {
+    let host_data = tempfile::tempdir().unwrap();
+    let handler_data = tempfile::tempdir().unwrap();
+    let env = [("TICKETPAY_BUS_TOKEN", BUS_TOKEN)];
+    let stack = Stack::start(StackOptions { scenario: "zero-latency", providers_url: None, data: host_data.path(), env: &env, extra_args: &[] });
+    let h = handler(&stack, handler_data.path());
+    let upload = h.http.post(format!("{}/api/batches", h.url)).json(&batch_json("acme", 3, "1000.00")).send().unwrap();
+    assert_eq!(upload.status().as_u16(), 202);
+    let batch = upload.json::<Value>().unwrap()["batch_id"].as_str().unwrap().to_owned();
+    let status = |t: &str| -> Value {
+        h.http.get(format!("{}/api/batches/{batch}/tickets/{t}", h.url)).send().unwrap().json::<Value>().unwrap()["status"].clone()
+    };
+    let message = |t: &str| json!({"batch_id": batch, "ticket_id": t, "attempt": 0});
+    let invoke = |payload: &Value| {
+        h.http
+            .post(format!("{}/lookup", h.url))
+            .header("Content-Type", "application/json; charset=utf-8")
+            .header("X-Azure-Functions-InvocationId", "6b0b4c4e-9f4e-4c1a-9a57-0d3a2c4f5e6a")
+            .json(payload)
+            .send()
+            .unwrap()
+    };
+
+    // Three tickets, one of them twice (a duplicate delivery), and a message that is no stage message at all.
+    let bodies = [message("T000001"), message("T000002"), message("T000001"), json!({"unexpected": true}), message("T000003")];
+    let r = invoke(&batch_invocation(&bodies, &["m-1", "m-2", "m-1", "m-x", "m-3"]));
+    assert_eq!(r.status().as_u16(), 200, "one bad message does not send its batch-mates round again");
+    let reply: Value = r.json().unwrap();
+    assert_eq!(reply["Logs"].as_array().map(Vec::len), Some(5), "a log line per message: {reply}");
+    assert!(reply["Logs"].as_array().unwrap().iter().any(|l| l.as_str().unwrap().contains("dropped")), "{reply}");
+    for t in ["T000001", "T000002", "T000003"] {
+        assert_ne!(status(t), "lookup", "{t} was looked up");
+    }
+
+    // The same batch again (the host's redelivery) changes nothing.
+    let before: Vec<Value> = ["T000001", "T000002", "T000003"].iter().map(|t| status(t)).collect();
+    assert_eq!(invoke(&batch_invocation(&bodies, &["m-1", "m-2", "m-1", "m-x", "m-3"])).status().as_u16(), 200);
+    assert_eq!(["T000001", "T000002", "T000003"].iter().map(|t| status(t)).collect::<Vec<_>>(), before);
+
+    // A batch whose columns disagree is no batch the host sends: refused whole.
+    let mut broken = batch_invocation(&bodies[..2], &["m-1", "m-2"]);
+    broken["Metadata"]["MessageIdArray"] = Value::String(json!(["m-1"]).to_string());
+    let r = invoke(&broken);
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().unwrap().contains("MessageIdArray"));
+}
+
 #[test]
 fn a_missing_setting_stops_the_handler_with_its_name() {
     let out = Command::new(BIN)

@@ -89,9 +89,22 @@ fn each_ticket_is_one_trace_from_upload_to_notify_with_no_secret_exported() {
         assert!(!body.contains(SECRET), "a provider credential was exported");
     }
     let all = spans(&raw);
+    // A batch invocation's span is its own trace, linked to the message spans it handled.
+    let (invocations, all): (Vec<Span>, Vec<Span>) = all.into_iter().partition(|s| s.kind == CONSUMER && s.name.ends_with(" batch"));
     let upload = all.iter().find(|s| s.kind == SERVER && s.name == "POST /api/batches").expect("the upload span");
     assert_eq!(upload.attributes["batch_id"], batch);
 
+    assert!(!invocations.is_empty(), "the queue functions take batches");
+    let consumers: HashMap<(String, String), &Span> =
+        all.iter().filter(|s| s.kind == CONSUMER).map(|s| ((s.trace_id.clone(), s.span_id.clone()), s)).collect();
+    for inv in &invocations {
+        assert!(!inv.links.is_empty(), "{} links the messages it handled", inv.name);
+        for link in &inv.links {
+            let handled = consumers.get(link).unwrap_or_else(|| panic!("{} links a message span: {link:?}", inv.name));
+            assert_eq!(format!("{} batch", handled.name), inv.name);
+            assert_ne!(handled.trace_id, inv.trace_id, "each message keeps its ticket's trace");
+        }
+    }
     for s in all.iter().filter(|s| s.span_id != upload.span_id) {
         assert_eq!(s.attributes.get("batch_id"), Some(&batch), "batch_id on {s:?}");
         assert!(s.attributes.get("ticket_id").is_some_and(|t| !t.is_empty()), "ticket_id on {s:?}");

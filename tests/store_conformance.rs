@@ -212,7 +212,7 @@ async fn tickets_page_by_id_and_filter_by_status(store: Arc<dyn Store>) {
     assert_eq!(ended.tickets.len(), 5);
     assert!(ended.next_cursor.is_none());
     assert!(ended.tickets.iter().all(|t| t.status == Status::NotPayable));
-    assert_eq!(store.open_tickets(&b.batch_id).await.unwrap(), 20);
+    assert!(store.has_open_tickets(&b.batch_id).await.unwrap(), "20 tickets are still open");
     let summary = store.summary(&b.batch_id).await.unwrap();
     assert_eq!((summary.counts[&Status::Lookup], summary.counts[&Status::NotPayable], summary.awaiting_notification), (20, 5, 0));
 

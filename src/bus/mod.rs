@@ -61,9 +61,12 @@ pub struct BusSender {
 /// flight are at their limit, new ones wait here and then go as one batch
 /// request per queue and session.
 struct Outbox {
-    waiting: std::sync::Mutex<Vec<(OutgoingMessage, tokio::sync::oneshot::Sender<Result<(), BusError>>)>>,
+    waiting: std::sync::Mutex<Vec<Waiting>>,
     in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// A message to send, and where its outcome goes.
+type Waiting = (OutgoingMessage, tokio::sync::oneshot::Sender<Result<(), BusError>>);
 
 /// Requests in flight at once before new messages wait to be grouped.
 const SENDS_IN_FLIGHT: usize = 4;

@@ -10,6 +10,7 @@
 //! - transient failures are retried by a scheduled copy of the message with
 //!   exponential backoff and jitter, then the ticket is parked with its reason.
 
+mod journal;
 mod lookup;
 mod notify;
 mod pay;
@@ -199,7 +200,7 @@ impl Pipeline {
     /// Records the batch's completion once its last ticket has ended and been told
     /// (however its notification ended: sent, refused, or given up).
     pub async fn complete_if_done(&self, batch_id: &BatchId) -> Result<(), StoreError> {
-        if self.store.open_tickets(batch_id).await? == 0 {
+        if !self.store.has_open_tickets(batch_id).await? {
             self.store.mark_completed(batch_id, Utc::now()).await?;
         }
         Ok(())

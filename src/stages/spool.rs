@@ -3,10 +3,10 @@
 //! - Exchanges that happened while the store could not take them (busy,
 //!   throttled, down) are written here at once, then appended to the store as
 //!   soon as it answers again, oldest first.
-//! - Every provider request is noted here just before it is sent
-//!   (`{request id}.intent`) and the note removed once its exchange is
-//!   recorded. A note left by a process that was killed in between becomes an
-//!   `interrupted` exchange in the ticket's trail, unless the trail has it.
+//! - Every provider request is noted here just before it is sent (in this
+//!   process's [`Journal`]) until its exchange is recorded. A request left
+//!   open by a process that was killed in between becomes an `interrupted`
+//!   exchange in the ticket's trail, unless the trail has it.
 //!
 //! A handler that is killed meanwhile finds both here when it starts again.
 
@@ -21,6 +21,7 @@ use chrono::Utc;
 use crate::domain::{BatchId, Event, EventKind, Exchange, TicketId};
 use crate::providers::client::{Caller, RequestJournal};
 use crate::store::Store;
+use super::journal::{self, Journal, Left};
 
 /// How often the spool tries the store again while it holds records.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
@@ -29,11 +30,20 @@ pub struct AuditSpool {
     dir: PathBuf,
     store: Arc<dyn Store>,
     wake: Notify,
-    /// Notes older than this were left by an earlier process.
+    journal: Journal,
+    /// Notes of the older one-file-per-request kind older than this were left by an earlier process.
     started: SystemTime,
 }
 
+/// One file per request, as earlier versions noted them.
 const NOTE: &str = "intent";
+
+pub(super) fn event_request_id(event: &Event) -> Option<&str> {
+    match &event.kind {
+        EventKind::Exchange(x) => request_id(x),
+        _ => None,
+    }
+}
 
 fn request_id(exchange: &Exchange) -> Option<&str> {
     exchange.request.headers.get(&crate::providers::wire::REQUEST_ID.to_ascii_lowercase()).map(String::as_str)
@@ -43,7 +53,8 @@ impl AuditSpool {
     /// A spool in `dir` (created if missing), draining into `store` in the background.
     pub fn start(dir: &Path, store: Arc<dyn Store>) -> std::io::Result<Arc<AuditSpool>> {
         std::fs::create_dir_all(dir)?;
-        let spool = Arc::new(AuditSpool { dir: dir.to_owned(), store, wake: Notify::new(), started: SystemTime::now() });
+        let journal = Journal::create(dir)?;
+        let spool = Arc::new(AuditSpool { dir: dir.to_owned(), store, wake: Notify::new(), journal, started: SystemTime::now() });
         tokio::spawn(drain_forever(spool.clone()));
         Ok(spool)
     }
@@ -67,13 +78,7 @@ impl AuditSpool {
 
     /// These exchanges are recorded (in the store or here): their notes go.
     pub fn settle(&self, events: &[Event]) {
-        for e in events {
-            if let EventKind::Exchange(x) = &e.kind
-                && let Some(id) = request_id(x)
-            {
-                let _ = std::fs::remove_file(self.dir.join(format!("{id}.{NOTE}")));
-            }
-        }
+        self.journal.done(events.iter().filter_map(event_request_id));
     }
 
     /// Appends every spooled group the store takes, oldest first; stops at the
@@ -106,34 +111,50 @@ impl AuditSpool {
         stored
     }
 
-    /// Notes left by an earlier process: each request is recorded as interrupted
-    /// unless its ticket's trail already has it.
+    /// Journals left by processes that are gone: each open request is recorded
+    /// as interrupted unless its ticket's trail already has it.
     async fn recover_notes(&self) -> usize {
         let mut recovered = 0;
+        let mut left = self.files(journal::EXTENSION).await;
         for path in self.files(NOTE).await {
-            let older = tokio::fs::metadata(&path).await.and_then(|m| m.modified()).is_ok_and(|t| t < self.started);
-            if !older {
-                continue;
+            if tokio::fs::metadata(&path).await.and_then(|m| m.modified()).is_ok_and(|t| t < self.started) {
+                left.push(path);
             }
-            let Ok(Ok(mut event)) = tokio::fs::read(&path).await.map(|b| serde_json::from_slice::<Event>(&b)) else {
-                let _ = tokio::fs::rename(&path, path.with_extension("unreadable")).await;
-                continue;
-            };
-            let EventKind::Exchange(x) = &mut event.kind else { continue };
-            let id = request_id(x).unwrap_or_default().to_owned();
-            let Ok(trail) = self.store.events(&event.batch_id, &event.ticket_id).await else { break };
-            let known = trail.iter().any(|e| matches!(&e.kind, EventKind::Exchange(r) if request_id(r) == Some(id.as_str())));
-            if !known {
-                x.outcome = "interrupted".into();
-                x.error = Some("the process stopped before the answer was recorded: the provider may have received it".into());
-                if self.store.append_events(std::slice::from_ref(&event)).await.is_err() {
-                    break;
+        }
+        for path in left.into_iter().filter(|p| p != self.journal.path()) {
+            let Some(journal) = tokio::task::spawn_blocking(move || Left::open(&path)).await.ok().flatten() else { continue };
+            let mut all_recorded = true;
+            for event in &journal.open {
+                match self.record_interrupted(event.clone()).await {
+                    Ok(true) => recovered += 1,
+                    Ok(false) => {}
+                    Err(()) => {
+                        all_recorded = false;
+                        break;
+                    }
                 }
-                recovered += 1;
             }
-            let _ = tokio::fs::remove_file(&path).await;
+            if !all_recorded {
+                break;
+            }
+            journal.finish();
         }
         recovered
+    }
+
+    /// Records a request noted as sent, and never seen answered, as interrupted;
+    /// `false` if its trail has it already, `Err` if the store cannot say.
+    async fn record_interrupted(&self, mut event: Event) -> Result<bool, ()> {
+        let EventKind::Exchange(x) = &mut event.kind else { return Ok(false) };
+        let id = request_id(x).unwrap_or_default().to_owned();
+        let trail = self.store.events(&event.batch_id, &event.ticket_id).await.map_err(drop)?;
+        if trail.iter().any(|e| matches!(&e.kind, EventKind::Exchange(r) if request_id(r) == Some(id.as_str()))) {
+            return Ok(false);
+        }
+        x.outcome = "interrupted".into();
+        x.error = Some("the process stopped before the answer was recorded: the provider may have received it".into());
+        self.store.append_events(std::slice::from_ref(&event)).await.map_err(drop)?;
+        Ok(true)
     }
 
     async fn pending(&self) -> Vec<PathBuf> {
@@ -172,8 +193,7 @@ impl RequestJournal for AuditSpool {
         let (Ok(batch), Ok(ticket)) = (BatchId::parse(caller.batch_id), TicketId::parse(caller.ticket_id)) else { return };
         let Some(id) = request_id(&exchange).map(str::to_owned) else { return };
         let event = Event::new(&batch, &ticket, caller.stage, EventKind::Exchange(Box::new(exchange)), Utc::now());
-        let written = serde_json::to_vec(&event).map_err(std::io::Error::other).and_then(|bytes| std::fs::write(self.dir.join(format!("{id}.{NOTE}")), bytes));
-        if let Err(e) = written {
+        if let Err(e) = self.journal.sending(&id, &event) {
             tracing::warn!(error = %e, "cannot note a provider request before sending it");
         }
     }

@@ -92,7 +92,7 @@ impl Pipeline {
             }
         }
         for batch in self.store.incomplete_batches(BATCHES_PER_RUN).await? {
-            if self.store.open_tickets(&batch.batch_id).await? == 0 && self.store.mark_completed(&batch.batch_id, now).await? {
+            if !self.store.has_open_tickets(&batch.batch_id).await? && self.store.mark_completed(&batch.batch_id, now).await? {
                 swept.completed += 1;
             }
         }

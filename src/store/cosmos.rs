@@ -771,10 +771,10 @@ impl Store for CosmosStore {
         Ok(summary)
     }
 
-    async fn open_tickets(&self, batch_id: &BatchId) -> Result<u64> {
-        let q = Query::from("SELECT VALUE COUNT(1) FROM c WHERE c.type = 'ticket' AND c.notified = false");
-        let counts: Vec<u64> = self.query(q, FeedScope::partition(batch_id.as_str().to_owned()), "open tickets").await?;
-        Ok(counts.into_iter().sum())
+    async fn has_open_tickets(&self, batch_id: &BatchId) -> Result<bool> {
+        let q = Query::from("SELECT TOP 1 VALUE c.ticket_id FROM c WHERE c.type = 'ticket' AND c.notified = false");
+        let open: Vec<String> = self.query(q, FeedScope::partition(batch_id.as_str().to_owned()), "open tickets").await?;
+        Ok(!open.is_empty())
     }
 
     async fn overdue_tickets(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Versioned<Ticket>>> {

@@ -185,8 +185,9 @@ pub trait Store: Send + Sync + 'static {
         cursor: Option<&str>,
     ) -> Result<TicketPage>;
     async fn summary(&self, batch_id: &BatchId) -> Result<BatchSummary>;
-    /// How many of the batch's tickets are not yet at an end state with their client told.
-    async fn open_tickets(&self, batch_id: &BatchId) -> Result<u64>;
+    /// Whether any of the batch's tickets is not yet at an end state with its client told.
+    /// Asked as each ticket ends: it must not cost a count of the batch.
+    async fn has_open_tickets(&self, batch_id: &BatchId) -> Result<bool>;
     /// Tickets of any batch still waiting for a message that was due
     /// ([`Ticket::due_at`]) before `before`, oldest first where the store can order them.
     async fn overdue_tickets(&self, before: chrono::DateTime<chrono::Utc>, limit: usize) -> Result<Vec<Versioned<Ticket>>>;

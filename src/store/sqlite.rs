@@ -76,8 +76,8 @@ CREATE TABLE IF NOT EXISTS payment_claims (
 /// writer thread. What callers hand it while it is busy goes in the next
 /// transaction together (group commit): concurrent stages, the messages of a
 /// batch invocation among them, share one commit instead of one each. Each
-/// operation runs in its own savepoint, so one that fails undoes only itself,
-/// and its answer is given once the whole group is committed.
+/// operation is one statement or holds its own savepoint, so one that fails
+/// undoes only itself; its answer is given once the whole group is committed.
 #[derive(Clone)]
 pub struct SqliteStore {
     writer: std::sync::mpsc::Sender<Job>,
@@ -91,6 +91,11 @@ type Job = Box<dyn FnOnce(&mut Connection) -> Box<dyn FnOnce(bool) + Send> + Sen
 /// The most operations one group transaction takes.
 const GROUP_MAX: usize = 512;
 
+/// Runs `sql` (BEGIN, COMMIT, ROLLBACK) as a cached statement.
+fn run_cached(conn: &Connection, sql: &str) -> bool {
+    conn.prepare_cached(sql).and_then(|mut s| s.execute([])).is_ok()
+}
+
 fn write_groups(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
@@ -100,15 +105,15 @@ fn write_groups(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        // Should BEGIN fail, each operation's savepoint is a transaction of its own.
-        let grouped = conn.execute_batch("BEGIN IMMEDIATE").is_ok();
+        // Should BEGIN fail, each operation is a transaction of its own.
+        let grouped = run_cached(&conn, "BEGIN IMMEDIATE");
         let answers: Vec<_> = group
             .into_iter()
             .filter_map(|job| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn))).ok())
             .collect();
-        let committed = !grouped || conn.execute_batch("COMMIT").is_ok();
+        let committed = !grouped || run_cached(&conn, "COMMIT");
         if !committed {
-            let _ = conn.execute_batch("ROLLBACK");
+            run_cached(&conn, "ROLLBACK");
         }
         for answer in answers {
             answer(committed);
@@ -149,21 +154,12 @@ impl SqliteStore {
         Ok(SqliteStore { writer: jobs, reader: Arc::new(Mutex::new(reader)) })
     }
 
-    /// Runs `f` on the writer thread, in a savepoint of the next group transaction.
+    /// Runs `f` on the writer thread, in the next group transaction. `f` is
+    /// one statement, or makes a savepoint of its own for more.
     async fn write<R: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<R> + Send + 'static) -> Result<R> {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |conn: &mut Connection| {
-            let result = match conn.execute_batch("SAVEPOINT job") {
-                Ok(()) => {
-                    let r = f(conn);
-                    let end = if r.is_ok() { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
-                    match (r, conn.execute_batch(end)) {
-                        (Ok(_), Err(e)) => Err(unavailable(e)),
-                        (r, _) => r,
-                    }
-                }
-                Err(e) => Err(unavailable(e)),
-            };
+            let result = f(conn);
             Box::new(move |committed: bool| {
                 let _ = answer.send(if committed { result } else { Err(unavailable("the store could not commit the write")) });
             })
@@ -559,13 +555,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn open_tickets(&self, batch_id: &BatchId) -> Result<u64> {
+    async fn has_open_tickets(&self, batch_id: &BatchId) -> Result<bool> {
         let b = batch_id.to_string();
         self.write(move |conn| {
-            conn.prepare_cached("SELECT COUNT(*) FROM tickets WHERE batch_id = ?1 AND notified = 0")
+            conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM tickets WHERE batch_id = ?1 AND notified = 0)")
                 .map_err(unavailable)?
-                .query_row([b], |r| r.get::<_, i64>(0))
-                .map(|n| n as u64)
+                .query_row([b], |r| r.get::<_, bool>(0))
                 .map_err(unavailable)
         })
         .await

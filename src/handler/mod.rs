@@ -13,7 +13,7 @@ pub mod invocation;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::FutureExt;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -63,10 +63,13 @@ async fn invoke(State(app): State<Arc<App>>, Path(function): Path<String>, body:
     };
     let reply = match Delivered::parse(&body, TRIGGER_BINDING) {
         Err(e) => failure(StatusCode::BAD_REQUEST, e),
-        Ok(Delivered::One(invocation)) => match settle(&app, stage, invocation, None).await {
-            Settled::Done(log) => Json(json!({ "Outputs": {}, "Logs": [log] })).into_response(),
-            Settled::Unreadable(e) => failure(StatusCode::BAD_REQUEST, e),
-            Settled::Back(e) => failure(StatusCode::SERVICE_UNAVAILABLE, e),
+        Ok(Delivered::One(invocation)) => match member(stage, &invocation, None) {
+            Err(e) => failure(StatusCode::BAD_REQUEST, e),
+            Ok(m) => match run_member(app.clone(), stage, m, tokio::time::Instant::now()).await {
+                Settled::Done(log) => Json(json!({ "Outputs": {}, "Logs": [log] })).into_response(),
+                Settled::Unreadable(e) => failure(StatusCode::BAD_REQUEST, e),
+                Settled::Back(e) => failure(StatusCode::SERVICE_UNAVAILABLE, e),
+            },
         },
         Ok(Delivered::Batch(messages)) => batch(&app, stage, messages).await,
     };
@@ -84,34 +87,67 @@ enum Settled {
     Back(String),
 }
 
-/// Messages of one batch handled at once: as many as one-message delivery
-/// gives each instance (host.json `maxConcurrentCalls`), so a large batch
-/// waits in line here and no call waits past its slot at the limiter.
-const BATCH_IN_FLIGHT: usize = 64;
+/// Messages of one batch handled at once. A batch ends only when its last
+/// message does, so a stage whose tickets make several calls in a row (pay)
+/// needs room to run well ahead of its providers' pace, or each batch ends in
+/// a long tail and the next one waits. Few enough that a caller in line at a
+/// slow provider (20 requests a second) gets its slot within the limiter's wait.
+const BATCH_IN_FLIGHT: usize = 128;
 
 /// Batches get no lock renewal, so a batch answers within its queue's lock
 /// (`lockDuration` in function.json, at least twice this): no message is begun
 /// this long after its batch arrived; the rest are put off, and come back shortly.
 pub const BATCH_STARTS_WITHIN: Duration = Duration::from_secs(30);
 
-/// A batch message there is no time left for in its batch: sent again for shortly after.
-async fn put_off(app: &App, stage: Stage, invocation: Invocation) -> Settled {
-    let message: StageMessage = match serde_json::from_slice(&invocation.body) {
-        Ok(m) => m,
-        Err(e) => return Settled::Unreadable(format!("not a {stage} message: {e}")),
-    };
-    let label = format!("{stage} {}/{}", message.batch_id, message.ticket_id);
-    if app.pipeline.put_off(stage, &message).await {
-        Settled::Done(format!("{label}: put off, no time left in its batch"))
-    } else {
-        Settled::Back(format!("{label}: no time left in its batch, and it could not be put off"))
+/// Once every message of a batch has begun, how long the batch waits for the
+/// last ones before handing them off (see [`batch`]).
+const TAIL_ALLOWANCE: Duration = Duration::from_millis(250);
+
+/// One message of a batch, decoded, with the span that continues its ticket's trace.
+struct Member {
+    message: StageMessage,
+    span: tracing::Span,
+}
+
+fn member(stage: Stage, invocation: &Invocation, batch: Option<&tracing::Span>) -> Result<Member, String> {
+    let message: StageMessage = serde_json::from_slice(&invocation.body).map_err(|e| format!("not a {stage} message: {e}"))?;
+    let span = tracing::info_span!(
+        parent: None,
+        "invocation",
+        otel.name = %stage,
+        otel.kind = "consumer",
+        otel.status_code = Empty,
+        batch_id = %message.batch_id,
+        ticket_id = %message.ticket_id,
+        client_id = Empty,
+        stage = %stage,
+        attempt = message.attempt,
+        outcome = Empty,
+        delivery_count = invocation.delivery_count,
+        "messaging.system" = "servicebus",
+        "messaging.destination.name" = %stage.queue(),
+        "messaging.message.id" = invocation.message_id.as_deref().unwrap_or_default(),
+    );
+    telemetry::continue_from(&span, &invocation.application_properties);
+    if let Some(batch) = batch {
+        telemetry::link(batch, &span);
     }
+    Ok(Member { message, span })
 }
 
 /// A batch: every message is handled and settled on its own (concurrently;
 /// a session's in order), and the batch answers 2xx unless one of them
 /// must come back, which only the host's redelivery of the whole batch can do.
-async fn batch(app: &App, stage: Stage, messages: Vec<Result<Invocation, Unreadable>>) -> Response {
+///
+/// The host sends the next batch only once this one is answered, so the last
+/// messages of a batch would leave the providers idle while they finish (for
+/// pay, four calls in a row). Once every message has begun and the last ones
+/// run past [`TAIL_ALLOWANCE`], each gets a copy sent for later and is left to
+/// finish on its own: the batch answers, the next one starts, and should this
+/// process die meanwhile, the copy does the work again (every stage is
+/// idempotent per message). No message begins [`BATCH_STARTS_WITHIN`] after
+/// its batch arrived; those left are put off, so a batch answers within its lock.
+async fn batch(app: &Arc<App>, stage: Stage, messages: Vec<Result<Invocation, Unreadable>>) -> Response {
     let span = tracing::info_span!(
         "invocation batch",
         otel.name = %format!("{stage} batch"),
@@ -122,25 +158,89 @@ async fn batch(app: &App, stage: Stage, messages: Vec<Result<Invocation, Unreada
         "messaging.destination.name" = %stage.queue(),
         "messaging.batch.message_count" = messages.len(),
         back = Empty,
+        handed_off = Empty,
     );
     let arrived = tokio::time::Instant::now();
-    let span = &span;
-    let each = messages.into_iter().map(|m| async move {
-        match m {
-            Ok(invocation) if arrived.elapsed() < BATCH_STARTS_WITHIN => settle(app, stage, invocation, Some(span)).await,
-            Ok(invocation) => put_off(app, stage, invocation).await,
-            Err(u) => Settled::Unreadable(format!("message {}: {}", u.message_id.unwrap_or_default(), u.error)),
+    let mut settled = Vec::with_capacity(messages.len());
+    let mut members = Vec::with_capacity(messages.len());
+    for m in messages {
+        let decoded = m.map_err(|u| format!("message {}: {}", u.message_id.unwrap_or_default(), u.error));
+        match decoded.and_then(|i| member(stage, &i, Some(&span))) {
+            Ok(member) => members.push(member),
+            Err(e) => settled.push(Settled::Unreadable(e)),
         }
-    });
-    let settled: Vec<Settled> = if stage.uses_sessions() {
-        let mut settled = Vec::new();
-        for one in each {
-            settled.push(one.await);
+    }
+    if stage.uses_sessions() {
+        for m in members {
+            settled.push(run_member(app.clone(), stage, m, arrived).await);
         }
-        settled
-    } else {
-        futures::stream::iter(each).buffer_unordered(BATCH_IN_FLIGHT).collect().await
-    };
+        return answer(&span, stage, settled);
+    }
+    let total = members.len();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Settled)>();
+    let permits = Arc::new(tokio::sync::Semaphore::new(BATCH_IN_FLIGHT));
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let all_started = Arc::new(tokio::sync::Notify::new());
+    let kept: Vec<Member> = members.iter().map(|m| Member { message: m.message.clone(), span: m.span.clone() }).collect();
+    for (i, m) in members.into_iter().enumerate() {
+        let (app, permits, started, all_started, done) = (app.clone(), permits.clone(), started.clone(), all_started.clone(), done_tx.clone());
+        tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            if started.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == total {
+                all_started.notify_one();
+            }
+            let label = format!("{stage} {}/{}", m.message.batch_id, m.message.ticket_id);
+            let s = std::panic::AssertUnwindSafe(run_member(app, stage, m, arrived)).catch_unwind().await;
+            let _ = done.send((i, s.unwrap_or_else(|_| Settled::Back(format!("{label}: the handler failed")))));
+        });
+    }
+    drop(done_tx);
+    let mut open = vec![true; total];
+    let mut remaining = total;
+    let mut tail_from: Option<tokio::time::Instant> = None;
+    let mut handed_off = 0;
+    let mut tail_handed = false;
+    while remaining > 0 {
+        let tail = async {
+            match tail_from {
+                Some(at) => tokio::time::sleep_until(at + TAIL_ALLOWANCE).await,
+                None => all_started.notified().await,
+            }
+        };
+        tokio::select! {
+            done = done_rx.recv() => {
+                let Some((i, s)) = done else { break };
+                if std::mem::replace(&mut open[i], false) {
+                    remaining -= 1;
+                    settled.push(s);
+                }
+            }
+            _ = tail, if !tail_handed => {
+                if tail_from.is_none() {
+                    tail_from = Some(tokio::time::Instant::now());
+                    continue;
+                }
+                let still: Vec<usize> = (0..total).filter(|i| open[*i]).collect();
+                for i in still {
+                    let m = &kept[i];
+                    if app.pipeline.hand_off(stage, &m.message).instrument(m.span.clone()).await {
+                        open[i] = false;
+                        remaining -= 1;
+                        handed_off += 1;
+                        settled.push(Settled::Done(format!("{stage} {}/{}: still running, handed to a copy", m.message.batch_id, m.message.ticket_id)));
+                    }
+                }
+                // Whatever could not be handed off is waited for.
+                tail_handed = true;
+            }
+        }
+    }
+    span.record("handed_off", handed_off);
+    answer(&span, stage, settled)
+}
+
+/// The batch's answer from how each of its messages was settled.
+fn answer(span: &tracing::Span, stage: Stage, settled: Vec<Settled>) -> Response {
     let mut logs = Vec::with_capacity(settled.len());
     let mut back = Vec::new();
     for s in settled {
@@ -166,35 +266,17 @@ async fn batch(app: &App, stage: Stage, messages: Vec<Result<Invocation, Unreada
     failure(StatusCode::SERVICE_UNAVAILABLE, back.join("; "))
 }
 
-/// Handles one message, in a span that continues its ticket's trace (linked
-/// from its batch's span, if it came in one), and settles it: done, put off,
-/// parked, or back to the host.
-async fn settle(app: &App, stage: Stage, invocation: Invocation, batch: Option<&tracing::Span>) -> Settled {
-    let message: StageMessage = match serde_json::from_slice(&invocation.body) {
-        Ok(m) => m,
-        // Failing makes the host redeliver it and, in the end, dead-letter it, where an operator sees it.
-        Err(e) => return Settled::Unreadable(format!("not a {stage} message: {e}")),
-    };
-    let span = tracing::info_span!(
-        parent: None,
-        "invocation",
-        otel.name = %stage,
-        otel.kind = "consumer",
-        otel.status_code = Empty,
-        batch_id = %message.batch_id,
-        ticket_id = %message.ticket_id,
-        client_id = Empty,
-        stage = %stage,
-        attempt = message.attempt,
-        outcome = Empty,
-        delivery_count = invocation.delivery_count,
-        "messaging.system" = "servicebus",
-        "messaging.destination.name" = %stage.queue(),
-        "messaging.message.id" = invocation.message_id.as_deref().unwrap_or_default(),
-    );
-    telemetry::continue_from(&span, &invocation.application_properties);
-    if let Some(batch) = batch {
-        telemetry::link(batch, &span);
+/// Handles one message in its span, and settles it: done, put off, parked,
+/// or back to the host. A batch member begun too late is put off instead.
+async fn run_member(app: Arc<App>, stage: Stage, m: Member, arrived: tokio::time::Instant) -> Settled {
+    let Member { message, span } = m;
+    let label = format!("{stage} {}/{}", message.batch_id, message.ticket_id);
+    if arrived.elapsed() >= BATCH_STARTS_WITHIN {
+        return if app.pipeline.put_off(stage, &message).instrument(span).await {
+            Settled::Done(format!("{label}: put off, no time left in its batch"))
+        } else {
+            Settled::Back(format!("{label}: no time left in its batch, and it could not be put off"))
+        };
     }
     let handled = app.pipeline.handle(stage, message.clone()).instrument(span.clone()).await;
     match handled {
@@ -202,9 +284,9 @@ async fn settle(app: &App, stage: Stage, invocation: Invocation, batch: Option<&
             let outcome = handled.outcome(stage);
             span.record("outcome", outcome.as_str());
             span.record("otel.status_code", "ok");
-            Settled::Done(format!("{stage} {}/{}: {outcome}", message.batch_id, message.ticket_id))
+            Settled::Done(format!("{label}: {outcome}"))
         }
-        Err(e) => failed(app, stage, &message, e).instrument(span).await,
+        Err(e) => failed(&app, stage, &message, e).instrument(span).await,
     }
 }
 

@@ -514,13 +514,38 @@ mod tests {
                 ("validate", "ticket-validate", false),
             ]
         );
+        assert_eq!(c.batches, BatchOptions { max_size: 1000, ..BatchOptions::default() });
         for (_, q) in c.queue_functions() {
             assert_eq!(q.binding, "message");
             assert_eq!(q.data_type, DataType::Binary);
+            assert_eq!(q.cardinality, Cardinality::Many);
+            // A batch answers within its lock: the handler begins no message past this.
+            assert!(q.settings.lock_duration >= 2 * crate::handler::BATCH_STARTS_WITHIN);
             assert_eq!(q.settings.lock_duration, Duration::from_secs(60));
             assert_eq!(q.settings.max_delivery_count, 10);
             assert_eq!(q.settings.duplicate_detection_window, Duration::from_secs(600));
         }
+    }
+
+    #[test]
+    fn batch_settings_are_read_and_checked_as_the_extension_checks_them() {
+        let host = |sb: &str| format!(r#"{{"customHandler":{{"description":{{"defaultExecutablePath":"x"}}}},"extensions":{{"serviceBus":{sb}}}}}"#);
+        let f = r#"{"bindings":[{"type":"serviceBusTrigger","name":"m","queueName":"q","cardinality":"many"}]}"#;
+        let d = app(&host(r#"{"maxMessageBatchSize":50,"minMessageBatchSize":10,"maxBatchWaitTime":"00:00:02"}"#), &[("f", f)]);
+        let c = HostConfig::load(d.path()).unwrap();
+        assert_eq!(c.batches, BatchOptions { max_size: 50, min_size: 10, max_wait: Duration::from_secs(2) });
+        assert_eq!(c.queue_functions().next().unwrap().1.cardinality, Cardinality::Many);
+        for (bad, names) in [
+            (r#"{"maxMessageBatchSize":5,"minMessageBatchSize":6}"#, "minMessageBatchSize"),
+            (r#"{"maxBatchWaitTime":"00:03:00"}"#, "maxBatchWaitTime"),
+            (r#"{"maxMessageBatchSize":0}"#, "maxMessageBatchSize"),
+        ] {
+            let d = app(&host(bad), &[("f", f)]);
+            let e = format!("{:#}", HostConfig::load(d.path()).unwrap_err());
+            assert!(e.contains(names), "{e}");
+        }
+        let d = app(&host("{}"), &[("f", &f.replace("many", "several"))]);
+        assert!(format!("{:#}", HostConfig::load(d.path()).unwrap_err()).contains("cardinality"));
     }
 
     #[test]

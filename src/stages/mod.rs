@@ -135,6 +135,10 @@ const MAX_DEFERRAL: Duration = Duration::from_secs(60);
 const MAX_DEFERRALS: u32 = 30;
 /// How soon a message put off by its batch comes back.
 const PUT_OFF: Duration = Duration::from_secs(2);
+/// When the copy of a message handed off by its batch comes back: past the
+/// longest a stage may still take (four calls in a row, each within its slot
+/// wait and timeout).
+const HANDED_OFF_RECHECK: Duration = Duration::from_secs(60);
 
 impl Handled {
     /// What the invocation came to, for its span: the ticket's new status, or
@@ -223,6 +227,13 @@ impl Pipeline {
     /// unchanged, without counting as a failure of any kind.
     pub async fn put_off(&self, stage: Stage, message: &StageMessage) -> bool {
         self.send_copy(stage, message.clone(), PUT_OFF, "put-off").await
+    }
+
+    /// A message still running when its batch answered: a copy comes back
+    /// once the work should be long done, to find the ticket moved on or to
+    /// do the work again if this process died meanwhile.
+    pub async fn hand_off(&self, stage: Stage, message: &StageMessage) -> bool {
+        self.send_copy(stage, message.clone(), HANDED_OFF_RECHECK, "handed-off").await
     }
 
     /// Sends `copy` to `stage`'s queue about `delay` from now (with jitter), under a MessageId of its own.

@@ -104,6 +104,7 @@ pub const BATCH_STARTS_WITHIN: Duration = Duration::from_secs(30);
 const TAIL_ALLOWANCE: Duration = Duration::from_millis(250);
 
 /// One message of a batch, decoded, with the span that continues its ticket's trace.
+#[derive(Clone)]
 struct Member {
     message: StageMessage,
     span: tracing::Span,
@@ -176,12 +177,24 @@ async fn batch(app: &Arc<App>, stage: Stage, messages: Vec<Result<Invocation, Un
         }
         return answer(&span, stage, settled);
     }
+    let (done, handed_off) = concurrently(app, stage, members, arrived).await;
+    settled.extend(done);
+    span.record("handed_off", handed_off);
+    answer(&span, stage, settled)
+}
+
+/// Runs a batch's members at most [`BATCH_IN_FLIGHT`] at a time, each in a
+/// task of its own; once all have begun and the last ones run past
+/// [`TAIL_ALLOWANCE`], those still running are handed to copies. How each one
+/// was settled, and how many were handed off.
+async fn concurrently(app: &Arc<App>, stage: Stage, members: Vec<Member>, arrived: tokio::time::Instant) -> (Vec<Settled>, usize) {
+    let mut settled = Vec::with_capacity(members.len());
     let total = members.len();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Settled)>();
     let permits = Arc::new(tokio::sync::Semaphore::new(BATCH_IN_FLIGHT));
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let all_started = Arc::new(tokio::sync::Notify::new());
-    let kept: Vec<Member> = members.iter().map(|m| Member { message: m.message.clone(), span: m.span.clone() }).collect();
+    let kept = members.clone();
     for (i, m) in members.into_iter().enumerate() {
         let (app, permits, started, all_started, done) = (app.clone(), permits.clone(), started.clone(), all_started.clone(), done_tx.clone());
         tokio::spawn(async move {
@@ -235,8 +248,7 @@ async fn batch(app: &Arc<App>, stage: Stage, messages: Vec<Result<Invocation, Un
             }
         }
     }
-    span.record("handed_off", handed_off);
-    answer(&span, stage, settled)
+    (settled, handed_off)
 }
 
 /// The batch's answer from how each of its messages was settled.

@@ -234,9 +234,11 @@ async fn concurrently(app: &Arc<App>, stage: Stage, members: Vec<Member>, arrive
                     continue;
                 }
                 let still: Vec<usize> = (0..total).filter(|i| open[*i]).collect();
-                for i in still {
+                // Sent together, so they leave as one batch request.
+                let sent = futures::future::join_all(still.iter().map(|&i| app.pipeline.hand_off(stage, &kept[i].message).instrument(kept[i].span.clone()))).await;
+                for (i, copied) in still.into_iter().zip(sent) {
                     let m = &kept[i];
-                    if app.pipeline.hand_off(stage, &m.message).instrument(m.span.clone()).await {
+                    if copied {
                         open[i] = false;
                         remaining -= 1;
                         handed_off += 1;

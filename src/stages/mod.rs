@@ -387,7 +387,13 @@ impl Pipeline {
         let mut exchanges = Vec::new();
         let now = Utc::now();
         let claim = if claimed_here { Claim::Free } else { current.value.slot(stage).claim_on(operation, now, self.claim_lease) };
+        // A claim folded into the last step's commit was stamped before that write
+        // landed, which a busy store may delay: renewed once it is no longer young,
+        // so the call goes out well within its lease and nobody who finds the lease
+        // lapsed asks the provider while this call is still on its way.
+        let aged = claimed_here && current.value.slot(stage).claimed_at.is_none_or(|at| now - at > chrono::Duration::from_std(self.claim_lease / 4).unwrap_or_default());
         match claim {
+            _ if aged => current = self.claim(&current, stage, operation, Vec::new()).await?,
             _ if claimed_here => {}
             Claim::Held { until } => return Err(StageError::Busy { until }),
             Claim::Free => current = self.claim(&current, stage, operation, Vec::new()).await?,

@@ -61,19 +61,20 @@ pub async fn run(opts: BenchOptions) -> Result<Report> {
         None => PathBuf::from(".ticketpay").join(format!("bench-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"))),
     };
     std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
+    let max_batch = max_batch(&opts)?;
     eprintln!(
         "ticketpay bench: {} tickets, scenario {}, {} instance(s), up to {} message(s) per invocation, data and logs in {}",
         opts.tickets,
         scenario.name,
         opts.instances,
-        max_batch(&opts)?,
+        max_batch,
         data.display()
     );
 
     let (simulator, found) =
         Spawned::start(&["providers", "--port", "0", "--scenario", &opts.scenario], &data.join("providers.log"), &["ticketpay providers: listening on"])?;
     let providers_url = found[0].split_whitespace().next().context("the simulator printed no URL")?.to_owned();
-    let pipeline = pipeline_run(&opts, &data, &providers_url, simulator.pid()).await?;
+    let pipeline = pipeline_run(&opts, max_batch, &data, &providers_url, simulator.pid()).await?;
 
     let sample = opts.baseline_tickets.unwrap_or_else(|| baseline_sample(&scenario, opts.tickets)).clamp(1, opts.tickets);
     eprintln!("ticketpay bench: the naive way, one ticket at a time, on {sample} tickets");
@@ -104,12 +105,11 @@ pub struct PipelineRun {
     pub max_batch: usize,
 }
 
-async fn pipeline_run(opts: &BenchOptions, data: &Path, providers_url: &str, simulator_pid: i32) -> Result<PipelineRun> {
+async fn pipeline_run(opts: &BenchOptions, max_batch: usize, data: &Path, providers_url: &str, simulator_pid: i32) -> Result<PipelineRun> {
     let app_root = opts.app_root.to_str().context("the app root is not UTF-8")?;
     let store = data.join("stack");
     let store = store.to_str().context("the data folder is not UTF-8")?;
     let instances = opts.instances.to_string();
-    let max_batch = max_batch(opts)?;
     let batch = max_batch.to_string();
     let args = [
         "local", "--instances", &instances, "--port", "0", "--providers-port", "0", "--providers-url", providers_url, "--scenario", &opts.scenario, "--data", store,

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use super::config::Cardinality;
 use super::invoke::{self, InvokeError};
-use super::queue::{Message, Settled, Settlement, Store, Take, now_ms};
+use super::queue::{Message, Received, Settled, Settlement, Store, Take, now_ms};
 use super::{QueueSpec, Shared};
 
 /// The running dispatchers.
@@ -127,6 +127,49 @@ fn delivery_limit(shared: &Shared, spec: &QueueSpec) -> Duration {
 /// How long messages left for a queue's other receivers wait for them.
 const LEFT_FOR_OTHERS: Duration = Duration::from_millis(5);
 
+/// How long a receiver waits after a failed receive before trying again.
+const RECEIVE_AGAIN: Duration = Duration::from_secs(1);
+
+/// A receive's messages, with what went wrong logged; `None` if it failed.
+fn received_from(queue: &str, received: Result<anyhow::Result<Received>, tokio::task::JoinError>) -> Option<Received> {
+    match received {
+        Ok(Ok(r)) => {
+            if r.expired > 0 {
+                tracing::warn!(queue = %queue, "{} expired message(s) moved to the dead-letter queue", r.expired);
+            }
+            Some(r)
+        }
+        Ok(Err(e)) => {
+            tracing::error!(queue = %queue, "cannot receive: {e:#}");
+            None
+        }
+        Err(e) => {
+            tracing::error!(queue = %queue, "receive task failed: {e}");
+            None
+        }
+    }
+}
+
+/// When to look at the queue again, unless woken first: when its next
+/// scheduled message is due or after `also`, whichever comes first; soon if
+/// messages were left for other receivers (taken here if they do not come).
+fn look_again_in(next_due: Option<i64>, left: bool, also: Option<Duration>) -> Option<Duration> {
+    let due = next_due.map(|t| Duration::from_millis((t - now_ms()).max(0) as u64));
+    let at = match (also, due) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    if left { Some(at.map_or(LEFT_FOR_OTHERS, |d| d.min(LEFT_FOR_OTHERS))) } else { at }
+}
+
+/// Sleeps for `d`, or for ever.
+async fn nap(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Counts an instance among its queue's receivers while it is free to take messages.
 struct Receiving<'a> {
     spec: &'a QueueSpec,
@@ -191,11 +234,9 @@ async fn run_queue(
             let take = Take { max: limit - in_flight, among: spec.receiving.load(Relaxed) };
             let busy_now = sessions.then(|| busy.clone());
             let received = tokio::task::spawn_blocking(move || store.receive(&q, take, busy_now.as_ref(), lock_for, now_ms())).await;
-            match received {
-                Ok(Ok(r)) => {
-                    if r.expired > 0 {
-                        tracing::warn!(queue = %queue, "{} expired message(s) moved to the dead-letter queue", r.expired);
-                    }
+            match received_from(&queue, received) {
+                Some(r) => {
+                    sleep_for = look_again_in(r.next_due, r.left, None);
                     for m in r.messages {
                         in_flight += 1;
                         if let Some(s) = &m.session_id {
@@ -211,28 +252,10 @@ async fn run_queue(
                             done_tx.clone(),
                         ));
                     }
-                    sleep_for = r.next_due.map(|t| Duration::from_millis((t - now_ms()).max(0) as u64));
-                    if r.left {
-                        // Left for the other receivers; taken here if they do not come.
-                        sleep_for = Some(sleep_for.map_or(LEFT_FOR_OTHERS, |d| d.min(LEFT_FOR_OTHERS)));
-                    }
                 }
-                Ok(Err(e)) => {
-                    tracing::error!(queue = %queue, "cannot receive: {e:#}");
-                    sleep_for = Some(Duration::from_secs(1));
-                }
-                Err(e) => {
-                    tracing::error!(queue = %queue, "receive task failed: {e}");
-                    sleep_for = Some(Duration::from_secs(1));
-                }
+                None => sleep_for = Some(RECEIVE_AGAIN),
             }
         }
-        let sleep = async {
-            match sleep_for {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             _ = spec.wakes[instance].notified() => {}
             Some(session) = done_rx.recv() => {
@@ -243,7 +266,7 @@ async fn run_queue(
                     if let Some(s) = session { busy.remove(&s); }
                 }
             }
-            _ = sleep => {}
+            _ = nap(sleep_for) => {}
             r = worker.changed(), if worker_alive => { if r.is_err() { worker_alive = false; } }
             r = stop.changed() => { if r.is_err() { break; } }
         }
@@ -361,11 +384,9 @@ async fn run_batches(shared: Arc<Shared>, spec: Arc<QueueSpec>, instance: usize,
                 }
             })
             .await;
-            match received {
-                Ok(Ok(r)) => {
-                    if r.expired > 0 {
-                        tracing::warn!(queue = %queue, "{} expired message(s) moved to the dead-letter queue", r.expired);
-                    }
+            match received_from(&queue, received) {
+                Some(r) => {
+                    let (next_due, left) = (r.next_due, r.left);
                     held.extend(r.messages);
                     let waited = held_since.is_some_and(|t| t.elapsed() >= options.max_wait);
                     if !held.is_empty() && (held.len() >= options.min_size || waited) {
@@ -376,38 +397,18 @@ async fn run_batches(shared: Arc<Shared>, spec: Arc<QueueSpec>, instance: usize,
                         deliver_batch(&shared, &spec, instance, &settler, batch, run_for).await;
                         continue;
                     }
-                    if !held.is_empty() {
+                    let wait_for_more = (!held.is_empty()).then(|| {
                         let since = *held_since.get_or_insert_with(tokio::time::Instant::now);
-                        sleep_for = Some(options.max_wait.saturating_sub(since.elapsed()));
-                    }
-                    let due = r.next_due.map(|t| Duration::from_millis((t - now_ms()).max(0) as u64));
-                    sleep_for = match (sleep_for, due) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                    if r.left {
-                        sleep_for = Some(sleep_for.map_or(LEFT_FOR_OTHERS, |d| d.min(LEFT_FOR_OTHERS)));
-                    }
+                        options.max_wait.saturating_sub(since.elapsed())
+                    });
+                    sleep_for = look_again_in(next_due, left, wait_for_more);
                 }
-                Ok(Err(e)) => {
-                    tracing::error!(queue = %queue, "cannot receive: {e:#}");
-                    sleep_for = Some(Duration::from_secs(1));
-                }
-                Err(e) => {
-                    tracing::error!(queue = %queue, "receive task failed: {e}");
-                    sleep_for = Some(Duration::from_secs(1));
-                }
+                None => sleep_for = Some(RECEIVE_AGAIN),
             }
         }
-        let sleep = async {
-            match sleep_for {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             _ = spec.wakes[instance].notified() => {}
-            _ = sleep => {}
+            _ = nap(sleep_for) => {}
             r = worker.changed(), if worker_alive => { if r.is_err() { worker_alive = false; } }
             r = stop.changed() => { if r.is_err() { break; } }
         }

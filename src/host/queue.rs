@@ -267,30 +267,7 @@ impl Store {
         let mut out = Received::default();
         let locked_until = now + lock_for.as_millis() as i64;
         {
-            let mut lock_one = tx.prepare_cached(&format!(
-                "UPDATE messages SET lock_token = ?2, locked_until = ?3, delivery_count = delivery_count + 1
-                 WHERE seq = ?1 AND {AVAILABLE} RETURNING {COLUMNS}"
-            ))?;
-            let mut expire = tx.prepare_cached(
-                "UPDATE messages SET dead_letter = 1, dl_reason = 'TTLExpiredException',
-                    dl_description = 'The message expired and was dead lettered.', dl_at = ?2 WHERE seq = ?1",
-            )?;
-            let mut take = |seq: i64, expires_at: Option<i64>, out: &mut Received| -> Result<bool> {
-                if matches!(expires_at, Some(t) if t <= now) {
-                    expire.execute(params![seq, now])?;
-                    out.expired += 1;
-                    return Ok(false);
-                }
-                let token = uuid::Uuid::new_v4().to_string();
-                let m = lock_one.query_row(params![seq, token, locked_until], row_to_message).optional()?;
-                match m {
-                    Some(m) => {
-                        out.messages.push(m);
-                        Ok(true)
-                    }
-                    None => Ok(false),
-                }
-            };
+            let take = |seq: i64, expires_at: Option<i64>, out: &mut Received| lock_or_expire(&tx, seq, expires_at, locked_until, now, out);
             match sessions {
                 None if max > 0 => {
                     let mut q = tx.prepare_cached(&format!(
@@ -399,14 +376,6 @@ impl Store {
                 "SELECT session_id FROM messages WHERE queue = ?1 AND {AVAILABLE} AND session_id > ?2
                  ORDER BY session_id LIMIT 1"
             ))?;
-            let mut lock_one = tx.prepare_cached(&format!(
-                "UPDATE messages SET lock_token = ?2, locked_until = ?3, delivery_count = delivery_count + 1
-                 WHERE seq = ?1 AND {AVAILABLE} RETURNING {COLUMNS}"
-            ))?;
-            let mut expire = tx.prepare_cached(
-                "UPDATE messages SET dead_letter = 1, dl_reason = 'TTLExpiredException',
-                    dl_description = 'The message expired and was dead lettered.', dl_at = ?2 WHERE seq = ?1",
-            )?;
             // The held session first, then the others in order after it, wrapping round once.
             let start = held.unwrap_or_default().to_owned();
             let mut candidates: Vec<String> = held.map(str::to_owned).into_iter().collect();
@@ -418,15 +387,7 @@ impl Store {
                         .query_map(params![queue, sid, now, max as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
                         .collect::<rusqlite::Result<_>>()?;
                     for (seq, expires_at) in rows {
-                        if matches!(expires_at, Some(t) if t <= now) {
-                            expire.execute(params![seq, now])?;
-                            out.expired += 1;
-                            continue;
-                        }
-                        let token = uuid::Uuid::new_v4().to_string();
-                        if let Some(m) = lock_one.query_row(params![seq, token, locked_until], row_to_message).optional()? {
-                            out.messages.push(m);
-                        }
+                        lock_or_expire(&tx, seq, expires_at, locked_until, now, &mut out)?;
                     }
                     if !out.messages.is_empty() {
                         break 'sessions;
@@ -590,6 +551,38 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+/// Locks one available message for a receiver until `locked_until`, or
+/// dead-letters it if it has expired (`TTLExpiredException`). `true` if it was locked.
+fn lock_or_expire(tx: &rusqlite::Transaction<'_>, seq: i64, expires_at: Option<i64>, locked_until: i64, now: i64, out: &mut Received) -> Result<bool> {
+    if matches!(expires_at, Some(t) if t <= now) {
+        tx.prepare_cached(
+            "UPDATE messages SET dead_letter = 1, dl_reason = 'TTLExpiredException',
+                dl_description = 'The message expired and was dead lettered.', dl_at = ?2 WHERE seq = ?1",
+        )?
+        .execute(params![seq, now])?;
+        out.expired += 1;
+        return Ok(false);
+    }
+    static LOCK_ONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "UPDATE messages SET lock_token = ?2, locked_until = ?3, delivery_count = delivery_count + 1
+             WHERE seq = ?1 AND {AVAILABLE} RETURNING {COLUMNS}"
+        )
+    });
+    let token = uuid::Uuid::new_v4().to_string();
+    let locked = tx
+        .prepare_cached(&LOCK_ONE)?
+        .query_row(params![seq, token, locked_until], row_to_message)
+        .optional()?;
+    match locked {
+        Some(m) => {
+            out.messages.push(m);
+            Ok(true)
+        }
+        None => Ok(false),
     }
 }
 

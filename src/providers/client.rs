@@ -113,6 +113,29 @@ pub struct ProviderClient {
     redactor: Redactor,
     journal: Option<Arc<dyn RequestJournal>>,
     capacity: Option<Arc<Capacity>>,
+    /// Idempotency keys whose last request from this process may still reach
+    /// its provider (a caller that timed out leaves it running, see [`exchange`]).
+    unsettled: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// A key in [`ProviderClient::unsettled`] for as long as its request runs.
+struct Unsettled {
+    keys: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    key: String,
+}
+
+impl Unsettled {
+    /// `None` while an earlier request with this key may still reach the provider.
+    fn take(keys: &Arc<std::sync::Mutex<std::collections::HashSet<String>>>, key: &str) -> Option<Unsettled> {
+        let fresh = keys.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned());
+        fresh.then(|| Unsettled { keys: keys.clone(), key: key.to_owned() })
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
 }
 
 /// Told of each request just before it goes out, as it will be recorded: a
@@ -149,7 +172,7 @@ impl ProviderClient {
                 (name, endpoint)
             })
             .collect();
-        ProviderClient { http, endpoints, timeout: config.timeout, redactor, journal: None, capacity: None }
+        ProviderClient { http, endpoints, timeout: config.timeout, redactor, journal: None, capacity: None, unsettled: Default::default() }
     }
 
     pub fn with_journal(mut self, journal: Arc<dyn RequestJournal>) -> ProviderClient {
@@ -350,6 +373,17 @@ impl ProviderClient {
             let result = Err(CallError::Transient { error });
             return Call { exchange: self.record(sending, None, result.as_ref().map(drop), 0), result };
         };
+        // Neither sent again nor asked about while an earlier request under the same key
+        // may still arrive: "never applied" would be no answer then, and a resend a second charge.
+        let unsettled = match key.map(|k| Unsettled::take(&self.unsettled, k)) {
+            Some(None) => {
+                let error = format!("an earlier request with this key may still reach {provider}; not sent");
+                let result = Err(CallError::Transient { error });
+                return Call { exchange: self.record(sending, None, result.as_ref().map(drop), 0), result };
+            }
+            Some(Some(u)) => Some(u),
+            None => None,
+        };
         let mut request = self.http.request(sending.method.clone(), &sending.url);
         for (k, v) in &sending.headers {
             request = request.header(k, v);
@@ -362,7 +396,7 @@ impl ProviderClient {
             journal.sending(caller, self.record(sending.clone(), None, Err(&unanswered), 0));
         }
         let started = Instant::now();
-        let (result, response) = match tokio::time::timeout(self.timeout, exchange(request, permit, self.timeout.max(ABANDONED_HOLD))).await {
+        let (result, response) = match tokio::time::timeout(self.timeout, exchange(request, (permit, unsettled), self.timeout.max(ABANDONED_HOLD))).await {
             Ok(Ok(raw)) => {
                 let (result, response) = self.answer(endpoint, provider, raw);
                 (result.map_err(|e| e.redacted(&self.redactor)), response)
@@ -442,11 +476,11 @@ struct RawAnswer {
 }
 
 /// Sends a request and reads its answer on a task of its own, which holds the
-/// concurrency permit until the provider has answered (or [`ABANDONED_HOLD`]
-/// `hold` passed), even when the caller stops waiting sooner.
+/// concurrency permit and the key until the provider has answered (or
+/// [`ABANDONED_HOLD`] `hold` passed), even when the caller stops waiting sooner.
 async fn exchange(
     request: reqwest::RequestBuilder,
-    permit: Option<super::limits::InFlight>,
+    permit: (Option<super::limits::InFlight>, Option<Unsettled>),
     hold: Duration,
 ) -> Result<RawAnswer, reqwest::Error> {
     let exchange = async move {

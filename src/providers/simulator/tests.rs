@@ -660,3 +660,52 @@ async fn an_outage_takes_one_provider_down_for_a_while_and_it_comes_back() {
     let bad = outage("nobody", "down", 5).await.unwrap();
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn a_key_whose_abandoned_request_may_still_arrive_is_neither_sent_again_nor_asked_about() {
+    use crate::domain::Stage;
+    use crate::providers::client::{CallError, Caller, ProviderClient, ProviderEndpoints};
+    use crate::providers::limits::ClientConfig;
+    use crate::providers::redact::Redactor;
+    use crate::providers::wire::{OperationRequest, WireMoney};
+
+    let sc = with_defaults("timeout_rate = 1.0\nhang_ms = 1500\n");
+    let srv = Server::start(sc.clone()).await;
+    let t = find(&sc, |o| o.pays());
+    let config = ClientConfig::from_toml("[client]\ntimeout_ms = 200\n").unwrap();
+    let base_urls = ProviderName::ALL.into_iter().map(|p| (p, format!("{}/{p}", srv.base))).collect();
+    let client = ProviderClient::new(ProviderEndpoints { base_urls, api_keys: Default::default() }, &config, Redactor::new(&[], &[]));
+    let caller = Caller { batch_id: "B-1", ticket_id: &t, client_id: "ops", stage: Stage::Pay, attempt: 0 };
+    let request = OperationRequest {
+        batch_id: "B-1".into(),
+        ticket_id: t.clone(),
+        client_id: "ops".into(),
+        authority: "CITY-PARKING".into(),
+        amount: WireMoney { minor: 100, currency: "EUR".into() },
+        message: None,
+    };
+    let received = || async { srv.stats().await["receipt"]["requests"].as_u64().unwrap() };
+    fn not_sent<T>(r: &Result<T, CallError>) -> bool {
+        matches!(r, Err(CallError::Transient { error }) if error.contains("may still reach"))
+    }
+
+    let first = client.operate(ProviderName::Receipt, "issue", "k-1", &request, &caller).await;
+    assert!(matches!(first.result, Err(CallError::Transient { .. })), "{:?}", first.result);
+    let again = client.operate(ProviderName::Receipt, "issue", "k-1", &request, &caller).await;
+    let asked = client.operation_status(ProviderName::Receipt, "k-1", &caller).await;
+    let other = client.operate(ProviderName::Receipt, "issue", "k-2", &request, &caller).await;
+    assert!(not_sent(&again.result), "{:?}", again.result);
+    assert!(not_sent(&asked.result), "{:?}", asked.result);
+    assert!(again.exchange.response.is_none() && asked.exchange.response.is_none(), "recorded as not sent");
+    assert!(!not_sent(&other.result), "another key goes out: {:?}", other.result);
+    assert_eq!(received().await, 2, "k-1 once, k-2 once");
+
+    let started = Instant::now();
+    while srv.stats().await["receipt"]["in_flight"].as_u64() != Some(0) {
+        assert!(started.elapsed() < Duration::from_secs(10), "the hung requests end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = client.operation_status(ProviderName::Receipt, "k-1", &caller).await;
+    assert!(!not_sent(&after.result), "{:?}", after.result);
+    assert_eq!(received().await, 3, "asked once nothing of k-1 is on its way");
+}

@@ -158,7 +158,19 @@ pub enum StoreConfig {
     Embedded { path: PathBuf },
     /// An Azure Cosmos DB (NoSQL) account, reached with an Entra token.
     Cosmos { endpoint: String, database: String, identity: Identity },
+    /// The Cosmos store code on the SDK's in-memory emulator, inside the handler's
+    /// own process (a build with the `cosmos-emulator` feature): `ru_per_second`
+    /// caps each container's throughput, and what the requests cost is written to
+    /// `charges` as they go.
+    CosmosEmulator { ru_per_second: Option<u64>, charges: PathBuf },
 }
+
+/// `TICKETPAY_STORE`: which store the handler keeps its state in, when no Cosmos account is set.
+pub const STORE: &str = "TICKETPAY_STORE";
+/// `TICKETPAY_COSMOS_EMULATOR_RU_PER_S`: the emulated containers' throughput (at least 400 RU/s).
+pub const EMULATOR_THROUGHPUT: &str = "TICKETPAY_COSMOS_EMULATOR_RU_PER_S";
+/// The file in the data folder where an emulated store's charges are written.
+pub const CHARGES_FILE: &str = "store-charges.json";
 
 fn load_store(s: &Settings<'_>) -> Result<StoreConfig, SettingError> {
     const ENDPOINT: &str = "CosmosDb__accountEndpoint";
@@ -170,8 +182,21 @@ fn load_store(s: &Settings<'_>) -> Result<StoreConfig, SettingError> {
         let database = s.optional("CosmosDb__database").unwrap_or_else(|| "ticketpay".into());
         return Ok(StoreConfig::Cosmos { endpoint, database, identity: Identity::for_connection(s, "CosmosDb") });
     }
-    let dir = s.optional("TICKETPAY_DATA_DIR").unwrap_or_else(|| ".ticketpay".into());
-    Ok(StoreConfig::Embedded { path: PathBuf::from(dir).join("store.db") })
+    let dir = PathBuf::from(s.optional("TICKETPAY_DATA_DIR").unwrap_or_else(|| ".ticketpay".into()));
+    match s.optional(STORE).as_deref().map(str::trim) {
+        None | Some("" | "embedded") => Ok(StoreConfig::Embedded { path: dir.join("store.db") }),
+        Some("cosmos-emulator") => {
+            let ru_per_second = match s.optional(EMULATOR_THROUGHPUT) {
+                None => None,
+                Some(v) => match v.trim().parse::<u64>() {
+                    Ok(n) if n >= 400 => Some(n),
+                    _ => return Err(setting_error(EMULATOR_THROUGHPUT, format!("`{v}` is not a throughput of at least 400 RU/s"))),
+                },
+            };
+            Ok(StoreConfig::CosmosEmulator { ru_per_second, charges: dir.join(CHARGES_FILE) })
+        }
+        Some(other) => Err(setting_error(STORE, format!("`{other}` is not a store: embedded or cosmos-emulator"))),
+    }
 }
 
 /// Where the leases on each provider's capacity are kept.
@@ -262,6 +287,7 @@ impl HandlerConfig {
         let spool_dir = match (s.optional("TICKETPAY_SPOOL_DIR"), &store) {
             (Some(dir), _) => PathBuf::from(dir),
             (None, StoreConfig::Embedded { path }) => path.with_file_name("audit-spool"),
+            (None, StoreConfig::CosmosEmulator { charges, .. }) => charges.with_file_name("audit-spool"),
             (None, StoreConfig::Cosmos { .. }) => std::env::temp_dir().join("ticketpay-audit-spool"),
         };
         let defaults = crate::stages::sweep::SweepPolicy::default();
@@ -388,6 +414,23 @@ mod tests {
         assert_eq!(load_store(&Settings::from_map(&local)).unwrap(), StoreConfig::Embedded { path: "/tmp/x/store.db".into() });
         let bad = settings(&[("CosmosDb__accountEndpoint", "cosmos-tp.documents.azure.com")]);
         assert_eq!(load_store(&Settings::from_map(&bad)).unwrap_err().name, "CosmosDb__accountEndpoint");
+    }
+
+    #[test]
+    fn the_emulated_cosmos_store_is_chosen_by_name_with_an_optional_throughput_of_at_least_400() {
+        let load = |pairs: &[(&str, &str)]| load_store(&Settings::from_map(&settings(pairs)));
+        let dir = ("TICKETPAY_DATA_DIR", "/tmp/x");
+        assert_eq!(
+            load(&[dir, (STORE, "cosmos-emulator"), (EMULATOR_THROUGHPUT, "4000")]).unwrap(),
+            StoreConfig::CosmosEmulator { ru_per_second: Some(4000), charges: "/tmp/x/store-charges.json".into() }
+        );
+        assert_eq!(load(&[dir, (STORE, "cosmos-emulator")]).unwrap(), StoreConfig::CosmosEmulator { ru_per_second: None, charges: "/tmp/x/store-charges.json".into() });
+        assert_eq!(load(&[dir, (STORE, "embedded")]).unwrap(), StoreConfig::Embedded { path: "/tmp/x/store.db".into() });
+        assert_eq!(load(&[(STORE, "cosmos-emulator"), (EMULATOR_THROUGHPUT, "399")]).unwrap_err().name, EMULATOR_THROUGHPUT);
+        assert_eq!(load(&[(STORE, "cosmos-emulator"), (EMULATOR_THROUGHPUT, "lots")]).unwrap_err().name, EMULATOR_THROUGHPUT);
+        let unknown = load(&[(STORE, "postgres")]).unwrap_err();
+        assert_eq!(unknown.name, STORE);
+        assert!(unknown.to_string().contains("postgres"), "{unknown}");
     }
 
     #[test]

@@ -50,6 +50,15 @@ enum Command {
         /// maxMessageBatchSize (1: one message per invocation).
         #[arg(long)]
         max_batch: Option<usize>,
+        /// Where the handler keeps its state: embedded (SQLite in the data folder) or
+        /// cosmos-emulator (the Cosmos store on the SDK's in-memory emulator; a build with
+        /// `--features cosmos-emulator`, one instance, nothing kept once it stops).
+        #[arg(long, default_value = "embedded")]
+        store: String,
+        /// With --store cosmos-emulator: each container's provisioned throughput, in RU/s
+        /// (at least 400); past it the emulator answers 429. Default: unlimited.
+        #[arg(long)]
+        cosmos_ru_per_s: Option<u64>,
     },
     /// The provider simulator: all nine provider roles over HTTP.
     Providers {
@@ -102,6 +111,15 @@ enum Command {
         /// maxMessageBatchSize; 1: one message per invocation).
         #[arg(long)]
         max_batch: Option<usize>,
+        /// Where the handler keeps its state: embedded (SQLite in the data folder) or
+        /// cosmos-emulator (the Cosmos store on the SDK's in-memory emulator; a build with
+        /// `--features cosmos-emulator`, one instance, nothing kept once it stops).
+        #[arg(long, default_value = "embedded")]
+        store: String,
+        /// With --store cosmos-emulator: each container's provisioned throughput, in RU/s
+        /// (at least 400); past it the emulator answers 429. Default: unlimited.
+        #[arg(long)]
+        cosmos_ru_per_s: Option<u64>,
     },
     /// Uploads a CSV or JSON file of tickets and follows the batch until it completes.
     Submit {
@@ -243,10 +261,11 @@ async fn main() {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Handler => ticketpay::handler::run().await,
-        Command::Local { port, providers_port, providers_url, scenario, data, app_root, duplicate_deliveries, instances, max_batch } => {
+        Command::Local { port, providers_port, providers_url, scenario, data, app_root, duplicate_deliveries, instances, max_batch, store, cosmos_ru_per_s } => {
+            let store = host::StoreChoice::parse(&store, cosmos_ru_per_s)?;
             let instances = host::check_instances(instances)?;
             let opts =
-                LocalOptions { app_root, port, providers_port, providers_url, scenario, data, duplicate_deliveries, instances, max_batch };
+                LocalOptions { app_root, port, providers_port, providers_url, scenario, data, duplicate_deliveries, instances, max_batch, store };
             host::run(opts).await
         }
         Command::Providers { port, scenario } => ticketpay::providers::simulator::run(port, scenario).await,
@@ -254,10 +273,11 @@ async fn run(command: Command) -> Result<()> {
             let instances = host::check_instances(instances)?;
             demo::run(demo::DemoOptions { tickets, budget, scenario, data, port, app_root, instances }).await
         }
-        Command::Bench { tickets, scenario, baseline_tickets, data, app_root, instances, max_batch } => {
+        Command::Bench { tickets, scenario, baseline_tickets, data, app_root, instances, max_batch, store, cosmos_ru_per_s } => {
+            let store = host::StoreChoice::parse(&store, cosmos_ru_per_s)?;
             let instances = host::check_instances(instances)?;
             let max_batch = max_batch.map(host::check_max_batch).transpose()?;
-            let opts = ticketpay::bench::BenchOptions { tickets, scenario, app_root, baseline_tickets, data, instances, max_batch };
+            let opts = ticketpay::bench::BenchOptions { tickets, scenario, app_root, baseline_tickets, data, instances, max_batch, store };
             let report = ticketpay::bench::run(opts).await?;
             print!("{}", report.render());
             Ok(())

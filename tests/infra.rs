@@ -211,6 +211,8 @@ const NOT_APP_SETTINGS: &[(&str, &str)] = &[
     ("TICKETPAY_DATA_DIR", "local only (see above)"),
     ("TICKETPAY_INSTANCE_ID", "local only: the local host names each handler it starts; in Azure the platform's WEBSITE_INSTANCE_ID names the instance"),
     ("TICKETPAY_BUS_TOKEN", "local only: the token the local host makes at start and gives its handler; in Azure the handler sends with an Entra token"),
+    ("TICKETPAY_STORE", "local only: `ticketpay local --store cosmos-emulator` sets it; in Azure CosmosDb__accountEndpoint chooses the store"),
+    ("TICKETPAY_COSMOS_EMULATOR_RU_PER_S", "local only: the emulated store's throughput, set by `ticketpay local --cosmos-ru-per-s`"),
 ];
 
 #[test]

@@ -22,7 +22,9 @@ use serde_json::Value;
 
 use crate::cli::client::ApiClient;
 use crate::cli::demo::sample_csv;
+use crate::host::StoreChoice;
 use crate::providers::ProviderName;
+use crate::store::meter::Charges;
 use crate::providers::simulator::Scenario;
 use procs::{PeakRss, Spawned};
 pub use report::Report;
@@ -38,6 +40,8 @@ pub struct BenchOptions {
     pub instances: usize,
     /// Messages per invocation, in place of host.json's (1: one at a time).
     pub max_batch: Option<usize>,
+    /// Where the handler keeps its state.
+    pub store: StoreChoice,
 }
 
 /// Messages per invocation in this run: `--max-batch`, else what the app's
@@ -103,6 +107,9 @@ pub struct PipelineRun {
     pub instances: usize,
     /// Messages per invocation (1: one at a time).
     pub max_batch: usize,
+    pub store: StoreChoice,
+    /// What the store's requests cost, for a store that charges for them.
+    pub charges: Option<Charges>,
 }
 
 async fn pipeline_run(opts: &BenchOptions, max_batch: usize, data: &Path, providers_url: &str, simulator_pid: i32) -> Result<PipelineRun> {
@@ -111,10 +118,18 @@ async fn pipeline_run(opts: &BenchOptions, max_batch: usize, data: &Path, provid
     let store = store.to_str().context("the data folder is not UTF-8")?;
     let instances = opts.instances.to_string();
     let batch = max_batch.to_string();
-    let args = [
+    let mut args = vec![
         "local", "--instances", &instances, "--port", "0", "--providers-port", "0", "--providers-url", providers_url, "--scenario", &opts.scenario, "--data", store,
         "--app-root", app_root, "--max-batch", &batch,
     ];
+    let throughput;
+    if let StoreChoice::CosmosEmulator { ru_per_second } = opts.store {
+        args.extend(["--store", "cosmos-emulator"]);
+        if let Some(ru) = ru_per_second {
+            throughput = ru.to_string();
+            args.extend(["--cosmos-ru-per-s", throughput.as_str()]);
+        }
+    }
     let (host, found) = Spawned::start(&args, &data.join("host.log"), &["ticketpay local: listening on", "ticketpay local: ready"])?;
     let api = ApiClient::new(&found[0]);
     let host_pid = host.pid();
@@ -131,8 +146,18 @@ async fn pipeline_run(opts: &BenchOptions, max_batch: usize, data: &Path, provid
     let (peak_rss_bytes, peak_rss_each) = rss.finish();
     let stats = reqwest::get(format!("{providers_url}/stats")).await?.json::<Value>().await?;
     host.stop();
+    let charges = match opts.store {
+        StoreChoice::Embedded => None,
+        StoreChoice::CosmosEmulator { .. } => Some(read_charges(&data.join("stack").join(crate::config::CHARGES_FILE))?),
+    };
     let instances = opts.instances;
-    Ok(PipelineRun { seconds, handler_cpu_seconds, host_cpu_seconds, peak_rss_bytes, peak_rss_each, status, stats, instances, max_batch })
+    Ok(PipelineRun { seconds, handler_cpu_seconds, host_cpu_seconds, peak_rss_bytes, peak_rss_each, status, stats, instances, max_batch, store: opts.store, charges })
+}
+
+/// The charges the handler wrote (each second, and the last of them as it stopped).
+fn read_charges(file: &Path) -> Result<Charges> {
+    let text = std::fs::read(file).with_context(|| format!("the handler wrote no store charges to {}", file.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("{} is no store charges", file.display()))
 }
 
 /// Uploads the sample batch with a budget that covers every ticket, so every payable ticket is paid.

@@ -11,6 +11,7 @@ use super::baseline::BaselineRun;
 use super::floor::Floor;
 use crate::cli::progress::END_STATES;
 use crate::domain::{Currency, Money};
+use crate::host::StoreChoice;
 use crate::providers::simulator::Scenario;
 
 #[derive(Debug, Clone, Serialize)]
@@ -47,6 +48,16 @@ pub struct Report {
     pub budget_held: bool,
     pub end_states: BTreeMap<String, u64>,
     pub throttled: u64,
+    /// `embedded` or `cosmos-emulator`.
+    pub store: String,
+    /// Request units the store was charged, per ticket (a store that charges for requests).
+    pub ru_per_ticket: Option<f64>,
+    /// The same, by the stage (or `api`, `sweep`) that made the requests.
+    pub ru_per_ticket_by_stage: Option<BTreeMap<String, f64>>,
+    /// The most request units one logical partition took in one second.
+    pub hottest_partition_peak_ru_per_s: Option<f64>,
+    /// Store requests answered 429 (retried).
+    pub store_throttled: Option<u64>,
     /// The simulator's counters after the pipeline run.
     #[serde(skip)]
     pub providers: Value,
@@ -91,6 +102,14 @@ impl Report {
             budget_held: budget_held(&run.status),
             end_states,
             throttled: stats.values().filter_map(|s| s["throttled"].as_u64()).sum(),
+            store: match run.store {
+                StoreChoice::Embedded => "embedded".into(),
+                StoreChoice::CosmosEmulator { .. } => "cosmos-emulator".into(),
+            },
+            ru_per_ticket: run.charges.as_ref().map(|c| round(c.total_ru / n, 1)),
+            ru_per_ticket_by_stage: run.charges.as_ref().map(|c| c.by_step.iter().map(|(k, v)| (k.clone(), round(v / n, 1))).collect()),
+            hottest_partition_peak_ru_per_s: run.charges.as_ref().map(|c| round(c.hottest_partition_peak_ru_per_s, 1)),
+            store_throttled: run.charges.as_ref().map(|c| c.throttled),
             providers: run.stats.clone(),
         }
     }
@@ -140,6 +159,16 @@ impl Report {
             yes(self.limits_held),
             yes(self.budget_held)
         );
+        if let (Some(ru), Some(by_stage), Some(peak)) = (self.ru_per_ticket, &self.ru_per_ticket_by_stage, self.hottest_partition_peak_ru_per_s) {
+            let stages: Vec<String> = by_stage.iter().map(|(s, r)| format!("{s} {r:.1}")).collect();
+            let _ = writeln!(
+                out,
+                "store {}: {ru:.1} RU per ticket ({}) · hottest partition {peak:.0} RU/s at its peak · {} requests throttled",
+                self.store,
+                stages.join(", "),
+                self.store_throttled.unwrap_or(0)
+            );
+        }
         let ends: Vec<String> = self.end_states.iter().filter(|(_, n)| **n > 0).map(|(s, n)| format!("{s} {n}")).collect();
         let _ = writeln!(out, "end states: {}", ends.join(" · "));
         if let Some(stats) = self.providers.as_object() {

@@ -46,6 +46,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         duplicate_deliveries: false,
         max_batch: None,
         instances: opts.instances,
+        store: Default::default(),
     })
     .await?;
     println!("local host at {} · providers at {}", host.url, host.providers_url);

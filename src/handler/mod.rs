@@ -31,6 +31,7 @@ use crate::leases::Leases;
 use crate::leases::blob::BlobLeases;
 use crate::leases::sqlite::SqliteLeases;
 use crate::store::Store;
+use crate::store::meter::working_for;
 use crate::store::cosmos::CosmosStore;
 use crate::domain::Stage;
 use crate::providers::client::ProviderClient;
@@ -47,10 +48,14 @@ pub const TRIGGER_BINDING: &str = "message";
 /// Behind [`crate::host::path::guarded`] as behind the local host: a path with
 /// dot segments never reaches a route, whichever host forwarded it.
 pub fn router(app: Arc<App>) -> Router {
-    let api = api::router().layer(axum::middleware::from_fn_with_state(app.clone(), api::access::require_key));
+    let api = api::router()
+        .layer(axum::middleware::from_fn_with_state(app.clone(), api::access::require_key))
+        .layer(axum::middleware::from_fn(|request: axum::extract::Request, next: axum::middleware::Next| {
+            working_for("api", next.run(request))
+        }));
     let routes = Router::new()
         .route("/", get(|| async { Json(json!({ "service": "ticketpay-handler" })) }))
-        .route("/sweep", post(sweep))
+        .route("/sweep", post(|app| working_for("sweep", sweep(app))))
         .route("/{function}", post(invoke))
         .merge(api)
         .with_state(app);
@@ -61,18 +66,21 @@ async fn invoke(State(app): State<Arc<App>>, Path(function): Path<String>, body:
     let Some(stage) = Stage::from_function(&function) else {
         return failure(StatusCode::NOT_FOUND, format!("no queue function `{function}`"));
     };
-    let reply = match Delivered::parse(&body, TRIGGER_BINDING) {
-        Err(e) => failure(StatusCode::BAD_REQUEST, e),
-        Ok(Delivered::One(invocation)) => match member(stage, &invocation, None) {
+    let run = async {
+        match Delivered::parse(&body, TRIGGER_BINDING) {
             Err(e) => failure(StatusCode::BAD_REQUEST, e),
-            Ok(m) => match run_member(app.clone(), stage, m, tokio::time::Instant::now()).await {
-                Settled::Done(log) => Json(json!({ "Outputs": {}, "Logs": [log] })).into_response(),
-                Settled::Unreadable(e) => failure(StatusCode::BAD_REQUEST, e),
-                Settled::Back(e) => failure(StatusCode::SERVICE_UNAVAILABLE, e),
+            Ok(Delivered::One(invocation)) => match member(stage, &invocation, None) {
+                Err(e) => failure(StatusCode::BAD_REQUEST, e),
+                Ok(m) => match run_member(app.clone(), stage, m, tokio::time::Instant::now()).await {
+                    Settled::Done(log) => Json(json!({ "Outputs": {}, "Logs": [log] })).into_response(),
+                    Settled::Unreadable(e) => failure(StatusCode::BAD_REQUEST, e),
+                    Settled::Back(e) => failure(StatusCode::SERVICE_UNAVAILABLE, e),
+                },
             },
-        },
-        Ok(Delivered::Batch(messages)) => batch(&app, stage, messages).await,
+            Ok(Delivered::Batch(messages)) => batch(&app, stage, messages).await,
+        }
     };
+    let reply = working_for(stage.function(), run).await;
     telemetry::flush().await;
     reply
 }
@@ -197,7 +205,7 @@ async fn concurrently(app: &Arc<App>, stage: Stage, members: Vec<Member>, arrive
     let kept = members.clone();
     for (i, m) in members.into_iter().enumerate() {
         let (app, permits, started, all_started, done) = (app.clone(), permits.clone(), started.clone(), all_started.clone(), done_tx.clone());
-        tokio::spawn(async move {
+        tokio::spawn(working_for(stage.function(), async move {
             let _permit = permits.acquire_owned().await;
             if started.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == total {
                 all_started.notify_one();
@@ -205,7 +213,7 @@ async fn concurrently(app: &Arc<App>, stage: Stage, members: Vec<Member>, arrive
             let label = format!("{stage} {}/{}", m.message.batch_id, m.message.ticket_id);
             let s = std::panic::AssertUnwindSafe(run_member(app, stage, m, arrived)).catch_unwind().await;
             let _ = done.send((i, s.unwrap_or_else(|_| Settled::Back(format!("{label}: the handler failed")))));
-        });
+        }));
     }
     drop(done_tx);
     let mut open = vec![true; total];
@@ -361,6 +369,7 @@ pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
         StoreConfig::Cosmos { endpoint, database, identity } => {
             Arc::new(CosmosStore::connect(endpoint, database, identity.credential()?).await?)
         }
+        StoreConfig::CosmosEmulator { ru_per_second, charges } => emulated_store(*ru_per_second, charges).await?,
     };
     let bus = match &config.bus {
         BusConfig::Local { url, token: Some(token) } => BusSender::with_token(url, token),
@@ -389,16 +398,57 @@ pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
     Ok(Arc::new(App { pipeline, authorities: config.authorities, access: config.access }))
 }
 
+/// The Cosmos store on the in-memory emulator, its charges written to `charges` each second.
+#[cfg(feature = "cosmos-emulator")]
+async fn emulated_store(ru_per_second: Option<u64>, charges: &std::path::Path) -> anyhow::Result<Arc<dyn Store>> {
+    let store: Arc<dyn Store> = Arc::new(CosmosStore::emulated(ru_per_second).await?);
+    let (watched, charges) = (store.clone(), charges.to_owned());
+    tokio::spawn(async move {
+        let mut written = None;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = watched.charges();
+            if written != now {
+                write_charges(&*watched, &charges);
+                written = now;
+            }
+        }
+    });
+    Ok(store)
+}
+
+#[cfg(not(feature = "cosmos-emulator"))]
+async fn emulated_store(_: Option<u64>, _: &std::path::Path) -> anyhow::Result<Arc<dyn Store>> {
+    anyhow::bail!("{}=cosmos-emulator: this build has no Cosmos emulator (build with --features cosmos-emulator)", crate::config::STORE)
+}
+
+/// Writes what the store's requests cost so far to `file`, whole or not at all.
+fn write_charges(store: &dyn Store, file: &std::path::Path) {
+    let Some(charges) = store.charges() else { return };
+    let new = file.with_extension("json.new");
+    let saved = std::fs::write(&new, serde_json::to_vec(&charges).unwrap_or_default()).and_then(|()| std::fs::rename(&new, file));
+    if let Err(e) = saved {
+        tracing::warn!(error = %e, file = %file.display(), "could not write the store's charges");
+    }
+}
+
 pub async fn run() -> anyhow::Result<()> {
     let config = HandlerConfig::load(&Settings::from_env())?;
     if config.access == Access::Open {
         tracing::warn!("{} is not set: the API is open and every caller is an operator", crate::config::API_KEYS);
     }
     let port = config.port;
+    let charges = match &config.store {
+        StoreConfig::CosmosEmulator { charges, .. } => Some(charges.clone()),
+        _ => None,
+    };
     let app = build(config).await?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     tracing::info!(port, "ticketpay handler listening");
     axum::serve(listener, router(app.clone())).with_graceful_shutdown(crate::shutdown::signal()).await?;
+    if let Some(file) = charges {
+        write_charges(&*app.pipeline.store, &file);
+    }
     if let Some(capacity) = app.pipeline.providers.capacity() {
         capacity.release_all().await;
     }

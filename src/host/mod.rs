@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use axum::routing::any;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot, watch};
@@ -59,6 +59,35 @@ pub struct LocalOptions {
     /// Messages per invocation of every queue function, in place of host.json's
     /// (1: one message per invocation, `"cardinality": "one"`).
     pub max_batch: Option<usize>,
+    /// Where the handler keeps its state.
+    pub store: StoreChoice,
+}
+
+/// Where the handler keeps its state, as `--store` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreChoice {
+    /// SQLite in the data folder.
+    #[default]
+    Embedded,
+    /// The Cosmos store code on the SDK's in-memory emulator, in the handler's process,
+    /// its containers capped at `ru_per_second` if given.
+    CosmosEmulator { ru_per_second: Option<u64> },
+}
+
+impl StoreChoice {
+    /// `--store NAME` with `--cosmos-ru-per-s`.
+    pub fn parse(name: &str, ru_per_second: Option<u64>) -> Result<StoreChoice> {
+        match (name, ru_per_second) {
+            ("embedded", None) => Ok(StoreChoice::Embedded),
+            ("embedded", Some(_)) => Err(anyhow!("--cosmos-ru-per-s needs --store cosmos-emulator")),
+            ("cosmos-emulator", _) if !cfg!(feature = "cosmos-emulator") => {
+                Err(anyhow!("--store cosmos-emulator needs a build with --features cosmos-emulator"))
+            }
+            ("cosmos-emulator", Some(ru)) if ru < 400 => Err(anyhow!("--cosmos-ru-per-s must be at least 400 (got {ru})")),
+            ("cosmos-emulator", ru_per_second) => Ok(StoreChoice::CosmosEmulator { ru_per_second }),
+            (other, _) => Err(anyhow!("--store must be embedded or cosmos-emulator (got {other})")),
+        }
+    }
 }
 
 /// Checks a `--max-batch` value: at least 1.
@@ -367,6 +396,9 @@ impl LocalHost {
         };
 
         let n = check_instances(opts.instances)?;
+        if matches!(opts.store, StoreChoice::CosmosEmulator { .. }) && n != 1 {
+            bail!("--store cosmos-emulator runs one handler instance (the emulator lives in its process), not {n}");
+        }
         let program = worker::resolve_executable(&app_root, &config.executable)?;
         let lookup = |k: &str| settings.get(k).cloned().or_else(|| std::env::var(k).ok());
         // Values win over the environment, as they do for the handler started below.
@@ -394,6 +426,12 @@ impl LocalHost {
         set("TICKETPAY_PROVIDERS_URL", providers_url.clone(), true);
         if let Some(pc) = providers_config {
             set("TICKETPAY_PROVIDERS_CONFIG", pc, true);
+        }
+        if let StoreChoice::CosmosEmulator { ru_per_second } = opts.store {
+            set(crate::config::STORE, "cosmos-emulator".into(), false);
+            if let Some(ru) = ru_per_second {
+                set(crate::config::EMULATOR_THROUGHPUT, ru.to_string(), false);
+            }
         }
 
         // Each instance: its own port, worker id and instance id, otherwise the same environment.
@@ -542,4 +580,22 @@ async fn start_simulator(listener: TcpListener, scenario: Option<&str>) -> Resul
             tracing::error!("provider simulator failed: {e:#}");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_choices_are_named_and_a_throughput_goes_only_with_the_emulator() {
+        assert_eq!(StoreChoice::parse("embedded", None).unwrap(), StoreChoice::Embedded);
+        assert!(StoreChoice::parse("embedded", Some(4000)).unwrap_err().to_string().contains("--store cosmos-emulator"));
+        assert!(StoreChoice::parse("sqlite", None).unwrap_err().to_string().contains("sqlite"));
+        if cfg!(feature = "cosmos-emulator") {
+            assert_eq!(StoreChoice::parse("cosmos-emulator", Some(4000)).unwrap(), StoreChoice::CosmosEmulator { ru_per_second: Some(4000) });
+            assert!(StoreChoice::parse("cosmos-emulator", Some(100)).unwrap_err().to_string().contains("at least 400"));
+        } else {
+            assert!(StoreChoice::parse("cosmos-emulator", None).unwrap_err().to_string().contains("--features cosmos-emulator"));
+        }
+    }
 }

@@ -22,13 +22,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use azure_core::credentials::TokenCredential;
 use azure_data_cosmos::clients::ContainerClient;
+use azure_data_cosmos::diagnostics::DiagnosticsContext;
+use azure_data_cosmos::models::{BatchResponse, ItemResponse};
 use azure_data_cosmos::options::{BatchReplaceOptions, ItemWriteOptions, Precondition};
 use azure_data_cosmos::{AccountReference, CosmosClient, CosmosError, FeedScope, Query, RoutingStrategy, TransactionalBatch};
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
+use tracing::Instrument;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::meter::Meter;
 use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
 use crate::domain::reconciliation::ReconciliationRun;
 use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Event, Status, Ticket, TicketId};
@@ -55,6 +59,7 @@ const KEY_TAKEOVER_AFTER: chrono::Duration = chrono::Duration::minutes(10);
 pub struct CosmosStore {
     batches: ContainerClient,
     keys: ContainerClient,
+    meter: Arc<Meter>,
 }
 
 // ---------------------------------------------------------------- documents
@@ -287,8 +292,34 @@ fn op_error(what: &str, status: u16) -> StoreError {
 
 /// The per-operation statuses of an executed transactional batch, whether the
 /// service answered 200 (all applied) or 207 (one failed, nothing applied).
-async fn run_batch(c: &ContainerClient, batch: TransactionalBatch, what: &str) -> Result<Vec<(u16, Option<String>)>> {
-    let response = match c.execute_transactional_batch(batch, None).await {
+async fn run_batch(store: &CosmosStore, partition: &str, batch: TransactionalBatch, what: &str) -> Result<Vec<(u16, Option<String>)>> {
+    let mut waited = Duration::ZERO;
+    loop {
+        let results = run_batch_once(store, partition, batch.clone(), what).await?;
+        // A batch refused for the partition's throughput applied nothing: sent again once the
+        // service says, as the SDK does with a refused single request.
+        let throttled = results.iter().find(|(status, ..)| *status == 429).map(|(.., after)| after.unwrap_or(THROTTLED_PAUSE));
+        match throttled {
+            Some(after) if waited < THROTTLED_PATIENCE => {
+                store.meter.throttled(1);
+                tokio::time::sleep(after).await;
+                waited += after;
+            }
+            _ => return Ok(results.into_iter().map(|(status, etag, _)| (status, etag)).collect()),
+        }
+    }
+}
+
+/// How long a throttled transactional batch waits when the service names no time.
+const THROTTLED_PAUSE: Duration = Duration::from_millis(100);
+/// How long one transactional batch keeps waiting out throttling before the stage is
+/// told the store is unavailable (and its message comes back later).
+const THROTTLED_PATIENCE: Duration = Duration::from_secs(10);
+
+/// One execution: each operation's status, ETag and, if refused for throughput, when to try again.
+async fn run_batch_once(store: &CosmosStore, partition: &str, batch: TransactionalBatch, what: &str) -> Result<Vec<(u16, Option<String>, Option<Duration>)>> {
+    let executed = store.batches.execute_transactional_batch(batch, None);
+    let response = match store.metered(BATCHES, "batch", partition, executed).await {
         Ok(response) => response,
         // Should a failed batch come back as an error status rather than 207, its body
         // still lists the operations' outcomes: decide on those, like on a 207.
@@ -299,16 +330,20 @@ async fn run_batch(c: &ContainerClient, batch: TransactionalBatch, what: &str) -
                 status_code: u16,
                 #[serde(rename = "eTag", default)]
                 etag: Option<String>,
+                #[serde(rename = "retryAfterMilliseconds", default)]
+                retry_after_ms: Option<u64>,
             }
             let listed = e.response().and_then(|r| r.body().clone().into_single::<Vec<OpResult>>().ok());
             return match listed {
-                Some(results) if !results.is_empty() => Ok(results.into_iter().map(|r| (r.status_code, r.etag)).collect()),
+                Some(results) if !results.is_empty() => {
+                    Ok(results.into_iter().map(|r| (r.status_code, r.etag, r.retry_after_ms.map(Duration::from_millis))).collect())
+                }
                 _ => Err(map_err(what, e)),
             };
         }
     };
     let model = response.into_model().map_err(|e| map_err(what, e))?;
-    Ok(model.results().iter().map(|r| (r.status_code(), r.etag().map(str::to_owned))).collect())
+    Ok(model.results().iter().map(|r| (r.status_code(), r.etag().map(str::to_owned), r.retry_after())).collect())
 }
 
 /// The first failed operation (its index and status), ignoring the 424s of the operations it took down.
@@ -324,7 +359,7 @@ impl CosmosStore {
         let db = client.database_client(database.to_owned());
         let batches = db.container_client(BATCHES, None).await.map_err(|e| map_err(format!("container {BATCHES}"), e))?;
         let keys = db.container_client(IDEMPOTENCY, None).await.map_err(|e| map_err(format!("container {IDEMPOTENCY}"), e))?;
-        Ok(CosmosStore { batches, keys })
+        Ok(CosmosStore { batches, keys, meter: Arc::default() })
     }
 
     /// The store on an account reached with Entra ID (the caller picks the
@@ -340,8 +375,45 @@ impl CosmosStore {
         Self::new(client, database).await
     }
 
+    /// The store on the SDK's in-memory Cosmos emulator, in this process: a new, empty
+    /// account with the database and both containers, charging request units by the
+    /// emulator's model and, given `ru_per_second`, answering 429 past it (as in Azure,
+    /// each of a container's physical partitions, four here, gets its share of it).
+    #[cfg(feature = "cosmos-emulator")]
+    pub async fn emulated(ru_per_second: Option<u64>) -> Result<CosmosStore> {
+        use azure_core::credentials::Secret;
+        use azure_data_cosmos::CosmosRuntimeBuilder;
+        use azure_data_cosmos_driver::in_memory_emulator::{ContainerConfig, InMemoryEmulatorHttpClient, VirtualAccountConfig, VirtualRegion};
+
+        const URL: &str = "https://local.emulator.local";
+        const DATABASE: &str = "ticketpay";
+        const REGION: &str = "East US";
+        let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("cosmos emulator: {e}"));
+        let regions = vec![VirtualRegion::new(REGION, URL.parse().map_err(|e| unavailable(&e))?)];
+        let account = VirtualAccountConfig::new(regions).map_err(|e| unavailable(&e))?.with_throttling_enabled(ru_per_second.is_some());
+        let emulator = Arc::new(InMemoryEmulatorHttpClient::new(account));
+        let mut config = ContainerConfig::new();
+        if let Some(ru) = ru_per_second {
+            config = config.with_throughput(ru);
+        }
+        let config = config.build().map_err(|e| unavailable(&e))?;
+        let pk = |path: &str| serde_json::from_value(serde_json::json!({"paths": [path], "kind": "Hash", "version": 2})).map_err(|e| unavailable(&e));
+        emulator.store().create_database(DATABASE);
+        emulator.store().create_container_with_config(DATABASE, BATCHES, pk("/batch_id")?, config.clone());
+        emulator.store().create_container_with_config(DATABASE, IDEMPOTENCY, pk("/client_id")?, config);
+        let runtime = CosmosRuntimeBuilder::from(emulator.runtime_builder()).build().await.map_err(|e| unavailable(&e))?;
+        let account = AccountReference::with_authentication_key(URL.parse().map_err(|e| unavailable(&e))?, Secret::new("bG9jYWw="));
+        let client = CosmosClient::builder()
+            .with_runtime(runtime)
+            .build(account, RoutingStrategy::ProximityTo(REGION.into()))
+            .await
+            .map_err(|e| map_err("cosmos emulator", e))?;
+        Self::new(client, DATABASE).await
+    }
+
     async fn read_doc<T: DeserializeOwned>(&self, c: &ContainerClient, pk: &str, id: &str) -> Result<Option<T>> {
-        match c.read_item(pk.to_owned(), id, None).await {
+        let container = if std::ptr::eq(c, &self.keys) { IDEMPOTENCY } else { BATCHES };
+        match self.metered(container, "read", pk, c.read_item(pk.to_owned(), id, None)).await {
             Ok(r) => r.into_model::<T>().map(Some).map_err(|e| invalid(format!("{id}: {e}"))),
             Err(e) if e.status().is_not_found() => Ok(None),
             Err(e) => Err(map_err(format!("{pk}/{id}"), e)),
@@ -352,9 +424,48 @@ impl CosmosStore {
         self.read_doc(&self.batches, batch_id, BATCH_DOC_ID).await
     }
 
-    async fn query<T: DeserializeOwned + Send + 'static>(&self, q: Query, scope: FeedScope, what: &str) -> Result<Vec<T>> {
-        let rows = self.batches.query_items::<T>(q, scope, None).await.map_err(|e| map_err(what, e))?;
-        rows.try_collect().await.map_err(|e| map_err(what, e))
+    async fn query<T: DeserializeOwned + Send + 'static>(&self, q: Query, partition: Option<&str>, what: &str) -> Result<Vec<T>> {
+        let (scope, partition) = match partition {
+            Some(pk) => (FeedScope::partition(pk.to_owned()), pk),
+            None => (FeedScope::full_container(), "(every partition)"),
+        };
+        let pages = self.batches.query_items::<T>(q, scope, None).await.map_err(|e| map_err(what, e))?.into_pages();
+        let mut pages = std::pin::pin!(pages);
+        let mut rows = Vec::new();
+        let span = request_span(BATCHES, "query");
+        while let Some(page) = pages.next().instrument(span.clone()).await {
+            let charged = page.as_ref().map_or_else(|e| e.diagnostics(), |p| Some(p.diagnostics()));
+            self.count(&span, BATCHES, "query", partition, charged.as_deref());
+            rows.extend(page.map_err(|e| map_err(what, e))?.into_items());
+        }
+        Ok(rows)
+    }
+
+    /// Runs one request as a client span, counting what it cost (answered or refused) against its partition.
+    async fn metered<T: Charged>(
+        &self,
+        container: &'static str,
+        operation: &'static str,
+        partition: &str,
+        request: impl std::future::Future<Output = azure_data_cosmos::Result<T>>,
+    ) -> azure_data_cosmos::Result<T> {
+        let span = request_span(container, operation);
+        let answer = request.instrument(span.clone()).await;
+        let diagnostics = match &answer {
+            Ok(r) => Some(r.diagnostics()),
+            Err(e) => e.diagnostics(),
+        };
+        self.count(&span, container, operation, partition, diagnostics.as_deref());
+        answer
+    }
+
+    fn count(&self, span: &tracing::Span, container: &'static str, operation: &'static str, partition: &str, diagnostics: Option<&DiagnosticsContext>) {
+        let Some(d) = diagnostics else { return };
+        let ru = f64::from(d.total_request_charge());
+        let throttled = d.requests().iter().filter(|r| r.status().is_throttled()).count() as u64;
+        self.meter.charge(container, operation, partition, ru, throttled);
+        span.record("azure.cosmosdb.operation.request_charge", ru);
+        span.record("throttled", throttled);
     }
 
     /// Read-modify-replace of the batch document with its ETag, retried when
@@ -371,7 +482,7 @@ impl CosmosStore {
             }
             let etag = doc.etag.take().ok_or_else(|| invalid(format!("batch {id} has no _etag")))?;
             let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(etag));
-            match self.batches.replace_item(id.to_owned(), BATCH_DOC_ID, &doc, Some(options)).await {
+            match self.metered(BATCHES, "replace", id, self.batches.replace_item(id.to_owned(), BATCH_DOC_ID, &doc, Some(options))).await {
                 Ok(_) => return Ok(out),
                 Err(e) if e.status().is_precondition_failed() => backoff(attempt).await,
                 Err(e) => return Err(map_err(format!("batch {id}"), e)),
@@ -420,7 +531,7 @@ impl CosmosStore {
                     for doc in chunk {
                         tb = tb.upsert_item(doc, None).map_err(invalid)?;
                     }
-                    let results = run_batch(&self.batches, tb, &what).await?;
+                    let results = run_batch(self, batch_id, tb, &what).await?;
                     match first_failure(&results) {
                         None => Ok(()),
                         Some((_, status)) => Err(op_error(&what, status)),
@@ -439,7 +550,7 @@ impl CosmosStore {
         let client = batch.client_id.as_str();
         let doc = KeyDoc::new(batch, key);
         let what = format!("idempotency key {client}/{key}");
-        match self.keys.create_item(client.to_owned(), key, &doc, None).await {
+        match self.metered(IDEMPOTENCY, "create", client, self.keys.create_item(client.to_owned(), key, &doc, None)).await {
             Ok(r) => return self.written_key(&doc, r.headers().etag().map(|e| e.to_string())).await.map(KeyClaim::Held),
             Err(e) if e.status().is_conflict() => {}
             Err(e) => return Err(map_err(what, e)),
@@ -481,7 +592,7 @@ impl CosmosStore {
     async fn replace_key(&self, doc: &KeyDoc, etag: String) -> Result<HeldKey> {
         let what = format!("idempotency key {}/{}", doc.client_id, doc.id);
         let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(etag));
-        match self.keys.replace_item(doc.client_id.clone(), &doc.id, doc, Some(options)).await {
+        match self.metered(IDEMPOTENCY, "replace", &doc.client_id, self.keys.replace_item(doc.client_id.clone(), &doc.id, doc, Some(options))).await {
             Ok(r) => self.written_key(doc, r.headers().etag().map(|e| e.to_string())).await,
             Err(e) if e.status().is_precondition_failed() || e.status().is_not_found() => {
                 Err(StoreError::Conflict(format!("{what} (taken over by another upload)")))
@@ -505,7 +616,7 @@ impl CosmosStore {
         let client = batch.client_id.as_str();
         let key = held.key.as_str();
         let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(held.etag.clone()));
-        match self.keys.delete_item(client.to_owned(), key, Some(options)).await {
+        match self.metered(IDEMPOTENCY, "delete", client, self.keys.delete_item(client.to_owned(), key, Some(options))).await {
             Ok(_) => {}
             Err(e) if e.status().is_precondition_failed() || e.status().is_not_found() => {}
             // Left behind, the key is taken over once KEY_TAKEOVER_AFTER has passed.
@@ -524,10 +635,42 @@ impl CosmosStore {
             self.confirm_key(batch, held).await?;
         }
         // The commit point: readers see the batch (and its tickets) from here on.
-        match self.batches.create_item(id.to_owned(), BATCH_DOC_ID, &BatchDoc::new(batch), None).await {
+        match self.metered(BATCHES, "create", id, self.batches.create_item(id.to_owned(), BATCH_DOC_ID, &BatchDoc::new(batch), None)).await {
             Ok(_) => Ok(Created::New),
             Err(e) => Err(map_err(format!("batch {id}"), e)),
         }
+    }
+}
+
+/// A Cosmos request as the client span the tracing exporters send on.
+fn request_span(container: &'static str, operation: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "cosmos request",
+        otel.name = %format!("{operation} {container}"),
+        otel.kind = "client",
+        "db.system.name" = "azure.cosmosdb",
+        "db.collection.name" = container,
+        "db.operation.name" = operation,
+        "azure.cosmosdb.operation.request_charge" = tracing::field::Empty,
+        throttled = tracing::field::Empty,
+        step = super::meter::current_step(),
+    )
+}
+
+/// An answer that says what it cost.
+trait Charged {
+    fn diagnostics(&self) -> Arc<DiagnosticsContext>;
+}
+
+impl Charged for ItemResponse {
+    fn diagnostics(&self) -> Arc<DiagnosticsContext> {
+        ItemResponse::diagnostics(self)
+    }
+}
+
+impl Charged for BatchResponse {
+    fn diagnostics(&self) -> Arc<DiagnosticsContext> {
+        BatchResponse::diagnostics(self)
     }
 }
 
@@ -553,6 +696,10 @@ async fn backoff(attempt: u32) {
 
 #[async_trait]
 impl Store for CosmosStore {
+    fn charges(&self) -> Option<super::meter::Charges> {
+        Some(self.meter.charges())
+    }
+
     async fn create_batch(&self, batch: &Batch, tickets: &[Ticket], events: &[Event]) -> Result<Created> {
         let id = batch.batch_id.as_str();
         if let Some(t) = tickets.iter().find(|t| t.batch_id != batch.batch_id) {
@@ -616,7 +763,7 @@ impl Store for CosmosStore {
             q = q.with_parameter("@client", client.as_str()).map_err(invalid)?;
         }
         text.push_str(" ORDER BY c.created_us DESC");
-        let docs: Vec<BatchDoc> = self.query(q.with_text(text), FeedScope::full_container(), "batches").await?;
+        let docs: Vec<BatchDoc> = self.query(q.with_text(text), None, "batches").await?;
         Ok(docs.into_iter().map(|d| d.batch).collect())
     }
 
@@ -682,7 +829,7 @@ impl Store for CosmosStore {
             for e in &event_docs {
                 tb = tb.create_item(e).map_err(invalid)?;
             }
-            let results = run_batch(&self.batches, tb, &what).await?;
+            let results = run_batch(self, &batch_id, tb, &what).await?;
             match first_failure(&results) {
                 None => {
                     let new_etag = match results.first().and_then(|(_, e)| e.clone()) {
@@ -718,7 +865,7 @@ impl Store for CosmosStore {
                 for d in chunk {
                     tb = tb.create_item(d).map_err(invalid)?;
                 }
-                let results = run_batch(&self.batches, tb, &what).await?;
+                let results = run_batch(self, batch_id.as_str(), tb, &what).await?;
                 if let Some((_, status)) = first_failure(&results) {
                     return Err(op_error(&what, status));
                 }
@@ -731,7 +878,7 @@ impl Store for CosmosStore {
         let q = Query::from("SELECT * FROM c WHERE c.type = 'event' AND c.ticket_id = @ticket ORDER BY c.seq")
             .with_parameter("@ticket", ticket_id.as_str())
             .map_err(invalid)?;
-        let docs: Vec<EventDoc> = self.query(q, FeedScope::partition(batch_id.as_str().to_owned()), "events").await?;
+        let docs: Vec<EventDoc> = self.query(q, Some(batch_id.as_str()), "events").await?;
         Ok(docs.into_iter().map(|d| d.event).collect())
     }
 
@@ -743,7 +890,7 @@ impl Store for CosmosStore {
             q = q.with_parameter("@status", s.as_str()).map_err(invalid)?;
         }
         text.push_str(" ORDER BY c.ticket_id");
-        let docs: Vec<TicketDoc> = self.query(q.with_text(text), FeedScope::partition(batch_id.as_str().to_owned()), "tickets").await?;
+        let docs: Vec<TicketDoc> = self.query(q.with_text(text), Some(batch_id.as_str()), "tickets").await?;
         Ok(TicketPage::from_fetched(docs.into_iter().map(|d| d.ticket).collect(), limit))
     }
 
@@ -758,7 +905,7 @@ impl Store for CosmosStore {
         // The few fields of every ticket, added up here: the SDK runs no GROUP BY or
         // aggregate that needs a client-side stage, and this is one partition's worth.
         let q = Query::from("SELECT c.status, c.notified, c.paid, c.reserved FROM c WHERE c.type = 'ticket'");
-        let rows: Vec<Row> = self.query(q, FeedScope::partition(batch_id.as_str().to_owned()), "summary").await?;
+        let rows: Vec<Row> = self.query(q, Some(batch_id.as_str()), "summary").await?;
         let mut summary = BatchSummary::default();
         for r in rows {
             *summary.counts.entry(r.status).or_default() += 1;
@@ -773,14 +920,14 @@ impl Store for CosmosStore {
 
     async fn has_open_tickets(&self, batch_id: &BatchId) -> Result<bool> {
         let q = Query::from("SELECT TOP 1 VALUE c.ticket_id FROM c WHERE c.type = 'ticket' AND c.notified = false");
-        let open: Vec<String> = self.query(q, FeedScope::partition(batch_id.as_str().to_owned()), "open tickets").await?;
+        let open: Vec<String> = self.query(q, Some(batch_id.as_str()), "open tickets").await?;
         Ok(!open.is_empty())
     }
 
     async fn overdue_tickets(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Versioned<Ticket>>> {
         let text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'ticket' AND c.notified = false AND c.due_us < @before");
         let q = Query::from(text).with_parameter("@before", before.timestamp_micros()).map_err(invalid)?;
-        let docs: Vec<TicketDoc> = self.query(q, FeedScope::full_container(), "overdue tickets").await?;
+        let docs: Vec<TicketDoc> = self.query(q, None, "overdue tickets").await?;
         docs.into_iter()
             .map(|d| {
                 let etag = d.etag.ok_or_else(|| invalid(format!("ticket {}/{} has no _etag", d.batch_id, d.ticket_id)))?;
@@ -793,13 +940,13 @@ impl Store for CosmosStore {
         let q = Query::from("SELECT VALUE COUNT(1) FROM c WHERE c.type = 'ticket' AND c.notified = false AND c.due_us < @before")
             .with_parameter("@before", before.timestamp_micros())
             .map_err(invalid)?;
-        let counts: Vec<u64> = self.query(q, FeedScope::partition(batch_id.as_str().to_owned()), "overdue tickets").await?;
+        let counts: Vec<u64> = self.query(q, Some(batch_id.as_str()), "overdue tickets").await?;
         Ok(counts.into_iter().sum())
     }
 
     async fn incomplete_batches(&self, limit: usize) -> Result<Vec<Batch>> {
         let text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'batch' AND (NOT IS_DEFINED(c.completed_at) OR IS_NULL(c.completed_at))");
-        let docs: Vec<BatchDoc> = self.query(Query::from(text), FeedScope::full_container(), "incomplete batches").await?;
+        let docs: Vec<BatchDoc> = self.query(Query::from(text), None, "incomplete batches").await?;
         Ok(docs.into_iter().map(|d| d.batch).collect())
     }
 
@@ -810,7 +957,7 @@ impl Store for CosmosStore {
             text.push_str(" AND c.ticket.client_id = @client");
             q = q.with_parameter("@client", client.as_str()).map_err(invalid)?;
         }
-        let docs: Vec<TicketDoc> = self.query(q.with_text(text), FeedScope::full_container(), "tickets by reference").await?;
+        let docs: Vec<TicketDoc> = self.query(q.with_text(text), None, "tickets by reference").await?;
         // Tickets of an upload that never committed (no batch document) are not there.
         let mut committed: HashMap<String, bool> = HashMap::new();
         let mut out = Vec::new();
@@ -839,13 +986,14 @@ impl Store for CosmosStore {
             run: run.clone(),
         };
         let what = format!("reconciliation of batch {}", run.batch_id);
-        self.batches.create_item(doc.batch_id.clone(), &doc.id, &doc, None).await.map_err(|e| map_err(&what, e))?;
+        let created = self.batches.create_item(doc.batch_id.clone(), &doc.id, &doc, None);
+        self.metered(BATCHES, "create", &doc.batch_id, created).await.map_err(|e| map_err(&what, e))?;
         Ok(())
     }
 
     async fn reconciliations(&self, batch_id: &BatchId, limit: usize) -> Result<Vec<ReconciliationRun>> {
         let text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'reconciliation' ORDER BY c.at_us DESC");
-        let docs: Vec<ReconciliationDoc> = self.query(Query::from(text), FeedScope::partition(batch_id.as_str().to_owned()), "reconciliations").await?;
+        let docs: Vec<ReconciliationDoc> = self.query(Query::from(text), Some(batch_id.as_str()), "reconciliations").await?;
         Ok(docs.into_iter().map(|d| d.run).collect())
     }
 
@@ -863,10 +1011,10 @@ impl Store for CosmosStore {
         let doc = ClaimDoc::new(claim);
         let what = format!("payment claim {}", doc.batch_id);
         let written = match over {
-            None => self.batches.create_item(doc.batch_id.clone(), CLAIM_DOC_ID, &doc, None).await,
+            None => self.metered(BATCHES, "create", &doc.batch_id, self.batches.create_item(doc.batch_id.clone(), CLAIM_DOC_ID, &doc, None)).await,
             Some(etag) => {
                 let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(etag.to_owned()));
-                self.batches.replace_item(doc.batch_id.clone(), CLAIM_DOC_ID, &doc, Some(options)).await
+                self.metered(BATCHES, "replace", &doc.batch_id, self.batches.replace_item(doc.batch_id.clone(), CLAIM_DOC_ID, &doc, Some(options))).await
             }
         };
         let response = match written {
@@ -890,7 +1038,7 @@ impl Store for CosmosStore {
     async fn release_payment_claim(&self, claim: &Versioned<PaymentClaim>) -> Result<bool> {
         let pk = claim_partition(&claim.value.authority, &claim.value.ticket_id);
         let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(claim.etag.clone()));
-        match self.batches.delete_item(pk.clone(), CLAIM_DOC_ID, Some(options)).await {
+        match self.metered(BATCHES, "delete", &pk, self.batches.delete_item(pk.clone(), CLAIM_DOC_ID, Some(options))).await {
             Ok(_) => Ok(true),
             Err(e) if e.status().is_precondition_failed() || e.status().is_not_found() => Ok(false),
             Err(e) => Err(map_err(format!("payment claim {pk}"), e)),

@@ -8,6 +8,7 @@
 //! same contract in Azure Cosmos DB (see `docs/data-model.md`).
 
 pub mod cosmos;
+pub mod meter;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -156,6 +157,10 @@ pub struct StageProgress {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// What this store's requests have cost so far, for a store that charges for them.
+    fn charges(&self) -> Option<meter::Charges> {
+        None
+    }
     /// Creates the batch, its tickets and their `accepted` events at once, or
     /// nothing. If the batch's client already used its idempotency key, nothing
     /// is written and that batch is returned.

@@ -1,0 +1,84 @@
+//! The whole pipeline on the Cosmos store code: `ticketpay bench --store
+//! cosmos-emulator` pays a batch through every stage with the SDK's in-memory
+//! emulator as the store, and reports what each stage's requests cost, in the
+//! emulator's own request units. A build with `--features cosmos-emulator`
+//! (as `scripts/test` builds).
+#![cfg(feature = "cosmos-emulator")]
+
+mod common;
+
+use std::process::Command;
+
+use chrono::Utc;
+use common::{APP_ROOT, BIN, END_STATES};
+use serde_json::Value;
+use ticketpay::domain::{AuthorityCode, BatchId, TicketId};
+use ticketpay::store::cosmos::CosmosStore;
+use ticketpay::store::{PaymentClaim, Store};
+
+fn bench(args: &[&str]) -> Value {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["bench", "--store", "cosmos-emulator", "--data", data.path().to_str().unwrap()])
+        .args(args)
+        .current_dir(APP_ROOT)
+        .output()
+        .expect("ticketpay bench runs");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "bench failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("store cosmos-emulator:"), "the table says what the store cost: {stdout}");
+    let last = stdout.lines().last().expect("some output");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("the last line is JSON ({e}): {last}"))
+}
+
+fn assert_every_ticket_ended_once(report: &Value, tickets: u64) {
+    assert_eq!(report["store"], "cosmos-emulator");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["duplicate_charges"], 0, "{report}");
+    assert_eq!(report["budget_held"], true, "{report}");
+    let ended: u64 = END_STATES.iter().map(|s| report["end_states"][s].as_u64().unwrap()).sum();
+    assert_eq!(ended, tickets, "every ticket at an end state: {report}");
+    assert!(report["end_states"]["paid"].as_u64().unwrap() > tickets / 2, "most are paid: {report}");
+}
+
+#[test]
+fn a_batch_runs_through_every_stage_on_the_cosmos_store_and_the_bench_says_what_each_stage_cost() {
+    let report = bench(&["--tickets", "120", "--scenario", "zero-latency", "--baseline-tickets", "5"]);
+    assert_every_ticket_ended_once(&report, 120);
+    let by_stage = report["ru_per_ticket_by_stage"].as_object().expect("RU by stage");
+    for stage in ["api", "lookup", "validate", "reserve", "pay", "notify"] {
+        assert!(by_stage.get(stage).and_then(Value::as_f64).is_some_and(|ru| ru > 0.0), "{stage} was charged: {report}");
+    }
+    let total = report["ru_per_ticket"].as_f64().unwrap();
+    let summed: f64 = by_stage.values().filter_map(Value::as_f64).sum();
+    assert!((total - summed).abs() <= 0.1 * by_stage.len() as f64, "the stages add up to the total: {report}");
+    assert!(report["hottest_partition_peak_ru_per_s"].as_f64().is_some_and(|p| p > 0.0), "{report}");
+    assert_eq!(report["store_throttled"], 0, "nothing capped, nothing throttled: {report}");
+}
+
+/// The emulator enforces a container's throughput on single-document writes (its
+/// transactional batches, reads and queries go unmetered against the cap): two
+/// hundred payment claims at once against 400 RU/s are answered 429, waited out,
+/// and every one of them lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_past_the_emulators_throughput_are_refused_429_waited_out_and_all_land() {
+    let store = CosmosStore::emulated(Some(400)).await.unwrap();
+    let batch = BatchId::generate();
+    let claims: Vec<PaymentClaim> = (0..200)
+        .map(|i| PaymentClaim {
+            authority: AuthorityCode::parse("CITY-PARKING").unwrap(),
+            ticket_id: TicketId::parse(&format!("T{i:04}")).unwrap(),
+            batch_id: batch.clone(),
+            claimed_at: Utc::now(),
+        })
+        .collect();
+    let taken = futures::future::join_all(claims.iter().map(|c| store.take_payment_claim(c, None))).await;
+    assert!(taken.iter().all(Result::is_ok), "{:?}", taken.iter().find(|t| t.is_err()));
+    for c in &claims {
+        let held = store.payment_claim(&c.authority, &c.ticket_id).await.unwrap();
+        assert_eq!(held.map(|h| h.value.batch_id), Some(batch.clone()), "{}", c.ticket_id);
+    }
+    let charges = store.charges().unwrap();
+    assert!(charges.throttled > 0, "the cap was reached: {charges:?}");
+    assert!(charges.by_operation["batches create"] >= 200.0 * 5.8, "every create charged: {charges:?}");
+}

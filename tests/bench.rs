@@ -3,25 +3,8 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{APP_ROOT, BIN, END_STATES};
+use common::{END_STATES, bench};
 use serde_json::Value;
-
-fn bench(args: &[&str]) -> (String, Value) {
-    let data = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["bench", "--data", data.path().to_str().unwrap()])
-        .args(args)
-        .current_dir(APP_ROOT)
-        .output()
-        .expect("ticketpay bench runs");
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "bench failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let last = stdout.lines().last().expect("some output");
-    let report: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("the last line is JSON ({e}): {last}"));
-    (stdout, report)
-}
 
 fn assert_nothing_lost_or_doubled(report: &Value, tickets: u64) {
     assert_eq!(report["tickets"], tickets);

@@ -7,28 +7,19 @@
 
 mod common;
 
-use std::process::Command;
-
 use chrono::Utc;
-use common::{APP_ROOT, BIN, END_STATES};
+use common::END_STATES;
 use serde_json::Value;
 use ticketpay::domain::{AuthorityCode, BatchId, TicketId};
 use ticketpay::store::cosmos::CosmosStore;
 use ticketpay::store::{PaymentClaim, Store};
 
+/// `ticketpay bench --store cosmos-emulator ARGS`: its JSON line, once the table said what the store cost.
 fn bench(args: &[&str]) -> Value {
-    let data = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["bench", "--store", "cosmos-emulator", "--data", data.path().to_str().unwrap()])
-        .args(args)
-        .current_dir(APP_ROOT)
-        .output()
-        .expect("ticketpay bench runs");
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "bench failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("store cosmos-emulator:"), "the table says what the store cost: {stdout}");
-    let last = stdout.lines().last().expect("some output");
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("the last line is JSON ({e}): {last}"))
+    let args: Vec<&str> = ["--store", "cosmos-emulator"].into_iter().chain(args.iter().copied()).collect();
+    let (table, report) = common::bench(&args);
+    assert!(table.contains("store cosmos-emulator:"), "the table says what the store cost: {table}");
+    report
 }
 
 fn assert_every_ticket_ended_once(report: &Value, tickets: u64) {

@@ -226,6 +226,22 @@ impl Stack {
 }
 
 /// The JSON of a successful answer.
+/// Runs `ticketpay bench ARGS` in a data folder of its own: its table, and the JSON line it ends with.
+pub fn bench(args: &[&str]) -> (String, Value) {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["bench", "--data", data.path().to_str().unwrap()])
+        .args(args)
+        .current_dir(APP_ROOT)
+        .output()
+        .expect("ticketpay bench runs");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "bench failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let last = stdout.lines().last().expect("some output");
+    let report: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("the last line is JSON ({e}): {last}"));
+    (stdout, report)
+}
+
 pub fn ok_json(r: reqwest::blocking::Response) -> Value {
     let status = r.status();
     let body: Value = r.json().unwrap_or(Value::Null);

@@ -167,8 +167,10 @@ pub enum StoreConfig {
 
 /// `TICKETPAY_STORE`: which store the handler keeps its state in, when no Cosmos account is set.
 pub const STORE: &str = "TICKETPAY_STORE";
-/// `TICKETPAY_COSMOS_EMULATOR_RU_PER_S`: the emulated containers' throughput (at least 400 RU/s).
+/// `TICKETPAY_COSMOS_EMULATOR_RU_PER_S`: the emulated containers' throughput (at least [`MIN_EMULATOR_THROUGHPUT`]).
 pub const EMULATOR_THROUGHPUT: &str = "TICKETPAY_COSMOS_EMULATOR_RU_PER_S";
+/// The least throughput a container is provisioned with, in RU/s (the emulator's rule, as Azure's).
+pub const MIN_EMULATOR_THROUGHPUT: u64 = 400;
 /// The file in the data folder where an emulated store's charges are written.
 pub const CHARGES_FILE: &str = "store-charges.json";
 
@@ -189,8 +191,10 @@ fn load_store(s: &Settings<'_>) -> Result<StoreConfig, SettingError> {
             let ru_per_second = match s.optional(EMULATOR_THROUGHPUT) {
                 None => None,
                 Some(v) => match v.trim().parse::<u64>() {
-                    Ok(n) if n >= 400 => Some(n),
-                    _ => return Err(setting_error(EMULATOR_THROUGHPUT, format!("`{v}` is not a throughput of at least 400 RU/s"))),
+                    Ok(n) if n >= MIN_EMULATOR_THROUGHPUT => Some(n),
+                    _ => {
+                        return Err(setting_error(EMULATOR_THROUGHPUT, format!("`{v}` is not a throughput of at least {MIN_EMULATOR_THROUGHPUT} RU/s")));
+                    }
                 },
             };
             Ok(StoreConfig::CosmosEmulator { ru_per_second, charges: dir.join(CHARGES_FILE) })

@@ -409,7 +409,9 @@ async fn emulated_store(ru_per_second: Option<u64>, charges: &std::path::Path) -
             tokio::time::sleep(Duration::from_secs(1)).await;
             let now = watched.charges();
             if written != now {
-                write_charges(&*watched, &charges);
+                if let Some(now) = &now {
+                    write_charges(now, &charges);
+                }
                 written = now;
             }
         }
@@ -423,10 +425,9 @@ async fn emulated_store(_: Option<u64>, _: &std::path::Path) -> anyhow::Result<A
 }
 
 /// Writes what the store's requests cost so far to `file`, whole or not at all.
-fn write_charges(store: &dyn Store, file: &std::path::Path) {
-    let Some(charges) = store.charges() else { return };
+fn write_charges(charges: &crate::store::meter::Charges, file: &std::path::Path) {
     let new = file.with_extension("json.new");
-    let saved = std::fs::write(&new, serde_json::to_vec(&charges).unwrap_or_default()).and_then(|()| std::fs::rename(&new, file));
+    let saved = std::fs::write(&new, serde_json::to_vec(charges).unwrap_or_default()).and_then(|()| std::fs::rename(&new, file));
     if let Err(e) = saved {
         tracing::warn!(error = %e, file = %file.display(), "could not write the store's charges");
     }
@@ -446,8 +447,8 @@ pub async fn run() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     tracing::info!(port, "ticketpay handler listening");
     axum::serve(listener, router(app.clone())).with_graceful_shutdown(crate::shutdown::signal()).await?;
-    if let Some(file) = charges {
-        write_charges(&*app.pipeline.store, &file);
+    if let (Some(file), Some(now)) = (charges, app.pipeline.store.charges()) {
+        write_charges(&now, &file);
     }
     if let Some(capacity) = app.pipeline.providers.capacity() {
         capacity.release_all().await;

@@ -83,7 +83,9 @@ impl StoreChoice {
             ("cosmos-emulator", _) if !cfg!(feature = "cosmos-emulator") => {
                 Err(anyhow!("--store cosmos-emulator needs a build with --features cosmos-emulator"))
             }
-            ("cosmos-emulator", Some(ru)) if ru < 400 => Err(anyhow!("--cosmos-ru-per-s must be at least 400 (got {ru})")),
+            ("cosmos-emulator", Some(ru)) if ru < crate::config::MIN_EMULATOR_THROUGHPUT => {
+                Err(anyhow!("--cosmos-ru-per-s must be at least {} (got {ru})", crate::config::MIN_EMULATOR_THROUGHPUT))
+            }
             ("cosmos-emulator", ru_per_second) => Ok(StoreChoice::CosmosEmulator { ru_per_second }),
             (other, _) => Err(anyhow!("--store must be embedded or cosmos-emulator (got {other})")),
         }

@@ -71,5 +71,5 @@ async fn writes_past_the_emulators_throughput_are_refused_429_waited_out_and_all
     }
     let charges = store.charges().unwrap();
     assert!(charges.throttled > 0, "the cap was reached: {charges:?}");
-    assert!(charges.by_operation["batches create"] >= 200.0 * 5.8, "every create charged: {charges:?}");
+    assert!(charges.by_operation["records create"] >= 200.0 * 5.8, "every create charged: {charges:?}");
 }

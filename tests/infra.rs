@@ -307,13 +307,16 @@ fn function_app_sets_every_setting_the_binary_reads() {
 #[test]
 fn cosmos_containers_match_the_store() {
     let cosmos = Bicep::load("infra/modules/cosmos.bicep");
-    assert_eq!(
-        cosmos.var("containers"),
-        json!([
-            { "name": "batches", "partitionKey": "/batch_id" },
-            { "name": "idempotency", "partitionKey": "/client_id" },
-        ])
-    );
+    let indexed = |paths: &[&str]| paths.iter().map(|p| json!({ "path": p })).collect::<Vec<_>>();
+    let declared = cosmos.var("containers");
+    let declared = declared.as_array().expect("`containers` is a list");
+    assert_eq!(declared.len(), ticketpay::store::cosmos::CONTAINERS.len(), "one entry per container the store uses");
+    for (entry, (name, path)) in declared.iter().zip(ticketpay::store::cosmos::CONTAINERS) {
+        assert_eq!((&entry["name"], &entry["partitionKey"]), (&json!(name), &json!(path)), "container {name}");
+    }
+    assert_eq!(declared[0]["includedPaths"], json!(indexed(&ticketpay::store::cosmos::INDEXED_PATHS)), "records: exactly what queries use is indexed");
+    assert_eq!(declared[1]["includedPaths"], json!([]), "idempotency keys are read by id only");
+    assert!(cosmos.src.contains("excludedPaths: [\n            {\n              path: '/*'"), "everything else is left out of the index");
     assert!(cosmos.src.contains("param databaseName string = 'ticketpay'"));
 }
 

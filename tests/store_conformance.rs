@@ -138,6 +138,40 @@ async fn concurrent_reservations_never_overspend(store: Arc<dyn Store>) {
     assert_eq!(summary.counts[&Status::Lookup], 46, "a refused reservation changed nothing");
 }
 
+/// A reservation made from a ticket version that has moved on is refused. Tried
+/// again from the current version it holds the money once; and a ticket that
+/// ends holding nothing leaves the budget whole.
+async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(store: Arc<dyn Store>) {
+    let (b, ts) = seeded(store.as_ref(), 1_000, 2).await;
+    let reserve = |t: &ticketpay::store::Versioned<Ticket>, etag: &str| {
+        let mut next = moved(&t.value, Status::Pay);
+        next.reserved = 300;
+        TicketUpdate { ticket: next, etag: etag.to_owned(), budget: Some(BudgetChange::Reserve(300)), events: vec![] }
+    };
+    let touch = |t: &ticketpay::store::Versioned<Ticket>| {
+        let mut next = t.value.clone();
+        next.attempt += 1;
+        TicketUpdate { ticket: next, etag: t.etag.clone(), budget: None, events: vec![] }
+    };
+
+    let first = store.ticket(&b.batch_id, &ts[0].ticket_id).await.unwrap().unwrap();
+    let now = store.update_ticket(touch(&first)).await.unwrap();
+    assert!(matches!(store.update_ticket(reserve(&first, &first.etag)).await, Err(StoreError::Conflict(_))), "from a stale version");
+    store.update_ticket(reserve(&now, &now.etag)).await.expect("from the current version");
+    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed, 300, "held once");
+
+    let second = store.ticket(&b.batch_id, &ts[1].ticket_id).await.unwrap().unwrap();
+    let now = store.update_ticket(touch(&second)).await.unwrap();
+    assert!(matches!(store.update_ticket(reserve(&second, &second.etag)).await, Err(StoreError::Conflict(_))));
+    let mut ended = moved(&now.value, Status::OverBudget);
+    ended.notified = true;
+    store.update_ticket(TicketUpdate { ticket: ended, etag: now.etag.clone(), budget: None, events: vec![] }).await.unwrap();
+    let batch = store.batch(&b.batch_id).await.unwrap().unwrap();
+    let summary = store.summary(&b.batch_id).await.unwrap();
+    assert_eq!(batch.committed, 300, "the ticket that ended holds nothing of the budget");
+    assert_eq!(batch.remaining(), batch.budget - summary.reserved - summary.paid);
+}
+
 async fn a_failed_payment_releases_its_reservation(store: Arc<dyn Store>) {
     let (b, ts) = seeded(store.as_ref(), 1_000, 2).await;
     let mut versions = Vec::new();
@@ -415,6 +449,8 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_reservations_never_overspend() { let (s, _keep) = store().await; super::concurrent_reservations_never_overspend(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends() { let (s, _keep) = store().await; super::a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_failed_payment_releases_its_reservation() { let (s, _keep) = store().await; super::a_failed_payment_releases_its_reservation(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn events_are_appended_and_read_in_order() { let (s, _keep) = store().await; super::events_are_appended_and_read_in_order(s).await }
@@ -448,7 +484,7 @@ async fn cosmos_account(
     use azure_core::credentials::Secret;
     use azure_data_cosmos::{AccountReference, CosmosClient, CosmosRuntimeBuilder, RoutingStrategy};
     use azure_data_cosmos_driver::in_memory_emulator::{InMemoryEmulatorHttpClient, VirtualAccountConfig, VirtualRegion};
-    use ticketpay::store::cosmos::{BATCHES, IDEMPOTENCY};
+    use ticketpay::store::cosmos::CONTAINERS;
 
     let url = "https://eastus.emulator.local";
     let mut emulator =
@@ -459,8 +495,9 @@ async fn cosmos_account(
     let emulator = Arc::new(emulator);
     let pk = |path: &str| serde_json::from_value(serde_json::json!({"paths": [path], "kind": "Hash", "version": 2})).unwrap();
     emulator.store().create_database("ticketpay");
-    emulator.store().create_container("ticketpay", BATCHES, pk("/batch_id"));
-    emulator.store().create_container("ticketpay", IDEMPOTENCY, pk("/client_id"));
+    for (name, path) in CONTAINERS {
+        emulator.store().create_container("ticketpay", name, pk(path));
+    }
     let client = CosmosClient::builder()
         .with_runtime(CosmosRuntimeBuilder::from(emulator.runtime_builder()).build().await.unwrap())
         .build(

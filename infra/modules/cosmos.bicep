@@ -1,15 +1,16 @@
 // Cosmos DB (NoSQL API): account, database `ticketpay` and the store's containers.
 //
-// Data model (the Store seam, Cosmos side):
-// - container `batches`, partition key `/batch_id`: one logical partition per
-//   batch holds the batch document (budget, counters), its ticket documents and
-//   their event documents (the append-only audit trail). Everything one stage
-//   changes for a ticket lives in one partition, so it is written as one
-//   transactional batch with ETag conditions. A batch of 5,000 tickets with ~25
-//   events of 1-2 KB each is well under the 20 GB logical-partition limit.
+// Data model (the Store seam, Cosmos side; docs/data-model.md):
+// - container `records`, partition key `/pk`: a batch's home partition (the
+//   batch document with its budget, one commitment per ticket holding budget,
+//   reconciliation runs), its tickets spread over 64 ticket partitions with
+//   their audit entries (a ticket change and its events are one transactional
+//   batch), and one partition per payment claim. No batch is bound to what one
+//   logical partition serves. Only the properties queries filter or sort on are
+//   indexed (`src/store/cosmos/documents.rs` INDEXED_PATHS).
 // - container `idempotency`, partition key `/client_id`: upload idempotency keys
 //   (client_id + Idempotency-Key -> batch_id), so a re-sent upload returns the
-//   same batch.
+//   same batch. Read by id only: nothing indexed.
 //
 // Serverless by default (pay per request unit, no idle cost). Set
 // `throughputMode` to 'autoscale' for provisioned autoscale throughput per
@@ -40,12 +41,48 @@ var dataContributorRoleId = '00000000-0000-0000-0000-000000000002'
 
 var containers = [
   {
-    name: 'batches'
-    partitionKey: '/batch_id'
+    name: 'records'
+    partitionKey: '/pk'
+    includedPaths: [
+      {
+        path: '/type/?'
+      }
+      {
+        path: '/client_id/?'
+      }
+      {
+        path: '/created_us/?'
+      }
+      {
+        path: '/open/?'
+      }
+      {
+        path: '/ticket_id/?'
+      }
+      {
+        path: '/status/?'
+      }
+      {
+        path: '/notified/?'
+      }
+      {
+        path: '/due_us/?'
+      }
+      {
+        path: '/reference/?'
+      }
+      {
+        path: '/seq/?'
+      }
+      {
+        path: '/at_us/?'
+      }
+    ]
   }
   {
     name: 'idempotency'
     partitionKey: '/client_id'
+    includedPaths: []
   }
 ]
 
@@ -104,6 +141,16 @@ resource container 'Microsoft.DocumentDB/databaseAccounts/sqlDatabases/container
           ]
           kind: 'Hash'
           version: 2
+        }
+        indexingPolicy: {
+          indexingMode: 'consistent'
+          automatic: true
+          includedPaths: c.includedPaths
+          excludedPaths: [
+            {
+              path: '/*'
+            }
+          ]
         }
       }
       options: serverless ? {} : {

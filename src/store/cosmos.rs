@@ -1,18 +1,21 @@
 //! The Azure Cosmos DB store.
 //!
-//! Container `batches` (partition key `/batch_id`): one logical partition per
-//! batch holding the batch document (`id` = `batch`), one document per ticket
-//! (`id` = `ticket:{ticket_id}`) and the audit events
-//! (`id` = `event:{ticket_id}:{seq}`). A payment claim is alone in a logical
-//! partition of `batches` of its own, `claim:{authority}:{ticket_id}`
-//! (`id` = `claim`), naming the batch that may pay that ticket. Container
-//! `idempotency` (partition key `/client_id`): one document per idempotency
-//! key, naming its batch. Each recorded reconciliation run of a batch is a
-//! document of its partition too (`id` = `reconciliation:{run_id}`).
+//! Container `records` (partition key `/pk`) holds a batch in many logical
+//! partitions: its home (the batch document, the budget's commitments, the
+//! reconciliation runs), its tickets spread over [`TICKET_PARTITIONS`] ticket
+//! partitions with their audit entries, and the payment claims, each alone in
+//! a partition named by its ticket (see [`documents`]). Container
+//! `idempotency` (partition key `/client_id`) holds the upload keys.
 //!
-//! ETags are the versions. A ticket change, its budget movement and its events
-//! go in one transactional batch in the batch's partition. See
+//! ETags are the versions. A ticket change and its events are one
+//! transactional batch in the ticket's partition; its budget movement is one
+//! in the batch's home, made first and idempotent per ticket (a commitment
+//! document per ticket), so a change tried again never holds money twice. See
 //! `docs/data-model.md` for the reasoning, the upload protocol and the costs.
+
+mod documents;
+mod keys;
+mod transaction;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,225 +27,48 @@ use azure_core::credentials::TokenCredential;
 use azure_data_cosmos::clients::ContainerClient;
 use azure_data_cosmos::diagnostics::DiagnosticsContext;
 use azure_data_cosmos::models::{BatchResponse, ItemResponse};
-use azure_data_cosmos::options::{BatchReplaceOptions, ItemWriteOptions, Precondition};
-use azure_data_cosmos::{AccountReference, CosmosClient, CosmosError, FeedScope, Query, RoutingStrategy, TransactionalBatch};
+use azure_data_cosmos::options::{ItemWriteOptions, Precondition};
+use azure_data_cosmos::{AccountReference, CosmosClient, CosmosError, FeedScope, Query, RoutingStrategy};
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
-use tracing::Instrument;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
+use self::documents::{
+    claim_partition, commitment_doc_id, ticket_doc_id, ticket_partition, ticket_partitions, BatchDoc, ClaimDoc, CommitmentDoc, EventsDoc,
+    ReconciliationDoc, TicketDoc, BATCH_DOC_ID, CLAIM_DOC_ID,
+};
+pub use self::documents::{INDEXED_PATHS, TICKET_PARTITIONS};
+use self::keys::KeyClaim;
+use self::transaction::{first_failure, op_error, Pricer, Transaction, MAX_OPS};
 use super::meter::Meter;
 use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
 use crate::domain::reconciliation::ReconciliationRun;
 use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Event, Status, Ticket, TicketId};
 
-/// Container holding batches, tickets and events, partitioned by `/batch_id`.
-pub const BATCHES: &str = "batches";
+/// Container holding batches, tickets, events, budget commitments and payment claims, partitioned by `/pk`.
+pub const RECORDS: &str = "records";
 /// Container holding idempotency keys, partitioned by `/client_id`.
 pub const IDEMPOTENCY: &str = "idempotency";
+/// Every container the store needs, with its partition key path.
+pub const CONTAINERS: [(&str, &str); 2] = [(RECORDS, "/pk"), (IDEMPOTENCY, "/client_id")];
 
-const BATCH_DOC_ID: &str = "batch";
-const CLAIM_DOC_ID: &str = "claim";
-/// A transactional batch holds at most 100 operations and 2 MB.
-const MAX_BATCH_OPS: usize = 100;
 const MAX_BATCH_BYTES: usize = 1_500_000;
 /// Attempts at a change of the batch document lost to a concurrent writer.
 const BATCH_DOC_ATTEMPTS: u32 = 100;
 /// Upload chunks written at once.
 const UPLOAD_PARALLELISM: usize = 4;
-/// An idempotency key whose batch never appeared may be taken over after this long
-/// (the upload that claimed it died between claiming it and committing).
-const KEY_TAKEOVER_AFTER: chrono::Duration = chrono::Duration::minutes(10);
+/// Ticket partitions asked at once by a query over a whole batch.
+const FAN_OUT: usize = 8;
 
 #[derive(Clone)]
 pub struct CosmosStore {
-    batches: ContainerClient,
+    records: ContainerClient,
     keys: ContainerClient,
     meter: Arc<Meter>,
-}
-
-// ---------------------------------------------------------------- documents
-
-#[derive(Debug, Serialize, Deserialize)]
-struct BatchDoc {
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    /// `created_at` in microseconds: sortable (RFC 3339 text with a variable
-    /// number of fractional digits does not sort as text).
-    created_us: i64,
-    #[serde(flatten)]
-    batch: Batch,
-    #[serde(rename = "_etag", default, skip_serializing)]
-    etag: Option<String>,
-}
-
-impl BatchDoc {
-    fn new(batch: &Batch) -> BatchDoc {
-        BatchDoc {
-            id: BATCH_DOC_ID.into(),
-            kind: "batch".into(),
-            created_us: batch.created_at.timestamp_micros(),
-            batch: batch.clone(),
-            etag: None,
-        }
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct TicketDoc {
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    batch_id: String,
-    ticket_id: String,
-    status: Status,
-    notified: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    reference: Option<String>,
-    paid: i64,
-    reserved: i64,
-    /// [`Ticket::due_at`] in microseconds, for the sweep's query.
-    #[serde(default)]
-    due_us: i64,
-    ticket: Ticket,
-    #[serde(rename = "_etag", default, skip_serializing)]
-    etag: Option<String>,
-}
-
-fn ticket_doc_id(ticket_id: &TicketId) -> String {
-    format!("ticket:{ticket_id}")
-}
-
-impl TicketDoc {
-    fn new(t: &Ticket) -> TicketDoc {
-        TicketDoc {
-            id: ticket_doc_id(&t.ticket_id),
-            kind: "ticket".into(),
-            batch_id: t.batch_id.to_string(),
-            ticket_id: t.ticket_id.to_string(),
-            status: t.status,
-            notified: t.notified,
-            reference: t.reference.as_ref().map(|r| r.as_str().to_owned()),
-            paid: t.paid,
-            reserved: t.reserved,
-            due_us: t.due_at().timestamp_micros(),
-            ticket: t.clone(),
-            etag: None,
-        }
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct EventDoc {
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    batch_id: String,
-    ticket_id: String,
-    /// Append order: microseconds since the epoch, strictly increasing within a process.
-    seq: i64,
-    event: Event,
-}
-
-impl EventDoc {
-    fn new(e: &Event, id: String, seq: i64) -> EventDoc {
-        EventDoc {
-            id,
-            kind: "event".into(),
-            batch_id: e.batch_id.to_string(),
-            ticket_id: e.ticket_id.to_string(),
-            seq,
-            event: e.clone(),
-        }
-    }
-
-    /// An event appended after the upload: a fresh, time-ordered id.
-    fn appended(e: &Event) -> EventDoc {
-        let seq = next_seq();
-        let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
-        EventDoc::new(e, format!("event:{}:{seq:016}-{nonce}", e.ticket_id), seq)
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct ReconciliationDoc {
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    batch_id: String,
-    /// `at` in microseconds, for ordering.
-    at_us: i64,
-    run: ReconciliationRun,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct KeyDoc {
-    id: String,
-    client_id: String,
-    batch_id: String,
-    claimed_at: DateTime<Utc>,
-    #[serde(rename = "_etag", default, skip_serializing)]
-    etag: Option<String>,
-}
-
-impl KeyDoc {
-    fn new(batch: &Batch, key: &str) -> KeyDoc {
-        KeyDoc {
-            id: key.to_owned(),
-            client_id: batch.client_id.to_string(),
-            batch_id: batch.batch_id.to_string(),
-            claimed_at: Utc::now(),
-            etag: None,
-        }
-    }
-}
-
-/// A payment claim. Its partition key value (the container's `/batch_id`) names
-/// the ticket, so every batch taking that ticket meets on this one document;
-/// `owner` is the batch holding it.
-#[derive(Debug, Serialize, Deserialize)]
-struct ClaimDoc {
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    batch_id: String,
-    authority: AuthorityCode,
-    ticket_id: TicketId,
-    owner: BatchId,
-    claimed_at: DateTime<Utc>,
-    #[serde(rename = "_etag", default, skip_serializing)]
-    etag: Option<String>,
-}
-
-fn claim_partition(authority: &AuthorityCode, ticket_id: &TicketId) -> String {
-    // Neither part may hold a ':' (see `domain::ids`), and no batch id starts with `claim:`.
-    format!("claim:{authority}:{ticket_id}")
-}
-
-impl ClaimDoc {
-    fn new(c: &PaymentClaim) -> ClaimDoc {
-        ClaimDoc {
-            id: CLAIM_DOC_ID.into(),
-            kind: "claim".into(),
-            batch_id: claim_partition(&c.authority, &c.ticket_id),
-            authority: c.authority.clone(),
-            ticket_id: c.ticket_id.clone(),
-            owner: c.batch_id.clone(),
-            claimed_at: c.claimed_at,
-            etag: None,
-        }
-    }
-
-    fn claim(&self) -> PaymentClaim {
-        PaymentClaim {
-            authority: self.authority.clone(),
-            ticket_id: self.ticket_id.clone(),
-            batch_id: self.owner.clone(),
-            claimed_at: self.claimed_at,
-        }
-    }
+    /// Prices the writes of transactional batches, for an account whose answers do not (the emulator).
+    pricer: Option<Pricer>,
 }
 
 static LAST_SEQ: AtomicI64 = AtomicI64::new(0);
@@ -258,6 +84,25 @@ fn next_seq() -> i64 {
             Err(seen) => last = seen,
         }
     }
+}
+
+/// The audit entry of one write of one ticket: a fresh, time-ordered id.
+fn appended(events: &[Event]) -> Result<EventsDoc> {
+    let seq = next_seq();
+    let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    EventsDoc::new(events, format!("events:{}:{seq:016}-{nonce}", events[0].ticket_id), seq).map_err(invalid)
+}
+
+/// `events` split by ticket, in the order given.
+fn by_ticket(events: &[Event]) -> Vec<Vec<Event>> {
+    let mut groups: Vec<Vec<Event>> = Vec::new();
+    for e in events {
+        match groups.iter_mut().find(|g| g[0].batch_id == e.batch_id && g[0].ticket_id == e.ticket_id) {
+            Some(g) => g.push(e.clone()),
+            None => groups.push(vec![e.clone()]),
+        }
+    }
+    groups
 }
 
 // ---------------------------------------------------------------- errors
@@ -280,86 +125,15 @@ fn invalid(e: impl std::fmt::Display) -> StoreError {
     StoreError::Invalid(e.to_string())
 }
 
-/// Maps a failed operation of a transactional batch (other than the ones the caller decides on).
-fn op_error(what: &str, status: u16) -> StoreError {
-    match status {
-        409 | 412 => StoreError::Conflict(what.to_owned()),
-        404 => StoreError::NotFound(what.to_owned()),
-        400 | 413 => StoreError::Invalid(format!("{what}: status {status}")),
-        _ => StoreError::Unavailable(format!("{what}: status {status}")),
-    }
-}
-
-/// The per-operation statuses of an executed transactional batch, whether the
-/// service answered 200 (all applied) or 207 (one failed, nothing applied).
-async fn run_batch(store: &CosmosStore, partition: &str, batch: TransactionalBatch, what: &str) -> Result<Vec<(u16, Option<String>)>> {
-    let mut waited = Duration::ZERO;
-    loop {
-        let results = run_batch_once(store, partition, batch.clone(), what).await?;
-        // A batch refused for the partition's throughput applied nothing: sent again once the
-        // service says, as the SDK does with a refused single request.
-        let throttled = results.iter().find(|(status, ..)| *status == 429).map(|(.., after)| after.unwrap_or(THROTTLED_PAUSE));
-        match throttled {
-            Some(after) if waited < THROTTLED_PATIENCE => {
-                store.meter.throttled(1);
-                tokio::time::sleep(after).await;
-                waited += after;
-            }
-            _ => return Ok(results.into_iter().map(|(status, etag, _)| (status, etag)).collect()),
-        }
-    }
-}
-
-/// How long a throttled transactional batch waits when the service names no time.
-const THROTTLED_PAUSE: Duration = Duration::from_millis(100);
-/// How long one transactional batch keeps waiting out throttling before the stage is
-/// told the store is unavailable (and its message comes back later).
-const THROTTLED_PATIENCE: Duration = Duration::from_secs(10);
-
-/// One execution: each operation's status, ETag and, if refused for throughput, when to try again.
-async fn run_batch_once(store: &CosmosStore, partition: &str, batch: TransactionalBatch, what: &str) -> Result<Vec<(u16, Option<String>, Option<Duration>)>> {
-    let executed = store.batches.execute_transactional_batch(batch, None);
-    let response = match store.metered(BATCHES, "batch", partition, executed).await {
-        Ok(response) => response,
-        // Should a failed batch come back as an error status rather than 207, its body
-        // still lists the operations' outcomes: decide on those, like on a 207.
-        Err(e) => {
-            #[derive(Deserialize)]
-            struct OpResult {
-                #[serde(rename = "statusCode")]
-                status_code: u16,
-                #[serde(rename = "eTag", default)]
-                etag: Option<String>,
-                #[serde(rename = "retryAfterMilliseconds", default)]
-                retry_after_ms: Option<u64>,
-            }
-            let listed = e.response().and_then(|r| r.body().clone().into_single::<Vec<OpResult>>().ok());
-            return match listed {
-                Some(results) if !results.is_empty() => {
-                    Ok(results.into_iter().map(|r| (r.status_code, r.etag, r.retry_after_ms.map(Duration::from_millis))).collect())
-                }
-                _ => Err(map_err(what, e)),
-            };
-        }
-    };
-    let model = response.into_model().map_err(|e| map_err(what, e))?;
-    Ok(model.results().iter().map(|r| (r.status_code(), r.etag().map(str::to_owned), r.retry_after())).collect())
-}
-
-/// The first failed operation (its index and status), ignoring the 424s of the operations it took down.
-fn first_failure(results: &[(u16, Option<String>)]) -> Option<(usize, u16)> {
-    results.iter().enumerate().find(|(_, (s, _))| !(200..300).contains(s) && *s != 424).map(|(i, (s, _))| (i, *s))
-}
-
 // ---------------------------------------------------------------- construction
 
 impl CosmosStore {
     /// The store on an existing client; the database and both containers must exist.
     pub async fn new(client: CosmosClient, database: &str) -> Result<CosmosStore> {
         let db = client.database_client(database.to_owned());
-        let batches = db.container_client(BATCHES, None).await.map_err(|e| map_err(format!("container {BATCHES}"), e))?;
+        let records = db.container_client(RECORDS, None).await.map_err(|e| map_err(format!("container {RECORDS}"), e))?;
         let keys = db.container_client(IDEMPOTENCY, None).await.map_err(|e| map_err(format!("container {IDEMPOTENCY}"), e))?;
-        Ok(CosmosStore { batches, keys, meter: Arc::default() })
+        Ok(CosmosStore { records, keys, meter: Arc::default(), pricer: None })
     }
 
     /// The store on an account reached with Entra ID (the caller picks the
@@ -378,7 +152,7 @@ impl CosmosStore {
     /// The store on the SDK's in-memory Cosmos emulator, in this process: a new, empty
     /// account with the database and both containers, charging request units by the
     /// emulator's model and, given `ru_per_second`, answering 429 past it (as in Azure,
-    /// each of a container's physical partitions, four here, gets its share of it).
+    /// each of a container's physical partitions gets its share of it).
     #[cfg(feature = "cosmos-emulator")]
     pub async fn emulated(ru_per_second: Option<u64>) -> Result<CosmosStore> {
         use azure_core::credentials::Secret;
@@ -392,15 +166,24 @@ impl CosmosStore {
         let regions = vec![VirtualRegion::new(REGION, URL.parse().map_err(|e| unavailable(&e))?)];
         let account = VirtualAccountConfig::new(regions).map_err(|e| unavailable(&e))?.with_throttling_enabled(ru_per_second.is_some());
         let emulator = Arc::new(InMemoryEmulatorHttpClient::new(account));
-        let mut config = ContainerConfig::new();
-        if let Some(ru) = ru_per_second {
-            config = config.with_throughput(ru);
-        }
-        let config = config.build().map_err(|e| unavailable(&e))?;
-        let pk = |path: &str| serde_json::from_value(serde_json::json!({"paths": [path], "kind": "Hash", "version": 2})).map_err(|e| unavailable(&e));
         emulator.store().create_database(DATABASE);
-        emulator.store().create_container_with_config(DATABASE, BATCHES, pk("/batch_id")?, config.clone());
-        emulator.store().create_container_with_config(DATABASE, IDEMPOTENCY, pk("/client_id")?, config);
+        for (name, path) in CONTAINERS {
+            let partitions = match ru_per_second {
+                // As provisioned in Azure: each physical partition serves at most 10,000 RU/s.
+                Some(ru) => u32::try_from(ru.div_ceil(PHYSICAL_PARTITION_RU)).unwrap_or(u32::MAX).max(1),
+                // The emulator copies a physical partition's documents to run a transactional
+                // batch on it: unlimited, enough of them that a batch's ticket partitions rarely share one.
+                None if name == RECORDS => UNLIMITED_PARTITIONS,
+                None => 1,
+            };
+            let mut config = ContainerConfig::new().with_partition_count(partitions);
+            if let Some(ru) = ru_per_second {
+                config = config.with_throughput(ru);
+            }
+            let config = config.build().map_err(|e| unavailable(&e))?;
+            let pk = serde_json::from_value(serde_json::json!({"paths": [path], "kind": "Hash", "version": 2})).map_err(|e| unavailable(&e))?;
+            emulator.store().create_container_with_config(DATABASE, name, pk, config);
+        }
         let runtime = CosmosRuntimeBuilder::from(emulator.runtime_builder()).build().await.map_err(|e| unavailable(&e))?;
         let account = AccountReference::with_authentication_key(URL.parse().map_err(|e| unavailable(&e))?, Secret::new("bG9jYWw="));
         let client = CosmosClient::builder()
@@ -408,12 +191,16 @@ impl CosmosStore {
             .build(account, RoutingStrategy::ProximityTo(REGION.into()))
             .await
             .map_err(|e| map_err("cosmos emulator", e))?;
-        Self::new(client, DATABASE).await
+        let store = Self::new(client, DATABASE).await?;
+        Ok(CosmosStore { pricer: Some(emulator_price), ..store })
     }
 
-    async fn read_doc<T: DeserializeOwned>(&self, c: &ContainerClient, pk: &str, id: &str) -> Result<Option<T>> {
-        let container = if std::ptr::eq(c, &self.keys) { IDEMPOTENCY } else { BATCHES };
-        match self.metered(container, "read", pk, c.read_item(pk.to_owned(), id, None)).await {
+    fn container(&self, name: &'static str) -> &ContainerClient {
+        if name == IDEMPOTENCY { &self.keys } else { &self.records }
+    }
+
+    async fn read_doc<T: DeserializeOwned>(&self, container: &'static str, pk: &str, id: &str) -> Result<Option<T>> {
+        match self.metered(container, "read", pk, self.container(container).read_item(pk.to_owned(), id, None)).await {
             Ok(r) => r.into_model::<T>().map(Some).map_err(|e| invalid(format!("{id}: {e}"))),
             Err(e) if e.status().is_not_found() => Ok(None),
             Err(e) => Err(map_err(format!("{pk}/{id}"), e)),
@@ -421,7 +208,7 @@ impl CosmosStore {
     }
 
     async fn batch_doc(&self, batch_id: &str) -> Result<Option<BatchDoc>> {
-        self.read_doc(&self.batches, batch_id, BATCH_DOC_ID).await
+        self.read_doc(RECORDS, batch_id, BATCH_DOC_ID).await
     }
 
     async fn query<T: DeserializeOwned + Send + 'static>(&self, q: Query, partition: Option<&str>, what: &str) -> Result<Vec<T>> {
@@ -429,16 +216,28 @@ impl CosmosStore {
             Some(pk) => (FeedScope::partition(pk.to_owned()), pk),
             None => (FeedScope::full_container(), "(every partition)"),
         };
-        let pages = self.batches.query_items::<T>(q, scope, None).await.map_err(|e| map_err(what, e))?.into_pages();
+        let pages = self.records.query_items::<T>(q, scope, None).await.map_err(|e| map_err(what, e))?.into_pages();
         let mut pages = std::pin::pin!(pages);
         let mut rows = Vec::new();
-        let span = request_span(BATCHES, "query");
+        let span = request_span(RECORDS, "query");
         while let Some(page) = pages.next().instrument(span.clone()).await {
             let charged = page.as_ref().map_or_else(|e| e.diagnostics(), |p| Some(p.diagnostics()));
-            self.count(&span, BATCHES, "query", partition, charged.as_deref());
+            self.count(&span, RECORDS, "query", partition, charged.as_deref(), None);
             rows.extend(page.map_err(|e| map_err(what, e))?.into_items());
         }
         Ok(rows)
+    }
+
+    /// The same query in every ticket partition of the batch, a few at once: each partition's rows.
+    async fn query_tickets<T: DeserializeOwned + Send + 'static>(&self, batch_id: &BatchId, q: Query, what: &str) -> Result<Vec<Vec<T>>> {
+        futures::stream::iter(ticket_partitions(batch_id.as_str()))
+            .map(|pk| {
+                let q = q.clone();
+                async move { self.query::<T>(q, Some(&pk), what).await }
+            })
+            .buffered(FAN_OUT)
+            .try_collect()
+            .await
     }
 
     /// Runs one request as a client span, counting what it cost (answered or refused) against its partition.
@@ -449,19 +248,32 @@ impl CosmosStore {
         partition: &str,
         request: impl std::future::Future<Output = azure_data_cosmos::Result<T>>,
     ) -> azure_data_cosmos::Result<T> {
+        self.metered_priced(container, operation, partition, None, request).await
+    }
+
+    /// [`Self::metered`], counting `priced` instead of the answer's charge for a request that fully applied.
+    async fn metered_priced<T: Charged>(
+        &self,
+        container: &'static str,
+        operation: &'static str,
+        partition: &str,
+        priced: Option<f64>,
+        request: impl std::future::Future<Output = azure_data_cosmos::Result<T>>,
+    ) -> azure_data_cosmos::Result<T> {
         let span = request_span(container, operation);
         let answer = request.instrument(span.clone()).await;
-        let diagnostics = match &answer {
-            Ok(r) => Some(r.diagnostics()),
-            Err(e) => e.diagnostics(),
+        let (diagnostics, priced) = match &answer {
+            Ok(r) => (Some(r.diagnostics()), priced.filter(|_| r.applied())),
+            Err(e) => (e.diagnostics(), None),
         };
-        self.count(&span, container, operation, partition, diagnostics.as_deref());
+        self.count(&span, container, operation, partition, diagnostics.as_deref(), priced);
         answer
     }
 
-    fn count(&self, span: &tracing::Span, container: &'static str, operation: &'static str, partition: &str, diagnostics: Option<&DiagnosticsContext>) {
+    /// Counts what a request cost: `priced`, or else what its answer says it charged.
+    fn count(&self, span: &tracing::Span, container: &'static str, operation: &'static str, partition: &str, diagnostics: Option<&DiagnosticsContext>, priced: Option<f64>) {
         let Some(d) = diagnostics else { return };
-        let ru = f64::from(d.total_request_charge());
+        let ru = priced.unwrap_or_else(|| f64::from(d.total_request_charge()));
         let throttled = d.requests().iter().filter(|r| r.status().is_throttled()).count() as u64;
         self.meter.charge(container, operation, partition, ru, throttled);
         span.record("azure.cosmosdb.operation.request_charge", ru);
@@ -482,7 +294,9 @@ impl CosmosStore {
             }
             let etag = doc.etag.take().ok_or_else(|| invalid(format!("batch {id} has no _etag")))?;
             let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(etag));
-            match self.metered(BATCHES, "replace", id, self.batches.replace_item(id.to_owned(), BATCH_DOC_ID, &doc, Some(options))).await {
+            let written = BatchDoc::new(&doc.batch);
+            let replaced = self.records.replace_item(id.to_owned(), BATCH_DOC_ID, &written, Some(options));
+            match self.metered(RECORDS, "replace", id, replaced).await {
                 Ok(_) => return Ok(out),
                 Err(e) if e.status().is_precondition_failed() => backoff(attempt).await,
                 Err(e) => return Err(map_err(format!("batch {id}"), e)),
@@ -491,48 +305,45 @@ impl CosmosStore {
         Err(StoreError::Conflict(format!("batch {id} (kept changing)")))
     }
 
-    /// Writes the upload's tickets and events: upserts, in transactional
-    /// batches of at most 100 operations, a few at once. Idempotent.
+    /// Writes the upload's tickets and their events: upserts, in transactional
+    /// batches of at most 100 operations per ticket partition, a few at once. Idempotent.
     async fn write_upload(&self, batch_id: &str, tickets: &[Ticket], events: &[Event]) -> Result<()> {
-        let mut docs: Vec<serde_json::Value> = Vec::with_capacity(tickets.len() + events.len());
+        let mut partitions: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
         for t in tickets {
-            docs.push(serde_json::to_value(TicketDoc::new(t)).map_err(invalid)?);
+            let doc = TicketDoc::new(t);
+            partitions.entry(doc.pk.clone()).or_default().push(serde_json::to_value(doc).map_err(invalid)?);
         }
-        // Upload events get ids from their position, so writing the upload again replaces them
-        // instead of adding copies.
-        let mut per_ticket: HashMap<&str, usize> = HashMap::new();
-        for e in events {
-            let n = per_ticket.entry(e.ticket_id.as_str()).or_default();
-            let id = format!("event:{}:upload-{n}", e.ticket_id);
-            *n += 1;
-            docs.push(serde_json::to_value(EventDoc::new(e, id, next_seq())).map_err(invalid)?);
+        // A ticket's upload events are one entry with an id of its own, so writing the upload
+        // again replaces it instead of adding a copy.
+        for group in by_ticket(events) {
+            let doc = EventsDoc::new(&group, format!("events:{}:upload", group[0].ticket_id), next_seq()).map_err(invalid)?;
+            partitions.entry(doc.pk.clone()).or_default().push(serde_json::to_value(doc).map_err(invalid)?);
         }
-        let mut chunks: Vec<Vec<serde_json::Value>> = Vec::new();
-        let mut size = 0;
-        for doc in docs {
-            let len = doc.to_string().len();
-            match chunks.last_mut() {
-                Some(chunk) if chunk.len() < MAX_BATCH_OPS && size + len <= MAX_BATCH_BYTES => {
-                    size += len;
-                    chunk.push(doc);
+        let mut chunks: Vec<(String, Vec<serde_json::Value>)> = Vec::new();
+        for (pk, docs) in partitions {
+            let mut size = 0;
+            let mut chunk: Vec<serde_json::Value> = Vec::new();
+            for doc in docs {
+                let len = doc.to_string().len();
+                if chunk.len() == MAX_OPS || size + len > MAX_BATCH_BYTES {
+                    chunks.push((pk.clone(), std::mem::take(&mut chunk)));
+                    size = 0;
                 }
-                _ => {
-                    size = len;
-                    chunks.push(vec![doc]);
-                }
+                size += len;
+                chunk.push(doc);
             }
+            chunks.push((pk, chunk));
         }
         let what = format!("upload of batch {batch_id}");
         futures::stream::iter(chunks)
-            .map(|chunk| {
+            .map(|(pk, chunk)| {
                 let what = what.clone();
                 async move {
-                    let mut tb = TransactionalBatch::new(batch_id.to_owned());
-                    for doc in chunk {
-                        tb = tb.upsert_item(doc, None).map_err(invalid)?;
+                    let mut tx = Transaction::new(self, &pk);
+                    for doc in &chunk {
+                        tx = tx.upsert(doc)?;
                     }
-                    let results = run_batch(self, batch_id, tb, &what).await?;
-                    match first_failure(&results) {
+                    match first_failure(&tx.run(self, &what).await?) {
                         None => Ok(()),
                         Some((_, status)) => Err(op_error(&what, status)),
                     }
@@ -544,87 +355,7 @@ impl CosmosStore {
         Ok(())
     }
 
-    /// Claims the client's idempotency key for `batch`: held by this upload (at
-    /// the version it wrote or read), or already the key of a committed batch.
-    async fn claim_key(&self, batch: &Batch, key: &str) -> Result<KeyClaim> {
-        let client = batch.client_id.as_str();
-        let doc = KeyDoc::new(batch, key);
-        let what = format!("idempotency key {client}/{key}");
-        match self.metered(IDEMPOTENCY, "create", client, self.keys.create_item(client.to_owned(), key, &doc, None)).await {
-            Ok(r) => return self.written_key(&doc, r.headers().etag().map(|e| e.to_string())).await.map(KeyClaim::Held),
-            Err(e) if e.status().is_conflict() => {}
-            Err(e) => return Err(map_err(what, e)),
-        }
-        let Some(mut held) = self.read_doc::<KeyDoc>(&self.keys, client, key).await? else {
-            // Released between our create and our read: the other upload failed. Let the caller retry.
-            return Err(StoreError::Conflict(what));
-        };
-        if let Some(existing) = self.batch_doc(&held.batch_id).await? {
-            return Ok(KeyClaim::Existing(existing.batch));
-        }
-        let etag = held.etag.take().ok_or_else(|| invalid(format!("{what} has no _etag")))?;
-        // The key is claimed but its batch is not committed: either that upload is still being
-        // written (or is this one, retried), or it died before committing or releasing the key.
-        if held.batch_id == batch.batch_id.as_str() {
-            return Ok(KeyClaim::Held(HeldKey { key: key.to_owned(), etag }));
-        }
-        if Utc::now() - held.claimed_at < KEY_TAKEOVER_AFTER {
-            return Err(StoreError::Conflict(format!("{what} (an upload with this key is in progress)")));
-        }
-        let taken = self.replace_key(&doc, etag).await?;
-        Ok(KeyClaim::Held(taken))
-    }
-
-    /// The key as this upload just wrote it (`doc`), at the version the write answered
-    /// (read back if the answer had no ETag).
-    async fn written_key(&self, doc: &KeyDoc, etag: Option<String>) -> Result<HeldKey> {
-        let etag = match etag {
-            Some(etag) => etag,
-            None => match self.read_doc::<KeyDoc>(&self.keys, &doc.client_id, &doc.id).await? {
-                Some(KeyDoc { batch_id, etag: Some(etag), .. }) if batch_id == doc.batch_id => etag,
-                _ => return Err(StoreError::Conflict(format!("idempotency key {}/{}", doc.client_id, doc.id))),
-            },
-        };
-        Ok(HeldKey { key: doc.id.clone(), etag })
-    }
-
-    /// Writes `doc` over the key if it is still at `etag`: `Conflict` if another upload changed it since.
-    async fn replace_key(&self, doc: &KeyDoc, etag: String) -> Result<HeldKey> {
-        let what = format!("idempotency key {}/{}", doc.client_id, doc.id);
-        let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(etag));
-        match self.metered(IDEMPOTENCY, "replace", &doc.client_id, self.keys.replace_item(doc.client_id.clone(), &doc.id, doc, Some(options))).await {
-            Ok(r) => self.written_key(doc, r.headers().etag().map(|e| e.to_string())).await,
-            Err(e) if e.status().is_precondition_failed() || e.status().is_not_found() => {
-                Err(StoreError::Conflict(format!("{what} (taken over by another upload)")))
-            }
-            Err(e) => Err(map_err(what, e)),
-        }
-    }
-
-    /// Just before the commit point: the key must still be this upload's. Writing it
-    /// again with if-match proves it (a read might be stale) and starts its takeover
-    /// clock afresh, so nobody takes it over in the moment before the commit.
-    async fn confirm_key(&self, batch: &Batch, held: &mut HeldKey) -> Result<()> {
-        let doc = KeyDoc::new(batch, &held.key);
-        *held = self.replace_key(&doc, held.etag.clone()).await?;
-        Ok(())
-    }
-
-    /// Gives the key up after a failed upload, only if it is still as this upload
-    /// wrote it: once taken over, it is another upload's.
-    async fn release_key(&self, batch: &Batch, held: &HeldKey) {
-        let client = batch.client_id.as_str();
-        let key = held.key.as_str();
-        let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(held.etag.clone()));
-        match self.metered(IDEMPOTENCY, "delete", client, self.keys.delete_item(client.to_owned(), key, Some(options))).await {
-            Ok(_) => {}
-            Err(e) if e.status().is_precondition_failed() || e.status().is_not_found() => {}
-            // Left behind, the key is taken over once KEY_TAKEOVER_AFTER has passed.
-            Err(e) => tracing::warn!(client, key, error = %e, "could not release an idempotency key after a failed upload"),
-        }
-    }
-
-    async fn create_uncommitted(&self, batch: &Batch, tickets: &[Ticket], events: &[Event], key: Option<&mut HeldKey>) -> Result<Created> {
+    async fn create_uncommitted(&self, batch: &Batch, tickets: &[Ticket], events: &[Event], key: Option<&mut keys::HeldKey>) -> Result<Created> {
         let id = batch.batch_id.as_str();
         // A committed batch is never written over: its tickets may be moving already.
         if self.batch_doc(id).await?.is_some() {
@@ -635,10 +366,128 @@ impl CosmosStore {
             self.confirm_key(batch, held).await?;
         }
         // The commit point: readers see the batch (and its tickets) from here on.
-        match self.metered(BATCHES, "create", id, self.batches.create_item(id.to_owned(), BATCH_DOC_ID, &BatchDoc::new(batch), None)).await {
+        match self.metered(RECORDS, "create", id, self.records.create_item(id.to_owned(), BATCH_DOC_ID, &BatchDoc::new(batch), None)).await {
             Ok(_) => Ok(Created::New),
             Err(e) => Err(map_err(format!("batch {id}"), e)),
         }
+    }
+
+    async fn commitment(&self, ticket: &Ticket) -> Result<Option<CommitmentDoc>> {
+        self.read_doc(RECORDS, ticket.batch_id.as_str(), &commitment_doc_id(&ticket.ticket_id)).await
+    }
+
+    /// Holds `amount` of the budget for the ticket, once: a commitment already there
+    /// (an earlier try of this same change) is taken as done. `stale` tells whether the
+    /// ticket moved on since `etag`, for a reservation that does not fit.
+    async fn commit_budget(&self, ticket: &Ticket, etag: &str, amount: i64) -> Result<()> {
+        let batch_id = ticket.batch_id.as_str();
+        let what = format!("budget of batch {batch_id} for ticket {}", ticket.ticket_id);
+        for attempt in 0..BATCH_DOC_ATTEMPTS {
+            let mut doc = self.batch_doc(batch_id).await?.ok_or_else(|| StoreError::NotFound(format!("batch {batch_id}")))?;
+            if !doc.batch.can_reserve(amount) {
+                if let Some(held) = self.commitment(ticket).await? {
+                    return same_amount(&held, amount, &what);
+                }
+                // Refused either way; a stale ticket version is reported as such, as if
+                // the ticket had been checked first.
+                return match self.ticket(&ticket.batch_id, &ticket.ticket_id).await? {
+                    Some(current) if current.etag == etag => Err(StoreError::InsufficientBudget),
+                    _ => Err(StoreError::Conflict(format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id))),
+                };
+            }
+            let batch_etag = doc.etag.take().ok_or_else(|| invalid(format!("batch {batch_id} has no _etag")))?;
+            doc.batch.committed += amount;
+            let tx = Transaction::new(self, batch_id)
+                .create(&CommitmentDoc::new(&ticket.batch_id, &ticket.ticket_id, amount))?
+                .replace(BATCH_DOC_ID, &BatchDoc::new(&doc.batch), &batch_etag)?;
+            match first_failure(&tx.run(self, &what).await?) {
+                None => return Ok(()),
+                Some((0, 409)) => {
+                    let held = self.commitment(ticket).await?.ok_or_else(|| StoreError::Conflict(what.clone()))?;
+                    return same_amount(&held, amount, &what);
+                }
+                // Another change of the budget landed first: read it again.
+                Some((1, 412)) => backoff(attempt).await,
+                Some((_, 429)) => return Err(StoreError::Unavailable(format!("{what}: throttled"))),
+                Some((_, status)) => return Err(op_error(&what, status)),
+            }
+        }
+        Err(StoreError::Conflict(format!("batch {batch_id} (budget kept changing)")))
+    }
+
+    /// Gives the ticket's commitment of `amount` back to the budget, once: no commitment
+    /// left means an earlier try of this same change gave it back already.
+    async fn release_budget(&self, ticket: &Ticket, amount: i64) -> Result<()> {
+        let batch_id = ticket.batch_id.as_str();
+        let what = format!("budget of batch {batch_id} for ticket {}", ticket.ticket_id);
+        for attempt in 0..BATCH_DOC_ATTEMPTS {
+            let Some(held) = self.commitment(ticket).await? else { return Ok(()) };
+            same_amount(&held, amount, &what)?;
+            let held_etag = held.etag.clone().ok_or_else(|| invalid(format!("{what}: commitment has no _etag")))?;
+            let mut doc = self.batch_doc(batch_id).await?.ok_or_else(|| StoreError::NotFound(format!("batch {batch_id}")))?;
+            if amount < 0 || doc.batch.committed < amount {
+                return Err(invalid(format!("batch {batch_id}: releasing {amount} of {} committed", doc.batch.committed)));
+            }
+            let batch_etag = doc.etag.take().ok_or_else(|| invalid(format!("batch {batch_id} has no _etag")))?;
+            doc.batch.committed -= amount;
+            let tx = Transaction::new(self, batch_id)
+                .delete(&held.id, &held, &held_etag)?
+                .replace(BATCH_DOC_ID, &BatchDoc::new(&doc.batch), &batch_etag)?;
+            match first_failure(&tx.run(self, &what).await?) {
+                None => return Ok(()),
+                // Given back meanwhile, or the budget changed first: look again.
+                Some((0, 404 | 412) | (1, 412)) => backoff(attempt).await,
+                Some((_, 429)) => return Err(StoreError::Unavailable(format!("{what}: throttled"))),
+                Some((_, status)) => return Err(op_error(&what, status)),
+            }
+        }
+        Err(StoreError::Conflict(format!("batch {batch_id} (budget kept changing)")))
+    }
+
+    /// A ticket that ended holding nothing gives back a commitment left by a reservation
+    /// whose ticket write never landed. Best effort: kept, it only holds budget unused.
+    async fn give_back_stray_commitment(&self, ticket: &Ticket) {
+        let stray = match self.commitment(ticket).await {
+            Ok(Some(held)) => held,
+            Ok(None) => return,
+            Err(e) => return tracing::warn!(error = %e, ticket = %ticket.ticket_id, "could not look for a stray budget commitment"),
+        };
+        if let Err(e) = self.release_budget(ticket, stray.amount).await {
+            tracing::warn!(error = %e, ticket = %ticket.ticket_id, amount = stray.amount, "could not give back a stray budget commitment");
+        }
+    }
+}
+
+/// A commitment found in place of the one a change would make must be for the same amount.
+fn same_amount(held: &CommitmentDoc, amount: i64, what: &str) -> Result<()> {
+    if held.amount == amount {
+        Ok(())
+    } else {
+        Err(invalid(format!("{what}: {} committed, not {amount}", held.amount)))
+    }
+}
+
+/// Ends holding no money, where a reservation may have been tried before.
+fn ends_holding_nothing(t: &Ticket) -> bool {
+    matches!(t.status, Status::OverBudget | Status::Parked) && t.reserved == 0 && t.paid == 0
+}
+
+/// The physical partitions of the emulated records container when its throughput is not capped.
+#[cfg(feature = "cosmos-emulator")]
+const UNLIMITED_PARTITIONS: u32 = 256;
+/// The most one physical partition serves, in RU/s.
+#[cfg(feature = "cosmos-emulator")]
+const PHYSICAL_PARTITION_RU: u64 = 10_000;
+
+/// What the SDK's emulator would charge for a write sent on its own: its own
+/// request-unit model, which it applies to single requests but not to the
+/// operations of a transactional batch.
+#[cfg(feature = "cosmos-emulator")]
+fn emulator_price(write: transaction::Write, size: usize, properties: usize) -> f64 {
+    let model = azure_data_cosmos_driver::in_memory_emulator::RequestUnitChargingModel::default();
+    match write {
+        transaction::Write::Create => model.compute_create_ru(size, properties),
+        transaction::Write::Replace | transaction::Write::Delete => model.compute_replace_or_delete_ru(size, properties),
     }
 }
 
@@ -660,6 +509,10 @@ fn request_span(container: &'static str, operation: &'static str) -> tracing::Sp
 /// An answer that says what it cost.
 trait Charged {
     fn diagnostics(&self) -> Arc<DiagnosticsContext>;
+
+    fn applied(&self) -> bool {
+        true
+    }
 }
 
 impl Charged for ItemResponse {
@@ -672,24 +525,22 @@ impl Charged for BatchResponse {
     fn diagnostics(&self) -> Arc<DiagnosticsContext> {
         BatchResponse::diagnostics(self)
     }
-}
 
-/// An idempotency key held by the upload that wrote it, at the version it wrote.
-struct HeldKey {
-    key: String,
-    etag: String,
-}
-
-enum KeyClaim {
-    Held(HeldKey),
-    /// The key belongs to this committed batch.
-    Existing(Batch),
+    /// 200: every operation applied; 207: one failed and none did.
+    fn applied(&self) -> bool {
+        self.status().status_code() == azure_core::http::StatusCode::Ok
+    }
 }
 
 async fn backoff(attempt: u32) {
     let cap = 2u64.saturating_pow(attempt.min(5)).min(25);
     let ms = rand::random_range(0..=cap);
     tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+fn versioned(d: TicketDoc) -> Result<Versioned<Ticket>> {
+    let etag = d.etag.ok_or_else(|| invalid(format!("ticket {}/{} has no _etag", d.ticket.batch_id, d.ticket_id)))?;
+    Ok(Versioned { value: d.ticket, etag })
 }
 
 // ---------------------------------------------------------------- the seam
@@ -768,118 +619,66 @@ impl Store for CosmosStore {
     }
 
     async fn ticket(&self, batch_id: &BatchId, ticket_id: &TicketId) -> Result<Option<Versioned<Ticket>>> {
-        let doc: Option<TicketDoc> = self.read_doc(&self.batches, batch_id.as_str(), &ticket_doc_id(ticket_id)).await?;
-        doc.map(|d| {
-            let etag = d.etag.ok_or_else(|| invalid(format!("ticket {batch_id}/{ticket_id} has no _etag")))?;
-            Ok(Versioned { value: d.ticket, etag })
-        })
-        .transpose()
+        let pk = ticket_partition(batch_id.as_str(), ticket_id.as_str());
+        let doc: Option<TicketDoc> = self.read_doc(RECORDS, &pk, &ticket_doc_id(ticket_id)).await?;
+        doc.map(versioned).transpose()
     }
 
     async fn update_ticket(&self, update: TicketUpdate) -> Result<Versioned<Ticket>> {
         let TicketUpdate { ticket, etag, budget, events } = update;
-        let batch_id = ticket.batch_id.as_str().to_owned();
         let what = format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id);
-        let ticket_id = ticket_doc_id(&ticket.ticket_id);
-        if events.len() + 2 > MAX_BATCH_OPS {
-            return Err(invalid(format!("{what}: {} events in one change (at most {})", events.len(), MAX_BATCH_OPS - 2)));
+        if let Some(e) = events.iter().find(|e| e.batch_id != ticket.batch_id || e.ticket_id != ticket.ticket_id) {
+            return Err(invalid(format!("{what}: an event of ticket {}/{}", e.batch_id, e.ticket_id)));
         }
-        if let Some(e) = events.iter().find(|e| e.batch_id != ticket.batch_id) {
-            return Err(invalid(format!("{what}: an event of batch {}", e.batch_id)));
+        match budget {
+            Some(BudgetChange::Reserve(n)) => self.commit_budget(&ticket, &etag, n).await?,
+            Some(BudgetChange::Release(n)) => self.release_budget(&ticket, n).await?,
+            None => {}
         }
         let ticket_doc = TicketDoc::new(&ticket);
-        let event_docs: Vec<EventDoc> = events.iter().map(EventDoc::appended).collect();
-
-        for attempt in 0..BATCH_DOC_ATTEMPTS {
-            let mut tb = TransactionalBatch::new(batch_id.clone()).replace_item(
-                ticket_id.clone(),
-                &ticket_doc,
-                Some(BatchReplaceOptions::default().with_precondition(Precondition::if_match(etag.clone()))),
-            )
-            .map_err(invalid)?;
-            let budget_op = match budget {
-                None => false,
-                Some(change) => {
-                    let mut doc = self.batch_doc(&batch_id).await?.ok_or_else(|| StoreError::NotFound(format!("batch {batch_id}")))?;
-                    match change {
-                        BudgetChange::Reserve(n) => {
-                            if !doc.batch.can_reserve(n) {
-                                // Refused either way; a stale ticket version is reported as such,
-                                // as if the ticket had been checked first.
-                                return match self.ticket(&ticket.batch_id, &ticket.ticket_id).await? {
-                                    Some(current) if current.etag == etag => Err(StoreError::InsufficientBudget),
-                                    _ => Err(StoreError::Conflict(what)),
-                                };
-                            }
-                            doc.batch.committed += n;
-                        }
-                        BudgetChange::Release(n) => {
-                            if n < 0 || doc.batch.committed < n {
-                                return Err(invalid(format!("batch {batch_id}: releasing {n} of {} committed", doc.batch.committed)));
-                            }
-                            doc.batch.committed -= n;
-                        }
-                    }
-                    let batch_etag = doc.etag.take().ok_or_else(|| invalid(format!("batch {batch_id} has no _etag")))?;
-                    let options = BatchReplaceOptions::default().with_precondition(Precondition::if_match(batch_etag));
-                    tb = tb.replace_item(BATCH_DOC_ID, &doc, Some(options)).map_err(invalid)?;
-                    true
-                }
-            };
-            for e in &event_docs {
-                tb = tb.create_item(e).map_err(invalid)?;
-            }
-            let results = run_batch(self, &batch_id, tb, &what).await?;
-            match first_failure(&results) {
-                None => {
-                    let new_etag = match results.first().and_then(|(_, e)| e.clone()) {
-                        Some(e) => e,
-                        None => self.ticket(&ticket.batch_id, &ticket.ticket_id).await?.map(|v| v.etag).unwrap_or_default(),
-                    };
-                    return Ok(Versioned { value: ticket, etag: new_etag });
-                }
-                // The ticket is not at the version the change was made from (or is gone).
-                Some((0, 412 | 404)) => return Err(StoreError::Conflict(what)),
-                // Another reservation moved the budget first: read it again.
-                Some((1, 412)) if budget_op => backoff(attempt).await,
-                Some((_, 429)) => return Err(StoreError::Unavailable(format!("{what}: throttled"))),
-                Some((_, status)) => return Err(op_error(&what, status)),
-            }
+        let mut tx = Transaction::new(self, &ticket_doc.pk).replace(&ticket_doc.id, &ticket_doc, &etag)?;
+        if !events.is_empty() {
+            tx = tx.create(&appended(&events)?)?;
         }
-        Err(StoreError::Conflict(format!("batch {batch_id} (budget kept changing)")))
+        let results = tx.run(self, &what).await?;
+        match first_failure(&results) {
+            None => {}
+            // The ticket is not at the version the change was made from (or is gone).
+            Some((0, 412 | 404)) => return Err(StoreError::Conflict(what)),
+            Some((_, 429)) => return Err(StoreError::Unavailable(format!("{what}: throttled"))),
+            Some((_, status)) => return Err(op_error(&what, status)),
+        }
+        if budget.is_none() && ends_holding_nothing(&ticket) {
+            self.give_back_stray_commitment(&ticket).await;
+        }
+        let etag = match results.into_iter().next().and_then(|(_, e)| e) {
+            Some(e) => e,
+            None => self.ticket(&ticket.batch_id, &ticket.ticket_id).await?.map(|v| v.etag).unwrap_or_default(),
+        };
+        Ok(Versioned { value: ticket, etag })
     }
 
     async fn append_events(&self, events: &[Event]) -> Result<()> {
-        let mut by_batch: Vec<(&BatchId, Vec<EventDoc>)> = Vec::new();
-        for e in events {
-            let doc = EventDoc::appended(e);
-            match by_batch.iter_mut().find(|(b, _)| **b == e.batch_id) {
-                Some((_, docs)) => docs.push(doc),
-                None => by_batch.push((&e.batch_id, vec![doc])),
-            }
-        }
-        for (batch_id, docs) in by_batch {
-            let what = format!("events of batch {batch_id}");
-            for chunk in docs.chunks(MAX_BATCH_OPS) {
-                let mut tb = TransactionalBatch::new(batch_id.as_str().to_owned());
-                for d in chunk {
-                    tb = tb.create_item(d).map_err(invalid)?;
-                }
-                let results = run_batch(self, batch_id.as_str(), tb, &what).await?;
-                if let Some((_, status)) = first_failure(&results) {
-                    return Err(op_error(&what, status));
-                }
-            }
+        for group in by_ticket(events) {
+            let what = format!("events of ticket {}/{}", group[0].batch_id, group[0].ticket_id);
+            let doc = appended(&group)?;
+            let created = self.records.create_item(doc.pk.clone(), &doc.id, &doc, None);
+            self.metered(RECORDS, "create", &doc.pk, created).await.map_err(|e| map_err(&what, e))?;
         }
         Ok(())
     }
 
     async fn events(&self, batch_id: &BatchId, ticket_id: &TicketId) -> Result<Vec<Event>> {
-        let q = Query::from("SELECT * FROM c WHERE c.type = 'event' AND c.ticket_id = @ticket ORDER BY c.seq")
+        let q = Query::from("SELECT * FROM c WHERE c.type = 'events' AND c.ticket_id = @ticket ORDER BY c.seq")
             .with_parameter("@ticket", ticket_id.as_str())
             .map_err(invalid)?;
-        let docs: Vec<EventDoc> = self.query(q, Some(batch_id.as_str()), "events").await?;
-        Ok(docs.into_iter().map(|d| d.event).collect())
+        let pk = ticket_partition(batch_id.as_str(), ticket_id.as_str());
+        let docs: Vec<EventsDoc> = self.query(q, Some(&pk), "events").await?;
+        let mut events = Vec::new();
+        for d in docs {
+            events.extend(d.into_events().map_err(invalid)?);
+        }
+        Ok(events)
     }
 
     async fn tickets(&self, batch_id: &BatchId, status: Option<Status>, limit: usize, cursor: Option<&str>) -> Result<TicketPage> {
@@ -890,8 +689,11 @@ impl Store for CosmosStore {
             q = q.with_parameter("@status", s.as_str()).map_err(invalid)?;
         }
         text.push_str(" ORDER BY c.ticket_id");
-        let docs: Vec<TicketDoc> = self.query(q.with_text(text), Some(batch_id.as_str()), "tickets").await?;
-        Ok(TicketPage::from_fetched(docs.into_iter().map(|d| d.ticket).collect(), limit))
+        let partitions: Vec<Vec<TicketDoc>> = self.query_tickets(batch_id, q.with_text(text), "tickets").await?;
+        let mut tickets: Vec<Ticket> = partitions.into_iter().flatten().map(|d| d.ticket).collect();
+        tickets.sort_by(|a, b| a.ticket_id.as_str().cmp(b.ticket_id.as_str()));
+        tickets.truncate(limit + 1);
+        Ok(TicketPage::from_fetched(tickets, limit))
     }
 
     async fn summary(&self, batch_id: &BatchId) -> Result<BatchSummary> {
@@ -903,11 +705,11 @@ impl Store for CosmosStore {
             reserved: i64,
         }
         // The few fields of every ticket, added up here: the SDK runs no GROUP BY or
-        // aggregate that needs a client-side stage, and this is one partition's worth.
-        let q = Query::from("SELECT c.status, c.notified, c.paid, c.reserved FROM c WHERE c.type = 'ticket'");
-        let rows: Vec<Row> = self.query(q, Some(batch_id.as_str()), "summary").await?;
+        // aggregate that needs a client-side stage.
+        let q = Query::from("SELECT c.status, c.notified, c.ticket.paid, c.ticket.reserved FROM c WHERE c.type = 'ticket'");
+        let partitions: Vec<Vec<Row>> = self.query_tickets(batch_id, q, "summary").await?;
         let mut summary = BatchSummary::default();
-        for r in rows {
+        for r in partitions.into_iter().flatten() {
             *summary.counts.entry(r.status).or_default() += 1;
             if r.status.is_end() && !r.notified {
                 summary.awaiting_notification += 1;
@@ -920,32 +722,35 @@ impl Store for CosmosStore {
 
     async fn has_open_tickets(&self, batch_id: &BatchId) -> Result<bool> {
         let q = Query::from("SELECT TOP 1 VALUE c.ticket_id FROM c WHERE c.type = 'ticket' AND c.notified = false");
-        let open: Vec<String> = self.query(q, Some(batch_id.as_str()), "open tickets").await?;
-        Ok(!open.is_empty())
+        // Partitions a few at a time, stopping at the first with an open ticket: while a
+        // batch runs, that is nearly always the first.
+        for group in ticket_partitions(batch_id.as_str()).chunks(FAN_OUT) {
+            let asked = group.iter().map(|pk| self.query::<String>(q.clone(), Some(pk), "open tickets"));
+            let open = futures::future::try_join_all(asked).await?;
+            if open.iter().any(|rows| !rows.is_empty()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     async fn overdue_tickets(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Versioned<Ticket>>> {
         let text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'ticket' AND c.notified = false AND c.due_us < @before");
         let q = Query::from(text).with_parameter("@before", before.timestamp_micros()).map_err(invalid)?;
         let docs: Vec<TicketDoc> = self.query(q, None, "overdue tickets").await?;
-        docs.into_iter()
-            .map(|d| {
-                let etag = d.etag.ok_or_else(|| invalid(format!("ticket {}/{} has no _etag", d.batch_id, d.ticket_id)))?;
-                Ok(Versioned { value: d.ticket, etag })
-            })
-            .collect()
+        docs.into_iter().map(versioned).collect()
     }
 
     async fn overdue_in_batch(&self, batch_id: &BatchId, before: DateTime<Utc>) -> Result<u64> {
         let q = Query::from("SELECT VALUE COUNT(1) FROM c WHERE c.type = 'ticket' AND c.notified = false AND c.due_us < @before")
             .with_parameter("@before", before.timestamp_micros())
             .map_err(invalid)?;
-        let counts: Vec<u64> = self.query(q, Some(batch_id.as_str()), "overdue tickets").await?;
-        Ok(counts.into_iter().sum())
+        let counts: Vec<Vec<u64>> = self.query_tickets(batch_id, q, "overdue tickets").await?;
+        Ok(counts.into_iter().flatten().sum())
     }
 
     async fn incomplete_batches(&self, limit: usize) -> Result<Vec<Batch>> {
-        let text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'batch' AND (NOT IS_DEFINED(c.completed_at) OR IS_NULL(c.completed_at))");
+        let text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'batch' AND c.open = true");
         let docs: Vec<BatchDoc> = self.query(Query::from(text), None, "incomplete batches").await?;
         Ok(docs.into_iter().map(|d| d.batch).collect())
     }
@@ -959,14 +764,15 @@ impl Store for CosmosStore {
         }
         let docs: Vec<TicketDoc> = self.query(q.with_text(text), None, "tickets by reference").await?;
         // Tickets of an upload that never committed (no batch document) are not there.
-        let mut committed: HashMap<String, bool> = HashMap::new();
+        let mut committed: HashMap<BatchId, bool> = HashMap::new();
         let mut out = Vec::new();
         for d in docs {
-            let known = match committed.get(&d.batch_id) {
+            let batch_id = d.ticket.batch_id.clone();
+            let known = match committed.get(&batch_id) {
                 Some(k) => *k,
                 None => {
-                    let k = self.batch_doc(&d.batch_id).await?.is_some();
-                    committed.insert(d.batch_id.clone(), k);
+                    let k = self.batch_doc(batch_id.as_str()).await?.is_some();
+                    committed.insert(batch_id, k);
                     k
                 }
             };
@@ -978,16 +784,10 @@ impl Store for CosmosStore {
     }
 
     async fn record_reconciliation(&self, run: &ReconciliationRun) -> Result<()> {
-        let doc = ReconciliationDoc {
-            id: format!("reconciliation:{}", run.run_id),
-            kind: "reconciliation".into(),
-            batch_id: run.batch_id.to_string(),
-            at_us: run.at.timestamp_micros(),
-            run: run.clone(),
-        };
+        let doc = ReconciliationDoc::new(run);
         let what = format!("reconciliation of batch {}", run.batch_id);
-        let created = self.batches.create_item(doc.batch_id.clone(), &doc.id, &doc, None);
-        self.metered(BATCHES, "create", &doc.batch_id, created).await.map_err(|e| map_err(&what, e))?;
+        let created = self.records.create_item(doc.pk.clone(), &doc.id, &doc, None);
+        self.metered(RECORDS, "create", &doc.pk, created).await.map_err(|e| map_err(&what, e))?;
         Ok(())
     }
 
@@ -999,7 +799,7 @@ impl Store for CosmosStore {
 
     async fn payment_claim(&self, authority: &AuthorityCode, ticket_id: &TicketId) -> Result<Option<Versioned<PaymentClaim>>> {
         let pk = claim_partition(authority, ticket_id);
-        let doc: Option<ClaimDoc> = self.read_doc(&self.batches, &pk, CLAIM_DOC_ID).await?;
+        let doc: Option<ClaimDoc> = self.read_doc(RECORDS, &pk, CLAIM_DOC_ID).await?;
         doc.map(|d| {
             let etag = d.etag.clone().ok_or_else(|| invalid(format!("payment claim {pk} has no _etag")))?;
             Ok(Versioned { value: d.claim(), etag })
@@ -1009,12 +809,12 @@ impl Store for CosmosStore {
 
     async fn take_payment_claim(&self, claim: &PaymentClaim, over: Option<&str>) -> Result<Versioned<PaymentClaim>> {
         let doc = ClaimDoc::new(claim);
-        let what = format!("payment claim {}", doc.batch_id);
+        let what = format!("payment claim {}", doc.pk);
         let written = match over {
-            None => self.metered(BATCHES, "create", &doc.batch_id, self.batches.create_item(doc.batch_id.clone(), CLAIM_DOC_ID, &doc, None)).await,
+            None => self.metered(RECORDS, "create", &doc.pk, self.records.create_item(doc.pk.clone(), CLAIM_DOC_ID, &doc, None)).await,
             Some(etag) => {
                 let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(etag.to_owned()));
-                self.metered(BATCHES, "replace", &doc.batch_id, self.batches.replace_item(doc.batch_id.clone(), CLAIM_DOC_ID, &doc, Some(options))).await
+                self.metered(RECORDS, "replace", &doc.pk, self.records.replace_item(doc.pk.clone(), CLAIM_DOC_ID, &doc, Some(options))).await
             }
         };
         let response = match written {
@@ -1038,7 +838,7 @@ impl Store for CosmosStore {
     async fn release_payment_claim(&self, claim: &Versioned<PaymentClaim>) -> Result<bool> {
         let pk = claim_partition(&claim.value.authority, &claim.value.ticket_id);
         let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(claim.etag.clone()));
-        match self.metered(BATCHES, "delete", &pk, self.batches.delete_item(pk.clone(), CLAIM_DOC_ID, Some(options))).await {
+        match self.metered(RECORDS, "delete", &pk, self.records.delete_item(pk.clone(), CLAIM_DOC_ID, Some(options))).await {
             Ok(_) => Ok(true),
             Err(e) if e.status().is_precondition_failed() || e.status().is_not_found() => Ok(false),
             Err(e) => Err(map_err(format!("payment claim {pk}"), e)),

@@ -1,0 +1,296 @@
+//! The Cosmos store's documents and the logical partitions they live in.
+//!
+//! Container `records`, partition key `/pk`:
+//! - `{batch_id}`, the batch's home: the batch document (`batch`), a commitment
+//!   per ticket holding budget (`commitment:{ticket_id}`) and the recorded
+//!   reconciliation runs (`reconciliation:{run_id}`);
+//! - `{batch_id}:{nn}`, one of [`TICKET_PARTITIONS`] per batch picked by a hash
+//!   of the ticket id: the tickets (`ticket:{ticket_id}`) and their audit
+//!   entries, one per write (`events:{ticket_id}:…`);
+//! - `claim:{authority}:{ticket_id}`: the payment claim on a ticket, whichever
+//!   batch holds it.
+//!
+//! Identifiers hold no `:` (see `domain::ids`) and batch ids never start with
+//! `claim`, so the three kinds of partition never meet. Top-level properties
+//! are what queries filter and sort on, derived from the nested value on every
+//! write; the rest is nested, and the container's indexing policy indexes only
+//! the top level (`infra/modules/cosmos.bicep`, [`INDEXED_PATHS`]).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::reconciliation::ReconciliationRun;
+use crate::domain::{AuthorityCode, Batch, BatchId, Event, EventKind, Stage, Status, Ticket, TicketId};
+use crate::store::PaymentClaim;
+
+/// The ticket partitions of one batch: its tickets spread over this many logical
+/// partitions, so no batch is held to what one logical partition can serve.
+pub const TICKET_PARTITIONS: u32 = 64;
+
+/// The paths the container's indexing policy indexes: every property a query filters or sorts on.
+pub const INDEXED_PATHS: [&str; 11] = [
+    "/type/?", "/client_id/?", "/created_us/?", "/open/?", "/ticket_id/?", "/status/?", "/notified/?", "/due_us/?", "/reference/?", "/seq/?", "/at_us/?",
+];
+
+pub(super) const BATCH_DOC_ID: &str = "batch";
+pub(super) const CLAIM_DOC_ID: &str = "claim";
+
+/// The logical partition of a ticket and its audit entries.
+pub(super) fn ticket_partition(batch_id: &str, ticket_id: &str) -> String {
+    format!("{batch_id}:{:02}", bucket(ticket_id))
+}
+
+/// Every ticket partition of a batch.
+pub(super) fn ticket_partitions(batch_id: &str) -> Vec<String> {
+    (0..TICKET_PARTITIONS).map(|n| format!("{batch_id}:{n:02}")).collect()
+}
+
+/// FNV-1a of the ticket id: the same partition in every process and every version.
+fn bucket(ticket_id: &str) -> u32 {
+    let hash = ticket_id.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    hash % TICKET_PARTITIONS
+}
+
+pub(super) fn claim_partition(authority: &AuthorityCode, ticket_id: &TicketId) -> String {
+    format!("claim:{authority}:{ticket_id}")
+}
+
+pub(super) fn ticket_doc_id(ticket_id: &TicketId) -> String {
+    format!("ticket:{ticket_id}")
+}
+
+pub(super) fn commitment_doc_id(ticket_id: &TicketId) -> String {
+    format!("commitment:{ticket_id}")
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct BatchDoc {
+    pub id: String,
+    pub pk: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub client_id: String,
+    /// `created_at` in microseconds: sortable (RFC 3339 text with a variable
+    /// number of fractional digits does not sort as text).
+    pub created_us: i64,
+    /// No completion is recorded.
+    pub open: bool,
+    pub batch: Batch,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    pub etag: Option<String>,
+}
+
+impl BatchDoc {
+    pub fn new(batch: &Batch) -> BatchDoc {
+        BatchDoc {
+            id: BATCH_DOC_ID.into(),
+            pk: batch.batch_id.to_string(),
+            kind: "batch".into(),
+            client_id: batch.client_id.to_string(),
+            created_us: batch.created_at.timestamp_micros(),
+            open: batch.completed_at.is_none(),
+            batch: batch.clone(),
+            etag: None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct TicketDoc {
+    pub id: String,
+    pub pk: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub ticket_id: String,
+    pub status: Status,
+    pub notified: bool,
+    /// [`Ticket::due_at`] in microseconds, for the sweep's query.
+    pub due_us: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    pub ticket: Ticket,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    pub etag: Option<String>,
+}
+
+impl TicketDoc {
+    pub fn new(t: &Ticket) -> TicketDoc {
+        TicketDoc {
+            id: ticket_doc_id(&t.ticket_id),
+            pk: ticket_partition(t.batch_id.as_str(), t.ticket_id.as_str()),
+            kind: "ticket".into(),
+            ticket_id: t.ticket_id.to_string(),
+            status: t.status,
+            notified: t.notified,
+            due_us: t.due_at().timestamp_micros(),
+            reference: t.reference.as_ref().map(|r| r.as_str().to_owned()),
+            ticket: t.clone(),
+            etag: None,
+        }
+    }
+}
+
+/// An event as an audit entry holds it: its batch and ticket are the entry's.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredEvent {
+    at: DateTime<Utc>,
+    stage: Stage,
+    #[serde(flatten)]
+    kind: EventKind,
+}
+
+/// The events of one write of one ticket, appended together and never changed.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct EventsDoc {
+    pub id: String,
+    pub pk: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub ticket_id: String,
+    /// Append order: microseconds since the epoch, strictly increasing within a process.
+    pub seq: i64,
+    pub batch_id: BatchId,
+    events: Vec<StoredEvent>,
+}
+
+impl EventsDoc {
+    /// `events`, all of one ticket, under document id `id`.
+    pub fn new(events: &[Event], id: String, seq: i64) -> Result<EventsDoc, String> {
+        let first = &events[0];
+        Ok(EventsDoc {
+            id,
+            pk: ticket_partition(first.batch_id.as_str(), first.ticket_id.as_str()),
+            kind: "events".into(),
+            ticket_id: first.ticket_id.to_string(),
+            seq,
+            batch_id: first.batch_id.clone(),
+            events: events.iter().map(|e| StoredEvent { at: e.at, stage: e.stage, kind: e.kind.clone() }).collect(),
+        })
+    }
+
+    pub fn into_events(self) -> Result<Vec<Event>, String> {
+        let ticket_id = TicketId::parse(&self.ticket_id)?;
+        Ok(self.events.into_iter().map(|e| Event { batch_id: self.batch_id.clone(), ticket_id: ticket_id.clone(), at: e.at, stage: e.stage, kind: e.kind }).collect())
+    }
+}
+
+/// Budget a ticket holds: reserved, or paid. The batch's `committed` is the sum of its commitments.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct CommitmentDoc {
+    pub id: String,
+    pub pk: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub amount: i64,
+    pub at: DateTime<Utc>,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    pub etag: Option<String>,
+}
+
+impl CommitmentDoc {
+    pub fn new(batch_id: &BatchId, ticket_id: &TicketId, amount: i64) -> CommitmentDoc {
+        CommitmentDoc { id: commitment_doc_id(ticket_id), pk: batch_id.to_string(), kind: "commitment".into(), amount, at: Utc::now(), etag: None }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ReconciliationDoc {
+    pub id: String,
+    pub pk: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `at` in microseconds, for ordering.
+    pub at_us: i64,
+    pub run: ReconciliationRun,
+}
+
+impl ReconciliationDoc {
+    pub fn new(run: &ReconciliationRun) -> ReconciliationDoc {
+        ReconciliationDoc {
+            id: format!("reconciliation:{}", run.run_id),
+            pk: run.batch_id.to_string(),
+            kind: "reconciliation".into(),
+            at_us: run.at.timestamp_micros(),
+            run: run.clone(),
+        }
+    }
+}
+
+/// A payment claim. Its partition names the ticket, so every batch taking that
+/// ticket meets on this one document; `owner` is the batch holding it.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ClaimDoc {
+    pub id: String,
+    pub pk: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub authority: AuthorityCode,
+    pub ticket_id: TicketId,
+    pub owner: BatchId,
+    pub claimed_at: DateTime<Utc>,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    pub etag: Option<String>,
+}
+
+impl ClaimDoc {
+    pub fn new(c: &PaymentClaim) -> ClaimDoc {
+        ClaimDoc {
+            id: CLAIM_DOC_ID.into(),
+            pk: claim_partition(&c.authority, &c.ticket_id),
+            kind: "claim".into(),
+            authority: c.authority.clone(),
+            ticket_id: c.ticket_id.clone(),
+            owner: c.batch_id.clone(),
+            claimed_at: c.claimed_at,
+            etag: None,
+        }
+    }
+
+    pub fn claim(&self) -> PaymentClaim {
+        PaymentClaim { authority: self.authority.clone(), ticket_id: self.ticket_id.clone(), batch_id: self.owner.clone(), claimed_at: self.claimed_at }
+    }
+}
+
+/// An idempotency key (container `idempotency`, partition key `/client_id`).
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct KeyDoc {
+    pub id: String,
+    pub client_id: String,
+    pub batch_id: String,
+    pub claimed_at: DateTime<Utc>,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    pub etag: Option<String>,
+}
+
+impl KeyDoc {
+    pub fn new(batch: &Batch, key: &str) -> KeyDoc {
+        KeyDoc { id: key.to_owned(), client_id: batch.client_id.to_string(), batch_id: batch.batch_id.to_string(), claimed_at: Utc::now(), etag: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batchs_tickets_spread_over_its_ticket_partitions_and_each_stays_in_one() {
+        let partitions = ticket_partitions("b-1");
+        let mut used = std::collections::HashMap::<String, u32>::new();
+        for i in 0..5_000 {
+            let p = ticket_partition("b-1", &format!("T{i:06}"));
+            assert!(partitions.contains(&p), "{p}");
+            *used.entry(p).or_default() += 1;
+        }
+        assert_eq!(used.len(), TICKET_PARTITIONS as usize, "every partition takes tickets");
+        let most = used.values().max().copied().unwrap_or_default();
+        assert!(most < 2 * 5_000 / TICKET_PARTITIONS, "no partition takes twice its share: {most}");
+    }
+
+    #[test]
+    fn a_tickets_partition_never_moves() {
+        // Stored tickets are found where this function put them: it must not change.
+        assert_eq!(ticket_partition("b-1", "T000042"), "b-1:21");
+        assert_eq!(ticket_partition("b-1", "t0001"), "b-1:00");
+        assert_eq!(ticket_partition("b-2", "abc"), "b-2:11");
+    }
+}

@@ -7,7 +7,7 @@ use chrono::Utc;
 
 use super::{Pipeline, Sent, StageError};
 use crate::domain::money::format_minor;
-use crate::domain::{EventKind, Stage, Status, Ticket};
+use crate::domain::{Event, EventKind, Stage, Status, Ticket};
 use crate::providers::client::CallError;
 use crate::providers::wire::{OperationRequest, WireMoney};
 use crate::store::{BudgetChange, Versioned};
@@ -42,15 +42,19 @@ pub(super) async fn run(p: &Pipeline, mut current: Versioned<Ticket>) -> Result<
             }
             Err(e) => return p.retry_later(&sent, next, e.to_string(), e.retry_after(), exchanges).await,
         }
+        if next.pay.next_operation().is_none() {
+            // The last operation answered: the ticket ends in the write that records it.
+            return finish(p, &sent, next, exchanges).await;
+        }
         current = p.commit(&sent, next, None, exchanges, Vec::new()).await?;
         claimed_here = true;
     }
-    finish(p, &current).await
+    finish(p, &current, current.value.clone(), Vec::new()).await
 }
 
 /// Every step done: paid. Every done step undone after a decline: failed, and the reservation goes back.
-async fn finish(p: &Pipeline, current: &Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
-    let mut ticket = current.value.clone();
+/// `ticket` is `current` with the last operation's answer applied, `exchanges` what it took.
+async fn finish(p: &Pipeline, current: &Versioned<Ticket>, mut ticket: Ticket, exchanges: Vec<Event>) -> Result<Versioned<Ticket>, StageError> {
     let amount = ticket.reserved;
     let money = format_minor(amount, ticket.currency);
     let now = Utc::now();
@@ -60,12 +64,12 @@ async fn finish(p: &Pipeline, current: &Versioned<Ticket>) -> Result<Versioned<T
             ticket.paid = amount;
             ticket.end(Status::Paid, None, now);
             let paid = p.event(&ticket, Stage::Pay, EventKind::Paid { amount: money });
-            p.commit(current, ticket, None, Vec::new(), vec![paid]).await
+            p.commit(current, ticket, None, exchanges, vec![paid]).await
         }
         Some(reason) => {
             ticket.end(Status::Failed, Some(reason), now);
             let released = p.event(&ticket, Stage::Pay, EventKind::BudgetReleased { amount: money });
-            p.commit(current, ticket, Some(BudgetChange::Release(amount)), Vec::new(), vec![released]).await
+            p.commit(current, ticket, Some(BudgetChange::Release(amount)), exchanges, vec![released]).await
         }
     }
 }

@@ -472,9 +472,10 @@ fn ends_holding_nothing(t: &Ticket) -> bool {
     matches!(t.status, Status::OverBudget | Status::Parked) && t.reserved == 0 && t.paid == 0
 }
 
-/// The physical partitions of the emulated records container when its throughput is not capped.
+/// The physical partitions of the emulated records container when its throughput is not
+/// capped: as many as a cross-partition query may fan out to (the SDK refuses more than 100).
 #[cfg(feature = "cosmos-emulator")]
-const UNLIMITED_PARTITIONS: u32 = 256;
+const UNLIMITED_PARTITIONS: u32 = 100;
 /// The most one physical partition serves, in RU/s.
 #[cfg(feature = "cosmos-emulator")]
 const PHYSICAL_PARTITION_RU: u64 = 10_000;

@@ -415,14 +415,18 @@ impl CosmosStore {
         Err(StoreError::Conflict(format!("batch {batch_id} (budget kept changing)")))
     }
 
-    /// Gives the ticket's commitment of `amount` back to the budget, once: no commitment
-    /// left means an earlier try of this same change gave it back already.
-    async fn release_budget(&self, ticket: &Ticket, amount: i64) -> Result<()> {
+    /// Gives the ticket's commitment back to the budget, once: no commitment left means
+    /// an earlier try of this same change gave it back already. `amount`: what the change
+    /// says is committed (refused if it is not); `None`, whatever is.
+    async fn release_budget(&self, ticket: &Ticket, amount: Option<i64>) -> Result<()> {
         let batch_id = ticket.batch_id.as_str();
         let what = format!("budget of batch {batch_id} for ticket {}", ticket.ticket_id);
         for attempt in 0..BATCH_DOC_ATTEMPTS {
             let Some(held) = self.commitment(ticket).await? else { return Ok(()) };
-            same_amount(&held, amount, &what)?;
+            if let Some(amount) = amount {
+                same_amount(&held, amount, &what)?;
+            }
+            let amount = held.amount;
             let held_etag = held.etag.clone().ok_or_else(|| invalid(format!("{what}: commitment has no _etag")))?;
             let mut doc = self.batch_doc(batch_id).await?.ok_or_else(|| StoreError::NotFound(format!("batch {batch_id}")))?;
             if amount < 0 || doc.batch.committed < amount {
@@ -447,13 +451,8 @@ impl CosmosStore {
     /// A ticket that ended holding nothing gives back a commitment left by a reservation
     /// whose ticket write never landed. Best effort: kept, it only holds budget unused.
     async fn give_back_stray_commitment(&self, ticket: &Ticket) {
-        let stray = match self.commitment(ticket).await {
-            Ok(Some(held)) => held,
-            Ok(None) => return,
-            Err(e) => return tracing::warn!(error = %e, ticket = %ticket.ticket_id, "could not look for a stray budget commitment"),
-        };
-        if let Err(e) = self.release_budget(ticket, stray.amount).await {
-            tracing::warn!(error = %e, ticket = %ticket.ticket_id, amount = stray.amount, "could not give back a stray budget commitment");
+        if let Err(e) = self.release_budget(ticket, None).await {
+            tracing::warn!(error = %e, ticket = %ticket.ticket_id, "could not give back a stray budget commitment");
         }
     }
 }
@@ -633,7 +632,7 @@ impl Store for CosmosStore {
         }
         match budget {
             Some(BudgetChange::Reserve(n)) => self.commit_budget(&ticket, &etag, n).await?,
-            Some(BudgetChange::Release(n)) => self.release_budget(&ticket, n).await?,
+            Some(BudgetChange::Release(n)) => self.release_budget(&ticket, Some(n)).await?,
             None => {}
         }
         let ticket_doc = TicketDoc::new(&ticket);

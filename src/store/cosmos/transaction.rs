@@ -13,7 +13,7 @@ use azure_data_cosmos::TransactionalBatch;
 use azure_data_cosmos::options::{BatchReplaceOptions, Precondition};
 use serde::{Deserialize, Serialize};
 
-use super::{map_err, CosmosStore, RECORDS};
+use super::{invalid, map_err, CosmosStore, RECORDS};
 use crate::store::{Result, StoreError};
 
 /// At most this many operations in one transactional batch (and 2 MB).
@@ -60,13 +60,13 @@ impl Transaction {
     }
 
     fn value(doc: &impl Serialize) -> Result<serde_json::Value> {
-        serde_json::to_value(doc).map_err(|e| StoreError::Invalid(e.to_string()))
+        serde_json::to_value(doc).map_err(invalid)
     }
 
     pub(super) fn create(mut self, doc: &impl Serialize) -> Result<Transaction> {
         let doc = Self::value(doc)?;
         self.price(Write::Create, &doc);
-        self.ops = self.ops.create_item(doc).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.ops = self.ops.create_item(doc).map_err(invalid)?;
         Ok(self)
     }
 
@@ -74,7 +74,7 @@ impl Transaction {
     pub(super) fn upsert(mut self, doc: &impl Serialize) -> Result<Transaction> {
         let doc = Self::value(doc)?;
         self.price(Write::Create, &doc);
-        self.ops = self.ops.upsert_item(doc, None).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.ops = self.ops.upsert_item(doc, None).map_err(invalid)?;
         Ok(self)
     }
 
@@ -83,7 +83,7 @@ impl Transaction {
         let doc = Self::value(doc)?;
         self.price(Write::Replace, &doc);
         let options = BatchReplaceOptions::default().with_precondition(Precondition::if_match(etag.to_owned()));
-        self.ops = self.ops.replace_item(id.to_owned(), doc, Some(options)).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.ops = self.ops.replace_item(id.to_owned(), doc, Some(options)).map_err(invalid)?;
         Ok(self)
     }
 

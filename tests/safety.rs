@@ -194,3 +194,53 @@ fn what_a_provider_received_is_in_the_audit_trail_though_the_store_was_locked() 
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+#[test]
+fn a_payment_cut_off_between_its_steps_sends_no_step_twice_and_keeps_every_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    // Capture and settle answer at once; the ledger takes three seconds to post.
+    let scenario = std::fs::read_to_string(scenario(dir.path(), ""))
+        .unwrap()
+        .replace("timeout_ms = 2000", "timeout_ms = 6000")
+        .replace("hang_ms = 50\n", "hang_ms = 50\n[providers.ledger]\nlatency_ms = [3000, 3000]\n");
+    let path = dir.path().join("slow-ledger.toml");
+    std::fs::write(&path, scenario).unwrap();
+    let scenario = path.to_str().unwrap().to_owned();
+    let (_sim, providers) = simulator(&scenario);
+    let stack = Stack::start(StackOptions {
+        scenario: &scenario,
+        providers_url: Some(&providers),
+        data: &dir.path().join("data"),
+        env: &[],
+        extra_args: &[],
+    });
+    let batch = stack.submit(TICKETS, "100000.00");
+    // Every payment has its capture and settle answered and its post on the way: the handler dies.
+    poll("every post sent", Duration::from_secs(60), || (stats(&providers)["ledger"]["requests"].as_u64()? >= TICKETS as u64).then_some(()));
+    for pid in stack.host.children() {
+        // SAFETY: a handler process this test's host started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+
+    let status = stack.wait_complete(&batch, Duration::from_secs(180));
+    assert_eq!(status["counts"]["paid"], TICKETS, "{status}");
+    for (name, s) in stats(&providers).as_object().unwrap() {
+        assert_eq!(s.get("duplicates").and_then(Value::as_u64).unwrap_or(0), 0, "{name} was sent an applied operation again: {s}");
+    }
+    for t in stack.all_tickets(&batch) {
+        let id = t["ticket_id"].as_str().unwrap();
+        let view = stack.get(&format!("/api/batches/{batch}/tickets/{id}"));
+        let exchanges: Vec<&Value> = view["timeline"].as_array().unwrap().iter().filter(|e| e["type"] == "exchange").collect();
+        let sent = |provider: &str, operation: &str| -> Vec<&Value> {
+            exchanges.iter().copied().filter(|e| e["provider"] == provider && e["operation"] == operation).collect()
+        };
+        for (provider, operation) in [("gateway", "capture"), ("settlement", "settle")] {
+            let calls = sent(provider, operation);
+            assert_eq!(calls.len(), 1, "{operation} sent once: {view}");
+            assert_eq!(calls[0]["response"]["status"], 200, "its answer came before the handler died, and is kept: {view}");
+        }
+        let posts = sent("ledger", "post");
+        assert!(posts.iter().any(|e| e["outcome"] == "interrupted"), "the post on its way when the handler died is recorded: {view}");
+        assert_eq!(sent("receipt", "issue").len(), 1, "{view}");
+    }
+}

@@ -109,6 +109,8 @@ impl Ticket {
         let mut actions = match self.concern() {
             Some(Concern::UnknownOutcome) => vec![Action::ConfirmedApplied, Action::ConfirmedNotApplied],
             Some(Concern::RefusedCompensation) => vec![Action::UndoneByHand, Action::Redrive],
+            // What the step after a confirmed one did is learnt by going on, not by giving up.
+            Some(Concern::Stalled | Concern::Parked) if self.pay.slot.ask_first => vec![Action::Redrive],
             Some(Concern::Stalled | Concern::Parked) => vec![Action::Redrive, Action::GiveUp],
             Some(Concern::Duplicate) => vec![Action::Acknowledge],
             None => Vec::new(),
@@ -132,6 +134,7 @@ impl Ticket {
                     Some(_) => self.pay.undone += 1,
                 }
                 self.pay.slot.clear_claim();
+                self.pay.slot.ask_first = self.pay.next_operation().is_some();
                 let reference = resolution.provider_reference.as_deref().unwrap_or_default();
                 self.settled(format!("{operation} at {provider} confirmed applied by {} ({reference})", resolution.by), now);
             }
@@ -256,9 +259,21 @@ mod tests {
         assert!(!t.pay.slot.is_unknown());
         assert!(t.reason.as_deref().unwrap().contains("capture at gateway confirmed applied by ops (gw-1)"));
         assert_eq!(t.concern(), Some(Concern::Parked));
+        assert_eq!(t.open_actions(false), [Action::Redrive], "settle may have gone out after the capture: going on asks first");
         let done = t.resolve(by(Action::Redrive)).unwrap();
         assert_eq!((t.status, done.redriven_to), (Status::Pay, Some(Stage::Pay)));
         assert_eq!(t.pay.next_operation(), Some((crate::domain::PayStep::Settle, "settle")));
+        let lease = std::time::Duration::from_secs(60);
+        assert_eq!(t.pay.slot.claim_on("settle", Utc::now(), lease), crate::domain::ticket::Claim::Unknown, "the settlement provider is asked about settle first");
+    }
+
+    #[test]
+    fn the_last_step_confirmed_leaves_nothing_to_ask() {
+        let mut t = unknown(3, "issue");
+        t.resolve(by(Action::ConfirmedApplied)).unwrap();
+        assert_eq!(t.pay.next_operation(), None);
+        assert!(t.pay.slot.is_empty());
+        assert_eq!(t.open_actions(false), [Action::Redrive, Action::GiveUp]);
     }
 
     #[test]

@@ -212,17 +212,23 @@ pub struct OperationSlot {
     /// A claim older than the lease belongs to an invocation that died.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_at: Option<DateTime<Utc>>,
+    /// The next operation may have gone out though nothing is in flight: a
+    /// claim covers the operations after the one it names, and a person
+    /// settled only that one. The provider is asked before it is sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ask_first: bool,
 }
 
 impl OperationSlot {
     pub fn is_empty(&self) -> bool {
-        self.in_flight.is_none() && self.claimed_at.is_none()
+        self.in_flight.is_none() && self.claimed_at.is_none() && !self.ask_first
     }
 
     /// Records `operation` as about to be sent by the caller.
     pub fn claim(&mut self, operation: &str, now: DateTime<Utc>) {
         self.in_flight = Some(operation.to_owned());
         self.claimed_at = Some(now);
+        self.ask_first = false;
     }
 
     /// The claimant lost the answer and stops: the outcome stays unknown, for anyone to resolve.
@@ -234,6 +240,7 @@ impl OperationSlot {
     pub fn clear_claim(&mut self) {
         self.in_flight = None;
         self.claimed_at = None;
+        self.ask_first = false;
     }
 
     /// Whether an operation was sent and its answer never recorded.
@@ -243,6 +250,9 @@ impl OperationSlot {
 
     /// Who may act on `operation` now.
     pub fn claim_on(&self, operation: &str, now: DateTime<Utc>, lease: Duration) -> Claim {
+        if self.ask_first {
+            return Claim::Unknown;
+        }
         if self.in_flight.as_deref() != Some(operation) {
             return Claim::Free;
         }

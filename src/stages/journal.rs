@@ -3,8 +3,10 @@
 //!
 //! One append-only file per process (`{uuid}.intents`), locked with `flock`
 //! while the process lives. A line per request about to be sent (its audit
-//! event, as it would be recorded unanswered), and a line naming the requests
-//! whose exchanges are recorded (`{"done": [ids]}`). Once the file grows past a
+//! event, as it would be recorded unanswered), a line with its answer when the
+//! exchange waits for more calls before it is recorded (the later line of a
+//! request stands), and a line naming the requests whose exchanges are
+//! recorded (`{"done": [ids]}`). Once the file grows past a
 //! few megabytes it is rewritten with the open requests only. A process that
 //! dies leaves its file unlocked; the next process to start reads it and
 //! records every open request as interrupted (see [`super::spool`]).
@@ -72,8 +74,8 @@ impl Journal {
         &self.path
     }
 
-    /// Notes a request about to be sent, under its request id.
-    pub fn sending(&self, id: &str, event: &Event) -> std::io::Result<()> {
+    /// Notes a request about to be sent, or its answer, under its request id.
+    pub fn note(&self, id: &str, event: &Event) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(event).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut open = self.file.lock().unwrap_or_else(|p| p.into_inner());
@@ -137,6 +139,7 @@ impl Left {
             return None;
         }
         let mut sent: Vec<(String, Event)> = Vec::new();
+        let mut at: HashMap<String, usize> = HashMap::new();
         let mut done: HashSet<String> = HashSet::new();
         for line in std::io::BufReader::new(&file).split(b'\n') {
             let Ok(line) = line else { break };
@@ -145,7 +148,13 @@ impl Left {
             } else if let Ok(event) = serde_json::from_slice::<Event>(&line)
                 && let Some(id) = super::spool::event_request_id(&event)
             {
-                sent.push((id.to_owned(), event));
+                match at.get(id) {
+                    Some(&i) => sent[i].1 = event,
+                    None => {
+                        at.insert(id.to_owned(), sent.len());
+                        sent.push((id.to_owned(), event));
+                    }
+                }
             }
             // Anything else is a line cut short by the process dying while writing it:
             // its request was not sent yet.
@@ -196,7 +205,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::create(dir.path()).unwrap();
         for id in ["r1", "r2", "r3"] {
-            journal.sending(id, &sent(id)).unwrap();
+            journal.note(id, &sent(id)).unwrap();
         }
         journal.done(["r1", "r3", "unknown"]);
         assert!(Left::open(journal.path()).is_none(), "a live process's journal is not taken");
@@ -209,10 +218,30 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_noted_after_its_request_is_what_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::create(dir.path()).unwrap();
+        let (r1, r2) = (sent("r1"), sent("r2"));
+        journal.note("r1", &r1).unwrap();
+        journal.note("r2", &r2).unwrap();
+        let mut answered = r1.clone();
+        let EventKind::Exchange(x) = &mut answered.kind else { unreachable!() };
+        x.response = Some(crate::domain::event::HttpResponseRecord { status: 200, headers: BTreeMap::new(), body: serde_json::json!({"applied": true}) });
+        x.outcome = "ok".into();
+        journal.note("r1", &answered).unwrap();
+        let path = journal.path().to_owned();
+        drop(journal);
+        let left = Left::open(&path).unwrap();
+        assert_eq!(open_ids(&left), ["r1", "r2"], "one event per request, in the order they were sent");
+        assert_eq!(left.open[0], answered, "the answer stands over the request noted before it");
+        assert_eq!(left.open[1], r2, "a request never answered stays as it was sent");
+    }
+
+    #[test]
     fn a_line_cut_short_by_a_kill_is_no_request() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::create(dir.path()).unwrap();
-        journal.sending("r1", &sent("r1")).unwrap();
+        journal.note("r1", &sent("r1")).unwrap();
         let path = journal.path().to_owned();
         drop(journal);
         let whole = serde_json::to_vec(&sent("r2")).unwrap();
@@ -224,12 +253,12 @@ mod tests {
     fn a_rewritten_journal_keeps_every_open_request_and_its_lock() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::create(dir.path()).unwrap();
-        journal.sending("keep", &sent("keep")).unwrap();
+        journal.note("keep", &sent("keep")).unwrap();
         let len = |j: &Journal| std::fs::metadata(j.path()).unwrap().len();
         let mut longest = 0;
         for n in 0.. {
             let id = format!("r{n}");
-            journal.sending(&id, &sent(&id)).unwrap();
+            journal.note(&id, &sent(&id)).unwrap();
             journal.done([id.as_str()]);
             if len(&journal) < longest {
                 break;
@@ -238,7 +267,7 @@ mod tests {
             assert!(longest <= 2 * REWRITE_PAST, "the journal was never rewritten");
         }
         assert!(longest > REWRITE_PAST / 2 && len(&journal) < 4096, "rewritten with the open requests only, {longest} then {}", len(&journal));
-        journal.sending("last", &sent("last")).unwrap();
+        journal.note("last", &sent("last")).unwrap();
         assert!(Left::open(journal.path()).is_none(), "still locked after the rewrite");
         let path = journal.path().to_owned();
         drop(journal);

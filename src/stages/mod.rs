@@ -63,11 +63,47 @@ pub enum StageError {
     Busy { until: chrono::DateTime<Utc> },
 }
 
-/// An operation sent at most once: the ticket as it now stands, what was said, and the result.
-struct Sent {
-    current: Versioned<Ticket>,
+/// One invocation's run of at-most-once operations on a ticket (a payment's
+/// steps, a notification): the version last stored, the ticket as the run has
+/// moved it since, and the exchanges not stored yet.
+///
+/// One claim covers the operations sent in a row: written before the first is
+/// sent, it names the next operation to send, and says that it and those after
+/// it (in the same direction: forward, or undoing) may have gone out. So the
+/// run writes again only to renew an ageing claim, to turn from paying to
+/// undoing, and at its end.
+struct Run {
+    stored: Versioned<Ticket>,
+    ticket: Ticket,
     exchanges: Vec<Event>,
-    result: Result<(), CallError>,
+    /// How many of `exchanges` are noted with their answers in the journal.
+    noted: usize,
+    hold: Hold,
+}
+
+/// Where a run stands with the ticket's claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// Not taken yet: the stored claim says who may send.
+    Unclaimed,
+    /// An earlier run's answers were lost: each operation is asked for by key
+    /// before it is sent, until one turns out never applied.
+    Asking,
+    /// Held by this run, from a write stamped at this time.
+    Since(chrono::DateTime<Utc>),
+}
+
+impl Run {
+    fn new(stored: Versioned<Ticket>) -> Run {
+        Run { ticket: stored.value.clone(), stored, exchanges: Vec::new(), noted: 0, hold: Hold::Unclaimed }
+    }
+
+    /// Notes the answers not stored yet, before another call goes out: should
+    /// the process stop first, they are recorded as they came.
+    fn note_answers(&mut self, spool: &spool::AuditSpool) {
+        spool.answered(&self.exchanges[self.noted..]);
+        self.noted = self.exchanges.len();
+    }
 }
 
 /// What an invocation did, for the host's log.
@@ -370,58 +406,65 @@ impl Pipeline {
         self.commit(current, ticket, None, exchanges, events).await
     }
 
-    /// Sends an operation that must be applied at most once (a payment step, a
-    /// notification). The ticket records it as in flight before it is sent; if an
-    /// earlier attempt lost the answer, the provider is asked by key first.
-    /// `claimed_here`: this invocation recorded the claim itself, so it was not sent yet.
+    /// Sends an operation of `run` that must be applied at most once. The run
+    /// claims the ticket before its first send; an operation whose answer an
+    /// earlier run lost is asked for by key first (answered `Ok` if it was
+    /// applied, and then the next one is asked for too).
     async fn send_once(
         &self,
-        mut current: Versioned<Ticket>,
+        run: &mut Run,
         stage: Stage,
         provider: ProviderName,
         operation: &str,
         request: &OperationRequest,
-        claimed_here: bool,
-    ) -> Result<Sent, StageError> {
-        let key = current.value.operation_key(operation);
-        let mut exchanges = Vec::new();
+    ) -> Result<Result<(), CallError>, StageError> {
         let now = Utc::now();
-        let claim = if claimed_here { Claim::Free } else { current.value.slot(stage).claim_on(operation, now, self.claim_lease) };
-        // A claim folded into the last step's commit was stamped before that write
-        // landed, which a busy store may delay: renewed once it is no longer young,
-        // so the call goes out well within its lease and nobody who finds the lease
-        // lapsed asks the provider while this call is still on its way.
-        let aged = claimed_here && current.value.slot(stage).claimed_at.is_none_or(|at| now - at > chrono::Duration::from_std(self.claim_lease / 4).unwrap_or_default());
-        match claim {
-            _ if aged => current = self.claim(&current, stage, operation, Vec::new()).await?,
-            _ if claimed_here => {}
-            Claim::Held { until } => return Err(StageError::Busy { until }),
-            Claim::Free => current = self.claim(&current, stage, operation, Vec::new()).await?,
-            Claim::Unknown => {
-                let status = self.providers.operation_status(provider, &key, &Caller::of(&current.value, stage)).await;
-                exchanges.push(self.exchange_event(&current.value, stage, status.exchange));
-                match status.result {
-                    Ok(Some(_)) => return Ok(Sent { current, exchanges, result: Ok(()) }),
-                    Ok(None) => current = self.claim(&current, stage, operation, std::mem::take(&mut exchanges)).await?,
-                    Err(e) => return Ok(Sent { current, exchanges, result: Err(e) }),
+        match run.hold {
+            Hold::Since(at) if now - at <= self.claim_renewal() => {}
+            // Renewed once no longer young, so no call leaves near the end of the
+            // lease and nobody who finds it lapsed asks while a call is on its way.
+            Hold::Since(_) => self.claim(run, stage, operation).await?,
+            Hold::Asking => {}
+            Hold::Unclaimed => match run.ticket.slot(stage).claim_on(operation, now, self.claim_lease) {
+                Claim::Held { until } => return Err(StageError::Busy { until }),
+                Claim::Free => self.claim(run, stage, operation).await?,
+                Claim::Unknown => {
+                    // Until the provider answers, this is the operation whose outcome is unknown.
+                    let slot = run.ticket.slot_mut(stage);
+                    slot.in_flight = Some(operation.to_owned());
+                    slot.ask_first = false;
+                    run.hold = Hold::Asking;
                 }
+            },
+        }
+        let key = run.ticket.operation_key(operation);
+        if run.hold == Hold::Asking {
+            let status = self.providers.operation_status(provider, &key, &Caller::of(&run.ticket, stage)).await;
+            run.exchanges.push(self.exchange_event(&run.ticket, stage, status.exchange));
+            match status.result {
+                Ok(Some(_)) => return Ok(Ok(())),
+                Ok(None) => self.claim(run, stage, operation).await?,
+                Err(e) => return Ok(Err(e)),
             }
         }
-        let call = self.providers.operate(provider, operation, &key, request, &Caller::of(&current.value, stage)).await;
-        exchanges.push(self.exchange_event(&current.value, stage, call.exchange));
-        Ok(Sent { current, exchanges, result: call.result.map(drop) })
+        let call = self.providers.operate(provider, operation, &key, request, &Caller::of(&run.ticket, stage)).await;
+        run.exchanges.push(self.exchange_event(&run.ticket, stage, call.exchange));
+        Ok(call.result.map(drop))
     }
 
-    async fn claim(
-        &self,
-        current: &Versioned<Ticket>,
-        stage: Stage,
-        operation: &str,
-        exchanges: Vec<Event>,
-    ) -> Result<Versioned<Ticket>, StageError> {
-        let mut claimed = current.value.clone();
-        claimed.slot_mut(stage).claim(operation, Utc::now());
-        self.commit(current, claimed, None, exchanges, Vec::new()).await
+    /// How old a run's claim may get before it is written again.
+    fn claim_renewal(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.claim_lease / 4).unwrap_or_default()
+    }
+
+    /// Claims `operation` (and those after it) for `run`, with what the run did so far.
+    async fn claim(&self, run: &mut Run, stage: Stage, operation: &str) -> Result<(), StageError> {
+        let now = Utc::now();
+        run.ticket.slot_mut(stage).claim(operation, now);
+        run.noted = 0;
+        run.stored = self.commit(&run.stored, run.ticket.clone(), None, std::mem::take(&mut run.exchanges), Vec::new()).await?;
+        run.hold = Hold::Since(now);
+        Ok(())
     }
 
     fn event(&self, ticket: &Ticket, stage: Stage, kind: EventKind) -> Event {

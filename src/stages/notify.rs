@@ -4,7 +4,7 @@
 
 use chrono::Utc;
 
-use super::{Pipeline, Sent, StageError};
+use super::{Pipeline, Run, StageError};
 use crate::domain::money::format_minor;
 use crate::domain::{EventKind, Stage, Ticket};
 use crate::providers::client::CallError;
@@ -14,13 +14,13 @@ use crate::store::Versioned;
 
 pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
     let request = request(&current.value);
-    let Sent { current, exchanges, result } =
-        p.send_once(current, Stage::Notify, ProviderName::Notifier, "notify", &request, false).await?;
-    let mut ticket = current.value.clone();
+    let mut run = Run::new(current);
+    let result = p.send_once(&mut run, Stage::Notify, ProviderName::Notifier, "notify", &request).await?;
+    let Run { stored, mut ticket, exchanges, .. } = run;
     let outcome = match result {
         Ok(()) => "sent".to_owned(),
         Err(CallError::Permanent { error, .. }) => format!("refused: {error}"),
-        Err(e) => return p.retry_later(&current, ticket, e.to_string(), e.retry_after(), exchanges).await,
+        Err(e) => return p.retry_later(&stored, ticket, e.to_string(), e.retry_after(), exchanges).await,
     };
     ticket.notice.clear_claim();
     ticket.notified = true;
@@ -28,7 +28,7 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     ticket.retry_at = None;
     ticket.updated_at = Utc::now();
     let told = p.event(&ticket, Stage::Notify, EventKind::Notified { outcome });
-    p.commit(&current, ticket, None, exchanges, vec![told]).await
+    p.commit(&stored, ticket, None, exchanges, vec![told]).await
 }
 
 fn request(ticket: &Ticket) -> OperationRequest {

@@ -5,56 +5,60 @@
 
 use chrono::Utc;
 
-use super::{Pipeline, Sent, StageError};
+use super::{Pipeline, Run, StageError};
 use crate::domain::money::format_minor;
-use crate::domain::{Event, EventKind, Stage, Status, Ticket};
+use crate::domain::{EventKind, Stage, Status, Ticket};
 use crate::providers::client::CallError;
 use crate::providers::wire::{OperationRequest, WireMoney};
 use crate::store::{BudgetChange, Versioned};
 
-pub(super) async fn run(p: &Pipeline, mut current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
-    let mut claimed_here = false;
-    while let Some((step, operation)) = current.value.pay.next_operation() {
+pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
+    let mut run = Run::new(current);
+    while let Some((step, operation)) = run.ticket.pay.next_operation() {
         let provider = step.provider();
-        let request = operation_request(&current.value);
-        let Sent { current: sent, exchanges, result } =
-            p.send_once(current, Stage::Pay, provider, operation, &request, claimed_here).await?;
-        let mut next = sent.value.clone();
+        let request = operation_request(&run.ticket);
+        let result = p.send_once(&mut run, Stage::Pay, provider, operation, &request).await?;
         let now = Utc::now();
         match result {
-            Ok(()) => next.pay.applied(now),
-            Err(CallError::Permanent { error, .. }) if next.pay.failure.is_none() => {
-                next.pay.declined(format!("{provider} declined {operation}: {error}"), now);
+            Ok(()) => run.ticket.pay.applied(now),
+            Err(CallError::Permanent { error, .. }) if run.ticket.pay.failure.is_none() => {
+                run.ticket.pay.declined(format!("{provider} declined {operation}: {error}"), now);
+                // A claim covers one direction: undoing starts under a claim of its own.
+                if let Some((_, undo)) = run.ticket.pay.next_operation() {
+                    p.claim(&mut run, Stage::Pay, undo).await?;
+                }
+                continue;
             }
             Err(CallError::Permanent { error, .. }) => {
                 let reason = format!(
                     "{provider} refused {operation} while undoing a declined payment ({}): {error}; needs an operator",
-                    next.pay.failure.as_deref().unwrap_or_default()
+                    run.ticket.pay.failure.as_deref().unwrap_or_default()
                 );
-                next.pay.slot.clear_claim();
-                next.parked_stage = Some(Stage::Pay);
-                next.end(Status::Parked, Some(reason), now);
-                return p.commit(&sent, next, None, exchanges, Vec::new()).await;
+                let Run { stored, mut ticket, exchanges, .. } = run;
+                ticket.pay.slot.clear_claim();
+                ticket.parked_stage = Some(Stage::Pay);
+                ticket.end(Status::Parked, Some(reason), now);
+                return p.commit(&stored, ticket, None, exchanges, Vec::new()).await;
             }
             Err(e @ CallError::Transient { .. }) => {
                 let error = format!("outcome unknown at {provider} ({operation}): {e}");
-                return p.retry_later(&sent, next, error, e.retry_after(), exchanges).await;
+                return p.retry_later(&run.stored, run.ticket, error, e.retry_after(), run.exchanges).await;
             }
-            Err(e) => return p.retry_later(&sent, next, e.to_string(), e.retry_after(), exchanges).await,
+            Err(e) => return p.retry_later(&run.stored, run.ticket, e.to_string(), e.retry_after(), run.exchanges).await,
         }
-        if next.pay.next_operation().is_none() {
-            // The last operation answered: the ticket ends in the write that records it.
-            return finish(p, &sent, next, exchanges).await;
+        if run.ticket.pay.next_operation().is_some() {
+            // The next call goes out before this answer is stored: noted meanwhile.
+            run.note_answers(&p.spool);
         }
-        current = p.commit(&sent, next, None, exchanges, Vec::new()).await?;
-        claimed_here = true;
     }
-    finish(p, &current, current.value.clone(), Vec::new()).await
+    finish(p, run).await
 }
 
-/// Every step done: paid. Every done step undone after a decline: failed, and the reservation goes back.
-/// `ticket` is `current` with the last operation's answer applied, `exchanges` what it took.
-async fn finish(p: &Pipeline, current: &Versioned<Ticket>, mut ticket: Ticket, exchanges: Vec<Event>) -> Result<Versioned<Ticket>, StageError> {
+/// Every step done: paid. Every done step undone after a decline: failed, and
+/// the reservation goes back. The ticket ends in the write that records the
+/// last operation's answer.
+async fn finish(p: &Pipeline, run: Run) -> Result<Versioned<Ticket>, StageError> {
+    let Run { stored, mut ticket, exchanges, .. } = run;
     let amount = ticket.reserved;
     let money = format_minor(amount, ticket.currency);
     let now = Utc::now();
@@ -64,12 +68,12 @@ async fn finish(p: &Pipeline, current: &Versioned<Ticket>, mut ticket: Ticket, e
             ticket.paid = amount;
             ticket.end(Status::Paid, None, now);
             let paid = p.event(&ticket, Stage::Pay, EventKind::Paid { amount: money });
-            p.commit(current, ticket, None, exchanges, vec![paid]).await
+            p.commit(&stored, ticket, None, exchanges, vec![paid]).await
         }
         Some(reason) => {
             ticket.end(Status::Failed, Some(reason), now);
             let released = p.event(&ticket, Stage::Pay, EventKind::BudgetReleased { amount: money });
-            p.commit(current, ticket, Some(BudgetChange::Release(amount)), exchanges, vec![released]).await
+            p.commit(&stored, ticket, Some(BudgetChange::Release(amount)), exchanges, vec![released]).await
         }
     }
 }

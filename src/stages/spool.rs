@@ -4,9 +4,11 @@
 //!   throttled, down) are written here at once, then appended to the store as
 //!   soon as it answers again, oldest first.
 //! - Every provider request is noted here just before it is sent (in this
-//!   process's [`Journal`]) until its exchange is recorded. A request left
-//!   open by a process that was killed in between becomes an `interrupted`
-//!   exchange in the ticket's trail, unless the trail has it.
+//!   process's [`Journal`]) until its exchange is recorded, and noted again
+//!   with its answer when the exchange waits for later calls of the same
+//!   invocation. A request left open by a process that was killed in between
+//!   enters the ticket's trail as it was noted last (answered, or
+//!   `interrupted`), unless the trail has it.
 //!
 //! A handler that is killed meanwhile finds both here when it starts again.
 
@@ -76,6 +78,18 @@ impl AuditSpool {
         }
     }
 
+    /// These exchanges were answered and wait for more calls before they are
+    /// recorded: their notes keep the answers, should the process stop first.
+    pub fn answered(&self, events: &[Event]) {
+        for event in events {
+            if let Some(id) = event_request_id(event)
+                && let Err(e) = self.journal.note(id, event)
+            {
+                tracing::warn!(error = %e, "cannot note a provider's answer");
+            }
+        }
+    }
+
     /// These exchanges are recorded (in the store or here): their notes go.
     pub fn settle(&self, events: &[Event]) {
         self.journal.done(events.iter().filter_map(event_request_id));
@@ -112,7 +126,8 @@ impl AuditSpool {
     }
 
     /// Journals left by processes that are gone: each open request is recorded
-    /// as interrupted unless its ticket's trail already has it.
+    /// (with its answer if one was noted, else as interrupted) unless its
+    /// ticket's trail already has it.
     async fn recover_notes(&self) -> usize {
         let mut recovered = 0;
         let mut left = self.files(journal::EXTENSION).await;
@@ -125,7 +140,7 @@ impl AuditSpool {
             let Some(journal) = tokio::task::spawn_blocking(move || Left::open(&path)).await.ok().flatten() else { continue };
             let mut all_recorded = true;
             for event in &journal.open {
-                match self.record_interrupted(event.clone()).await {
+                match self.record_left(event.clone()).await {
                     Ok(true) => recovered += 1,
                     Ok(false) => {}
                     Err(()) => {
@@ -142,17 +157,20 @@ impl AuditSpool {
         recovered
     }
 
-    /// Records a request noted as sent, and never seen answered, as interrupted;
-    /// `false` if its trail has it already, `Err` if the store cannot say.
-    async fn record_interrupted(&self, mut event: Event) -> Result<bool, ()> {
+    /// Records a request noted as sent and never recorded: as it was answered, or
+    /// as interrupted if no answer was noted; `false` if its trail has it
+    /// already, `Err` if the store cannot say.
+    async fn record_left(&self, mut event: Event) -> Result<bool, ()> {
         let EventKind::Exchange(x) = &mut event.kind else { return Ok(false) };
         let id = request_id(x).unwrap_or_default().to_owned();
         let trail = self.store.events(&event.batch_id, &event.ticket_id).await.map_err(drop)?;
         if trail.iter().any(|e| matches!(&e.kind, EventKind::Exchange(r) if request_id(r) == Some(id.as_str()))) {
             return Ok(false);
         }
-        x.outcome = "interrupted".into();
-        x.error = Some("the process stopped before the answer was recorded: the provider may have received it".into());
+        if x.response.is_none() {
+            x.outcome = "interrupted".into();
+            x.error = Some("the process stopped before the answer was recorded: the provider may have received it".into());
+        }
         self.store.append_events(std::slice::from_ref(&event)).await.map_err(drop)?;
         Ok(true)
     }
@@ -193,7 +211,7 @@ impl RequestJournal for AuditSpool {
         let (Ok(batch), Ok(ticket)) = (BatchId::parse(caller.batch_id), TicketId::parse(caller.ticket_id)) else { return };
         let Some(id) = request_id(&exchange).map(str::to_owned) else { return };
         let event = Event::new(&batch, &ticket, caller.stage, EventKind::Exchange(Box::new(exchange)), Utc::now());
-        if let Err(e) = self.journal.sending(&id, &event) {
+        if let Err(e) = self.journal.note(&id, &event) {
             tracing::warn!(error = %e, "cannot note a provider request before sending it");
         }
     }

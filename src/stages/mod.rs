@@ -78,24 +78,16 @@ struct Run {
     exchanges: Vec<Event>,
     /// How many of `exchanges` are noted with their answers in the journal.
     noted: usize,
-    hold: Hold,
-}
-
-/// Where a run stands with the ticket's claim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Hold {
-    /// Not taken yet: the stored claim says who may send.
-    Unclaimed,
+    /// When the claim this run holds was stamped, once it holds one.
+    claimed: Option<chrono::DateTime<Utc>>,
     /// An earlier run's answers were lost: each operation is asked for by key
     /// before it is sent, until one turns out never applied.
-    Asking,
-    /// Held by this run, from a write stamped at this time.
-    Since(chrono::DateTime<Utc>),
+    asking: bool,
 }
 
 impl Run {
     fn new(stored: Versioned<Ticket>) -> Run {
-        Run { ticket: stored.value.clone(), stored, exchanges: Vec::new(), noted: 0, hold: Hold::Unclaimed }
+        Run { ticket: stored.value.clone(), stored, exchanges: Vec::new(), noted: 0, claimed: None, asking: false }
     }
 
     /// Notes the answers not stored yet, before another call goes out: should
@@ -407,8 +399,8 @@ impl Pipeline {
     }
 
     /// Sends an operation of `run` that must be applied at most once. The run
-    /// claims the ticket before its first send; an operation whose answer an
-    /// earlier run lost is asked for by key first (answered `Ok` if it was
+    /// claims the ticket before its first request; an operation whose answer
+    /// an earlier run lost is asked for by key first (answered `Ok` if it was
     /// applied, and then the next one is asked for too).
     async fn send_once(
         &self,
@@ -419,31 +411,28 @@ impl Pipeline {
         request: &OperationRequest,
     ) -> Result<Result<(), CallError>, StageError> {
         let now = Utc::now();
-        match run.hold {
-            Hold::Since(at) if now - at <= self.claim_renewal() => {}
+        match run.claimed {
+            Some(at) if now - at <= self.claim_renewal() => {}
             // Renewed once no longer young, so no call leaves near the end of the
             // lease and nobody who finds it lapsed asks while a call is on its way.
-            Hold::Since(_) => self.claim(run, stage, operation).await?,
-            Hold::Asking => {}
-            Hold::Unclaimed => match run.ticket.slot(stage).claim_on(operation, now, self.claim_lease) {
+            Some(_) => self.claim(run, stage, operation).await?,
+            None => match run.ticket.slot(stage).claim_on(operation, now, self.claim_lease) {
                 Claim::Held { until } => return Err(StageError::Busy { until }),
                 Claim::Free => self.claim(run, stage, operation).await?,
+                // Claimed before asking, so two runs never ask (and then send) at once.
                 Claim::Unknown => {
-                    // Until the provider answers, this is the operation whose outcome is unknown.
-                    let slot = run.ticket.slot_mut(stage);
-                    slot.in_flight = Some(operation.to_owned());
-                    slot.ask_first = false;
-                    run.hold = Hold::Asking;
+                    self.claim(run, stage, operation).await?;
+                    run.asking = true;
                 }
             },
         }
         let key = run.ticket.operation_key(operation);
-        if run.hold == Hold::Asking {
+        if run.asking {
             let status = self.providers.operation_status(provider, &key, &Caller::of(&run.ticket, stage)).await;
             run.exchanges.push(self.exchange_event(&run.ticket, stage, status.exchange));
             match status.result {
                 Ok(Some(_)) => return Ok(Ok(())),
-                Ok(None) => self.claim(run, stage, operation).await?,
+                Ok(None) => run.asking = false,
                 Err(e) => return Ok(Err(e)),
             }
         }
@@ -463,7 +452,16 @@ impl Pipeline {
         run.ticket.slot_mut(stage).claim(operation, now);
         run.noted = 0;
         run.stored = self.commit(&run.stored, run.ticket.clone(), None, std::mem::take(&mut run.exchanges), Vec::new()).await?;
-        run.hold = Hold::Since(now);
+        // A claim is stamped before it is written. One that a slow store kept until it
+        // was no longer young may lapse while its call is on the way, and whoever finds
+        // it lapsed would ask, hear "never applied", and send again: nothing is sent
+        // under it. It lapses on its own, and the next run asks first.
+        let took = Utc::now() - now;
+        if took > self.claim_renewal() {
+            let error = format!("the store took {} ms to record the claim on {operation}", took.num_milliseconds());
+            return Err(StoreError::Unavailable(error).into());
+        }
+        run.claimed = Some(now);
         Ok(())
     }
 

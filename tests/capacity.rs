@@ -69,7 +69,7 @@ async fn tried(client: Arc<ProviderClient>, from: usize, n: usize, tries: usize)
             let caller = Caller { batch_id: "b-1", ticket_id: &ticket_id, client_id: "ops", stage: Stage::Lookup, attempt: 0 };
             // A call that found no capacity in time is tried again, as a stage's retry would.
             for _ in 0..tries {
-                if client.lookup("CITY-PARKING", "EUR", &caller).await.result.is_ok() {
+                if client.lookup("CITY-PARKING", ticketpay::domain::Currency::parse("EUR").unwrap(), &caller).await.result.is_ok() {
                     return true;
                 }
             }

@@ -172,7 +172,7 @@ async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(st
     assert_eq!(batch.remaining(), batch.budget - summary.reserved - summary.paid);
 }
 
-async fn a_failed_payment_releases_its_reservation(store: Arc<dyn Store>) {
+async fn a_failed_payment_releases_exactly_its_reservation(store: Arc<dyn Store>) {
     let (b, ts) = seeded(store.as_ref(), 1_000, 2).await;
     let mut versions = Vec::new();
     for t in &ts {
@@ -187,6 +187,11 @@ async fn a_failed_payment_releases_its_reservation(store: Arc<dyn Store>) {
     store.update_ticket(TicketUpdate { ticket: paid, etag: versions[0].etag.clone(), budget: None, events: vec![] }).await.unwrap();
     let mut failed = versions[1].value.clone();
     (failed.status, failed.reserved) = (Status::Failed, 0);
+    let over = TicketUpdate { ticket: failed.clone(), etag: versions[1].etag.clone(), budget: Some(BudgetChange::Release(500)), events: vec![] };
+    assert!(matches!(store.update_ticket(over).await, Err(StoreError::Invalid(_))), "more than the ticket holds is refused");
+    let unchanged = store.ticket(&b.batch_id, &ts[1].ticket_id).await.unwrap().unwrap();
+    assert_eq!((unchanged.etag.as_str(), unchanged.value.status), (versions[1].etag.as_str(), Status::Pay), "and nothing is written");
+    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed, 800);
     let release = TicketUpdate { ticket: failed, etag: versions[1].etag.clone(), budget: Some(BudgetChange::Release(400)), events: vec![] };
     store.update_ticket(release).await.unwrap();
 
@@ -451,7 +456,7 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends() { let (s, _keep) = store().await; super::a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_failed_payment_releases_its_reservation() { let (s, _keep) = store().await; super::a_failed_payment_releases_its_reservation(s).await }
+            async fn a_failed_payment_releases_exactly_its_reservation() { let (s, _keep) = store().await; super::a_failed_payment_releases_exactly_its_reservation(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn events_are_appended_and_read_in_order() { let (s, _keep) = store().await; super::events_are_appended_and_read_in_order(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,10 +11,10 @@ pub mod resolution;
 pub mod ticket;
 pub mod upload;
 
-pub use batch::Batch;
+pub use batch::{Batch, Budget, BudgetError};
 pub use event::{Event, EventKind, Exchange};
 pub use ids::{AuthorityCode, BatchId, ClientId, Reference, TicketId};
-pub use money::{Currency, Money};
+pub use money::{Currency, Due, Money};
 pub use provider::ProviderName;
 pub use ticket::{PayProgress, PayStep, Pending, RetryPolicy, Stage, Status, Ticket};
 pub use upload::{BatchRequest, UploadError};

@@ -105,6 +105,32 @@ impl Money {
     }
 }
 
+/// What an issuing authority says a ticket owes, as the pipeline reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Due {
+    /// This much, in the batch's currency; more than nothing.
+    Owed(Money),
+    Nothing,
+    /// An answer that cannot be paid as it stands: why.
+    Unpayable(String),
+}
+
+impl Due {
+    /// Reads an authority's answer for a batch paying in `pays_in`: an amount in
+    /// another currency, or below zero, is no amount to pay.
+    pub fn read(nothing_due: bool, minor: i64, currency: &str, pays_in: Currency) -> Due {
+        if nothing_due || minor == 0 {
+            Due::Nothing
+        } else if currency != pays_in.code() {
+            Due::Unpayable(format!("the authority asks for {currency}, the batch pays in {pays_in}"))
+        } else if minor < 0 {
+            Due::Unpayable(format!("the authority answered a negative amount ({minor})"))
+        } else {
+            Due::Owed(Money::new(minor, pays_in))
+        }
+    }
+}
+
 /// Formats minor units as a decimal string in the currency's precision.
 pub fn format_minor(minor: i64, currency: Currency) -> String {
     let exponent = u32::from(currency.exponent);
@@ -127,6 +153,16 @@ impl fmt::Display for Money {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_authoritys_answer_is_owed_only_in_the_batchs_currency_and_above_zero() {
+        let eur = Currency::parse("EUR").unwrap();
+        assert_eq!(Due::read(false, 1250, "EUR", eur), Due::Owed(Money::new(1250, eur)));
+        assert_eq!(Due::read(true, 1250, "EUR", eur), Due::Nothing);
+        assert_eq!(Due::read(false, 0, "EUR", eur), Due::Nothing);
+        assert_eq!(Due::read(false, 1250, "USD", eur), Due::Unpayable("the authority asks for USD, the batch pays in EUR".into()));
+        assert_eq!(Due::read(false, -5, "EUR", eur), Due::Unpayable("the authority answered a negative amount (-5)".into()));
+    }
 
     fn eur() -> Currency {
         Currency::parse("EUR").unwrap()

@@ -13,10 +13,10 @@ use serde_json::Value;
 use super::capacity::Capacity;
 use super::limits::{ClientConfig, Limiter, slices};
 use super::redact::Redactor;
-use super::wire::{self, CheckRequest, CheckResponse, LookupResponse, OperationRequest, OperationResponse};
+use super::wire::{self, CheckRequest, CheckResponse, DueStatus, LookupResponse, OperationRequest, OperationResponse};
 use super::ProviderName;
 use crate::domain::event::{Exchange, HttpRequestRecord, HttpResponseRecord};
-use crate::domain::{Stage, Ticket};
+use crate::domain::{Currency, Due, Stage, Ticket};
 use tracing::Instrument;
 use tracing::field::Empty;
 
@@ -203,9 +203,12 @@ impl ProviderClient {
         self.capacity.as_ref()
     }
 
-    pub async fn lookup(&self, authority: &str, currency: &str, caller: &Caller<'_>) -> Call<LookupResponse> {
-        let path = format!("/{}/tickets/{}?currency={}", segment(authority), segment(caller.ticket_id), segment(currency));
-        self.typed(ProviderName::Authority, "lookup", Method::GET, path, None, None, caller).await
+    /// What the authority says the ticket owes, read for a batch paying in `currency`.
+    pub async fn lookup(&self, authority: &str, currency: Currency, caller: &Caller<'_>) -> Call<Due> {
+        let path = format!("/{}/tickets/{}?currency={}", segment(authority), segment(caller.ticket_id), segment(currency.code()));
+        let call: Call<LookupResponse> = self.typed(ProviderName::Authority, "lookup", Method::GET, path, None, None, caller).await;
+        let result = call.result.map(|a| Due::read(a.status == DueStatus::NothingDue, a.amount_due.minor, &a.amount_due.currency, currency));
+        Call { result, exchange: call.exchange }
     }
 
     pub async fn check(&self, provider: ProviderName, request: &CheckRequest, caller: &Caller<'_>) -> Call<CheckResponse> {

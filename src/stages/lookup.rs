@@ -3,33 +3,26 @@
 use chrono::Utc;
 
 use super::{Pipeline, StageError};
-use crate::domain::{Stage, Status, Ticket};
+use crate::domain::{Due, Stage, Status, Ticket};
 use crate::providers::client::{CallError, Caller};
-use crate::providers::wire::DueStatus;
 use crate::store::Versioned;
 
 pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
     let mut ticket = current.value.clone();
     let caller = Caller::of(&current.value, Stage::Lookup);
-    let call = p.providers.lookup(ticket.authority.as_str(), ticket.currency.code(), &caller).await;
+    let call = p.providers.lookup(ticket.authority.as_str(), ticket.currency, &caller).await;
     let exchanges = vec![p.exchange_event(&ticket, Stage::Lookup, call.exchange)];
     let now = Utc::now();
     match call.result {
-        Ok(answer) if answer.status == DueStatus::NothingDue || answer.amount_due.minor == 0 => {
+        Ok(Due::Owed(amount)) => {
+            ticket.amount_due = Some(amount.minor);
+            ticket.move_to(Status::Validate, now);
+        }
+        Ok(Due::Nothing) => {
             ticket.amount_due = Some(0);
             ticket.end(Status::NotPayable, Some("the authority says nothing is due".into()), now);
         }
-        Ok(answer) if answer.amount_due.currency != ticket.currency.code() => {
-            let reason = format!("the authority asks for {}, the batch pays in {}", answer.amount_due.currency, ticket.currency);
-            ticket.end(Status::NotPayable, Some(reason), now);
-        }
-        Ok(answer) if answer.amount_due.minor < 0 => {
-            ticket.end(Status::NotPayable, Some(format!("the authority answered a negative amount ({})", answer.amount_due.minor)), now);
-        }
-        Ok(answer) => {
-            ticket.amount_due = Some(answer.amount_due.minor);
-            ticket.move_to(Status::Validate, now);
-        }
+        Ok(Due::Unpayable(reason)) => ticket.end(Status::NotPayable, Some(reason), now),
         Err(CallError::Permanent { status: 404, .. }) => {
             ticket.end(Status::NotPayable, Some("the authority does not know this ticket".into()), now);
         }

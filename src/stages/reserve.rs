@@ -21,13 +21,17 @@ use crate::store::{BudgetChange, PaymentClaim, StoreError, Versioned};
 const CLAIM_ATTEMPTS: u32 = 5;
 
 pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
+    // Lookup records what is owed before a ticket moves on; without it nothing is held or paid.
+    let Some(amount) = current.value.amount_due else {
+        let t = &current.value;
+        return Err(StoreError::Invalid(format!("ticket {}/{} reached reserve with no amount due", t.batch_id, t.ticket_id)).into());
+    };
     let claim = match claim_payment(p, &current.value).await? {
         Claimed::Ours(claim) => claim,
         Claimed::Elsewhere(owner) => return end_duplicate(p, &current, &owner).await,
         Claimed::Undecided(error) => return p.retry_later(&current, current.value.clone(), error, Duration::ZERO, Vec::new()).await,
     };
     let mut ticket = current.value.clone();
-    let amount = ticket.amount_due.unwrap_or(0);
     let now = Utc::now();
     ticket.reserved = amount;
     ticket.move_to(Status::Pay, now);

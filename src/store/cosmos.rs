@@ -45,7 +45,7 @@ use self::transaction::{first_failure, op_error, Pricer, Transaction, MAX_OPS};
 use super::meter::Meter;
 use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
 use crate::domain::reconciliation::ReconciliationRun;
-use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Event, Status, Ticket, TicketId};
+use crate::domain::{AuthorityCode, Batch, BatchId, BudgetError, ClientId, Event, Status, Ticket, TicketId};
 
 /// Container holding batches, tickets, events, budget commitments and payment claims, partitioned by `/pk`.
 pub const RECORDS: &str = "records";
@@ -384,7 +384,8 @@ impl CosmosStore {
         let what = format!("budget of batch {batch_id} for ticket {}", ticket.ticket_id);
         for attempt in 0..BATCH_DOC_ATTEMPTS {
             let mut doc = self.batch_doc(batch_id).await?.ok_or_else(|| StoreError::NotFound(format!("batch {batch_id}")))?;
-            if !doc.batch.can_reserve(amount) {
+            let next = doc.batch.budget_state().reserve(amount);
+            if let Err(BudgetError::Insufficient) = next {
                 if let Some(held) = self.commitment(ticket).await? {
                     return same_amount(&held, amount, &what);
                 }
@@ -396,7 +397,7 @@ impl CosmosStore {
                 };
             }
             let batch_etag = doc.etag.take().ok_or_else(|| invalid(format!("batch {batch_id} has no _etag")))?;
-            doc.batch.committed += amount;
+            doc.batch.committed = next?.committed;
             let tx = Transaction::new(self, batch_id)
                 .create(&CommitmentDoc::new(&ticket.batch_id, &ticket.ticket_id, amount))?
                 .replace(BATCH_DOC_ID, &BatchDoc::new(&doc.batch), &batch_etag)?;
@@ -423,17 +424,11 @@ impl CosmosStore {
         let what = format!("budget of batch {batch_id} for ticket {}", ticket.ticket_id);
         for attempt in 0..BATCH_DOC_ATTEMPTS {
             let Some(held) = self.commitment(ticket).await? else { return Ok(()) };
-            if let Some(amount) = amount {
-                same_amount(&held, amount, &what)?;
-            }
-            let amount = held.amount;
             let held_etag = held.etag.clone().ok_or_else(|| invalid(format!("{what}: commitment has no _etag")))?;
             let mut doc = self.batch_doc(batch_id).await?.ok_or_else(|| StoreError::NotFound(format!("batch {batch_id}")))?;
-            if amount < 0 || doc.batch.committed < amount {
-                return Err(invalid(format!("batch {batch_id}: releasing {amount} of {} committed", doc.batch.committed)));
-            }
+            let next = doc.batch.budget_state().release(held.amount, amount.unwrap_or(held.amount)).map_err(|e| invalid(format!("{what}: {e}")))?;
             let batch_etag = doc.etag.take().ok_or_else(|| invalid(format!("batch {batch_id} has no _etag")))?;
-            doc.batch.committed -= amount;
+            doc.batch.committed = next.committed;
             let tx = Transaction::new(self, batch_id)
                 .delete(&held.id, &held, &held_etag)?
                 .replace(BATCH_DOC_ID, &BatchDoc::new(&doc.batch), &batch_etag)?;

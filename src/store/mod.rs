@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::domain::reconciliation::ReconciliationRun;
-use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Event, Stage, Status, Ticket, TicketId};
+use crate::domain::{AuthorityCode, Batch, BatchId, BudgetError, ClientId, Event, Stage, Status, Ticket, TicketId};
 
 /// A document with the version it was read at.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +63,15 @@ impl StoreError {
     /// Worth trying again later (the pipeline redelivers the message).
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable(_) | Self::Conflict(_))
+    }
+}
+
+impl From<BudgetError> for StoreError {
+    fn from(e: BudgetError) -> StoreError {
+        match e {
+            BudgetError::Insufficient => StoreError::InsufficientBudget,
+            BudgetError::Invalid(why) => StoreError::Invalid(why),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
 use crate::domain::reconciliation::ReconciliationRun;
-use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Currency, Event, Status, Ticket, TicketId};
+use crate::domain::{AuthorityCode, Batch, BatchId, Budget, ClientId, Currency, Event, Status, Ticket, TicketId};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS batches (
@@ -88,6 +88,9 @@ pub struct SqliteStore {
 /// once the group it ran in is committed (`true`) or lost (`false`).
 type Job = Box<dyn FnOnce(&mut Connection) -> Box<dyn FnOnce(bool) + Send> + Send>;
 
+/// How long a write waits for another process's lock on the store.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The most operations one group transaction takes.
 const GROUP_MAX: usize = 512;
 
@@ -105,8 +108,14 @@ fn write_groups(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        // Should BEGIN fail, each operation is a transaction of its own.
+        // Should BEGIN fail, each operation is a transaction of its own. It failed
+        // because another process held the write lock for the whole busy timeout:
+        // the group's writes fail at once rather than wait that long again each,
+        // one after the other, and its reads are answered.
         let grouped = run_cached(&conn, "BEGIN IMMEDIATE");
+        if !grouped {
+            let _ = conn.busy_timeout(std::time::Duration::ZERO);
+        }
         let answers: Vec<_> = group
             .into_iter()
             .filter_map(|job| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn))).ok())
@@ -114,6 +123,9 @@ fn write_groups(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>) {
         let committed = !grouped || run_cached(&conn, "COMMIT");
         if !committed {
             run_cached(&conn, "ROLLBACK");
+        }
+        if !grouped {
+            let _ = conn.busy_timeout(BUSY_TIMEOUT);
         }
         for answer in answers {
             answer(committed);
@@ -131,7 +143,7 @@ fn invalid(e: impl std::fmt::Display) -> StoreError {
 
 fn open_connection(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path).map_err(unavailable)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(unavailable)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
     // WAL with NORMAL sync survives a killed process (only a power cut may lose the last commits).
     conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
         .map_err(unavailable)?;
@@ -428,6 +440,17 @@ impl Store for SqliteStore {
             let TicketUpdate { ticket, etag, budget, events } = update;
             let version: i64 = etag.parse().map_err(|_| StoreError::Conflict(format!("ticket {} (etag {etag})", ticket.ticket_id)))?;
             let tx = conn.savepoint().map_err(unavailable)?;
+            // What the ticket holds of the budget as it stands, before this change.
+            let held: i64 = match budget {
+                Some(BudgetChange::Release(_)) => tx
+                    .prepare_cached("SELECT reserved FROM tickets WHERE batch_id = ?1 AND ticket_id = ?2 AND version = ?3")
+                    .map_err(unavailable)?
+                    .query_row(params![ticket.batch_id.as_str(), ticket.ticket_id.as_str(), version], |r| r.get(0))
+                    .optional()
+                    .map_err(unavailable)?
+                    .unwrap_or(0),
+                _ => 0,
+            };
             let doc = serde_json::to_string(&ticket).map_err(invalid)?;
             let changed = tx
                 .prepare_cached(
@@ -449,26 +472,22 @@ impl Store for SqliteStore {
             if changed == 0 {
                 return Err(StoreError::Conflict(format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id)));
             }
-            match budget {
-                Some(BudgetChange::Reserve(amount)) => {
-                    let n = tx
-                        .execute(
-                            "UPDATE batches SET committed = committed + ?2 WHERE batch_id = ?1 AND committed + ?2 <= budget",
-                            params![ticket.batch_id.as_str(), amount],
-                        )
-                        .map_err(unavailable)?;
-                    if n == 0 {
-                        return Err(StoreError::InsufficientBudget);
-                    }
-                }
-                Some(BudgetChange::Release(amount)) => {
-                    tx.execute(
-                        "UPDATE batches SET committed = committed - ?2 WHERE batch_id = ?1",
-                        params![ticket.batch_id.as_str(), amount],
-                    )
+            if let Some(change) = budget {
+                let batch_id = ticket.batch_id.as_str();
+                let (total, committed): (i64, i64) = tx
+                    .prepare_cached("SELECT budget, committed FROM batches WHERE batch_id = ?1")
+                    .map_err(unavailable)?
+                    .query_row(params![batch_id], |r| Ok((r.get(0)?, r.get(1)?)))
                     .map_err(unavailable)?;
-                }
-                None => {}
+                let now = Budget { total, committed };
+                let next = match change {
+                    BudgetChange::Reserve(amount) => now.reserve(amount)?,
+                    BudgetChange::Release(amount) => now.release(held, amount)?,
+                };
+                tx.prepare_cached("UPDATE batches SET committed = ?2 WHERE batch_id = ?1")
+                    .map_err(unavailable)?
+                    .execute(params![batch_id, next.committed])
+                    .map_err(unavailable)?;
             }
             insert_events(&tx, &events)?;
             tx.commit().map_err(unavailable)?;

@@ -1,4 +1,4 @@
-//! A small client of ticketpay's own HTTP API, for the command-line tools.
+//! A small client of ticketpay's own HTTP API, for the command-line tools and the benchmark.
 
 use std::time::Duration;
 

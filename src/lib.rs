@@ -36,7 +36,8 @@
 //!   delivers messages with Service Bus semantics from durable local queues.
 //! - [`bench`]: the benchmark that pays a batch through the local stack and
 //!   the naive way, and compares both with the provider-bound floor.
-//! - [`cli`]: the tools for people (demo, submit, status, trace); [`config`]:
+//! - [`cli`]: the tools for people (demo, submit, status, trace), speaking to
+//!   the API through [`client`], as the benchmark does; [`config`]:
 //!   the handler's settings; [`telemetry`]: one distributed trace per ticket,
 //!   exported to Application Insights or OTLP.
 
@@ -44,6 +45,7 @@ pub mod api;
 pub mod bench;
 pub mod bus;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod handler;
@@ -51,6 +53,7 @@ pub mod host;
 pub mod leases;
 pub mod package;
 pub mod providers;
+pub mod sample;
 pub mod shutdown;
 pub mod stages;
 pub mod store;

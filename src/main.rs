@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use ticketpay::cli::{client::ApiClient, demo, operations, progress, submit, trace};
+use ticketpay::cli::{demo, operations, progress, submit, trace};
+use ticketpay::client::ApiClient;
 use ticketpay::host::{self, LocalOptions};
 use ticketpay::telemetry::{self, Exporter, Telemetry};
 

@@ -81,9 +81,13 @@ fn each_ticket_is_one_trace_from_upload_to_notify_with_no_secret_exported() {
     let batch = stack.submit(12, "100000.00");
     stack.wait_complete(&batch, Duration::from_secs(120));
     let tickets = stack.all_tickets(&batch);
-    std::thread::sleep(Duration::from_secs(1));
-
-    let raw = bodies.lock().unwrap().clone();
+    // Each invocation exports its spans as it answers: the last ones follow the completion.
+    let raw = poll("every ticket's notify span exported", Duration::from_secs(10), || {
+        let raw = bodies.lock().unwrap().clone();
+        let notified: HashSet<String> =
+            spans(&raw).into_iter().filter(|s| s.kind == CONSUMER && s.name == "notify").filter_map(|s| s.attributes.get("ticket_id").cloned()).collect();
+        (notified.len() == tickets.len()).then_some(raw)
+    });
     assert!(!raw.is_empty(), "spans were exported");
     for body in &raw {
         assert!(!body.contains(SECRET), "a provider credential was exported");

@@ -34,36 +34,36 @@ pub const KEY_QUERY: &str = "code";
 
 /// Who is calling, once their key is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Caller {
+pub enum Principal {
     /// Sees and acts on every client's batches (everyone, when the API is open).
     Operator,
     /// Sees and uploads only this client's batches.
     Client(ClientId),
 }
 
-impl Caller {
+impl Principal {
     pub fn sees(&self, client: &ClientId) -> bool {
         match self {
-            Caller::Operator => true,
-            Caller::Client(own) => own == client,
+            Principal::Operator => true,
+            Principal::Client(own) => own == client,
         }
     }
 
     /// The only client this caller may see, if it is limited to one.
     pub fn client(&self) -> Option<&ClientId> {
         match self {
-            Caller::Operator => None,
-            Caller::Client(own) => Some(own),
+            Principal::Operator => None,
+            Principal::Client(own) => Some(own),
         }
     }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Caller {
+impl<S: Send + Sync> FromRequestParts<S> for Principal {
     type Rejection = Problem;
 
     /// Set by [`require_key`]; a route reached without it is refused, never opened.
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Caller, Problem> {
-        parts.extensions.get::<Caller>().cloned().ok_or_else(missing_key)
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Principal, Problem> {
+        parts.extensions.get::<Principal>().cloned().ok_or_else(missing_key)
     }
 }
 
@@ -92,7 +92,7 @@ pub enum Access {
 
 impl Access {
     /// The caller a request's key (header or query parameter) stands for.
-    pub fn caller_of(&self, request: &Request) -> Result<Caller, Problem> {
+    pub fn caller_of(&self, request: &Request) -> Result<Principal, Problem> {
         self.caller(presented_key(request).as_deref())
     }
 
@@ -104,9 +104,9 @@ impl Access {
         }
     }
 
-    fn caller(&self, presented: Option<&str>) -> Result<Caller, Problem> {
+    fn caller(&self, presented: Option<&str>) -> Result<Principal, Problem> {
         match self {
-            Access::Open => Ok(Caller::Operator),
+            Access::Open => Ok(Principal::Operator),
             Access::Keys(keys) => keys.caller(presented.ok_or_else(missing_key)?).ok_or_else(invalid_key),
         }
     }
@@ -132,7 +132,7 @@ struct RawKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct KeyEntry {
     digest: [u8; 32],
-    caller: Caller,
+    caller: Principal,
     name: String,
 }
 
@@ -157,7 +157,7 @@ impl ApiKeys {
 
     /// The caller a presented key stands for. Every entry is compared in
     /// constant time, so the answer's timing says nothing about the keys.
-    fn caller(&self, presented: &str) -> Option<Caller> {
+    fn caller(&self, presented: &str) -> Option<Principal> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         self.0.iter().fold(None, |found, e| if same(&e.digest, &digest) { Some(e.caller.clone()) } else { found })
     }
@@ -176,9 +176,9 @@ impl KeyEntry {
         }
         let digest = parse_digest(&raw.sha256).ok_or_else(|| format!("key `{name}`: sha256 must be 64 hexadecimal digits"))?;
         let caller = match (raw.role, raw.client_id) {
-            (Role::Operator, None) => Caller::Operator,
+            (Role::Operator, None) => Principal::Operator,
             (Role::Operator, Some(_)) => return Err(format!("key `{name}`: an operator key has no client_id")),
-            (Role::Client, Some(c)) => Caller::Client(ClientId::parse(&c).map_err(|e| format!("key `{name}`: {e}"))?),
+            (Role::Client, Some(c)) => Principal::Client(ClientId::parse(&c).map_err(|e| format!("key `{name}`: {e}"))?),
             (Role::Client, None) => return Err(format!("key `{name}`: a client key needs its client_id")),
         };
         Ok(KeyEntry { digest, caller, name: name.to_owned() })
@@ -207,7 +207,7 @@ pub fn key_digest(key: &str) -> String {
 }
 
 /// The middleware in front of every `/api` route: checks the key (outside
-/// [`OPEN_PATHS`]) and hands the [`Caller`] to the route.
+/// [`OPEN_PATHS`]) and hands the [`Principal`] to the route.
 pub async fn require_key(State(app): State<Arc<App>>, mut request: Request, next: Next) -> Response {
     if is_open(request.uri().path()) {
         return next.run(request).await;
@@ -278,11 +278,11 @@ mod tests {
     #[test]
     fn a_key_stands_for_its_role_and_a_wrong_or_missing_key_for_nobody() {
         let access = Access::Keys(keys());
-        assert_eq!(access.caller(Some("op-key")).unwrap(), Caller::Operator);
-        assert_eq!(access.caller(Some("acme-key")).unwrap(), Caller::Client(ClientId::parse("acme").unwrap()));
+        assert_eq!(access.caller(Some("op-key")).unwrap(), Principal::Operator);
+        assert_eq!(access.caller(Some("acme-key")).unwrap(), Principal::Client(ClientId::parse("acme").unwrap()));
         assert_eq!(access.caller(Some("acme-key ")).unwrap_err().status, 401);
         assert!(access.caller(None).unwrap_err().detail.contains(KEY_HEADER));
-        assert_eq!(Access::Open.caller(None).unwrap(), Caller::Operator);
+        assert_eq!(Access::Open.caller(None).unwrap(), Principal::Operator);
     }
 
     #[test]

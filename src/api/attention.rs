@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use super::access::{Caller, forbidden};
+use super::access::{Principal, forbidden};
 use super::batches::find_batch;
 use super::extract::PathParams;
 use super::problem::Problem;
@@ -22,12 +22,12 @@ use crate::domain::money::format_minor;
 use crate::domain::reconciliation::ReconciliationRun;
 use crate::domain::Ticket;
 
-pub async fn attention(State(app): State<Arc<App>>, caller: Caller, PathParams(batch_id): PathParams<String>) -> Result<Response, Problem> {
+pub async fn attention(State(app): State<Arc<App>>, caller: Principal, PathParams(batch_id): PathParams<String>) -> Result<Response, Problem> {
     let batch = find_batch(&app, &caller, &batch_id).await?;
-    if caller != Caller::Operator {
+    if caller != Principal::Operator {
         return Err(forbidden("what needs attention is an operator's view"));
     }
-    let store = &app.pipeline.store;
+    let store = &app.store;
     let last = store.reconciliations(&batch.batch_id, 1).await?.into_iter().next();
     let now = Utc::now();
     let overdue_after = chrono::Duration::from_std(app.pipeline.sweep.overdue_after).unwrap_or_default();

@@ -11,7 +11,7 @@ use axum::Json;
 use chrono::Utc;
 use serde_json::json;
 
-use super::access::{Caller, forbidden};
+use super::access::{Principal, forbidden};
 use super::extract::{PathParams, QueryParams, read_body};
 use super::problem::Problem;
 use super::{App, views};
@@ -28,7 +28,7 @@ pub const MAX_UPLOAD_BYTES: usize = 4 * 1024 * 1024;
 
 pub async fn upload(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: Principal,
     QueryParams(query): QueryParams,
     headers: HeaderMap,
     body: Body,
@@ -86,25 +86,13 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, Proble
 /// Stores the batch and its tickets in one write, then queues every ticket for lookup.
 async fn accept(app: &App, request: BatchRequest, key: Option<IdempotencyKey>) -> Result<Response, Problem> {
     let now = Utc::now();
-    let batch = Batch {
-        batch_id: BatchId::generate(),
-        client_id: request.client_id.clone(),
-        currency: request.currency,
-        budget: request.budget.minor,
-        committed: 0,
-        tickets: request.tickets.len() as u32,
-        idempotency_key: key.clone().map(String::from),
-        request_digest: request.digest(),
-        enqueued: false,
-        completed_at: None,
-        created_at: now,
-    };
+    let batch = Batch::accepted(BatchId::generate(), &request, key.clone().map(String::from), now);
     let tickets: Vec<Ticket> = request.tickets.into_iter().map(|line| Ticket::accepted(&batch, line, now)).collect();
     let events: Vec<Event> = tickets
         .iter()
         .map(|t| Event::new(&t.batch_id, &t.ticket_id, Stage::Lookup, EventKind::Accepted, now))
         .collect();
-    let batch = match app.pipeline.store.create_batch(&batch, &tickets, &events).await? {
+    let batch = match app.store.create_batch(&batch, &tickets, &events).await? {
         Created::New => batch,
         Created::Existing(existing) if existing.request_digest != batch.request_digest => {
             return Err(Problem::new(
@@ -149,7 +137,7 @@ pub(super) async fn enqueue(app: &App, batch: &Batch) -> Result<(), Problem> {
 }
 
 /// A client key lists its own batches; an operator's, every client's or the one asked for.
-pub async fn list(State(app): State<Arc<App>>, caller: Caller, QueryParams(query): QueryParams) -> Result<Response, Problem> {
+pub async fn list(State(app): State<Arc<App>>, caller: Principal, QueryParams(query): QueryParams) -> Result<Response, Problem> {
     let asked = match query.get("client_id") {
         Some(c) => Some(ClientId::parse(c).map_err(|e| with_field(Problem::bad_request(e), "client_id"))?),
         None => None,
@@ -163,7 +151,7 @@ pub async fn list(State(app): State<Arc<App>>, caller: Caller, QueryParams(query
     };
     let limit = parse_limit(&query, 100, 1_000)?;
     let with_summary = parse_flag(&query, "summary")?;
-    let store = &app.pipeline.store;
+    let store = &app.store;
     let mut items = Vec::new();
     for batch in store.batches(client.as_ref(), limit).await? {
         // Counting a batch's tickets costs a query per batch, so only when asked.
@@ -186,7 +174,7 @@ fn parse_flag(query: &HashMap<String, String>, name: &str) -> Result<bool, Probl
     }
 }
 
-pub async fn status(State(app): State<Arc<App>>, caller: Caller, PathParams(batch_id): PathParams<String>) -> Result<Response, Problem> {
+pub async fn status(State(app): State<Arc<App>>, caller: Principal, PathParams(batch_id): PathParams<String>) -> Result<Response, Problem> {
     let batch = find_batch(&app, &caller, &batch_id).await?;
     let (batch, summary, stalled) = summarise(&app, batch).await?;
     Ok(Json(views::batch_status(&batch, &summary, stalled)).into_response())
@@ -197,7 +185,7 @@ pub async fn status(State(app): State<Arc<App>>, caller: Caller, PathParams(batc
 /// the record) is recorded now, and one recorded complete with a ticket on its
 /// way again is reopened, so every view says the same.
 async fn summarise(app: &App, mut batch: Batch) -> Result<(Batch, BatchSummary, u64), Problem> {
-    let store = &app.pipeline.store;
+    let store = &app.store;
     let summary = store.summary(&batch.batch_id).await?;
     match (summary.is_complete(), batch.completed_at) {
         (true, None) => app.pipeline.complete_if_done(&batch.batch_id).await?,
@@ -217,10 +205,10 @@ async fn summarise(app: &App, mut batch: Batch) -> Result<(Batch, BatchSummary, 
 }
 
 /// The batch, if the caller may see it: another client's batch is not found, like one that does not exist.
-pub(super) async fn find_batch(app: &App, caller: &Caller, batch_id: &str) -> Result<Batch, Problem> {
+pub(super) async fn find_batch(app: &App, caller: &Principal, batch_id: &str) -> Result<Batch, Problem> {
     let not_found = || Problem::not_found(format!("no batch `{batch_id}`"));
     let id = BatchId::parse(batch_id).map_err(|_| not_found())?;
-    let batch = app.pipeline.store.batch(&id).await?.ok_or_else(not_found)?;
+    let batch = app.store.batch(&id).await?.ok_or_else(not_found)?;
     if !caller.sees(&batch.client_id) {
         return Err(not_found());
     }

@@ -27,6 +27,7 @@ use axum::{Json, Router};
 
 use crate::domain::AuthorityCode;
 use crate::stages::Pipeline;
+use crate::store::Store;
 use access::Access;
 use problem::Problem;
 
@@ -37,6 +38,8 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// What the API and the stages share.
 pub struct App {
+    /// What the API reads and writes directly; the same store the pipeline moves tickets in.
+    pub store: Arc<dyn Store>,
     pub pipeline: Pipeline,
     pub authorities: Vec<AuthorityCode>,
     pub access: Access,
@@ -73,8 +76,8 @@ async fn authorities(State(app): State<Arc<App>>) -> impl IntoResponse {
 }
 
 /// Each provider's shared capacity, here and across the deployment: an operator's view.
-async fn capacity(State(app): State<Arc<App>>, caller: access::Caller) -> Result<Response, Problem> {
-    if caller != access::Caller::Operator {
+async fn capacity(State(app): State<Arc<App>>, caller: access::Principal) -> Result<Response, Problem> {
+    if caller != access::Principal::Operator {
         return Err(access::forbidden("the providers' capacity is an operator's view"));
     }
     let body = match app.pipeline.providers.capacity() {

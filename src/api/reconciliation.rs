@@ -14,7 +14,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::access::{Caller, KeyName, forbidden};
+use super::access::{Principal, KeyName, forbidden};
 use super::batches::{find_batch, parse_limit, with_field};
 use super::extract::{PathParams, QueryParams};
 use super::problem::Problem;
@@ -23,7 +23,7 @@ use super::App;
 use crate::domain::reconciliation::{Check, Expected, ProviderView, ReconciliationRun, expected_operations, verdict};
 use crate::domain::{Batch, Event, EventKind, PayStep, Stage, Ticket};
 use crate::providers::ProviderName;
-use crate::providers::client::{CallError, Caller as CallerOf};
+use crate::providers::client::{CallError, Caller};
 
 /// Queries in flight at once; the providers' own limits are kept by the client's limiter.
 const QUERIES_AT_ONCE: usize = 64;
@@ -32,7 +32,7 @@ const ATTEMPTS: u32 = 5;
 
 pub async fn reconcile(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: Principal,
     KeyName(by): KeyName,
     PathParams(batch_id): PathParams<String>,
     QueryParams(query): QueryParams,
@@ -42,7 +42,7 @@ pub async fn reconcile(
         Some(p) => Some(payment_provider(p)?),
         None => None,
     };
-    let tickets = all_tickets(app.pipeline.store.as_ref(), &batch.batch_id).await?;
+    let tickets = all_tickets(app.store.as_ref(), &batch.batch_id).await?;
     let asked: Vec<(Arc<Ticket>, Expected)> = tickets
         .into_iter()
         .map(Arc::new)
@@ -60,7 +60,7 @@ pub async fn reconcile(
     let (checks, events): (Vec<Check>, Vec<Event>) = answers.into_iter().unzip();
     record(&app, events).await;
     let run = ReconciliationRun::new(batch.batch_id.clone(), by, provider, Utc::now(), checks);
-    app.pipeline.store.record_reconciliation(&run).await?;
+    app.store.record_reconciliation(&run).await?;
     let mut body = summary(&run);
     body["batch_id"] = json!(batch.batch_id);
     body["disagreements"] = json!(run.disagreements.iter().map(|c| with_link(&batch.batch_id, c)).collect::<Vec<_>>());
@@ -70,20 +70,20 @@ pub async fn reconcile(
 /// The recorded runs of a batch, newest first.
 pub async fn runs(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: Principal,
     PathParams(batch_id): PathParams<String>,
     QueryParams(query): QueryParams,
 ) -> Result<Response, Problem> {
     let batch = operators_batch(&app, &caller, &batch_id).await?;
     let limit = parse_limit(&query, 20, 100)?;
-    let runs = app.pipeline.store.reconciliations(&batch.batch_id, limit).await?;
+    let runs = app.store.reconciliations(&batch.batch_id, limit).await?;
     Ok(Json(json!({ "batch_id": batch.batch_id, "runs": runs.iter().map(summary).collect::<Vec<_>>() })).into_response())
 }
 
 /// A batch as the caller may see it (404 as if absent), and only for an operator.
-async fn operators_batch(app: &App, caller: &Caller, batch_id: &str) -> Result<Batch, Problem> {
+async fn operators_batch(app: &App, caller: &Principal, batch_id: &str) -> Result<Batch, Problem> {
     let batch = find_batch(app, caller, batch_id).await?;
-    if *caller != Caller::Operator {
+    if *caller != Principal::Operator {
         return Err(forbidden("reconciliation is an operator's check"));
     }
     Ok(batch)
@@ -99,7 +99,7 @@ fn payment_provider(name: &str) -> Result<ProviderName, Problem> {
 
 /// Asks the provider about one operation, again while it gives no usable answer.
 async fn ask(app: &App, t: &Ticket, e: Expected) -> Vec<(Check, Event)> {
-    let caller = CallerOf::of(t, Stage::Pay);
+    let caller = Caller::of(t, Stage::Pay);
     let mut out = Vec::new();
     for attempt in 1..=ATTEMPTS {
         let call = app.pipeline.providers.operation_status(e.provider, &e.key, &caller).await;
@@ -144,7 +144,7 @@ async fn record(app: &App, events: Vec<Event>) {
     if events.is_empty() {
         return;
     }
-    if let Err(e) = app.pipeline.store.append_events(&events).await {
+    if let Err(e) = app.store.append_events(&events).await {
         tracing::warn!(error = %e, "the store cannot take {} reconciliation exchange(s) now; they wait in the spool", events.len());
         app.pipeline.spool.keep(events).await;
     }

@@ -13,7 +13,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::access::{Caller, forbidden};
+use super::access::{Principal, forbidden};
 use super::batches::{enqueue, find_batch};
 use super::extract::{PathParams, read_body};
 use super::problem::Problem;
@@ -32,13 +32,13 @@ struct RedriveRequest {
 
 pub async fn redrive(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: Principal,
     PathParams(batch_id): PathParams<String>,
     body: Body,
 ) -> Result<Response, Problem> {
     let request = read_request(body).await?;
     let batch = find_batch(&app, &caller, &batch_id).await?;
-    if caller != Caller::Operator {
+    if caller != Principal::Operator {
         return Err(forbidden("redrive is an operator's decision; ask your operator to redrive this batch"));
     }
     // An upload cut short after it was stored (a crash, Service Bus down) left
@@ -47,7 +47,7 @@ pub async fn redrive(
     if requeued && !request.dry_run {
         enqueue(&app, &batch).await?;
     }
-    let store = &app.pipeline.store;
+    let store = &app.store;
     let mut tickets = Vec::new();
     let mut cursor: Option<String> = None;
     loop {

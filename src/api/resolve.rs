@@ -15,7 +15,7 @@ use chrono::Utc;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::access::{Caller, KeyName, forbidden};
+use super::access::{Principal, KeyName, forbidden};
 use super::attention::disagreeing;
 use super::batches::{find_batch, with_field};
 use super::extract::{PathParams, read_body};
@@ -41,7 +41,7 @@ struct ResolveRequest {
 
 pub async fn resolve(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: Principal,
     KeyName(by): KeyName,
     PathParams((batch_id, ticket_id)): PathParams<(String, String)>,
     body: Body,
@@ -50,11 +50,11 @@ pub async fn resolve(
     let batch = find_batch(&app, &caller, &batch_id).await?;
     let not_found = || Problem::not_found(format!("no ticket `{ticket_id}` in batch `{batch_id}`"));
     let id = TicketId::parse(&ticket_id).map_err(|_| not_found())?;
-    if caller != Caller::Operator {
+    if caller != Principal::Operator {
         return Err(forbidden("resolving a ticket is an operator's decision"));
     }
     let request = parse(&bytes)?;
-    let store = &app.pipeline.store;
+    let store = &app.store;
     let current = store.ticket(&batch.batch_id, &id).await?.ok_or_else(not_found)?;
     let last = store.reconciliations(&batch.batch_id, 1).await?.into_iter().next();
     let open = current.value.open_actions(disagreeing(&current.value, last.as_ref()));
@@ -163,7 +163,7 @@ async fn write(app: &App, current: &Versioned<Ticket>, resolution: Resolution) -
         events.push(event(EventKind::BudgetReleased { amount: format_minor(resolved.release, ticket.currency) }));
     }
     let update = TicketUpdate { ticket, etag: current.etag.clone(), budget, events };
-    app.pipeline.store.update_ticket(update).await.map_err(|e| match e {
+    app.store.update_ticket(update).await.map_err(|e| match e {
         StoreError::Conflict(_) => Problem::new(StatusCode::CONFLICT, "conflict", "the ticket changed while this was decided; look at it again"),
         e => e.into(),
     })

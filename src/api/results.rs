@@ -14,7 +14,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::access::Caller;
+use super::access::Principal;
 use super::batches::find_batch;
 use super::extract::PathParams;
 use super::problem::Problem;
@@ -51,12 +51,12 @@ struct Row {
 
 pub async fn results(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: Principal,
     headers: HeaderMap,
     PathParams(batch_id): PathParams<String>,
 ) -> Result<Response, Problem> {
     let batch = find_batch(&app, &caller, &batch_id).await?;
-    let rows = rows(app.pipeline.store.as_ref(), &batch).await?;
+    let rows = rows(app.store.as_ref(), &batch).await?;
     if wants_csv(&headers) {
         return csv_answer(&batch, &rows);
     }
@@ -65,11 +65,11 @@ pub async fn results(
 
 pub async fn results_csv(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: Principal,
     PathParams(batch_id): PathParams<String>,
 ) -> Result<Response, Problem> {
     let batch = find_batch(&app, &caller, &batch_id).await?;
-    let rows = rows(app.pipeline.store.as_ref(), &batch).await?;
+    let rows = rows(app.store.as_ref(), &batch).await?;
     csv_answer(&batch, &rows)
 }
 

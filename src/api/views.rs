@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::access::Caller;
+use super::access::Principal;
 use crate::domain::money::format_minor;
 use crate::domain::{Batch, Event, Ticket};
 use crate::store::BatchSummary;
@@ -67,7 +67,7 @@ pub fn batch_item(batch: &Batch, summary: Option<(&BatchSummary, u64)>) -> Value
 
 /// A ticket as `caller` may see it: a duplicate names the batch that pays it
 /// only to whoever may see that batch.
-pub fn ticket(t: &Ticket, caller: &Caller) -> Value {
+pub fn ticket(t: &Ticket, caller: &Principal) -> Value {
     let money = |minor: i64| format_minor(minor, t.currency);
     let duplicate_of = t.duplicate_of.as_ref().filter(|d| caller.sees(&d.client_id)).map(|d| &d.batch_id);
     json!({
@@ -104,7 +104,7 @@ pub fn ticket(t: &Ticket, caller: &Caller) -> Value {
     })
 }
 
-pub fn ticket_with_timeline(t: &Ticket, events: &[Event], caller: &Caller) -> Value {
+pub fn ticket_with_timeline(t: &Ticket, events: &[Event], caller: &Principal) -> Value {
     let mut view = ticket(t, caller);
     // The ticket's distributed trace (App Insights' operation_Id), as its latest exchange recorded it.
     let trace_id = events.iter().rev().find_map(|e| match &e.kind {

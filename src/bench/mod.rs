@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::cli::client::ApiClient;
-use crate::cli::demo::sample_csv;
+use crate::client::ApiClient;
+use crate::sample::sample_csv;
 use crate::host::StoreChoice;
 use crate::providers::ProviderName;
 use crate::store::meter::Charges;

@@ -9,8 +9,7 @@ use serde_json::Value;
 use super::PipelineRun;
 use super::baseline::BaselineRun;
 use super::floor::Floor;
-use crate::cli::progress::END_STATES;
-use crate::domain::{Currency, Money};
+use crate::domain::{Currency, Money, Status};
 use crate::host::StoreChoice;
 use crate::providers::simulator::Scenario;
 
@@ -71,7 +70,7 @@ impl Report {
         let baseline_cpu_ms = round(naive.cpu_seconds * 1000.0 / naive.tickets as f64, 3);
         let baseline_seconds = naive.seconds * n / naive.tickets as f64;
         let end_states: BTreeMap<String, u64> =
-            END_STATES.iter().map(|s| (s.to_string(), run.status["counts"][s].as_u64().unwrap_or(0))).collect();
+            Status::END_NAMES.iter().map(|s| (s.to_string(), run.status["counts"][s].as_u64().unwrap_or(0))).collect();
         let ended: u64 = end_states.values().sum();
         let stats = run.stats.as_object().cloned().unwrap_or_default();
         Report {

@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use super::client::ApiClient;
+use crate::client::ApiClient;
+use crate::sample::sample_csv;
 use super::{progress, submit, trace};
-use crate::config::DEFAULT_AUTHORITIES;
 use crate::host::{LocalHost, LocalOptions};
 
 pub struct DemoOptions {
@@ -21,16 +21,6 @@ pub struct DemoOptions {
     pub app_root: PathBuf,
     /// Handler instances the local host runs.
     pub instances: usize,
-}
-
-/// A sample CSV: ticket ids, authorities in turn, and a reference each.
-pub fn sample_csv(tickets: usize) -> String {
-    let authorities: Vec<&str> = DEFAULT_AUTHORITIES.split(',').collect();
-    let mut csv = String::from("ticket_id,authority,reference\n");
-    for i in 1..=tickets {
-        csv.push_str(&format!("T{i:06},{},REF-{i:08}\n", authorities[i % authorities.len()]));
-    }
-    csv
 }
 
 pub async fn run(opts: DemoOptions) -> Result<()> {

@@ -1,7 +1,6 @@
 //! The tools for people: demo, submit, status, trace, and the operator's
 //! results, resolve and reconcile.
 
-pub mod client;
 pub mod demo;
 pub mod operations;
 pub mod progress;

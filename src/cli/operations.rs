@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::client::ApiClient;
+use crate::client::ApiClient;
 
 /// Writes the batch's results CSV to `out`, or to stdout.
 pub async fn results(api: &ApiClient, batch: &str, out: Option<&Path>) -> Result<()> {

@@ -6,28 +6,17 @@ use anyhow::Result;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use super::client::ApiClient;
+use crate::client::ApiClient;
 use crate::domain::Status;
-
-const STAGES: [&str; 5] = ["lookup", "validate", "reserve", "pay", "notify"];
-pub const END_STATES: [&str; Status::END_NAMES.len()] = Status::END_NAMES;
 
 fn count(status: &Value, key: &str) -> u64 {
     status["counts"][key].as_u64().unwrap_or(0)
 }
 
-/// How many tickets are past each stage: no longer waiting at it or before it.
-pub fn past_each_stage(status: &Value) -> [u64; 5] {
-    let total = status["tickets"].as_u64().unwrap_or(0);
-    let mut waiting = 0;
-    let mut past = [0; 5];
-    for (i, stage) in STAGES.iter().enumerate().take(4) {
-        waiting += count(status, stage);
-        past[i] = total - waiting.min(total);
-    }
-    let awaiting = status["awaiting_notification"].as_u64().unwrap_or(0);
-    past[4] = total.saturating_sub(waiting + awaiting);
-    past
+/// Each stage, in pipeline order, with how many tickets are past it, as the API says.
+fn stages(status: &Value) -> Vec<(String, u64)> {
+    let stages = status["stages"].as_array().map(Vec::as_slice).unwrap_or_default();
+    stages.iter().map(|s| (s["stage"].as_str().unwrap_or_default().to_owned(), s["past"].as_u64().unwrap_or(0))).collect()
 }
 
 /// Polls the batch until it completes, drawing a bar per stage.
@@ -42,23 +31,25 @@ pub async fn follow(api: &ApiClient, batch_id: &str, show_bars: bool) -> Result<
         .progress_chars("=> ");
     let mut status = api.get(&format!("/api/batches/{batch_id}")).await?;
     let total = status["tickets"].as_u64().unwrap_or(0);
-    let stage_bars: Vec<ProgressBar> = STAGES
-        .iter()
-        .map(|s| {
+    let stage_bars: Vec<ProgressBar> = stages(&status)
+        .into_iter()
+        .map(|(stage, _)| {
             let bar = bars.add(ProgressBar::new(total));
             bar.set_style(style.clone());
-            bar.set_prefix(*s);
+            bar.set_prefix(stage);
             bar
         })
         .collect();
     let ends = bars.add(ProgressBar::new_spinner());
     loop {
-        for (bar, past) in stage_bars.iter().zip(past_each_stage(&status)) {
+        for (bar, (_, past)) in stage_bars.iter().zip(stages(&status)) {
             bar.set_position(past);
         }
-        let done: u64 = past_each_stage(&status)[4];
+        let done = status["done"].as_u64().unwrap_or(0);
         let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-        stage_bars[4].set_message(format!("{rate:.0} tickets/s"));
+        if let Some(last) = stage_bars.last() {
+            last.set_message(format!("{rate:.0} tickets/s"));
+        }
         ends.set_message(end_state_line(&status));
         if status["status"] == "completed" {
             break;
@@ -74,7 +65,7 @@ pub async fn follow(api: &ApiClient, batch_id: &str, show_bars: bool) -> Result<
 }
 
 pub fn end_state_line(status: &Value) -> String {
-    END_STATES
+    Status::END_NAMES
         .iter()
         .map(|s| format!("{s} {}", count(status, s)))
         .collect::<Vec<_>>()
@@ -88,10 +79,10 @@ pub fn summary(status: &Value, elapsed: Option<Duration>) -> String {
     out.push_str(&format!("batch      {}  ({})\n", status["batch_id"].as_str().unwrap_or(""), status["status"].as_str().unwrap_or("")));
     out.push_str(&format!("client     {}\n", status["client_id"].as_str().unwrap_or("")));
     out.push_str(&format!("tickets    {}\n", status["tickets"]));
-    for s in END_STATES {
+    for s in Status::END_NAMES {
         out.push_str(&format!("  {s:<12} {:>6}\n", count(status, s)));
     }
-    let waiting: u64 = STAGES[..4].iter().map(|s| count(status, s)).sum();
+    let waiting: u64 = Status::ALL.iter().filter(|s| !s.is_end()).map(|s| count(status, s.as_str())).sum();
     if waiting > 0 {
         out.push_str(&format!("  {:<12} {waiting:>6}\n", "in progress"));
     }

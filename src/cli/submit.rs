@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::client::ApiClient;
+use crate::client::ApiClient;
 use super::progress;
 
 pub struct Submission<'a> {

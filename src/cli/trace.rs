@@ -3,7 +3,7 @@
 use anyhow::Result;
 use serde_json::Value;
 
-use super::client::ApiClient;
+use crate::client::ApiClient;
 
 pub async fn run(api: &ApiClient, batch_id: &str, ticket_id: &str, full: bool) -> Result<()> {
     let ticket = api.get(&format!("/api/batches/{batch_id}/tickets/{ticket_id}")).await?;

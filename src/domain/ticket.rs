@@ -198,6 +198,9 @@ impl PayStep {
     }
 }
 
+/// The notification's operation, at the notifier and in its idempotency key.
+pub const NOTIFY: &str = "notify";
+
 /// One operation that must be applied at most once, recorded before it is
 /// sent. Until its answer is recorded its outcome is unknown (timeout, crash,
 /// 5xx), so the provider is asked by idempotency key before it is sent again.
@@ -485,7 +488,7 @@ impl Ticket {
     /// notification after a redrive is news, so it gets a key of its own.
     pub fn operation_key(&self, operation: &str) -> String {
         match (operation, self.redrives) {
-            ("notify", n) if n > 0 => format!("{}:{}:notify:r{n}", self.batch_id, self.ticket_id),
+            (NOTIFY, n) if n > 0 => format!("{}:{}:{NOTIFY}:r{n}", self.batch_id, self.ticket_id),
             _ => format!("{}:{}:{operation}", self.batch_id, self.ticket_id),
         }
     }

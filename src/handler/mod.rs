@@ -395,7 +395,7 @@ pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
         sweep: config.sweep,
         claim_lease: config.claim_lease,
     };
-    Ok(Arc::new(App { pipeline, authorities: config.authorities, access: config.access }))
+    Ok(Arc::new(App { store: pipeline.store.clone(), pipeline, authorities: config.authorities, access: config.access }))
 }
 
 /// The Cosmos store on the in-memory emulator, its charges written to `charges` each second.

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use super::config::Cardinality;
 use super::invoke::{self, InvokeError};
-use super::queue::{Message, Received, Settled, Settlement, Store, Take, now_ms};
+use super::queue::{Message, Received, Settled, Settlement, QueueStore, Take, now_ms};
 use super::{QueueSpec, Shared};
 
 /// The running dispatchers.
@@ -78,7 +78,7 @@ struct Settler {
 }
 
 impl Settler {
-    fn start(store: Store) -> (Settler, JoinHandle<()>) {
+    fn start(store: QueueStore) -> (Settler, JoinHandle<()>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<SettleOp>();
         let task = tokio::spawn(async move {
             while let Some(first) = rx.recv().await {

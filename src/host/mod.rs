@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use crate::api::access::{Access, ApiKeys};
 use config::{HostConfig, QueueTrigger};
 use guard::{BusToken, Guard};
-use queue::{Store, now_ms};
+use queue::{QueueStore, now_ms};
 use worker::{Worker, WorkerSpec, WorkerState};
 
 /// What `ticketpay local` is given.
@@ -167,7 +167,7 @@ impl QueueSpec {
 /// What the HTTP endpoints and the dispatchers share.
 pub(crate) struct Shared {
     pub config: HostConfig,
-    pub store: Store,
+    pub store: QueueStore,
     /// By queue name, lower-cased (Service Bus entity names are case-insensitive).
     pub queues: BTreeMap<String, Arc<QueueSpec>>,
     /// The handler processes, each with its own port.
@@ -232,7 +232,7 @@ impl Core {
         let db = data.join("queues.db");
         let store = {
             let db = db.clone();
-            tokio::task::spawn_blocking(move || Store::open(&db)).await??
+            tokio::task::spawn_blocking(move || QueueStore::open(&db)).await??
         };
         let queues: BTreeMap<String, Arc<QueueSpec>> = config
             .queue_functions()
@@ -518,11 +518,7 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
         writeln!(out, "ticketpay local: ready")?;
         out.flush()?;
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
+    crate::shutdown::signal().await;
     tracing::info!("shutting down");
     host.shutdown().await
 }

@@ -136,7 +136,7 @@ pub struct DeadLetter {
 /// The queue store. Cheap to clone; one connection behind a mutex, so every
 /// method is a short synchronous section (call from `spawn_blocking`).
 #[derive(Clone)]
-pub struct Store {
+pub struct QueueStore {
     conn: Arc<Mutex<Connection>>,
 }
 
@@ -145,8 +145,8 @@ const COLUMNS: &str = "seq, queue, message_id, session_id, correlation_id, label
 
 const AVAILABLE: &str = "dead_letter = 0 AND lock_token IS NULL";
 
-impl Store {
-    pub fn open(path: &Path) -> Result<Store> {
+impl QueueStore {
+    pub fn open(path: &Path) -> Result<QueueStore> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
@@ -191,7 +191,7 @@ impl Store {
                 PRIMARY KEY (queue, message_id)
             ) WITHOUT ROWID;"
         ))?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+        Ok(QueueStore { conn: Arc::new(Mutex::new(conn)) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -643,9 +643,9 @@ mod tests {
     fn ids(r: &Received) -> Vec<&str> {
         r.messages.iter().map(|m| m.message_id.as_str()).collect()
     }
-    fn open() -> (tempfile::TempDir, Store) {
+    fn open() -> (tempfile::TempDir, QueueStore) {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(&d.path().join("queues.db")).unwrap();
+        let s = QueueStore::open(&d.path().join("queues.db")).unwrap();
         (d, s)
     }
 
@@ -662,7 +662,7 @@ mod tests {
         assert_eq!(s.settle(&done, t).unwrap(), vec![Settled::Completed; 2]);
         drop(s);
 
-        let s = Store::open(&d.path().join("queues.db")).unwrap();
+        let s = QueueStore::open(&d.path().join("queues.db")).unwrap();
         // Still a duplicate after completion and reopen, within the window…
         assert_eq!(s.send("q", W, vec![msg("a")], t + 599_000).unwrap().duplicates, 1);
         // …and accepted again once the window has passed.
@@ -769,7 +769,7 @@ mod tests {
         assert_eq!(ids(&s.receive("q", Take::up_to(1), None, LOCK, 0).unwrap()), ["b"]);
         drop(s); // as if killed: the locks stay recorded
 
-        let s = Store::open(&d.path().join("queues.db")).unwrap();
+        let s = QueueStore::open(&d.path().join("queues.db")).unwrap();
         assert!(s.receive("q", Take::up_to(10), None, LOCK, 0).unwrap().messages.is_empty(), "locks persist until released");
         let max: HashMap<String, u32> = [("q".to_string(), 2)].into();
         assert_eq!(s.release_stale_locks(&max, 0).unwrap(), 2);

@@ -23,6 +23,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::scenario::{ProviderSettings, Scenario, outcome_for};
+use crate::domain::ticket::NOTIFY;
+use crate::domain::PayStep;
 use crate::providers::ProviderName;
 use crate::providers::wire::{
     CheckRequest, CheckResponse, Decision, DueStatus, IDEMPOTENCY_KEY, LookupResponse, REQUEST_ID,
@@ -555,16 +557,12 @@ async fn lookup(
     })
 }
 
-/// The keyed operations of a provider: (forward, compensation).
+/// The keyed operations of a provider: (forward, compensation), as the pipeline names them.
 fn operations(p: ProviderName) -> Option<(&'static str, Option<&'static str>)> {
-    match p {
-        ProviderName::Gateway => Some(("capture", Some("refund"))),
-        ProviderName::Settlement => Some(("settle", Some("cancel"))),
-        ProviderName::Ledger => Some(("post", Some("reverse"))),
-        ProviderName::Receipt => Some(("issue", Some("void"))),
-        ProviderName::Notifier => Some(("notify", None)),
-        _ => None,
+    if p == ProviderName::Notifier {
+        return Some((NOTIFY, None));
     }
+    PayStep::ALL.into_iter().find(|s| s.provider() == p).map(|s| (s.operation(), Some(s.compensation())))
 }
 
 fn reject_reason(p: ProviderName) -> &'static str {

@@ -10,6 +10,7 @@ use crate::api::access::{Access, ApiKeys};
 use crate::domain::{AuthorityCode, RetryPolicy};
 use crate::providers::client::ProviderEndpoints;
 use crate::providers::limits::ClientConfig;
+use crate::providers::simulator::Scenario;
 use crate::providers::redact::Redactor;
 use crate::providers::ProviderName;
 
@@ -338,9 +339,9 @@ fn load_access(s: &Settings<'_>) -> Result<Access, SettingError> {
 
 fn load_client_config(s: &Settings<'_>) -> Result<ClientConfig, SettingError> {
     const NAME: &str = "TICKETPAY_PROVIDERS_CONFIG";
-    let source = s.optional(NAME).unwrap_or_else(|| "realistic".into());
-    let text = crate::providers::scenario_text(&source).map_err(|e| setting_error(NAME, e))?;
-    ClientConfig::from_toml(&text).map_err(|e| setting_error(NAME, format!("{source}: {e}")))
+    let source = s.optional(NAME);
+    let scenario = Scenario::load(source.as_deref()).map_err(|e| setting_error(NAME, format!("{e:#}")))?;
+    Ok(ClientConfig::from_scenario(&scenario))
 }
 
 /// Each provider's URL: `TICKETPAY_PROVIDER_URL_<NAME>`, or `TICKETPAY_PROVIDERS_URL/<name>`.

@@ -15,6 +15,7 @@ use ticketpay::leases::sqlite::SqliteLeases;
 use ticketpay::providers::ProviderName;
 use ticketpay::providers::client::{Caller, ProviderClient, ProviderEndpoints};
 use ticketpay::providers::limits::ClientConfig;
+use ticketpay::providers::simulator::Scenario;
 use ticketpay::providers::redact::Redactor;
 
 const TIGHT: &str = r#"
@@ -51,7 +52,7 @@ fn deployment(scenario_toml: &str, names: &[&str]) -> (tempfile::TempDir, Proces
     let scenario = dir.path().join("scenario.toml");
     std::fs::write(&scenario, scenario_toml).unwrap();
     let (sim, providers) = simulator(scenario.to_str().unwrap());
-    let config = ClientConfig::from_toml(scenario_toml).unwrap();
+    let config = ClientConfig::from_scenario(&Scenario::from_toml(scenario_toml).unwrap());
     let db = dir.path().join("leases.db");
     let clients = names.iter().map(|n| instance(&providers, &config, &db, n)).collect();
     (dir, sim, providers, clients)
@@ -193,7 +194,7 @@ async fn a_provider_that_says_slow_down_hears_nothing_from_any_instance_meanwhil
     let scenario = dir.path().join("tight.toml");
     std::fs::write(&scenario, TIGHT.replace("rate_limit = 20", "rate_limit = 40").replace("concurrency_limit = 4", "concurrency_limit = 8")).unwrap();
     let (_sim, providers) = simulator(scenario.to_str().unwrap());
-    let config = ClientConfig::from_toml(&std::fs::read_to_string(&scenario).unwrap()).unwrap();
+    let config = ClientConfig::from_scenario(&Scenario::load(scenario.to_str()).unwrap());
     let db = dir.path().join("leases.db");
     let clients: Vec<_> = ["a", "b"].iter().map(|n| instance(&providers, &config, &db, n)).collect();
     assert_eq!(lookups(clients[0].clone(), 0, 5).await + lookups(clients[1].clone(), 100, 5).await, 10);

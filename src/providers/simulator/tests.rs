@@ -672,7 +672,7 @@ async fn a_key_whose_abandoned_request_may_still_arrive_is_neither_sent_again_no
     let sc = with_defaults("timeout_rate = 1.0\nhang_ms = 1500\n");
     let srv = Server::start(sc.clone()).await;
     let t = find(&sc, |o| o.pays());
-    let config = ClientConfig::from_toml("[client]\ntimeout_ms = 200\n").unwrap();
+    let config = ClientConfig::from_scenario(&Scenario::from_toml("[client]\ntimeout_ms = 200\n").unwrap());
     let base_urls = ProviderName::ALL.into_iter().map(|p| (p, format!("{}/{p}", srv.base))).collect();
     let client = ProviderClient::new(ProviderEndpoints { base_urls, api_keys: Default::default() }, &config, Redactor::new(&[], &[]));
     let caller = Caller { batch_id: "B-1", ticket_id: &t, client_id: "ops", stage: Stage::Pay, attempt: 0 };

@@ -7,7 +7,7 @@
 pub mod access;
 mod attention;
 mod batches;
-mod console;
+pub mod console;
 mod extract;
 pub mod problem;
 mod reconciliation;
@@ -22,7 +22,6 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::domain::AuthorityCode;
@@ -45,26 +44,41 @@ pub struct App {
     pub access: Access,
 }
 
+/// A table of routes, each with the methods it answers and their handlers,
+/// made into both a router and the list of what it serves ([`ROUTES`]), which
+/// the OpenAPI document is checked against.
+macro_rules! route_table {
+    ($name:ident, $router:ident: $($path:literal => $m0:ident($h0:path) $(, $m:ident($h:path))*;)+) => {
+        /// Every route this router serves, with its methods.
+        pub const $name: &[(&str, &[&str])] = &[$(($path, &[stringify!($m0) $(, stringify!($m))*])),+];
+
+        fn $router() -> axum::Router<std::sync::Arc<crate::api::App>> {
+            axum::Router::new() $(.route($path, axum::routing::$m0($h0) $(.$m($h))*))+
+        }
+    };
+}
+pub(crate) use route_table;
+
+route_table! { ROUTES, routes:
+    "/api/openapi.json" => get(openapi);
+    "/api/authorities" => get(authorities);
+    "/api/capacity" => get(capacity);
+    "/api/batches" => get(batches::list), post(batches::upload);
+    "/api/batches/{batch_id}" => get(batches::status);
+    "/api/batches/{batch_id}/attention" => get(attention::attention);
+    "/api/batches/{batch_id}/reconciliation" => get(reconciliation::reconcile);
+    "/api/batches/{batch_id}/reconciliations" => get(reconciliation::runs);
+    "/api/batches/{batch_id}/redrive" => post(redrive::redrive);
+    "/api/batches/{batch_id}/results" => get(results::results);
+    "/api/batches/{batch_id}/results.csv" => get(results::results_csv);
+    "/api/batches/{batch_id}/tickets" => get(tickets::list);
+    "/api/batches/{batch_id}/tickets/{ticket_id}" => get(tickets::show);
+    "/api/batches/{batch_id}/tickets/{ticket_id}/resolve" => post(resolve::resolve);
+    "/api/tickets" => get(tickets::by_reference);
+}
+
 pub fn router() -> Router<Arc<App>> {
-    Router::new()
-        .route("/api/openapi.json", get(openapi))
-        .route("/api/authorities", get(authorities))
-        .route("/api/capacity", get(capacity))
-        .route("/api/batches", get(batches::list).post(batches::upload))
-        .route("/api/batches/{batch_id}", get(batches::status))
-        .route("/api/batches/{batch_id}/attention", get(attention::attention))
-        .route("/api/batches/{batch_id}/reconciliation", get(reconciliation::reconcile))
-        .route("/api/batches/{batch_id}/reconciliations", get(reconciliation::runs))
-        .route("/api/batches/{batch_id}/redrive", post(redrive::redrive))
-        .route("/api/batches/{batch_id}/results", get(results::results))
-        .route("/api/batches/{batch_id}/results.csv", get(results::results_csv))
-        .route("/api/batches/{batch_id}/tickets", get(tickets::list))
-        .route("/api/batches/{batch_id}/tickets/{ticket_id}", get(tickets::show))
-        .route("/api/batches/{batch_id}/tickets/{ticket_id}/resolve", post(resolve::resolve))
-        .route("/api/tickets", get(tickets::by_reference))
-        .merge(console::router())
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+    routes().merge(console::router()).fallback(not_found).method_not_allowed_fallback(method_not_allowed)
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::ids::{BatchId, TicketId};
-use super::ticket::{PayStep, Ticket};
+use super::ticket::{Operation, PayStep, Ticket};
 use super::ProviderName;
 
 /// What we recorded of one operation.
@@ -138,29 +138,35 @@ impl ReconciliationRun {
 
 /// Every payment operation the ticket's records say was applied, declined or
 /// left unknown: the steps done, the compensations that undid them, the step
-/// a provider declined, and the one whose answer was lost. An operation being
-/// sent right now is left out: its answer is still to come.
+/// a provider declined, and those whose answer was lost (the one a lapsed
+/// claim names and those after it, which it covers). Operations being sent
+/// right now are left out: their answers are still to come.
 pub fn expected_operations(t: &Ticket) -> Vec<Expected> {
     let mut out = Vec::new();
-    let mut push = |step: PayStep, operation: &'static str, recorded: Recorded| {
-        out.push(Expected { provider: step.provider(), operation, key: t.operation_key(operation), recorded });
+    let mut push = |operation: Operation, recorded: Recorded| {
+        out.push(Expected { provider: operation.provider(), operation: operation.name(), key: t.operation_key(operation), recorded });
     };
     let done = usize::from(t.pay.done).min(PayStep::ALL.len());
     for step in &PayStep::ALL[..done] {
-        push(*step, step.operation(), Recorded::Applied);
+        push(Operation::Step(*step), Recorded::Applied);
     }
     for step in PayStep::ALL[..done].iter().rev().take(usize::from(t.pay.undone)) {
-        push(*step, step.compensation(), Recorded::Applied);
+        push(Operation::Undo(*step), Recorded::Applied);
     }
-    let unknown = t.pay.slot.is_unknown().then(|| t.pay.slot.in_flight.clone()).flatten();
+    let slot = &t.pay.slot;
+    let unknown = match (slot.is_unknown(), slot.in_flight, t.pay.next_operation()) {
+        (true, Some(named), _) => t.pay.operations_from(named),
+        (_, None, Some(next)) if slot.ask_first => t.pay.operations_from(next),
+        _ => Vec::new(),
+    };
     if let (Some(_), Some(step)) = (&t.pay.failure, PayStep::ALL.get(done)) {
         let decline = format!("{} declined {}", step.provider(), step.operation());
-        if unknown.is_none() && t.pay.failure.as_deref().is_some_and(|f| f.starts_with(&decline)) {
-            push(*step, step.operation(), Recorded::Declined);
+        if unknown.is_empty() && t.pay.failure.as_deref().is_some_and(|f| f.starts_with(&decline)) {
+            push(Operation::Step(*step), Recorded::Declined);
         }
     }
-    if let Some((step, operation)) = t.pay.next_operation().filter(|(_, op)| unknown.as_deref() == Some(*op)) {
-        push(step, operation, Recorded::Unknown);
+    for operation in unknown {
+        push(operation, Recorded::Unknown);
     }
     out
 }
@@ -183,7 +189,7 @@ pub fn verdict(recorded: Recorded, amount_minor: i64, currency: &str, theirs: &P
 mod tests {
     use super::*;
     use crate::domain::Status;
-    use crate::domain::ticket::tests::ticket;
+    use crate::domain::ticket::tests::{op, ticket};
 
     fn ops(t: &Ticket) -> Vec<(&'static str, Recorded)> {
         expected_operations(t).into_iter().map(|e| (e.operation, e.recorded)).collect()
@@ -210,13 +216,17 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_answer_is_asked_about_and_a_call_in_flight_is_not() {
+    fn a_lost_answer_is_asked_about_with_those_its_claim_covers_and_a_call_in_flight_is_not() {
         let mut t = ticket(Status::Parked);
         t.pay.done = 1;
-        t.pay.slot.claim("settle", Utc::now());
+        t.pay.slot.claim(op("settle"), Utc::now());
         assert_eq!(ops(&t), [("capture", Recorded::Applied)], "still being sent");
         t.pay.slot.release_claim();
-        assert_eq!(ops(&t), [("capture", Recorded::Applied), ("settle", Recorded::Unknown)]);
+        let unknown = [("settle", Recorded::Unknown), ("post", Recorded::Unknown), ("issue", Recorded::Unknown)];
+        assert_eq!(ops(&t)[1..], unknown);
+        t.pay.slot.clear_claim();
+        t.pay.slot.ask_first = true;
+        assert_eq!(ops(&t)[1..], unknown, "a step confirmed before them settled only itself");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::ticket::{Stage, Status, Ticket};
+use super::ticket::{Operation, Stage, Status, Ticket};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -128,7 +128,8 @@ impl Ticket {
         let mut resolved = Resolved { release: 0, redriven_to: None, parked_because: self.reason.clone().unwrap_or_default() };
         match resolution.action {
             Action::ConfirmedApplied => {
-                let (provider, operation) = self.in_flight()?;
+                let operation = self.in_flight()?;
+                let provider = operation.provider();
                 match self.pay.failure {
                     None => self.pay.done += 1,
                     Some(_) => self.pay.undone += 1,
@@ -139,7 +140,8 @@ impl Ticket {
                 self.settled(format!("{operation} at {provider} confirmed applied by {} ({reference})", resolution.by), now);
             }
             Action::ConfirmedNotApplied => {
-                let (provider, operation) = self.in_flight()?;
+                let operation = self.in_flight()?;
+                let provider = operation.provider();
                 self.pay.slot.clear_claim();
                 self.settled(format!("{operation} at {provider} confirmed not applied by {}", resolution.by), now);
             }
@@ -171,11 +173,9 @@ impl Ticket {
         Ok(resolved)
     }
 
-    /// The payment operation whose outcome is unknown, and its provider.
-    fn in_flight(&self) -> Result<(super::ProviderName, String), String> {
-        let operation = self.pay.slot.in_flight.clone().ok_or("no operation is in flight")?;
-        let (step, _) = self.pay.next_operation().ok_or("no operation is in flight")?;
-        Ok((step.provider(), operation))
+    /// The payment operation whose outcome is unknown.
+    fn in_flight(&self) -> Result<Operation, String> {
+        Ok(self.pay.slot.in_flight.ok_or("no operation is in flight")?)
     }
 
     /// A fact is settled; the ticket stays parked for the next decision.
@@ -208,7 +208,7 @@ pub struct Resolved {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::ticket::tests::ticket;
+    use crate::domain::ticket::tests::{op, ticket};
     use crate::domain::RetryPolicy;
 
     fn by(action: Action) -> Resolution {
@@ -217,6 +217,7 @@ mod tests {
 
     /// Parked at pay with `done` steps applied and `operation` sent, its answer lost.
     fn unknown(done: u8, operation: &str) -> Ticket {
+        let operation = op(operation);
         let mut t = ticket(Status::Pay);
         t.reserved = 900;
         t.pay.done = done;
@@ -262,9 +263,9 @@ mod tests {
         assert_eq!(t.open_actions(false), [Action::Redrive], "settle may have gone out after the capture: going on asks first");
         let done = t.resolve(by(Action::Redrive)).unwrap();
         assert_eq!((t.status, done.redriven_to), (Status::Pay, Some(Stage::Pay)));
-        assert_eq!(t.pay.next_operation(), Some((crate::domain::PayStep::Settle, "settle")));
+        assert_eq!(t.pay.next_operation(), Some(op("settle")));
         let lease = std::time::Duration::from_secs(60);
-        assert_eq!(t.pay.slot.claim_on("settle", Utc::now(), lease), crate::domain::ticket::Claim::Unknown, "the settlement provider is asked about settle first");
+        assert_eq!(t.pay.slot.claim_on(op("settle"), Utc::now(), lease), crate::domain::ticket::Claim::Unknown, "the settlement provider is asked about settle first");
     }
 
     #[test]
@@ -280,14 +281,14 @@ mod tests {
     fn a_capture_confirmed_not_applied_is_sent_again_on_redrive_or_given_up_with_its_reservation() {
         let mut t = unknown(0, "capture");
         t.resolve(by(Action::ConfirmedNotApplied)).unwrap();
-        assert_eq!((t.pay.done, t.pay.slot.in_flight.clone()), (0, None));
+        assert_eq!((t.pay.done, t.pay.slot.in_flight), (0, None));
         let mut again = t.clone();
         again.resolve(by(Action::Redrive)).unwrap();
-        assert_eq!(again.pay.next_operation(), Some((crate::domain::PayStep::Capture, "capture")));
+        assert_eq!(again.pay.next_operation(), Some(op("capture")));
         let done = t.resolve(by(Action::GiveUp)).unwrap();
         assert_eq!((t.status, t.reserved, done.release, t.notified), (Status::Failed, 0, 900, false));
         assert!(t.reason.as_deref().unwrap().starts_with("given up by ops: called them"));
-        assert!(t.operation_key("notify").ends_with(":notify:r1"), "the client hears the new outcome as news");
+        assert!(t.operation_key(op("notify")).ends_with(":notify:r1"), "the client hears the new outcome as news");
     }
 
     #[test]
@@ -296,7 +297,7 @@ mod tests {
         t.resolve(by(Action::ConfirmedNotApplied)).unwrap();
         let done = t.resolve(by(Action::GiveUp)).unwrap();
         assert_eq!((t.status, done.release, t.reserved), (Status::Pay, 0, 900), "the reservation stays until the steps are undone");
-        assert_eq!(t.pay.next_operation(), Some((crate::domain::PayStep::Settle, "cancel")));
+        assert_eq!(t.pay.next_operation(), Some(op("cancel")));
     }
 
     #[test]

@@ -198,8 +198,63 @@ impl PayStep {
     }
 }
 
-/// The notification's operation, at the notifier and in its idempotency key.
-pub const NOTIFY: &str = "notify";
+/// An operation sent at most once: a payment step, the undoing of one, or the
+/// notification. Stored, sent and keyed under its name (`capture`, `refund`,
+/// `notify`...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    Step(PayStep),
+    Undo(PayStep),
+    Notify,
+}
+
+impl Operation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Step(step) => step.operation(),
+            Self::Undo(step) => step.compensation(),
+            Self::Notify => "notify",
+        }
+    }
+
+    /// The provider it is sent to.
+    pub fn provider(self) -> ProviderName {
+        match self {
+            Self::Step(step) | Self::Undo(step) => step.provider(),
+            Self::Notify => ProviderName::Notifier,
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Operation> {
+        if name == Self::Notify.name() {
+            return Some(Self::Notify);
+        }
+        PayStep::ALL.into_iter().find_map(|step| match name {
+            n if n == step.operation() => Some(Self::Step(step)),
+            n if n == step.compensation() => Some(Self::Undo(step)),
+            _ => None,
+        })
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for Operation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Operation {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Operation::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown operation `{name}`")))
+    }
+}
 
 /// One operation that must be applied at most once, recorded before it is
 /// sent. Until its answer is recorded its outcome is unknown (timeout, crash,
@@ -209,7 +264,7 @@ pub const NOTIFY: &str = "notify";
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperationSlot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub in_flight: Option<String>,
+    pub in_flight: Option<Operation>,
     /// When a live invocation claimed the in-flight operation. Cleared when that
     /// invocation gives up (its answer was lost): then anyone may resolve it.
     /// A claim older than the lease belongs to an invocation that died.
@@ -228,8 +283,8 @@ impl OperationSlot {
     }
 
     /// Records `operation` as about to be sent by the caller.
-    pub fn claim(&mut self, operation: &str, now: DateTime<Utc>) {
-        self.in_flight = Some(operation.to_owned());
+    pub fn claim(&mut self, operation: Operation, now: DateTime<Utc>) {
+        self.in_flight = Some(operation);
         self.claimed_at = Some(now);
         self.ask_first = false;
     }
@@ -252,11 +307,11 @@ impl OperationSlot {
     }
 
     /// Who may act on `operation` now.
-    pub fn claim_on(&self, operation: &str, now: DateTime<Utc>, lease: Duration) -> Claim {
+    pub fn claim_on(&self, operation: Operation, now: DateTime<Utc>, lease: Duration) -> Claim {
         if self.ask_first {
             return Claim::Unknown;
         }
-        if self.in_flight.as_deref() != Some(operation) {
+        if self.in_flight != Some(operation) {
             return Claim::Free;
         }
         let lease = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
@@ -289,11 +344,27 @@ impl PayProgress {
     }
 
     /// What to send next: a step forward, or (after a failure) a step to undo.
-    pub fn next_operation(&self) -> Option<(PayStep, &'static str)> {
+    pub fn next_operation(&self) -> Option<Operation> {
         match &self.failure {
-            None => self.next_step().map(|s| (s, s.operation())),
-            Some(_) => self.next_compensation().map(|s| (s, s.compensation())),
+            None => self.next_step().map(Operation::Step),
+            Some(_) => self.next_compensation().map(Operation::Undo),
         }
+    }
+
+    /// What may follow `from` in its direction: a claim on it covers these too.
+    pub fn operations_from(&self, from: Operation) -> Vec<Operation> {
+        let mut left = self.clone();
+        let mut out = Vec::new();
+        while let Some(op) = left.next_operation() {
+            if op == from || !out.is_empty() {
+                out.push(op);
+            }
+            match left.failure {
+                None => left.done += 1,
+                Some(_) => left.undone += 1,
+            }
+        }
+        out
     }
 
     /// The operation in flight was applied: count it and claim the next one.
@@ -313,7 +384,7 @@ impl PayProgress {
 
     fn claim_next(&mut self, now: DateTime<Utc>) {
         match self.next_operation() {
-            Some((_, op)) => self.slot.claim(op, now),
+            Some(op) => self.slot.claim(op, now),
             None => self.slot.clear_claim(),
         }
     }
@@ -486,9 +557,9 @@ impl Ticket {
     /// The idempotency key of an operation on this ticket. A payment step keeps
     /// its key for good, so a redriven payment never repeats a step; a
     /// notification after a redrive is news, so it gets a key of its own.
-    pub fn operation_key(&self, operation: &str) -> String {
+    pub fn operation_key(&self, operation: Operation) -> String {
         match (operation, self.redrives) {
-            (NOTIFY, n) if n > 0 => format!("{}:{}:{NOTIFY}:r{n}", self.batch_id, self.ticket_id),
+            (Operation::Notify, n) if n > 0 => format!("{}:{}:{operation}:r{n}", self.batch_id, self.ticket_id),
             _ => format!("{}:{}:{operation}", self.batch_id, self.ticket_id),
         }
     }
@@ -625,6 +696,33 @@ impl Ticket {
 pub(crate) mod tests {
     use super::*;
 
+    pub(crate) fn op(name: &str) -> Operation {
+        Operation::parse(name).unwrap_or_else(|| panic!("no operation `{name}`"))
+    }
+
+    #[test]
+    fn operations_keep_their_names_on_the_wire_and_in_store() {
+        for name in ["capture", "settle", "post", "issue", "refund", "cancel", "reverse", "void", "notify"] {
+            let operation = op(name);
+            assert_eq!(operation.name(), name);
+            assert_eq!(serde_json::to_string(&operation).unwrap(), format!("\"{name}\""));
+            assert_eq!(serde_json::from_str::<Operation>(&format!("\"{name}\"")).unwrap(), operation);
+        }
+        assert_eq!(op("refund"), Operation::Undo(PayStep::Capture));
+        assert_eq!(op("void").provider(), ProviderName::Receipt);
+        assert!(serde_json::from_str::<Operation>("\"pay\"").is_err());
+    }
+
+    #[test]
+    fn a_claim_covers_the_operations_after_it_in_its_direction() {
+        let mut pay = PayProgress { done: 1, ..PayProgress::default() };
+        assert_eq!(pay.operations_from(op("settle")), [op("settle"), op("post"), op("issue")]);
+        pay.failure = Some("ledger declined post".into());
+        pay.done = 2;
+        assert_eq!(pay.operations_from(op("cancel")), [op("cancel"), op("refund")]);
+        assert_eq!(pay.operations_from(op("capture")), [], "not in this direction");
+    }
+
     pub(crate) fn ticket(status: Status) -> Ticket {
         let now = Utc::now();
         let batch = super::super::Batch {
@@ -689,17 +787,17 @@ pub(crate) mod tests {
         let policy = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };
         let mut t = ticket(Status::Pay);
         t.reserved = 900;
-        t.pay.slot.claim("settle", Utc::now());
+        t.pay.slot.claim(op("settle"), Utc::now());
         t.fail_transiently("settlement down".into(), &policy, Duration::ZERO, Utc::now());
         t.pay.slot.release_claim();
         t.notified = true;
         assert_eq!(t.status, Status::Parked);
         assert_eq!(t.redrive(Utc::now()), Ok(Stage::Pay));
         assert_eq!((t.status, t.attempt, t.redrives, t.notified), (Status::Pay, 0, 1, false));
-        assert_eq!(t.operation_key("capture"), format!("{}:{}:capture", t.batch_id, t.ticket_id), "a payment step keeps its key");
-        assert!(t.operation_key("notify").ends_with(":notify:r1"), "the next notification is news");
+        assert_eq!(t.operation_key(op("capture")), format!("{}:{}:capture", t.batch_id, t.ticket_id), "a payment step keeps its key");
+        assert!(t.operation_key(op("notify")).ends_with(":notify:r1"), "the next notification is news");
         assert_eq!(t.reserved, 900, "the reservation is still held");
-        assert_eq!(t.pay.slot.claim_on("settle", Utc::now(), Duration::from_secs(60)), Claim::Unknown, "the lost answer is asked for first");
+        assert_eq!(t.pay.slot.claim_on(op("settle"), Utc::now(), Duration::from_secs(60)), Claim::Unknown, "the lost answer is asked for first");
         assert!(t.redrive(Utc::now()).unwrap_err().contains("only parked"));
     }
 
@@ -709,18 +807,18 @@ pub(crate) mod tests {
         let lease = Duration::from_secs(60);
         let mut t = ticket(Status::Pay);
         t.reserved = 900;
-        t.pay.slot.claim("capture", Utc::now());
+        t.pay.slot.claim(op("capture"), Utc::now());
         t.pay.slot.release_claim();
         t.fail_transiently("timed out".into(), &policy, Duration::ZERO, Utc::now());
         assert_eq!(t.status, Status::Parked);
         // The parked ticket's client is told, through the notification's own slot.
-        t.slot_mut(Stage::Notify).claim("notify", Utc::now());
+        t.slot_mut(Stage::Notify).claim(op("notify"), Utc::now());
         t.slot_mut(Stage::Notify).clear_claim();
         t.notified = true;
         assert!(t.pay.slot.is_unknown(), "notifying never forgets the capture in flight");
         t.redrive(Utc::now()).unwrap();
-        assert_eq!(t.slot(Stage::Pay).claim_on("capture", Utc::now(), lease), Claim::Unknown, "the gateway is asked before any capture");
-        assert_eq!(t.slot(Stage::Notify).claim_on("notify", Utc::now(), lease), Claim::Free, "the next notification is news");
+        assert_eq!(t.slot(Stage::Pay).claim_on(op("capture"), Utc::now(), lease), Claim::Unknown, "the gateway is asked before any capture");
+        assert_eq!(t.slot(Stage::Notify).claim_on(op("notify"), Utc::now(), lease), Claim::Free, "the next notification is news");
     }
 
     #[test]
@@ -789,16 +887,16 @@ pub(crate) mod tests {
     fn each_applied_operation_claims_the_next_one() {
         let now = Utc::now();
         let mut pay = PayProgress::default();
-        assert_eq!(pay.next_operation(), Some((PayStep::Capture, "capture")));
+        assert_eq!(pay.next_operation(), Some(Operation::Step(PayStep::Capture)));
         pay.applied(now);
-        assert_eq!((pay.done, pay.slot.in_flight.as_deref()), (1, Some("settle")));
+        assert_eq!((pay.done, pay.slot.in_flight.map(Operation::name)), (1, Some("settle")));
         pay.applied(now);
         pay.declined("ledger down for good".into(), now);
-        assert_eq!(pay.slot.in_flight.as_deref(), Some("cancel"), "undo starts with the last done step");
+        assert_eq!(pay.slot.in_flight.map(Operation::name), Some("cancel"), "undo starts with the last done step");
         pay.applied(now);
-        assert_eq!(pay.slot.in_flight.as_deref(), Some("refund"));
+        assert_eq!(pay.slot.in_flight.map(Operation::name), Some("refund"));
         pay.applied(now);
-        assert_eq!((pay.undone, pay.slot.in_flight.as_deref(), pay.slot.claimed_at), (2, None, None));
+        assert_eq!((pay.undone, pay.slot.in_flight.map(Operation::name), pay.slot.claimed_at), (2, None, None));
         assert_eq!(pay.next_operation(), None);
     }
 
@@ -807,12 +905,12 @@ pub(crate) mod tests {
         let now = Utc::now();
         let lease = Duration::from_secs(60);
         let mut slot = OperationSlot::default();
-        assert_eq!(slot.claim_on("capture", now, lease), Claim::Free);
-        slot.claim("capture", now);
-        assert_eq!(slot.claim_on("capture", now, lease), Claim::Held { until: now + chrono::Duration::seconds(60) });
-        assert_eq!(slot.claim_on("settle", now, lease), Claim::Free);
-        assert_eq!(slot.claim_on("capture", now + chrono::Duration::seconds(61), lease), Claim::Unknown, "the claimant died");
+        assert_eq!(slot.claim_on(op("capture"), now, lease), Claim::Free);
+        slot.claim(op("capture"), now);
+        assert_eq!(slot.claim_on(op("capture"), now, lease), Claim::Held { until: now + chrono::Duration::seconds(60) });
+        assert_eq!(slot.claim_on(op("settle"), now, lease), Claim::Free);
+        assert_eq!(slot.claim_on(op("capture"), now + chrono::Duration::seconds(61), lease), Claim::Unknown, "the claimant died");
         slot.release_claim();
-        assert_eq!(slot.claim_on("capture", now, lease), Claim::Unknown, "the claimant gave up");
+        assert_eq!(slot.claim_on(op("capture"), now, lease), Claim::Unknown, "the claimant gave up");
     }
 }

@@ -28,11 +28,10 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{BusError, BusSender, OutgoingMessage};
-use crate::domain::ticket::{AfterFailure, Claim};
+use crate::domain::ticket::{AfterFailure, Claim, Operation};
 use crate::domain::{BatchId, Event, EventKind, Exchange, RetryPolicy, Stage, Status, Ticket, TicketId};
 use crate::providers::client::{CallError, Caller, ProviderClient};
 use crate::providers::wire::OperationRequest;
-use crate::providers::ProviderName;
 use crate::store::{BudgetChange, Store, StoreError, TicketUpdate, Versioned};
 
 /// The body of every stage message.
@@ -402,14 +401,7 @@ impl Pipeline {
     /// claims the ticket before its first request; an operation whose answer
     /// an earlier run lost is asked for by key first (answered `Ok` if it was
     /// applied, and then the next one is asked for too).
-    async fn send_once(
-        &self,
-        run: &mut Run,
-        stage: Stage,
-        provider: ProviderName,
-        operation: &str,
-        request: &OperationRequest,
-    ) -> Result<Result<(), CallError>, StageError> {
+    async fn send_once(&self, run: &mut Run, stage: Stage, operation: Operation, request: &OperationRequest) -> Result<Result<(), CallError>, StageError> {
         let now = Utc::now();
         match run.claimed {
             Some(at) if now - at <= self.claim_renewal() => {}
@@ -426,7 +418,7 @@ impl Pipeline {
                 }
             },
         }
-        let key = run.ticket.operation_key(operation);
+        let (key, provider) = (run.ticket.operation_key(operation), operation.provider());
         if run.asking {
             let status = self.providers.operation_status(provider, &key, &Caller::of(&run.ticket, stage)).await;
             run.exchanges.push(self.exchange_event(&run.ticket, stage, status.exchange));
@@ -436,7 +428,7 @@ impl Pipeline {
                 Err(e) => return Ok(Err(e)),
             }
         }
-        let call = self.providers.operate(provider, operation, &key, request, &Caller::of(&run.ticket, stage)).await;
+        let call = self.providers.operate(provider, operation.name(), &key, request, &Caller::of(&run.ticket, stage)).await;
         run.exchanges.push(self.exchange_event(&run.ticket, stage, call.exchange));
         Ok(call.result.map(drop))
     }
@@ -447,7 +439,7 @@ impl Pipeline {
     }
 
     /// Claims `operation` (and those after it) for `run`, with what the run did so far.
-    async fn claim(&self, run: &mut Run, stage: Stage, operation: &str) -> Result<(), StageError> {
+    async fn claim(&self, run: &mut Run, stage: Stage, operation: Operation) -> Result<(), StageError> {
         let now = Utc::now();
         run.ticket.slot_mut(stage).claim(operation, now);
         run.noted = 0;

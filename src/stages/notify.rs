@@ -6,17 +6,16 @@ use chrono::Utc;
 
 use super::{Pipeline, Run, StageError};
 use crate::domain::money::format_minor;
-use crate::domain::ticket::NOTIFY;
+use crate::domain::ticket::Operation;
 use crate::domain::{EventKind, Stage, Ticket};
 use crate::providers::client::CallError;
 use crate::providers::wire::{OperationRequest, WireMoney};
-use crate::providers::ProviderName;
 use crate::store::Versioned;
 
 pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
     let request = request(&current.value);
     let mut run = Run::new(current);
-    let result = p.send_once(&mut run, Stage::Notify, ProviderName::Notifier, NOTIFY, &request).await?;
+    let result = p.send_once(&mut run, Stage::Notify, Operation::Notify, &request).await?;
     let Run { stored, mut ticket, exchanges, .. } = run;
     let outcome = match result {
         Ok(()) => "sent".to_owned(),

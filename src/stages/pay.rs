@@ -14,17 +14,17 @@ use crate::store::{BudgetChange, Versioned};
 
 pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
     let mut run = Run::new(current);
-    while let Some((step, operation)) = run.ticket.pay.next_operation() {
-        let provider = step.provider();
+    while let Some(operation) = run.ticket.pay.next_operation() {
+        let provider = operation.provider();
         let request = operation_request(&run.ticket);
-        let result = p.send_once(&mut run, Stage::Pay, provider, operation, &request).await?;
+        let result = p.send_once(&mut run, Stage::Pay, operation, &request).await?;
         let now = Utc::now();
         match result {
             Ok(()) => run.ticket.pay.applied(now),
             Err(CallError::Permanent { error, .. }) if run.ticket.pay.failure.is_none() => {
                 run.ticket.pay.declined(format!("{provider} declined {operation}: {error}"), now);
                 // A claim covers one direction: undoing starts under a claim of its own.
-                if let Some((_, undo)) = run.ticket.pay.next_operation() {
+                if let Some(undo) = run.ticket.pay.next_operation() {
                     p.claim(&mut run, Stage::Pay, undo).await?;
                 }
                 continue;

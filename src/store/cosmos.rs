@@ -717,14 +717,21 @@ impl Store for CosmosStore {
 
     async fn has_open_tickets(&self, batch_id: &BatchId) -> Result<bool> {
         let q = Query::from("SELECT TOP 1 VALUE c.ticket_id FROM c WHERE c.type = 'ticket' AND c.notified = false");
-        // Partitions a few at a time, stopping at the first with an open ticket: while a
-        // batch runs, that is nearly always the first.
-        for group in ticket_partitions(batch_id.as_str()).chunks(FAN_OUT) {
+        // Asked as each ticket ends. While a batch runs nearly every partition has an
+        // open ticket, so one from a random place answers at once; the groups asked
+        // then double (up to the fan-out), so the last tickets do not ask one by one.
+        let mut partitions = ticket_partitions(batch_id.as_str());
+        let start = rand::random_range(0..partitions.len());
+        partitions.rotate_left(start);
+        let (mut from, mut size) = (0, 1);
+        while from < partitions.len() {
+            let group = &partitions[from..(from + size).min(partitions.len())];
             let asked = group.iter().map(|pk| self.query::<String>(q.clone(), Some(pk), "open tickets"));
-            let open = futures::future::try_join_all(asked).await?;
-            if open.iter().any(|rows| !rows.is_empty()) {
+            if futures::future::try_join_all(asked).await?.iter().any(|rows| !rows.is_empty()) {
                 return Ok(true);
             }
+            from += group.len();
+            size = (size * 2).min(FAN_OUT);
         }
         Ok(false)
     }

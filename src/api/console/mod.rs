@@ -8,7 +8,6 @@ use std::sync::Arc;
 use axum::Router;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
 
 use super::App;
 
@@ -21,15 +20,18 @@ const STYLE: &str = include_str!("console.css");
 const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; \
                       base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
+super::route_table! { ROUTES, routes:
+    "/api/console" => get(page);
+    "/api/console/" => get(page);
+    "/api/console/batches/{batch_id}" => get(page);
+    "/api/console/batches/{batch_id}/attention" => get(page);
+    "/api/console/batches/{batch_id}/tickets/{ticket_id}" => get(page);
+    "/api/console/console.js" => get(script);
+    "/api/console/console.css" => get(style);
+}
+
 pub fn router() -> Router<Arc<App>> {
-    Router::new()
-        .route("/api/console", get(page))
-        .route("/api/console/", get(page))
-        .route("/api/console/batches/{batch_id}", get(page))
-        .route("/api/console/batches/{batch_id}/attention", get(page))
-        .route("/api/console/batches/{batch_id}/tickets/{ticket_id}", get(page))
-        .route("/api/console/console.js", get(script))
-        .route("/api/console/console.css", get(style))
+    routes()
 }
 
 async fn page() -> impl IntoResponse {

@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::scenario::{ProviderSettings, Scenario, outcome_for};
-use crate::domain::ticket::NOTIFY;
+use crate::domain::ticket::Operation;
 use crate::domain::PayStep;
 use crate::providers::ProviderName;
 use crate::providers::wire::{
@@ -560,7 +560,7 @@ async fn lookup(
 /// The keyed operations of a provider: (forward, compensation), as the pipeline names them.
 fn operations(p: ProviderName) -> Option<(&'static str, Option<&'static str>)> {
     if p == ProviderName::Notifier {
-        return Some((NOTIFY, None));
+        return Some((Operation::Notify.name(), None));
     }
     PayStep::ALL.into_iter().find(|s| s.provider() == p).map(|s| (s.operation(), Some(s.compensation())))
 }

@@ -49,8 +49,8 @@ param instanceMemoryMB int = 512
 param cosmosThroughputMode string = 'serverless'
 
 @minValue(1000)
-@description('Autoscale maximum RU/s of the records container when cosmosThroughputMode is autoscale: 25,000 carries one batch at the providers\' pace (docs/scale.md).')
-param cosmosAutoscaleMaxThroughput int = 25000
+@description('Autoscale maximum RU/s of the records container when cosmosThroughputMode is autoscale: 20,000 carries one batch at the providers\' pace (docs/scale.md).')
+param cosmosAutoscaleMaxThroughput int = 20000
 
 @minLength(1)
 @description('Base URL under which every provider is reached as /{provider} (TICKETPAY_PROVIDERS_URL).')

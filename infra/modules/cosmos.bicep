@@ -27,9 +27,9 @@ param databaseName string = 'ticketpay'
 ])
 param throughputMode string = 'serverless'
 
-@description('Autoscale maximum RU/s of the records container (throughputMode autoscale only; minimum 1000). 25,000 carries one batch at the providers\' pace (docs/scale.md); the idempotency container gets the minimum.')
+@description('Autoscale maximum RU/s of the records container (throughputMode autoscale only; minimum 1000). 20,000 carries one batch at the providers\' pace (docs/scale.md); the idempotency container gets the minimum.')
 @minValue(1000)
-param autoscaleMaxThroughput int = 25000
+param autoscaleMaxThroughput int = 20000
 
 @description('Principal id of the managed identity granted Cosmos DB Built-in Data Contributor.')
 param principalId string

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use ticketpay::domain::{
-    AuthorityCode, Batch, BatchId, ClientId, Currency, Event, EventKind, Reference, Stage, Status, Ticket,
+    AuthorityCode, Batch, BatchId, ClientId, Currency, Event, EventKind, Operation, PayStep, Reference, Stage, Status, Ticket,
     TicketId,
 };
 use ticketpay::domain::reconciliation::{Check, ProviderView, ReconciliationRun, Recorded, Verdict};
@@ -626,4 +626,92 @@ async fn sqlite_reports_a_row_it_cannot_read_as_invalid() {
         conn.execute(&format!("UPDATE batches SET {column} = ?2 WHERE batch_id = ?1"), [b.batch_id.as_str(), good.as_str()]).unwrap();
     }
     assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().batch_id, b.batch_id);
+}
+
+/// A ticket part way through its payment (its settle's answer lost), as a store holds it.
+async fn paying(store: &dyn Store) -> (Batch, ticketpay::store::Versioned<Ticket>) {
+    let (b, ts) = seeded(store, 1_000, 1).await;
+    let current = store.ticket(&b.batch_id, &ts[0].ticket_id).await.unwrap().unwrap();
+    let mut next = moved(&current.value, Status::Pay);
+    next.pay.done = 1;
+    next.pay.slot.claim(Operation::Step(PayStep::Settle), Utc::now());
+    next.pay.slot.release_claim();
+    let written = store.update_ticket(TicketUpdate { ticket: next, etag: current.etag, budget: None, events: vec![] }).await.unwrap();
+    (b, written)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_reads_a_file_and_a_ticket_in_every_earlier_shape_and_refuses_newer_ones() {
+    use ticketpay::store::schema::TICKET_SCHEMA;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let (b, written) = paying(&SqliteStore::open(&path).unwrap()).await;
+    let id = written.value.ticket_id.clone();
+
+    // As releases before versions left it: the same tables, no version, a ticket without `schema`.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let doc: String = conn.query_row("SELECT doc FROM tickets WHERE ticket_id = ?1", [id.as_str()], |r| r.get(0)).unwrap();
+    let first_shape = doc.replacen(&format!("\"schema\":{TICKET_SCHEMA},"), "", 1);
+    assert_ne!(first_shape, doc, "a ticket is written with its shape: {doc}");
+    conn.execute("UPDATE tickets SET doc = ?1 WHERE ticket_id = ?2", [first_shape.as_str(), id.as_str()]).unwrap();
+    conn.pragma_update(None, "user_version", 0).unwrap();
+
+    let store = SqliteStore::open(&path).unwrap();
+    let read = store.ticket(&b.batch_id, &id).await.unwrap().unwrap();
+    assert_eq!(read, written, "today's shape reads as it was written");
+    assert_eq!(conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)).unwrap(), 1, "the file is upgraded");
+
+    let later = first_shape.replacen('{', &format!("{{\"schema\":{},", TICKET_SCHEMA + 1), 1);
+    conn.execute("UPDATE tickets SET doc = ?1 WHERE ticket_id = ?2", [later.as_str(), id.as_str()]).unwrap();
+    match store.ticket(&b.batch_id, &id).await {
+        Err(StoreError::Invalid(e)) => assert!(e.contains("newer release"), "{e}"),
+        other => panic!("a ticket in a newer shape read as {other:?}"),
+    }
+    drop(store);
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    match SqliteStore::open(&path) {
+        Err(StoreError::Invalid(e)) => assert!(e.contains("newer release"), "{e}"),
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("a file from a newer release was opened"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cosmos_reads_a_ticket_in_every_earlier_shape_and_refuses_newer_ones() {
+    use azure_data_cosmos::{FeedScope, Query};
+    use futures::TryStreamExt;
+    use ticketpay::store::cosmos::{CosmosStore, RECORDS};
+    use ticketpay::store::schema::TICKET_SCHEMA;
+
+    let (client, _emulator) = cosmos_account(None).await;
+    let records = client.database_client("ticketpay".to_owned()).container_client(RECORDS, None).await.unwrap();
+    let store = CosmosStore::new(client, "ticketpay").await.unwrap();
+    let (b, written) = paying(&store).await;
+    let id = written.value.ticket_id.clone();
+    let stored: Vec<serde_json::Value> = records
+        .query_items::<serde_json::Value>(Query::from("SELECT * FROM c WHERE c.type = 'ticket'"), FeedScope::full_container(), None)
+        .await
+        .unwrap()
+        .into_pages()
+        .map_ok(|page| page.into_items())
+        .try_concat()
+        .await
+        .unwrap();
+    let mut doc = stored.into_iter().next().expect("the ticket's document");
+    assert_eq!(doc["ticket"]["schema"], TICKET_SCHEMA, "a ticket is written with its shape, inside it: {doc}");
+
+    // As releases before versions wrote it.
+    let (pk, doc_id) = (doc["pk"].as_str().unwrap().to_owned(), doc["id"].as_str().unwrap().to_owned());
+    doc["ticket"].as_object_mut().unwrap().remove("schema");
+    records.replace_item(pk.clone(), &doc_id, &doc, None).await.unwrap();
+    let read = store.ticket(&b.batch_id, &id).await.unwrap().unwrap();
+    assert_eq!(read.value, written.value, "today's shape reads as it was written");
+
+    doc["ticket"]["schema"] = serde_json::json!(TICKET_SCHEMA + 1);
+    records.replace_item(pk, &doc_id, &doc, None).await.unwrap();
+    match store.ticket(&b.batch_id, &id).await {
+        Err(StoreError::Invalid(e)) => assert!(e.contains("newer release"), "{e}"),
+        other => panic!("a ticket in a newer shape read as {other:?}"),
+    }
+    assert!(matches!(store.tickets(&b.batch_id, None, 10, None).await, Err(StoreError::Invalid(_))), "nor in a page of tickets");
 }

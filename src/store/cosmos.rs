@@ -107,9 +107,15 @@ fn by_ticket(events: &[Event]) -> Vec<Vec<Event>> {
 
 // ---------------------------------------------------------------- errors
 
+/// The sub-status the SDK gives a document it could not turn into the type asked for.
+const UNREADABLE_BODY: u16 = 20020;
+
 fn map_err(what: impl std::fmt::Display, e: CosmosError) -> StoreError {
     let s = e.status();
-    if s.is_precondition_failed() || s.is_conflict() {
+    if s.sub_status().is_some_and(|sub| sub.value() == UNREADABLE_BODY) {
+        // A stored document the store cannot read: trying again will not help.
+        StoreError::Invalid(format!("{what}: {}", with_causes(&e)))
+    } else if s.is_precondition_failed() || s.is_conflict() {
         StoreError::Conflict(what.to_string())
     } else if s.is_not_found() {
         StoreError::NotFound(what.to_string())
@@ -119,6 +125,17 @@ fn map_err(what: impl std::fmt::Display, e: CosmosError) -> StoreError {
         // Throttling (429) the SDK could not absorb, timeouts, 503s, transport failures.
         StoreError::Unavailable(format!("{what}: {e}"))
     }
+}
+
+/// An error and what caused it, as one line.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    line
 }
 
 fn invalid(e: impl std::fmt::Display) -> StoreError {
@@ -201,7 +218,7 @@ impl CosmosStore {
 
     async fn read_doc<T: DeserializeOwned>(&self, container: &'static str, pk: &str, id: &str) -> Result<Option<T>> {
         match self.metered(container, "read", pk, self.container(container).read_item(pk.to_owned(), id, None)).await {
-            Ok(r) => r.into_model::<T>().map(Some).map_err(|e| invalid(format!("{id}: {e}"))),
+            Ok(r) => r.into_model::<T>().map(Some).map_err(|e| invalid(format!("{id}: {}", with_causes(&e)))),
             Err(e) if e.status().is_not_found() => Ok(None),
             Err(e) => Err(map_err(format!("{pk}/{id}"), e)),
         }

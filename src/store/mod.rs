@@ -9,6 +9,7 @@
 
 pub mod cosmos;
 pub mod meter;
+pub mod schema;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::schema::{decode_ticket, encode_ticket};
 use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
 use crate::domain::reconciliation::ReconciliationRun;
 use crate::domain::{AuthorityCode, Batch, BatchId, Budget, ClientId, Currency, Event, Status, Ticket, TicketId};
@@ -71,6 +72,27 @@ CREATE TABLE IF NOT EXISTS payment_claims (
     PRIMARY KEY (authority, ticket_id)
 ) WITHOUT ROWID;
 ";
+
+/// The version of this file's tables, in `PRAGMA user_version`. 0 is a file
+/// made before they had one, with the same tables as version 1.
+const FILE_SCHEMA: i64 = 1;
+
+/// Brings a store file made by an earlier release up to this one's tables; a
+/// file made by a newer release is refused, never guessed at.
+fn upgrade(conn: &Connection, path: &Path) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(unavailable)?;
+    if version > FILE_SCHEMA {
+        return Err(invalid(format!(
+            "{} was written by a newer release (tables version {version}; this one knows up to {FILE_SCHEMA})",
+            path.display()
+        )));
+    }
+    conn.execute_batch(SCHEMA).map_err(unavailable)?;
+    if version < FILE_SCHEMA {
+        conn.pragma_update(None, "user_version", FILE_SCHEMA).map_err(unavailable)?;
+    }
+    Ok(())
+}
 
 /// Every write (and every read that must see the last write) runs on one
 /// writer thread. What callers hand it while it is busy goes in the next
@@ -156,7 +178,7 @@ impl SqliteStore {
             std::fs::create_dir_all(dir).map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
         }
         let writer = open_connection(path)?;
-        writer.execute_batch(SCHEMA).map_err(unavailable)?;
+        upgrade(&writer, path)?;
         let reader = open_connection(path)?;
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -246,10 +268,6 @@ fn insert_events(tx: &Connection, events: &[Event]) -> Result<()> {
     Ok(())
 }
 
-fn decode_ticket(doc: &str) -> Result<Ticket> {
-    serde_json::from_str(doc).map_err(invalid)
-}
-
 /// A fresh version for a claim: never one it had before, so a claim released
 /// and taken again is not mistaken for the one read earlier.
 fn claim_etag() -> String {
@@ -321,7 +339,7 @@ impl Store for SqliteStore {
                     )
                     .map_err(unavailable)?;
                 for t in &tickets {
-                    let doc = serde_json::to_string(t).map_err(invalid)?;
+                    let doc = encode_ticket(t)?;
                     stmt.execute(params![
                         t.batch_id.as_str(),
                         t.ticket_id.as_str(),
@@ -451,7 +469,7 @@ impl Store for SqliteStore {
                     .unwrap_or(0),
                 _ => 0,
             };
-            let doc = serde_json::to_string(&ticket).map_err(invalid)?;
+            let doc = encode_ticket(&ticket)?;
             let changed = tx
                 .prepare_cached(
                     "UPDATE tickets SET status = ?3, notified = ?4, paid = ?5, reserved = ?6, doc = ?7, version = version + 1

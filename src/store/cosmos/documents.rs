@@ -109,6 +109,8 @@ pub(super) struct TicketDoc {
     pub due_us: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// With the version of its shape inside, so a write pays for no extra top-level property.
+    #[serde(with = "crate::store::schema::nested")]
     pub ticket: Ticket,
     #[serde(rename = "_etag", default, skip_serializing)]
     pub etag: Option<String>,

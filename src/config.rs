@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::api::access::{Access, ApiKeys};
+use crate::keys::{Access, ApiKeys};
 use crate::domain::{AuthorityCode, RetryPolicy};
 use crate::providers::client::ProviderEndpoints;
 use crate::providers::limits::ClientConfig;
@@ -447,7 +447,7 @@ mod tests {
             assert_eq!(err.name, API_KEYS);
             assert!(err.to_string().contains(marker), "{err}");
         }
-        let digest = crate::api::access::key_digest("k");
+        let digest = crate::keys::key_digest("k");
         let keys = format!(r#"[{{"name": "ops", "role": "operator", "sha256": "{digest}"}}]"#);
         let configured = settings(&[(API_KEYS, keys.as_str()), ("WEBSITE_INSTANCE_ID", "1")]);
         assert!(matches!(load_access(&Settings::from_map(&configured)).unwrap(), Access::Keys(_)));

@@ -5,7 +5,7 @@
 //! # The map
 //!
 //! A batch is uploaded through the HTTP [`api`] (every caller holds a key:
-//! an operator's, or one client's, see [`api::access`]; it also serves
+//! an operator's, or one client's, see [`keys`] and [`api::access`]; it also serves
 //! `/api/console`, a status page for people); every ticket then travels a
 //! pipeline of [`stages`], one queue and one function each:
 //!
@@ -50,6 +50,7 @@ pub mod config;
 pub mod domain;
 pub mod handler;
 pub mod host;
+pub mod keys;
 pub mod leases;
 pub mod package;
 pub mod providers;

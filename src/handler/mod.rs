@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::api::access::Access;
+use crate::keys::Access;
 use crate::api::{self, App};
 use crate::bus::BusSender;
 use crate::config::{BusConfig, HandlerConfig, LeaseConfig, Settings, StoreConfig};

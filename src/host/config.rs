@@ -128,28 +128,7 @@ impl HostConfig {
         let host = read_json(&host_path)?;
         let ctx = |field: &str| format!("{}: {field}", host_path.display());
 
-        let desc = host
-            .pointer("/customHandler/description")
-            .ok_or_else(|| anyhow!("{}: customHandler.description is missing", host_path.display()))?;
-        let executable = desc
-            .get("defaultExecutablePath")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| {
-                anyhow!("{}: customHandler.description.defaultExecutablePath is missing or not a string", host_path.display())
-            })?
-            .to_string();
-        let arguments = match desc.get("arguments") {
-            None | Some(Value::Null) => vec![],
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| v.as_str().map(str::to_string))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| anyhow!("{} must be an array of strings", ctx("customHandler.description.arguments")))?,
-            Some(_) => bail!("{} must be an array of strings", ctx("customHandler.description.arguments")),
-        };
-        let working_directory = opt_str(desc, "workingDirectory", || ctx("customHandler.description.workingDirectory"))?
-            .unwrap_or_default();
+        let (executable, arguments, working_directory) = handler_description(&host, &ctx)?;
         let ch = &host["customHandler"];
         let proxy_http = opt_bool(ch, "enableProxyingHttpRequest", || ctx("customHandler.enableProxyingHttpRequest"))?
             .or(opt_bool(ch, "enableForwardingHttpRequest", || ctx("customHandler.enableForwardingHttpRequest"))?)
@@ -168,35 +147,10 @@ impl HostConfig {
             Some(_) => bail!("{} must be a string like \"00:05:00\"", ctx("functionTimeout")),
         };
         let sb = host.pointer("/extensions/serviceBus").cloned().unwrap_or(Value::Null);
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let max_concurrent_calls =
-            opt_u64(&sb, "maxConcurrentCalls", || ctx("extensions.serviceBus.maxConcurrentCalls"))?
-                .map(|n| n as usize)
-                .unwrap_or(16 * cpus)
-                .max(1);
-        let max_concurrent_sessions =
-            opt_u64(&sb, "maxConcurrentSessions", || ctx("extensions.serviceBus.maxConcurrentSessions"))?
-                .map(|n| n as usize)
-                .unwrap_or(8)
-                .max(1);
-        let max_auto_lock_renewal = match opt_str(&sb, "maxAutoLockRenewalDuration", || {
-            ctx("extensions.serviceBus.maxAutoLockRenewalDuration")
-        })? {
-            None => Duration::from_secs(300),
-            Some(s) => parse_timespan(&s).with_context(|| ctx("extensions.serviceBus.maxAutoLockRenewalDuration"))?,
-        };
-
+        let (max_concurrent_calls, max_concurrent_sessions, max_auto_lock_renewal) = service_bus_limits(&sb, &ctx)?;
         let batches = parse_batch_options(&sb, &ctx)?;
-
         let functions = load_functions(app_root)?;
-        let mut by_queue: BTreeMap<String, &str> = BTreeMap::new();
-        for f in &functions {
-            if let Trigger::Queue(q) = &f.trigger
-                && let Some(other) = by_queue.insert(q.queue.to_ascii_lowercase(), &f.name)
-            {
-                bail!("functions {other} and {} are both triggered by queue {}; ticketpay local gives each queue one function", f.name, q.queue);
-            }
-        }
+        one_function_per_queue(&functions)?;
 
         Ok(HostConfig {
             duplicate_deliveries: false,
@@ -252,6 +206,62 @@ impl HostConfig {
     pub fn has_http_function(&self) -> bool {
         self.functions.iter().any(|f| matches!(f.trigger, Trigger::Http { .. }))
     }
+}
+
+/// `customHandler.description`: the handler's executable, its arguments and working directory.
+fn handler_description(host: &Value, ctx: &dyn Fn(&str) -> String) -> Result<(String, Vec<String>, String)> {
+    let desc = host
+        .pointer("/customHandler/description")
+        .ok_or_else(|| anyhow!("{} is missing", ctx("customHandler.description")))?;
+    let executable = desc
+        .get("defaultExecutablePath")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| anyhow!("{} is missing or not a string", ctx("customHandler.description.defaultExecutablePath")))?
+        .to_string();
+    let arguments = match desc.get("arguments") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| anyhow!("{} must be an array of strings", ctx("customHandler.description.arguments")))?,
+        Some(_) => bail!("{} must be an array of strings", ctx("customHandler.description.arguments")),
+    };
+    let working_directory = opt_str(desc, "workingDirectory", || ctx("customHandler.description.workingDirectory"))?.unwrap_or_default();
+    Ok((executable, arguments, working_directory))
+}
+
+/// `extensions.serviceBus` for single messages, with the extension's defaults:
+/// calls at once, sessions at once, and how long a lock is renewed.
+fn service_bus_limits(sb: &Value, ctx: &dyn Fn(&str) -> String) -> Result<(usize, usize, Duration)> {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let max_concurrent_calls = opt_u64(sb, "maxConcurrentCalls", || ctx("extensions.serviceBus.maxConcurrentCalls"))?
+        .map(|n| n as usize)
+        .unwrap_or(16 * cpus)
+        .max(1);
+    let max_concurrent_sessions = opt_u64(sb, "maxConcurrentSessions", || ctx("extensions.serviceBus.maxConcurrentSessions"))?
+        .map(|n| n as usize)
+        .unwrap_or(8)
+        .max(1);
+    let max_auto_lock_renewal = match opt_str(sb, "maxAutoLockRenewalDuration", || ctx("extensions.serviceBus.maxAutoLockRenewalDuration"))? {
+        None => Duration::from_secs(300),
+        Some(s) => parse_timespan(&s).with_context(|| ctx("extensions.serviceBus.maxAutoLockRenewalDuration"))?,
+    };
+    Ok((max_concurrent_calls, max_concurrent_sessions, max_auto_lock_renewal))
+}
+
+/// `ticketpay local` gives each queue one function.
+fn one_function_per_queue(functions: &[FunctionConfig]) -> Result<()> {
+    let mut by_queue: BTreeMap<String, &str> = BTreeMap::new();
+    for f in functions {
+        if let Trigger::Queue(q) = &f.trigger
+            && let Some(other) = by_queue.insert(q.queue.to_ascii_lowercase(), &f.name)
+        {
+            bail!("functions {other} and {} are both triggered by queue {}; ticketpay local gives each queue one function", f.name, q.queue);
+        }
+    }
+    Ok(())
 }
 
 fn load_functions(app_root: &Path) -> Result<Vec<FunctionConfig>> {

@@ -16,7 +16,8 @@ use sha2::{Digest, Sha256};
 
 use super::Shared;
 use super::servicebus::problem;
-use crate::api::access::{Access, Principal, forbidden};
+use crate::api::access::{caller_of, forbidden};
+use crate::keys::{Access, Principal};
 
 /// What the host's endpoints are guarded with.
 pub(crate) struct Guard {
@@ -63,7 +64,7 @@ impl std::fmt::Debug for BusToken {
 
 /// In front of `/admin`: an operator's key, unless the API is open.
 pub(crate) async fn require_operator(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Response {
-    match s.guard.access.caller_of(&request) {
+    match caller_of(&s.guard.access, &request) {
         Ok(Principal::Operator) => next.run(request).await,
         Ok(Principal::Client(_)) => forbidden("the host's /admin endpoints need an operator key, not a client key").into_response(),
         Err(refused) => refused.into_response(),

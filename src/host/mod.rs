@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::api::access::{Access, ApiKeys};
+use crate::keys::{Access, ApiKeys};
 use config::{HostConfig, QueueTrigger};
 use guard::{BusToken, Guard};
 use queue::{QueueStore, now_ms};

@@ -261,81 +261,14 @@ impl QueueStore {
         lock_for: Duration,
         now: i64,
     ) -> Result<Received> {
-        let Take { max, among } = take;
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut out = Received::default();
-        let locked_until = now + lock_for.as_millis() as i64;
+        let lock = Lock { until: now + lock_for.as_millis() as i64, now };
         {
-            let take = |seq: i64, expires_at: Option<i64>, out: &mut Received| lock_or_expire(&tx, seq, expires_at, locked_until, now, out);
             match sessions {
-                None if max > 0 => {
-                    let mut q = tx.prepare_cached(&format!(
-                        "SELECT seq, expires_at FROM messages WHERE queue = ?1 AND {AVAILABLE} AND visible_at <= ?2
-                         ORDER BY visible_at, seq LIMIT ?3"
-                    ))?;
-                    // As Service Bus hands messages to the receivers waiting for
-                    // them, this one takes its part of what is visible now.
-                    let mut part = max;
-                    let mut first = true;
-                    // Expired ones do not count: look a little further if some were.
-                    loop {
-                        let look = (part - out.messages.len()) * among.max(1);
-                        let rows: Vec<(i64, Option<i64>)> = q
-                            .query_map(params![queue, now, look as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-                            .collect::<rusqlite::Result<_>>()?;
-                        let n = rows.len();
-                        if std::mem::take(&mut first) {
-                            part = part.min(n.div_ceil(among.max(1)));
-                            out.left = n > part;
-                        }
-                        let before = out.expired;
-                        for (seq, exp) in rows {
-                            if out.messages.len() >= part {
-                                break;
-                            }
-                            take(seq, exp, &mut out)?;
-                        }
-                        if out.expired == before || n == 0 || out.messages.len() >= part {
-                            break;
-                        }
-                    }
-                }
-                None => {}
-                Some(busy) => {
-                    // Walk the distinct sessions that have available messages
-                    // (one index seek each), and take each free session's head.
-                    let mut next_session = tx.prepare_cached(&format!(
-                        "SELECT session_id FROM messages WHERE queue = ?1 AND {AVAILABLE} AND session_id > ?2
-                         ORDER BY session_id LIMIT 1"
-                    ))?;
-                    let mut head = tx.prepare_cached(&format!(
-                        "SELECT seq, expires_at FROM messages WHERE queue = ?1 AND {AVAILABLE} AND session_id = ?2
-                         AND visible_at <= ?3 AND NOT EXISTS (SELECT 1 FROM messages AS l
-                             WHERE l.queue = ?1 AND l.session_id = ?2 AND l.lock_token IS NOT NULL)
-                         ORDER BY visible_at, seq LIMIT 1"
-                    ))?;
-                    let mut after = String::new();
-                    while out.messages.len() < max {
-                        let Some(sid): Option<String> =
-                            next_session.query_row(params![queue, after], |r| r.get(0)).optional()?
-                        else {
-                            break;
-                        };
-                        after = sid.clone();
-                        if busy.contains(&sid) {
-                            continue;
-                        }
-                        loop {
-                            let h: Option<(i64, Option<i64>)> =
-                                head.query_row(params![queue, sid, now], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-                            let Some((seq, exp)) = h else { break };
-                            if take(seq, exp, &mut out)? {
-                                break;
-                            }
-                        }
-                    }
-                }
+                None => take_visible(&tx, queue, take, lock, &mut out)?,
+                Some(busy) => take_session_heads(&tx, queue, take.max, busy, lock, &mut out)?,
             }
             let mut due = tx.prepare_cached(&format!(
                 "SELECT MIN(visible_at) FROM messages WHERE queue = ?1 AND {AVAILABLE} AND visible_at > ?2"
@@ -556,6 +489,82 @@ impl QueueStore {
 
 /// Locks one available message for a receiver until `locked_until`, or
 /// dead-letters it if it has expired (`TTLExpiredException`). `true` if it was locked.
+/// A receive's lock: until when, taken when.
+#[derive(Debug, Clone, Copy)]
+struct Lock {
+    until: i64,
+    now: i64,
+}
+
+/// Takes this receiver's part of what is visible on `queue`, oldest first, as
+/// Service Bus hands messages to the receivers waiting for them.
+fn take_visible(tx: &rusqlite::Transaction<'_>, queue: &str, Take { max, among }: Take, lock: Lock, out: &mut Received) -> Result<()> {
+    if max == 0 {
+        return Ok(());
+    }
+    let mut q = tx.prepare_cached(&format!(
+        "SELECT seq, expires_at FROM messages WHERE queue = ?1 AND {AVAILABLE} AND visible_at <= ?2
+         ORDER BY visible_at, seq LIMIT ?3"
+    ))?;
+    let mut part = max;
+    let mut first = true;
+    // Expired ones do not count: look a little further if some were.
+    loop {
+        let look = (part - out.messages.len()) * among.max(1);
+        let rows: Vec<(i64, Option<i64>)> =
+            q.query_map(params![queue, lock.now, look as i64], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        let n = rows.len();
+        if std::mem::take(&mut first) {
+            part = part.min(n.div_ceil(among.max(1)));
+            out.left = n > part;
+        }
+        let before = out.expired;
+        for (seq, exp) in rows {
+            if out.messages.len() >= part {
+                break;
+            }
+            lock_or_expire(tx, seq, exp, lock.until, lock.now, out)?;
+        }
+        if out.expired == before || n == 0 || out.messages.len() >= part {
+            return Ok(());
+        }
+    }
+}
+
+/// Takes the head of each session with a message visible, up to `max`, none
+/// from the sessions in `busy` (those with a delivery in flight). Walks the
+/// distinct sessions that have available messages, one index seek each.
+fn take_session_heads(tx: &rusqlite::Transaction<'_>, queue: &str, max: usize, busy: &HashSet<String>, lock: Lock, out: &mut Received) -> Result<()> {
+    let mut next_session = tx.prepare_cached(&format!(
+        "SELECT session_id FROM messages WHERE queue = ?1 AND {AVAILABLE} AND session_id > ?2
+         ORDER BY session_id LIMIT 1"
+    ))?;
+    let mut head = tx.prepare_cached(&format!(
+        "SELECT seq, expires_at FROM messages WHERE queue = ?1 AND {AVAILABLE} AND session_id = ?2
+         AND visible_at <= ?3 AND NOT EXISTS (SELECT 1 FROM messages AS l
+             WHERE l.queue = ?1 AND l.session_id = ?2 AND l.lock_token IS NOT NULL)
+         ORDER BY visible_at, seq LIMIT 1"
+    ))?;
+    let mut after = String::new();
+    while out.messages.len() < max {
+        let Some(sid): Option<String> = next_session.query_row(params![queue, after], |r| r.get(0)).optional()? else {
+            break;
+        };
+        after = sid.clone();
+        if busy.contains(&sid) {
+            continue;
+        }
+        loop {
+            let h: Option<(i64, Option<i64>)> = head.query_row(params![queue, sid, lock.now], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+            let Some((seq, exp)) = h else { break };
+            if lock_or_expire(tx, seq, exp, lock.until, lock.now, out)? {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn lock_or_expire(tx: &rusqlite::Transaction<'_>, seq: i64, expires_at: Option<i64>, locked_until: i64, now: i64, out: &mut Received) -> Result<bool> {
     if matches!(expires_at, Some(t) if t <= now) {
         tx.prepare_cached(

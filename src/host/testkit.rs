@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::Core;
 use super::config::HostConfig;
 use super::guard::{BusToken, Guard};
-use crate::api::access::Access;
+use crate::keys::Access;
 use super::worker::WorkerState;
 
 /// The token senders present to a core started by [`core`].

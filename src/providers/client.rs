@@ -206,14 +206,14 @@ impl ProviderClient {
     /// What the authority says the ticket owes, read for a batch paying in `currency`.
     pub async fn lookup(&self, authority: &str, currency: Currency, caller: &Caller<'_>) -> Call<Due> {
         let path = format!("/{}/tickets/{}?currency={}", segment(authority), segment(caller.ticket_id), segment(currency.code()));
-        let call: Call<LookupResponse> = self.typed(ProviderName::Authority, "lookup", Method::GET, path, None, None, caller).await;
+        let call: Call<LookupResponse> = self.typed(Sending::to(ProviderName::Authority, "lookup", Method::GET, path), caller).await;
         let result = call.result.map(|a| Due::read(a.status == DueStatus::NothingDue, a.amount_due.minor, &a.amount_due.currency, currency));
         Call { result, exchange: call.exchange }
     }
 
     pub async fn check(&self, provider: ProviderName, request: &CheckRequest, caller: &Caller<'_>) -> Call<CheckResponse> {
-        let body = serde_json::to_value(request).ok();
-        let mut call: Call<CheckResponse> = self.typed(provider, "check", Method::POST, "/checks".into(), None, body, caller).await;
+        let sending = Sending::to(provider, "check", Method::POST, "/checks".into()).with_body(serde_json::to_value(request).ok());
+        let mut call: Call<CheckResponse> = self.typed(sending, caller).await;
         // A rejection's reason is kept on the ticket: it is free text from the provider.
         if let Ok(answer) = &mut call.result {
             answer.reason = answer.reason.take().map(|r| self.redactor.text(&r).into_owned());
@@ -233,8 +233,8 @@ impl ProviderClient {
         request: &OperationRequest,
         caller: &Caller<'_>,
     ) -> Call<OperationResponse> {
-        let body = serde_json::to_value(request).ok();
-        let call = self.typed(provider, operation, Method::POST, format!("/{}", segment(operation)), Some(key), body, caller).await;
+        let sending = Sending::to(provider, operation, Method::POST, format!("/{}", segment(operation))).keyed(key).with_body(serde_json::to_value(request).ok());
+        let call = self.typed(sending, caller).await;
         Call { result: call.result.map_err(keep_unknown_unless_declined), exchange: call.exchange }
     }
 
@@ -242,7 +242,7 @@ impl ProviderClient {
     /// says it never applied it (404). Any other failure is no answer: the outcome stays unknown.
     pub async fn operation_status(&self, provider: ProviderName, key: &str, caller: &Caller<'_>) -> Call<Option<OperationResponse>> {
         let path = format!("/operations/{}", segment(key));
-        let call = self.raw(provider, "status", Method::GET, path, Some(key), None, caller).await;
+        let call = self.raw(Sending::to(provider, "status", Method::GET, path).keyed(key), caller).await;
         let result = match call.result {
             Ok((_, body)) => self.decode(body).map(Some),
             Err(CallError::Permanent { status: 404, .. }) => Ok(None),
@@ -254,18 +254,8 @@ impl ProviderClient {
         Call { result, exchange: call.exchange }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn typed<T: DeserializeOwned>(
-        &self,
-        provider: ProviderName,
-        operation: &str,
-        method: Method,
-        path: String,
-        key: Option<&str>,
-        body: Option<Value>,
-        caller: &Caller<'_>,
-    ) -> Call<T> {
-        let call = self.raw(provider, operation, method, path, key, body, caller).await;
+    async fn typed<T: DeserializeOwned>(&self, sending: Sending, caller: &Caller<'_>) -> Call<T> {
+        let call = self.raw(sending, caller).await;
         Call { result: call.result.and_then(|(_, body)| self.decode(body)), exchange: call.exchange }
     }
 
@@ -275,20 +265,14 @@ impl ProviderClient {
             .map_err(|e| CallError::Transient { error: format!("unreadable answer: {e}") }.redacted(&self.redactor))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn raw(
-        &self,
-        provider: ProviderName,
-        operation: &str,
-        method: Method,
-        path: String,
-        key: Option<&str>,
-        body: Option<Value>,
-        caller: &Caller<'_>,
-    ) -> Call<(u16, Value)> {
-        let endpoint = &self.endpoints[&provider];
-        let url = format!("{}{path}", endpoint.base);
-        let shown_url = self.redactor.url(&url);
+    /// `sending`'s `url` is the path under the provider's base.
+    async fn raw(&self, mut sending: Sending, caller: &Caller<'_>) -> Call<(u16, Value)> {
+        let endpoint = &self.endpoints[&sending.provider];
+        sending.url.insert_str(0, &endpoint.base);
+        sending.attempt = caller.attempt;
+        let (provider, operation, key) = (sending.provider, sending.operation.clone(), sending.key.clone());
+        let (operation, key) = (operation.as_str(), key.as_deref());
+        let shown_url = self.redactor.url(&sending.url);
         let span = tracing::info_span!(
             "provider call",
             otel.name = %format!("{provider} {operation}"),
@@ -296,7 +280,7 @@ impl ProviderClient {
             otel.status_code = Empty,
             "peer.service" = %provider,
             operation,
-            "http.request.method" = %method,
+            "http.request.method" = %sending.method,
             "url.full" = %shown_url,
             "http.response.status_code" = Empty,
             batch_id = caller.batch_id,
@@ -307,7 +291,7 @@ impl ProviderClient {
             outcome = Empty,
             idempotency_key = key.unwrap_or_default(),
         );
-        let mut call = self.send(endpoint, provider, operation, method, url, key, body, caller).instrument(span.clone()).await;
+        let mut call = self.send(endpoint, sending, caller).instrument(span.clone()).await;
         call.exchange.trace_id = crate::telemetry::trace_id(&span);
         let e = &call.exchange;
         let status = e.response.as_ref().map(|r| r.status);
@@ -339,38 +323,19 @@ impl ProviderClient {
         call
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn send(
-        &self,
-        endpoint: &Endpoint,
-        provider: ProviderName,
-        operation: &str,
-        method: Method,
-        url: String,
-        key: Option<&str>,
-        body: Option<Value>,
-        caller: &Caller<'_>,
-    ) -> Call<(u16, Value)> {
-        let mut headers: Vec<(String, String)> = vec![(wire::REQUEST_ID.into(), uuid::Uuid::new_v4().to_string())];
-        if let Some(key) = key {
-            headers.push((wire::IDEMPOTENCY_KEY.into(), key.into()));
+    async fn send(&self, endpoint: &Endpoint, mut sending: Sending, caller: &Caller<'_>) -> Call<(u16, Value)> {
+        let provider = sending.provider;
+        sending.headers.push((wire::REQUEST_ID.into(), uuid::Uuid::new_v4().to_string()));
+        if let Some(key) = &sending.key {
+            sending.headers.push((wire::IDEMPOTENCY_KEY.into(), key.clone()));
         }
         if let Some(api_key) = &endpoint.api_key {
-            headers.push(("Authorization".into(), format!("Bearer {api_key}")));
+            sending.headers.push(("Authorization".into(), format!("Bearer {api_key}")));
         }
-        if body.is_some() {
-            headers.push(("Content-Type".into(), "application/json".into()));
+        if sending.body.is_some() {
+            sending.headers.push(("Content-Type".into(), "application/json".into()));
         }
-        let sending = Sending {
-            provider,
-            operation: operation.to_owned(),
-            attempt: caller.attempt,
-            key: key.map(str::to_owned),
-            method,
-            url,
-            headers,
-            body,
-        };
+        let key = sending.key.clone();
         let Ok(permit) = tokio::time::timeout(MAX_SLOT_WAIT, endpoint.limiter.acquire()).await else {
             let error = format!("no free slot at {provider} within {}s; not sent", MAX_SLOT_WAIT.as_secs());
             let result = Err(CallError::Transient { error });
@@ -378,7 +343,7 @@ impl ProviderClient {
         };
         // Neither sent again nor asked about while an earlier request under the same key
         // may still arrive: "never applied" would be no answer then, and a resend a second charge.
-        let unsettled = match key.map(|k| Unsettled::take(&self.unsettled, k)) {
+        let unsettled = match key.as_deref().map(|k| Unsettled::take(&self.unsettled, k)) {
             Some(None) => {
                 let error = format!("an earlier request with this key may still reach {provider}; not sent");
                 let result = Err(CallError::Transient { error });
@@ -515,6 +480,24 @@ struct Sending {
     url: String,
     headers: Vec<(String, String)>,
     body: Option<Value>,
+}
+
+impl Sending {
+    /// A request to `path` under the provider's base, as `operation`.
+    fn to(provider: ProviderName, operation: &str, method: Method, path: String) -> Sending {
+        Sending { provider, operation: operation.to_owned(), attempt: 0, key: None, method, url: path, headers: Vec::new(), body: None }
+    }
+
+    /// Sent under an idempotency key.
+    fn keyed(mut self, key: &str) -> Sending {
+        self.key = Some(key.to_owned());
+        self
+    }
+
+    fn with_body(mut self, body: Option<Value>) -> Sending {
+        self.body = body;
+        self
+    }
 }
 
 fn classify(status: StatusCode, retry_after: Option<Duration>, body: &Value) -> Result<(), CallError> {

@@ -231,6 +231,69 @@ fn provider_map(
     Ok(out)
 }
 
+/// `[client]`: what the handler keeps to, with the defaults.
+fn client_settings(raw: Option<RawClient>) -> anyhow::Result<ClientSettings> {
+    let mut client = ClientSettings::default();
+    let Some(c) = raw else { return Ok(client) };
+    if let Some(t) = c.timeout_ms {
+        if t == 0 {
+            bail!("`client.timeout_ms`: must be more than 0");
+        }
+        client.timeout_ms = t;
+    }
+    if let Some(h) = c.rate_headroom {
+        if !(h > 0.0 && h <= 1.0) {
+            bail!("`client.rate_headroom`: {h} is not in (0, 1]");
+        }
+        client.rate_headroom = h;
+    }
+    Ok(client)
+}
+
+/// `[outcomes]`: every ticket's fate, whose probabilities add up to at most 1.
+fn outcomes(raw: Option<RawOutcomes>) -> anyhow::Result<Outcomes> {
+    let ro = raw.unwrap_or(RawOutcomes { nothing_due: None, unknown_ticket: None, amount_minor: None, rejected: None, payment_failure: None });
+    let amount_minor = ro.amount_minor.unwrap_or([500, 20_000]);
+    if amount_minor[0] < 1 || amount_minor[0] > amount_minor[1] {
+        bail!(
+            "`outcomes.amount_minor`: [{}, {}] must be an increasing range of positive amounts",
+            amount_minor[0],
+            amount_minor[1]
+        );
+    }
+    let outcomes = Outcomes {
+        nothing_due: probability("outcomes.nothing_due", ro.nothing_due.unwrap_or(0.0))?,
+        unknown_ticket: probability("outcomes.unknown_ticket", ro.unknown_ticket.unwrap_or(0.0))?,
+        amount_minor,
+        rejected: provider_map("outcomes.rejected", ro.rejected, &REJECTING)?,
+        payment_failure: provider_map("outcomes.payment_failure", ro.payment_failure, &DECLINING)?,
+    };
+    let total = outcomes.nothing_due
+        + outcomes.unknown_ticket
+        + outcomes.rejected.values().sum::<f64>()
+        + outcomes.payment_failure.values().sum::<f64>();
+    if total > 1.0 + 1e-9 {
+        bail!("`outcomes`: the probabilities add up to {total}, more than 1");
+    }
+    Ok(outcomes)
+}
+
+/// `[providers.NAME]`: each of the nine, its own settings over the defaults.
+fn providers(mut overrides: BTreeMap<String, RawProvider>, defaults: &ProviderSettings) -> anyhow::Result<BTreeMap<ProviderName, ProviderSettings>> {
+    if let Some(k) = overrides.keys().find(|k| k.parse::<ProviderName>().is_err()) {
+        bail!("`providers.{k}`: unknown provider");
+    }
+    let mut providers = BTreeMap::new();
+    for p in ProviderName::ALL {
+        let s = match overrides.remove(p.as_str()) {
+            Some(raw) => raw.apply(&format!("providers.{p}"), defaults)?,
+            None => defaults.clone(),
+        };
+        providers.insert(p, s);
+    }
+    Ok(providers)
+}
+
 impl Scenario {
     /// `name_or_path`: a shipped scenario name ("realistic", "zero-latency",
     /// "faulty") or a path to a TOML file. `None` = "realistic".
@@ -264,79 +327,13 @@ impl Scenario {
     pub fn from_toml(text: &str) -> anyhow::Result<Scenario> {
         let raw: RawScenario =
             toml::from_str(text).map_err(|e| anyhow!("invalid scenario: {e}"))?;
-
-        let mut client = ClientSettings::default();
-        if let Some(c) = raw.client {
-            if let Some(t) = c.timeout_ms {
-                if t == 0 {
-                    bail!("`client.timeout_ms`: must be more than 0");
-                }
-                client.timeout_ms = t;
-            }
-            if let Some(h) = c.rate_headroom {
-                if !(h > 0.0 && h <= 1.0) {
-                    bail!("`client.rate_headroom`: {h} is not in (0, 1]");
-                }
-                client.rate_headroom = h;
-            }
-        }
-
-        let ro = raw.outcomes.unwrap_or(RawOutcomes {
-            nothing_due: None,
-            unknown_ticket: None,
-            amount_minor: None,
-            rejected: None,
-            payment_failure: None,
-        });
-        let amount_minor = ro.amount_minor.unwrap_or([500, 20_000]);
-        if amount_minor[0] < 1 || amount_minor[0] > amount_minor[1] {
-            bail!(
-                "`outcomes.amount_minor`: [{}, {}] must be an increasing range of positive amounts",
-                amount_minor[0],
-                amount_minor[1]
-            );
-        }
-        let outcomes = Outcomes {
-            nothing_due: probability("outcomes.nothing_due", ro.nothing_due.unwrap_or(0.0))?,
-            unknown_ticket: probability(
-                "outcomes.unknown_ticket",
-                ro.unknown_ticket.unwrap_or(0.0),
-            )?,
-            amount_minor,
-            rejected: provider_map("outcomes.rejected", ro.rejected, &REJECTING)?,
-            payment_failure: provider_map(
-                "outcomes.payment_failure",
-                ro.payment_failure,
-                &DECLINING,
-            )?,
-        };
-        let total = outcomes.nothing_due
-            + outcomes.unknown_ticket
-            + outcomes.rejected.values().sum::<f64>()
-            + outcomes.payment_failure.values().sum::<f64>();
-        if total > 1.0 + 1e-9 {
-            bail!("`outcomes`: the probabilities add up to {total}, more than 1");
-        }
-
+        let client = client_settings(raw.client)?;
+        let outcomes = outcomes(raw.outcomes)?;
         let defaults = raw
             .defaults
             .unwrap_or_default()
             .apply("defaults", &ProviderSettings::default())?;
-        let mut overrides = raw.providers.unwrap_or_default();
-        for k in overrides.keys() {
-            if k.parse::<ProviderName>().is_err() {
-                bail!("`providers.{k}`: unknown provider");
-            }
-        }
-        let mut providers = BTreeMap::new();
-        for p in ProviderName::ALL {
-            let s = match overrides.remove(p.as_str()) {
-                Some(raw) => raw.apply(&format!("providers.{p}"), &defaults)?,
-                None => defaults.clone(),
-            };
-            providers.insert(p, s);
-        }
-
+        let providers = providers(raw.providers.unwrap_or_default(), &defaults)?;
         Ok(Scenario {
             name: "custom".to_string(),
             description: raw.description.unwrap_or_default(),

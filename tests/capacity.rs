@@ -13,7 +13,7 @@ use ticketpay::domain::Stage;
 use ticketpay::leases::Leases;
 use ticketpay::leases::sqlite::SqliteLeases;
 use ticketpay::providers::ProviderName;
-use ticketpay::providers::client::{Caller, ProviderClient, ProviderEndpoints};
+use ticketpay::providers::client::{Caller, ProviderClient, ProviderEndpoints, Providers};
 use ticketpay::providers::limits::ClientConfig;
 use ticketpay::providers::simulator::Scenario;
 use ticketpay::providers::redact::Redactor;

@@ -26,6 +26,7 @@ use axum::{Json, Router};
 
 use crate::domain::AuthorityCode;
 use crate::stages::Pipeline;
+use crate::providers::capacity::Capacity;
 use crate::store::Store;
 use access::Access;
 use problem::Problem;
@@ -39,6 +40,8 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 pub struct App {
     /// What the API reads and writes directly; the same store the pipeline moves tickets in.
     pub store: Arc<dyn Store>,
+    /// What this instance holds of each provider's capacity, when it is shared.
+    pub capacity: Option<Arc<Capacity>>,
     pub pipeline: Pipeline,
     pub authorities: Vec<AuthorityCode>,
     pub access: Access,
@@ -94,7 +97,7 @@ async fn capacity(State(app): State<Arc<App>>, caller: access::Principal) -> Res
     if caller != access::Principal::Operator {
         return Err(access::forbidden("the providers' capacity is an operator's view"));
     }
-    let body = match app.pipeline.providers.capacity() {
+    let body = match &app.capacity {
         Some(c) => serde_json::json!({ "instance": c.instance(), "shared": true, "providers": c.status().await }),
         None => serde_json::json!({ "instance": null, "shared": false, "providers": [] }),
     };

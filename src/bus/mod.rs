@@ -109,6 +109,26 @@ fn broker_properties(m: &OutgoingMessage) -> Map<String, Value> {
     p
 }
 
+/// Where the stages' messages go: [`BusSender`] wherever the pipeline runs;
+/// the stages' own tests keep what was sent instead.
+#[async_trait::async_trait]
+pub trait Bus: Send + Sync {
+    async fn send(&self, message: &OutgoingMessage) -> Result<(), BusError>;
+    /// Messages of one queue, sent together.
+    async fn send_batch(&self, queue: &str, messages: &[OutgoingMessage]) -> Result<(), BusError>;
+}
+
+#[async_trait::async_trait]
+impl Bus for BusSender {
+    async fn send(&self, message: &OutgoingMessage) -> Result<(), BusError> {
+        BusSender::send(self, message).await
+    }
+
+    async fn send_batch(&self, queue: &str, messages: &[OutgoingMessage]) -> Result<(), BusError> {
+        BusSender::send_batch(self, queue, messages).await
+    }
+}
+
 impl BusSender {
     /// A sender to the Service Bus REST endpoints at `base` with no authentication.
     pub fn new(base: &str) -> BusSender {

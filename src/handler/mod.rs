@@ -386,16 +386,17 @@ pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
     let providers = ProviderClient::new(config.endpoints, &config.client, config.redactor)
         .with_journal(spool.clone())
         .with_shared_capacity(&config.client, leases, config.instance);
+    let capacity = providers.capacity().cloned();
     let pipeline = Pipeline {
         store,
         spool: spool.clone(),
-        bus,
-        providers,
+        bus: Arc::new(bus),
+        providers: Arc::new(providers),
         retry: config.retry,
         sweep: config.sweep,
         claim_lease: config.claim_lease,
     };
-    Ok(Arc::new(App { store: pipeline.store.clone(), pipeline, authorities: config.authorities, access: config.access }))
+    Ok(Arc::new(App { store: pipeline.store.clone(), capacity, pipeline, authorities: config.authorities, access: config.access }))
 }
 
 /// The Cosmos store on the in-memory emulator, its charges written to `charges` each second.
@@ -450,7 +451,7 @@ pub async fn run() -> anyhow::Result<()> {
     if let (Some(file), Some(now)) = (charges, app.pipeline.store.charges()) {
         write_charges(&now, &file);
     }
-    if let Some(capacity) = app.pipeline.providers.capacity() {
+    if let Some(capacity) = &app.capacity {
         capacity.release_all().await;
     }
     Ok(())

@@ -203,57 +203,6 @@ impl ProviderClient {
         self.capacity.as_ref()
     }
 
-    /// What the authority says the ticket owes, read for a batch paying in `currency`.
-    pub async fn lookup(&self, authority: &str, currency: Currency, caller: &Caller<'_>) -> Call<Due> {
-        let path = format!("/{}/tickets/{}?currency={}", segment(authority), segment(caller.ticket_id), segment(currency.code()));
-        let call: Call<LookupResponse> = self.typed(Sending::to(ProviderName::Authority, "lookup", Method::GET, path), caller).await;
-        let result = call.result.map(|a| Due::read(a.status == DueStatus::NothingDue, a.amount_due.minor, &a.amount_due.currency, currency));
-        Call { result, exchange: call.exchange }
-    }
-
-    pub async fn check(&self, provider: ProviderName, request: &CheckRequest, caller: &Caller<'_>) -> Call<CheckResponse> {
-        let sending = Sending::to(provider, "check", Method::POST, "/checks".into()).with_body(serde_json::to_value(request).ok());
-        let mut call: Call<CheckResponse> = self.typed(sending, caller).await;
-        // A rejection's reason is kept on the ticket: it is free text from the provider.
-        if let Ok(answer) = &mut call.result {
-            answer.reason = answer.reason.take().map(|r| self.redactor.text(&r).into_owned());
-        }
-        call
-    }
-
-    /// Applies an operation once: the idempotency key lets the provider (and us) recognise a repeat.
-    /// Only the provider's documented decline (422 with its error body) is permanent: any
-    /// other failure leaves the outcome unknown (`Transient`), to be asked about before
-    /// anything is sent again.
-    pub async fn operate(
-        &self,
-        provider: ProviderName,
-        operation: &str,
-        key: &str,
-        request: &OperationRequest,
-        caller: &Caller<'_>,
-    ) -> Call<OperationResponse> {
-        let sending = Sending::to(provider, operation, Method::POST, format!("/{}", segment(operation))).keyed(key).with_body(serde_json::to_value(request).ok());
-        let call = self.typed(sending, caller).await;
-        Call { result: call.result.map_err(keep_unknown_unless_declined), exchange: call.exchange }
-    }
-
-    /// Asks whether an operation with this key was applied: `Ok(None)` if the provider
-    /// says it never applied it (404). Any other failure is no answer: the outcome stays unknown.
-    pub async fn operation_status(&self, provider: ProviderName, key: &str, caller: &Caller<'_>) -> Call<Option<OperationResponse>> {
-        let path = format!("/operations/{}", segment(key));
-        let call = self.raw(Sending::to(provider, "status", Method::GET, path).keyed(key), caller).await;
-        let result = match call.result {
-            Ok((_, body)) => self.decode(body).map(Some),
-            Err(CallError::Permanent { status: 404, .. }) => Ok(None),
-            Err(CallError::Permanent { status, error }) => {
-                Err(CallError::Transient { error: format!("status query refused ({status}): {error}; the outcome is still unknown") })
-            }
-            Err(e) => Err(e),
-        };
-        Call { result, exchange: call.exchange }
-    }
-
     async fn typed<T: DeserializeOwned>(&self, sending: Sending, caller: &Caller<'_>) -> Call<T> {
         let call = self.raw(sending, caller).await;
         Call { result: call.result.and_then(|(_, body)| self.decode(body)), exchange: call.exchange }
@@ -427,6 +376,72 @@ impl ProviderClient {
             latency_ms,
             trace_id: None,
         }
+    }
+}
+
+/// The calls the stages make to providers: [`ProviderClient`] wherever the
+/// pipeline runs; the stages' own tests answer them from a script.
+#[async_trait::async_trait]
+pub trait Providers: Send + Sync {
+    /// What the authority says the ticket owes, read for a batch paying in `currency`.
+    async fn lookup(&self, authority: &str, currency: Currency, caller: &Caller<'_>) -> Call<Due>;
+    async fn check(&self, provider: ProviderName, request: &CheckRequest, caller: &Caller<'_>) -> Call<CheckResponse>;
+    /// Applies an operation once, under its idempotency key.
+    async fn operate(&self, provider: ProviderName, operation: &str, key: &str, request: &OperationRequest, caller: &Caller<'_>) -> Call<OperationResponse>;
+    /// Whether an operation with this key was applied: `Ok(None)` if the provider says it never was.
+    async fn operation_status(&self, provider: ProviderName, key: &str, caller: &Caller<'_>) -> Call<Option<OperationResponse>>;
+}
+
+#[async_trait::async_trait]
+impl Providers for ProviderClient {
+    async fn lookup(&self, authority: &str, currency: Currency, caller: &Caller<'_>) -> Call<Due> {
+        let path = format!("/{}/tickets/{}?currency={}", segment(authority), segment(caller.ticket_id), segment(currency.code()));
+        let call: Call<LookupResponse> = self.typed(Sending::to(ProviderName::Authority, "lookup", Method::GET, path), caller).await;
+        let result = call.result.map(|a| Due::read(a.status == DueStatus::NothingDue, a.amount_due.minor, &a.amount_due.currency, currency));
+        Call { result, exchange: call.exchange }
+    }
+
+    async fn check(&self, provider: ProviderName, request: &CheckRequest, caller: &Caller<'_>) -> Call<CheckResponse> {
+        let sending = Sending::to(provider, "check", Method::POST, "/checks".into()).with_body(serde_json::to_value(request).ok());
+        let mut call: Call<CheckResponse> = self.typed(sending, caller).await;
+        // A rejection's reason is kept on the ticket: it is free text from the provider.
+        if let Ok(answer) = &mut call.result {
+            answer.reason = answer.reason.take().map(|r| self.redactor.text(&r).into_owned());
+        }
+        call
+    }
+
+    /// Applies an operation once: the idempotency key lets the provider (and us) recognise a repeat.
+    /// Only the provider's documented decline (422 with its error body) is permanent: any
+    /// other failure leaves the outcome unknown (`Transient`), to be asked about before
+    /// anything is sent again.
+    async fn operate(
+        &self,
+        provider: ProviderName,
+        operation: &str,
+        key: &str,
+        request: &OperationRequest,
+        caller: &Caller<'_>,
+    ) -> Call<OperationResponse> {
+        let sending = Sending::to(provider, operation, Method::POST, format!("/{}", segment(operation))).keyed(key).with_body(serde_json::to_value(request).ok());
+        let call = self.typed(sending, caller).await;
+        Call { result: call.result.map_err(keep_unknown_unless_declined), exchange: call.exchange }
+    }
+
+    /// Asks whether an operation with this key was applied: `Ok(None)` if the provider
+    /// says it never applied it (404). Any other failure is no answer: the outcome stays unknown.
+    async fn operation_status(&self, provider: ProviderName, key: &str, caller: &Caller<'_>) -> Call<Option<OperationResponse>> {
+        let path = format!("/operations/{}", segment(key));
+        let call = self.raw(Sending::to(provider, "status", Method::GET, path).keyed(key), caller).await;
+        let result = match call.result {
+            Ok((_, body)) => self.decode(body).map(Some),
+            Err(CallError::Permanent { status: 404, .. }) => Ok(None),
+            Err(CallError::Permanent { status, error }) => {
+                Err(CallError::Transient { error: format!("status query refused ({status}): {error}; the outcome is still unknown") })
+            }
+            Err(e) => Err(e),
+        };
+        Call { result, exchange: call.exchange }
     }
 }
 

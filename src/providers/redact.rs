@@ -40,7 +40,8 @@
 //! keeps it so ([`Redactor::text_quoting_url`]).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 
 use serde_json::Value;
 
@@ -138,7 +139,13 @@ pub struct Redactor {
     names: HashSet<String>,
     /// Known secret values, longest first so that none is left half replaced.
     secrets: Vec<String>,
+    /// What each name met so far says: the same few dozen come in every
+    /// exchange, and working one out is a dozen searches.
+    known: Arc<RwLock<HashMap<String, Name>>>,
 }
+
+/// The most names [`Redactor::known`] keeps; past it, names are worked out each time.
+const KNOWN_NAMES: usize = 4096;
 
 impl Default for Redactor {
     fn default() -> Self {
@@ -151,7 +158,7 @@ impl Redactor {
     /// (compared normalised; either list also applies to the other places).
     pub fn new(extra_headers: &[String], extra_fields: &[String]) -> Redactor {
         let names = SECRET_NAMES.iter().copied().chain(extra_headers.iter().chain(extra_fields).map(String::as_str));
-        Redactor { names: names.map(normalise).filter(|n| !n.is_empty()).collect(), secrets: Vec::new() }
+        Redactor { names: names.map(normalise).filter(|n| !n.is_empty()).collect(), secrets: Vec::new(), known: Arc::default() }
     }
 
     /// Also replaces these values wherever they appear (see the module doc for short ones).
@@ -248,6 +255,18 @@ impl Redactor {
     }
 
     fn name(&self, name: &str) -> Name {
+        if let Some(known) = self.known.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return *known;
+        }
+        let said = self.work_out(name);
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        if known.len() < KNOWN_NAMES {
+            known.insert(name.to_owned(), said);
+        }
+        said
+    }
+
+    fn work_out(&self, name: &str) -> Name {
         let n = normalise(name);
         let ends = |list: &[&str]| list.iter().any(|end| n.ends_with(end));
         if self.names.contains(&n) || is_secret_name(&n) {

@@ -17,6 +17,8 @@ mod pay;
 mod reserve;
 pub mod spool;
 pub mod sweep;
+#[cfg(test)]
+mod tests;
 mod upload;
 mod validate;
 
@@ -27,10 +29,10 @@ use std::time::Duration;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
-use crate::bus::{BusError, BusSender, OutgoingMessage};
+use crate::bus::{Bus, BusError, OutgoingMessage};
 use crate::domain::ticket::{AfterFailure, Claim, Operation};
 use crate::domain::{BatchId, Event, EventKind, Exchange, RetryPolicy, Stage, Status, Ticket, TicketId};
-use crate::providers::client::{CallError, Caller, ProviderClient};
+use crate::providers::client::{CallError, Caller, Providers};
 use crate::providers::wire::OperationRequest;
 use crate::store::{BudgetChange, Store, StoreError, TicketUpdate, Versioned};
 
@@ -113,8 +115,8 @@ pub struct Pipeline {
     pub store: Arc<dyn Store>,
     /// Audit records the store could not take yet; stored as soon as it is back.
     pub spool: Arc<spool::AuditSpool>,
-    pub bus: BusSender,
-    pub providers: ProviderClient,
+    pub bus: Arc<dyn Bus>,
+    pub providers: Arc<dyn Providers>,
     pub retry: RetryPolicy,
     pub sweep: sweep::SweepPolicy,
     /// How long a claim on an at-most-once operation protects its claimant.

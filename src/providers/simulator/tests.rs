@@ -664,7 +664,7 @@ async fn an_outage_takes_one_provider_down_for_a_while_and_it_comes_back() {
 #[tokio::test]
 async fn a_key_whose_abandoned_request_may_still_arrive_is_neither_sent_again_nor_asked_about() {
     use crate::domain::Stage;
-    use crate::providers::client::{CallError, Caller, ProviderClient, ProviderEndpoints};
+    use crate::providers::client::{CallError, Caller, ProviderClient, ProviderEndpoints, Providers};
     use crate::providers::limits::ClientConfig;
     use crate::providers::redact::Redactor;
     use crate::providers::wire::{OperationRequest, WireMoney};

@@ -636,8 +636,7 @@ impl Ticket {
         } else {
             let stage = self.status.stage();
             self.slot_mut(stage).release_claim();
-            self.parked_stage = Some(stage);
-            self.end(Status::Parked, Some(format!("{stage}: stalled, {lost}")), now);
+            self.park(stage, format!("{stage}: stalled, {lost}"), now);
         }
         Overdue::GiveUp
     }
@@ -652,10 +651,19 @@ impl Ticket {
         self.updated_at = now;
     }
 
+    /// Ends the ticket at `status` (parking is [`Ticket::park`]: it needs a stage).
     pub fn end(&mut self, status: Status, reason: Option<String>, now: DateTime<Utc>) {
-        debug_assert!(status.is_end());
+        debug_assert!(status.is_end() && status != Status::Parked, "end() takes an end state other than parked, not {status}");
         self.move_to(status, now);
         self.reason = reason;
+    }
+
+    /// Parks the ticket for an operator: where it stopped (where a redrive sends
+    /// it back) and why. The one way a ticket is parked.
+    pub fn park(&mut self, stage: Stage, reason: String, now: DateTime<Utc>) {
+        self.move_to(Status::Parked, now);
+        self.parked_stage = Some(stage);
+        self.reason = Some(reason);
     }
 
     /// Records a transient failure of the current stage and decides: retry later, or park.
@@ -679,8 +687,7 @@ impl Ticket {
                 return AfterFailure::Parked;
             }
             let stage = self.status.stage();
-            self.parked_stage = Some(stage);
-            self.end(Status::Parked, Some(format!("{stage}: {error} (after {next} attempts)")), now);
+            self.park(stage, format!("{stage}: {error} (after {next} attempts)"), now);
             self.last_error = Some(error);
             return AfterFailure::Parked;
         }

@@ -27,8 +27,7 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
             ticket.end(Status::NotPayable, Some("the authority does not know this ticket".into()), now);
         }
         Err(CallError::Permanent { error, .. }) => {
-            ticket.parked_stage = Some(Stage::Lookup);
-            ticket.end(Status::Parked, Some(format!("lookup refused: {error}")), now);
+            ticket.park(Stage::Lookup, format!("lookup refused: {error}"), now);
         }
         Err(e) => return p.retry_later(&current, ticket, e.to_string(), e.retry_after(), exchanges).await,
     }

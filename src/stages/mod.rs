@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bus::{Bus, BusError, OutgoingMessage};
 use crate::domain::ticket::{AfterFailure, Claim, Operation};
-use crate::domain::{BatchId, Event, EventKind, Exchange, RetryPolicy, Stage, Status, Ticket, TicketId};
+use crate::domain::{BatchId, Event, EventKind, Exchange, RetryPolicy, Stage, Ticket, TicketId};
 use crate::providers::client::{CallError, Caller, Providers};
 use crate::providers::wire::OperationRequest;
 use crate::store::{BudgetChange, Store, StoreError, TicketUpdate, Versioned};
@@ -298,8 +298,7 @@ impl Pipeline {
         }
         let now = Utc::now();
         ticket.slot_mut(stage).release_claim();
-        ticket.parked_stage = Some(stage);
-        ticket.end(Status::Parked, Some(format!("{stage}: {error}; needs an operator")), now);
+        ticket.park(stage, format!("{stage}: {error}; needs an operator"), now);
         match self.commit(&current, ticket, None, Vec::new(), Vec::new()).await {
             Ok(after) => self.send_pending(&after.value).await.is_ok(),
             Err(_) => false,

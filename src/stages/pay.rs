@@ -36,8 +36,7 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
                 );
                 let Run { stored, mut ticket, exchanges, .. } = run;
                 ticket.pay.slot.clear_claim();
-                ticket.parked_stage = Some(Stage::Pay);
-                ticket.end(Status::Parked, Some(reason), now);
+                ticket.park(Stage::Pay, reason, now);
                 return p.commit(&stored, ticket, None, exchanges, Vec::new()).await;
             }
             Err(e @ CallError::Transient { .. }) => {

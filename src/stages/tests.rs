@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::domain::upload::TicketLine;
-use crate::domain::{AuthorityCode, Batch, ClientId, Currency, Due, Money, Operation, PayStep, ProviderName};
+use crate::domain::{AuthorityCode, Batch, ClientId, Currency, Due, Money, Operation, PayStep, ProviderName, Status};
 use crate::providers::client::Call;
 use crate::providers::wire::{CheckRequest, CheckResponse, Decision, OperationResponse, WireMoney};
 use crate::store::sqlite::SqliteStore;

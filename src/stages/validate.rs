@@ -49,8 +49,7 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     if let Some(reason) = rejection {
         ticket.end(Status::Rejected, Some(reason), now);
     } else if let Some(reason) = refusal {
-        ticket.parked_stage = Some(Stage::Validate);
-        ticket.end(Status::Parked, Some(reason), now);
+        ticket.park(Stage::Validate, reason, now);
     } else if let Some(e) = transient {
         return p.retry_later(&current, ticket, e.to_string(), e.retry_after(), exchanges).await;
     } else {

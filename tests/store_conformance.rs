@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use ticketpay::domain::{
-    AuthorityCode, Batch, BatchId, ClientId, Currency, Event, EventKind, Operation, PayStep, Reference, Stage, Status, Ticket,
+    AuthorityCode, Batch, BatchId, ClientId, Currency, Event, EventKind, Operation, PayStep, Reference, Stage, State, Status, Ticket,
     TicketId,
 };
 use ticketpay::domain::reconciliation::{Check, ProviderView, ReconciliationRun, Recorded, Verdict};
@@ -54,9 +54,9 @@ async fn seeded(store: &dyn Store, budget: i64, n: u32) -> (Batch, Vec<Ticket>) 
     (b, ts)
 }
 
-fn moved(t: &Ticket, status: Status) -> Ticket {
+fn moved(t: &Ticket, state: State) -> Ticket {
     let mut t = t.clone();
-    t.status = status;
+    t.state = state;
     t
 }
 
@@ -86,17 +86,17 @@ async fn batches_and_tickets_are_created_once(store: Arc<dyn Store>) {
 async fn transitions_are_conditional_and_apply_once(store: Arc<dyn Store>) {
     let (b, ts) = seeded(store.as_ref(), 1_000, 1).await;
     let current = store.ticket(&b.batch_id, &ts[0].ticket_id).await.unwrap().unwrap();
-    let update = TicketUpdate { ticket: moved(&current.value, Status::Validate), etag: current.etag.clone(), budget: None, events: vec![] };
+    let update = TicketUpdate { ticket: moved(&current.value, State::Validate), etag: current.etag.clone(), budget: None, events: vec![] };
     let after = store.update_ticket(update.clone()).await.unwrap();
     assert_ne!(after.etag, current.etag);
     assert!(matches!(store.update_ticket(update).await, Err(StoreError::Conflict(_))), "a redelivered transition");
     let stored = store.ticket(&b.batch_id, &ts[0].ticket_id).await.unwrap().unwrap();
-    assert_eq!(stored.value.status, Status::Validate);
+    assert_eq!(stored.value.status(), Status::Validate);
     assert_eq!(stored.etag, after.etag);
 
     // A reservation redelivered with the old version does not hold the money twice.
     let reserve = TicketUpdate {
-        ticket: { let mut t = moved(&stored.value, Status::Pay); t.reserved = 300; t },
+        ticket: { let mut t = moved(&stored.value, State::Pay); t.reserved = 300; t },
         etag: stored.etag.clone(),
         budget: Some(BudgetChange::Reserve(300)),
         events: vec![],
@@ -113,7 +113,7 @@ async fn concurrent_reservations_never_overspend(store: Arc<dyn Store>) {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let current = store.ticket(&t.batch_id, &t.ticket_id).await.unwrap().unwrap();
-            let mut next = moved(&current.value, Status::Pay);
+            let mut next = moved(&current.value, State::Pay);
             next.reserved = 700;
             let update = TicketUpdate { ticket: next, etag: current.etag, budget: Some(BudgetChange::Reserve(700)), events: vec![] };
             match store.update_ticket(update).await {
@@ -144,7 +144,7 @@ async fn concurrent_reservations_never_overspend(store: Arc<dyn Store>) {
 async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(store: Arc<dyn Store>) {
     let (b, ts) = seeded(store.as_ref(), 1_000, 2).await;
     let reserve = |t: &ticketpay::store::Versioned<Ticket>, etag: &str| {
-        let mut next = moved(&t.value, Status::Pay);
+        let mut next = moved(&t.value, State::Pay);
         next.reserved = 300;
         TicketUpdate { ticket: next, etag: etag.to_owned(), budget: Some(BudgetChange::Reserve(300)), events: vec![] }
     };
@@ -163,7 +163,7 @@ async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(st
     let second = store.ticket(&b.batch_id, &ts[1].ticket_id).await.unwrap().unwrap();
     let now = store.update_ticket(touch(&second)).await.unwrap();
     assert!(matches!(store.update_ticket(reserve(&second, &second.etag)).await, Err(StoreError::Conflict(_))));
-    let mut ended = moved(&now.value, Status::OverBudget);
+    let mut ended = moved(&now.value, State::OverBudget { reason: "needs more than is left".into() });
     ended.notified = true;
     store.update_ticket(TicketUpdate { ticket: ended, etag: now.etag.clone(), budget: None, events: vec![] }).await.unwrap();
     let batch = store.batch(&b.batch_id).await.unwrap().unwrap();
@@ -177,20 +177,20 @@ async fn a_failed_payment_releases_exactly_its_reservation(store: Arc<dyn Store>
     let mut versions = Vec::new();
     for t in &ts {
         let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
-        let mut next = moved(&current.value, Status::Pay);
+        let mut next = moved(&current.value, State::Pay);
         next.reserved = 400;
         let u = TicketUpdate { ticket: next, etag: current.etag, budget: Some(BudgetChange::Reserve(400)), events: vec![] };
         versions.push(store.update_ticket(u).await.unwrap());
     }
     let mut paid = versions[0].value.clone();
-    (paid.status, paid.paid, paid.reserved) = (Status::Paid, 400, 0);
+    (paid.state, paid.paid, paid.reserved) = (State::Paid, 400, 0);
     store.update_ticket(TicketUpdate { ticket: paid, etag: versions[0].etag.clone(), budget: None, events: vec![] }).await.unwrap();
     let mut failed = versions[1].value.clone();
-    (failed.status, failed.reserved) = (Status::Failed, 0);
+    (failed.state, failed.reserved) = (State::Failed { reason: "settlement declined".into() }, 0);
     let over = TicketUpdate { ticket: failed.clone(), etag: versions[1].etag.clone(), budget: Some(BudgetChange::Release(500)), events: vec![] };
     assert!(matches!(store.update_ticket(over).await, Err(StoreError::Invalid(_))), "more than the ticket holds is refused");
     let unchanged = store.ticket(&b.batch_id, &ts[1].ticket_id).await.unwrap().unwrap();
-    assert_eq!((unchanged.etag.as_str(), unchanged.value.status), (versions[1].etag.as_str(), Status::Pay), "and nothing is written");
+    assert_eq!((unchanged.etag.as_str(), unchanged.value.status()), (versions[1].etag.as_str(), Status::Pay), "and nothing is written");
     assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed, 800);
     let release = TicketUpdate { ticket: failed, etag: versions[1].etag.clone(), budget: Some(BudgetChange::Release(400)), events: vec![] };
     store.update_ticket(release).await.unwrap();
@@ -212,9 +212,9 @@ async fn events_are_appended_and_read_in_order(store: Arc<dyn Store>) {
     }
     let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
     let with_change = Event::new(&t.batch_id, &t.ticket_id, Stage::Lookup, EventKind::Paid { amount: "1.00".into() }, Utc::now());
-    let u = TicketUpdate { ticket: moved(&current.value, Status::Validate), etag: current.etag, budget: None, events: vec![with_change.clone()] };
+    let u = TicketUpdate { ticket: moved(&current.value, State::Validate), etag: current.etag, budget: None, events: vec![with_change.clone()] };
     store.update_ticket(u).await.unwrap();
-    let stale = TicketUpdate { ticket: moved(&current.value, Status::Rejected), etag: "0".into(), budget: None, events: vec![with_change.clone()] };
+    let stale = TicketUpdate { ticket: moved(&current.value, State::Rejected { reason: "amount mismatch".into() }), etag: "0".into(), budget: None, events: vec![with_change.clone()] };
     assert!(store.update_ticket(stale).await.is_err());
 
     let read = store.events(&b.batch_id, &t.ticket_id).await.unwrap();
@@ -231,7 +231,7 @@ async fn tickets_page_by_id_and_filter_by_status(store: Arc<dyn Store>) {
     let (b, ts) = seeded(store.as_ref(), 1_000, 25).await;
     for t in ts.iter().step_by(5) {
         let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
-        let mut done = moved(&current.value, Status::NotPayable);
+        let mut done = moved(&current.value, State::NotPayable { reason: "nothing is due".into() });
         done.notified = true;
         store.update_ticket(TicketUpdate { ticket: done, etag: current.etag, budget: None, events: vec![] }).await.unwrap();
     }
@@ -250,7 +250,7 @@ async fn tickets_page_by_id_and_filter_by_status(store: Arc<dyn Store>) {
     let ended = store.tickets(&b.batch_id, Some(Status::NotPayable), 100, None).await.unwrap();
     assert_eq!(ended.tickets.len(), 5);
     assert!(ended.next_cursor.is_none());
-    assert!(ended.tickets.iter().all(|t| t.status == Status::NotPayable));
+    assert!(ended.tickets.iter().all(|t| t.status() == Status::NotPayable));
     assert!(store.has_open_tickets(&b.batch_id).await.unwrap(), "20 tickets are still open");
     let summary = store.summary(&b.batch_id).await.unwrap();
     assert_eq!((summary.counts[&Status::Lookup], summary.counts[&Status::NotPayable], summary.awaiting_notification), (20, 5, 0));
@@ -308,7 +308,7 @@ async fn overdue_tickets_and_unrecorded_completions_are_found(store: Arc<dyn Sto
     let told = store.ticket(&b.batch_id, &ts[1].ticket_id).await.unwrap().unwrap();
     store
         .update_ticket(update(told, &|t| {
-            t.status = Status::Rejected;
+            t.state = State::Rejected { reason: "amount mismatch".into() };
             t.notified = true;
         }))
         .await
@@ -632,7 +632,7 @@ async fn sqlite_reports_a_row_it_cannot_read_as_invalid() {
 async fn paying(store: &dyn Store) -> (Batch, ticketpay::store::Versioned<Ticket>) {
     let (b, ts) = seeded(store, 1_000, 1).await;
     let current = store.ticket(&b.batch_id, &ts[0].ticket_id).await.unwrap().unwrap();
-    let mut next = moved(&current.value, Status::Pay);
+    let mut next = moved(&current.value, State::Pay);
     next.pay.done = 1;
     next.pay.slot.claim(Operation::Step(PayStep::Settle), Utc::now());
     next.pay.slot.release_claim();

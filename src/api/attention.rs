@@ -53,7 +53,7 @@ pub(super) fn disagreeing(t: &Ticket, last: Option<&ReconciliationRun>) -> bool 
 fn entry(t: &Ticket, last: Option<&ReconciliationRun>, overdue_before: DateTime<Utc>, now: DateTime<Utc>) -> Option<Value> {
     let disagrees = disagreeing(t, last);
     let mut concerns: Vec<Value> = t.concern().map(|c| json!(c)).into_iter().collect();
-    let overdue = !t.status.is_end() && t.due_at() < overdue_before;
+    let overdue = !t.status().is_end() && t.due_at() < overdue_before;
     if overdue {
         concerns.push(json!("stalled"));
     }
@@ -71,9 +71,9 @@ fn entry(t: &Ticket, last: Option<&ReconciliationRun>, overdue_before: DateTime<
     let money = |minor: i64| format_minor(minor, t.currency);
     Some(json!({
         "ticket_id": t.ticket_id,
-        "status": t.status,
+        "status": t.status(),
         "concerns": concerns,
-        "reason": t.reason.clone().or_else(|| t.last_error.clone()),
+        "reason": t.reason().or(t.last_error.as_deref()),
         "waiting_since": since,
         "waiting_seconds": (now - since).num_seconds().max(0),
         "amount_due": t.amount_due.map(money),

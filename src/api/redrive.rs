@@ -53,7 +53,7 @@ pub async fn redrive(
     loop {
         let page = store.tickets(&batch.batch_id, Some(Status::Parked), 500, cursor.as_deref()).await?;
         for t in &page.tickets {
-            let entry = json!({ "ticket_id": t.ticket_id, "stage": t.parked_stage, "reason": t.reason });
+            let entry = json!({ "ticket_id": t.ticket_id, "stage": t.parked_stage(), "reason": t.reason() });
             if request.dry_run {
                 tickets.push(entry);
                 continue;

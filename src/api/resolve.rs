@@ -83,7 +83,7 @@ pub async fn resolve(
         "batch_id": t.batch_id,
         "ticket_id": t.ticket_id,
         "action": request.action,
-        "status": t.status,
+        "status": t.status(),
         "actions": t.open_actions(false),
         "ticket": views::ticket(t, &caller),
     });
@@ -130,8 +130,8 @@ fn not_open(t: &Ticket, action: Action, open: &[Action]) -> Problem {
         _ => open.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", "),
     };
     let state = match t.concern() {
-        Some(c) => format!("{} ({})", t.status, serde_json::to_value(c).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()),
-        None => t.status.to_string(),
+        Some(c) => format!("{} ({})", t.status(), serde_json::to_value(c).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()),
+        None => t.status().to_string(),
     };
     let mut p = Problem::new(StatusCode::CONFLICT, "conflict", format!("ticket {} is {state}: {action} is not open to it; open: {offered}", t.ticket_id));
     p.field = Some("action".into());
@@ -142,7 +142,7 @@ fn not_open(t: &Ticket, action: Action, open: &[Action]) -> Problem {
 async fn write(app: &App, current: &Versioned<Ticket>, resolution: Resolution) -> Result<Versioned<Ticket>, Problem> {
     let before = &current.value;
     let mut ticket = before.clone();
-    let stage = before.status.stage();
+    let stage = before.status().stage();
     let kind = EventKind::Resolved {
         action: resolution.action,
         by: resolution.by.clone(),
@@ -155,8 +155,8 @@ async fn write(app: &App, current: &Versioned<Ticket>, resolution: Resolution) -
     if let Some(to_stage) = resolved.redriven_to {
         events.push(event(EventKind::Redriven { to_stage, parked_because: resolved.parked_because.clone() }));
     }
-    if ticket.status != before.status {
-        events.push(event(EventKind::StatusChanged { from: before.status, to: ticket.status, reason: ticket.reason.clone() }));
+    if ticket.status() != before.status() {
+        events.push(event(EventKind::StatusChanged { from: before.status(), to: ticket.status(), reason: ticket.reason().map(str::to_owned) }));
     }
     let budget = (resolved.release > 0).then_some(BudgetChange::Release(resolved.release));
     if budget.is_some() {

@@ -69,15 +69,15 @@ pub fn batch_item(batch: &Batch, summary: Option<(&BatchSummary, u64)>) -> Value
 /// only to whoever may see that batch.
 pub fn ticket(t: &Ticket, caller: &Principal) -> Value {
     let money = |minor: i64| format_minor(minor, t.currency);
-    let duplicate_of = t.duplicate_of.as_ref().filter(|d| caller.sees(&d.client_id)).map(|d| &d.batch_id);
+    let duplicate_of = t.duplicate_of().filter(|d| caller.sees(&d.client_id)).map(|d| &d.batch_id);
     json!({
         "batch_id": t.batch_id,
         "ticket_id": t.ticket_id,
         "client_id": t.client_id,
         "authority": t.authority,
         "reference": t.reference,
-        "status": t.status,
-        "stage": t.status.stage(),
+        "status": t.status(),
+        "stage": t.status().stage(),
         "currency": t.currency,
         "amount_due": t.amount_due.map(money),
         "reserved": money(t.reserved),
@@ -85,8 +85,8 @@ pub fn ticket(t: &Ticket, caller: &Principal) -> Value {
         "attempt": t.attempt,
         "retry_at": t.retry_at,
         "last_error": t.last_error,
-        "reason": t.reason,
-        "parked_stage": t.parked_stage,
+        "reason": t.reason(),
+        "parked_stage": t.parked_stage(),
         "duplicate_of": duplicate_of,
         "payment": {
             "steps_done": t.pay.done,

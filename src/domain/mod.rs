@@ -16,5 +16,5 @@ pub use event::{Event, EventKind, Exchange};
 pub use ids::{AuthorityCode, BatchId, ClientId, Reference, TicketId};
 pub use money::{Currency, Due, Money};
 pub use provider::ProviderName;
-pub use ticket::{Operation, PayProgress, PayStep, Pending, RetryPolicy, Stage, Status, Ticket};
+pub use ticket::{Operation, PaidElsewhere, PayProgress, PayStep, Pending, RetryPolicy, Stage, State, Status, Ticket};
 pub use upload::{BatchRequest, UploadError};

@@ -15,7 +15,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::ticket::{Operation, Stage, Status, Ticket};
+use super::ticket::{Operation, Stage, State, Status, Ticket};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -93,10 +93,10 @@ pub enum Concern {
 impl Ticket {
     /// Why this ticket waits for a person, if it does.
     pub fn concern(&self) -> Option<Concern> {
-        match self.status {
+        match self.status() {
             Status::Parked if self.pay.slot.is_unknown() => Some(Concern::UnknownOutcome),
             Status::Parked if self.pay.failure.is_some() && self.pay.next_compensation().is_some() => Some(Concern::RefusedCompensation),
-            Status::Parked if self.reason.as_deref().is_some_and(|r| r.contains(": stalled,")) => Some(Concern::Stalled),
+            Status::Parked if self.reason().is_some_and(|r| r.contains(": stalled,")) => Some(Concern::Stalled),
             Status::Parked => Some(Concern::Parked),
             Status::Duplicate if self.resolution.is_none() => Some(Concern::Duplicate),
             _ => None,
@@ -115,7 +115,7 @@ impl Ticket {
             Some(Concern::Duplicate) => vec![Action::Acknowledge],
             None => Vec::new(),
         };
-        if disagreeing && !actions.contains(&Action::Acknowledge) && self.status.is_end() && self.status != Status::Parked {
+        if disagreeing && !actions.contains(&Action::Acknowledge) && self.status().is_end() && self.status() != Status::Parked {
             actions.push(Action::Acknowledge);
         }
         actions
@@ -125,7 +125,7 @@ impl Ticket {
     /// Returns the minor units to give back to the budget, if any.
     pub fn resolve(&mut self, resolution: Resolution) -> Result<Resolved, String> {
         let now = resolution.at;
-        let mut resolved = Resolved { release: 0, redriven_to: None, parked_because: self.reason.clone().unwrap_or_default() };
+        let mut resolved = Resolved { release: 0, redriven_to: None, parked_because: self.reason().unwrap_or_default().to_owned() };
         match resolution.action {
             Action::ConfirmedApplied => {
                 let operation = self.in_flight()?;
@@ -162,9 +162,8 @@ impl Ticket {
                 } else {
                     resolved.release = std::mem::take(&mut self.reserved);
                     self.pay.slot.clear_claim();
-                    self.parked_stage = None;
                     self.tell_again();
-                    self.end(Status::Failed, Some(why), now);
+                    self.move_to(State::Failed { reason: why }, now);
                 }
             }
             Action::Acknowledge => {}
@@ -180,8 +179,7 @@ impl Ticket {
 
     /// A fact is settled; the ticket stays parked for the next decision.
     fn settled(&mut self, what: String, now: DateTime<Utc>) {
-        self.reason = Some(format!("{what}; redrive to go on, or give up"));
-        self.parked_stage = Some(Stage::Pay);
+        self.state = State::Parked { stage: Stage::Pay, reason: format!("{what}; redrive to go on, or give up") };
         self.updated_at = now;
     }
 
@@ -234,8 +232,7 @@ mod tests {
         t.reserved = 900;
         t.pay.done = 1;
         t.pay.failure = Some("settlement declined".into());
-        t.parked_stage = Some(Stage::Pay);
-        t.reason = Some("gateway refused refund".into());
+        t.state = State::Parked { stage: Stage::Pay, reason: "gateway refused refund".into() };
         t
     }
 
@@ -244,7 +241,7 @@ mod tests {
         assert_eq!(unknown(0, "capture").open_actions(false), [Action::ConfirmedApplied, Action::ConfirmedNotApplied]);
         assert_eq!(refused_refund().open_actions(false), [Action::UndoneByHand, Action::Redrive]);
         let mut parked = ticket(Status::Parked);
-        parked.parked_stage = Some(Stage::Lookup);
+        parked.state = State::Parked { stage: Stage::Lookup, reason: "lookup: timed out".into() };
         assert_eq!(parked.open_actions(false), [Action::Redrive, Action::GiveUp]);
         assert_eq!(ticket(Status::Duplicate).open_actions(false), [Action::Acknowledge]);
         assert!(ticket(Status::Paid).open_actions(false).is_empty());
@@ -256,13 +253,13 @@ mod tests {
     fn a_confirmed_capture_counts_as_done_and_the_redrive_goes_on_with_settle() {
         let mut t = unknown(0, "capture");
         t.resolve(by(Action::ConfirmedApplied)).unwrap();
-        assert_eq!((t.status, t.pay.done, t.reserved), (Status::Parked, 1, 900));
+        assert_eq!((t.status(), t.pay.done, t.reserved), (Status::Parked, 1, 900));
         assert!(!t.pay.slot.is_unknown());
-        assert!(t.reason.as_deref().unwrap().contains("capture at gateway confirmed applied by ops (gw-1)"));
+        assert!(t.reason().unwrap().contains("capture at gateway confirmed applied by ops (gw-1)"));
         assert_eq!(t.concern(), Some(Concern::Parked));
         assert_eq!(t.open_actions(false), [Action::Redrive], "settle may have gone out after the capture: going on asks first");
         let done = t.resolve(by(Action::Redrive)).unwrap();
-        assert_eq!((t.status, done.redriven_to), (Status::Pay, Some(Stage::Pay)));
+        assert_eq!((t.status(), done.redriven_to), (Status::Pay, Some(Stage::Pay)));
         assert_eq!(t.pay.next_operation(), Some(op("settle")));
         let lease = std::time::Duration::from_secs(60);
         assert_eq!(t.pay.slot.claim_on(op("settle"), Utc::now(), lease), crate::domain::ticket::Claim::Unknown, "the settlement provider is asked about settle first");
@@ -286,8 +283,8 @@ mod tests {
         again.resolve(by(Action::Redrive)).unwrap();
         assert_eq!(again.pay.next_operation(), Some(op("capture")));
         let done = t.resolve(by(Action::GiveUp)).unwrap();
-        assert_eq!((t.status, t.reserved, done.release, t.notified), (Status::Failed, 0, 900, false));
-        assert!(t.reason.as_deref().unwrap().starts_with("given up by ops: called them"));
+        assert_eq!((t.status(), t.reserved, done.release, t.notified), (Status::Failed, 0, 900, false));
+        assert!(t.reason().unwrap().starts_with("given up by ops: called them"));
         assert!(t.operation_key(op("notify")).ends_with(":notify:r1"), "the client hears the new outcome as news");
     }
 
@@ -296,7 +293,7 @@ mod tests {
         let mut t = unknown(2, "post");
         t.resolve(by(Action::ConfirmedNotApplied)).unwrap();
         let done = t.resolve(by(Action::GiveUp)).unwrap();
-        assert_eq!((t.status, done.release, t.reserved), (Status::Pay, 0, 900), "the reservation stays until the steps are undone");
+        assert_eq!((t.status(), done.release, t.reserved), (Status::Pay, 0, 900), "the reservation stays until the steps are undone");
         assert_eq!(t.pay.next_operation(), Some(op("cancel")));
     }
 
@@ -305,17 +302,17 @@ mod tests {
         let mut t = refused_refund();
         t.resolve(by(Action::UndoneByHand)).unwrap();
         assert_eq!((t.pay.undone, t.pay.next_compensation()), (1, None));
-        assert!(t.reason.as_deref().unwrap().contains("refund at gateway done by hand"));
+        assert!(t.reason().unwrap().contains("refund at gateway done by hand"));
         assert_eq!(t.open_actions(false), [Action::Redrive, Action::GiveUp]);
         let done = t.resolve(by(Action::GiveUp)).unwrap();
-        assert_eq!((t.status, done.release), (Status::Failed, 900));
+        assert_eq!((t.status(), done.release), (Status::Failed, 900));
     }
 
     #[test]
     fn an_acknowledged_duplicate_no_longer_needs_anyone() {
         let mut t = ticket(Status::Duplicate);
         t.resolve(by(Action::Acknowledge)).unwrap();
-        assert_eq!((t.status, t.concern()), (Status::Duplicate, None));
+        assert_eq!((t.status(), t.concern()), (Status::Duplicate, None));
         assert_eq!(t.resolution.as_ref().unwrap().by, "ops");
     }
 }

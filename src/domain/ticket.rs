@@ -407,7 +407,9 @@ pub struct Ticket {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<Reference>,
     pub currency: Currency,
-    pub status: Status,
+    /// Where it is, with what being there takes (stored flat: `status`, `reason`, ...).
+    #[serde(flatten)]
+    pub state: State,
     /// What the authority says is owed, once asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amount_due: Option<i64>,
@@ -421,15 +423,6 @@ pub struct Ticket {
     pub retry_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// Why it ended where it did (rejection reason, park reason, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// For a parked ticket: the stage to re-enter on redrive.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parked_stage: Option<Stage>,
-    /// For a duplicate: the batch that pays this ticket.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duplicate_of: Option<PaidElsewhere>,
     #[serde(default)]
     pub pay: PayProgress,
     /// The notification in flight, apart from the payment's.
@@ -457,6 +450,120 @@ pub struct Ticket {
 pub struct PaidElsewhere {
     pub batch_id: BatchId,
     pub client_id: ClientId,
+}
+
+/// Where a ticket is, with what being there takes: each end but `paid` says
+/// why, a duplicate names the batch that pays it, and a parked ticket knows the
+/// stage it stopped at (where a redrive sends it back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "StateShape", into = "StateShape")]
+pub enum State {
+    Lookup,
+    Validate,
+    Reserve,
+    Pay,
+    Paid,
+    NotPayable { reason: String },
+    Rejected { reason: String },
+    OverBudget { reason: String },
+    Failed { reason: String },
+    Duplicate { of: PaidElsewhere, reason: String },
+    Parked { stage: Stage, reason: String },
+}
+
+impl State {
+    /// Waiting for `stage`'s function (a waiting state has no `notify`: end states wait for it).
+    pub fn waiting_for(stage: Stage) -> State {
+        match stage {
+            Stage::Lookup => State::Lookup,
+            Stage::Validate => State::Validate,
+            Stage::Reserve => State::Reserve,
+            Stage::Pay => State::Pay,
+            Stage::Notify => unreachable!("notify acts on end states; no ticket waits in it"),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        match self {
+            State::Lookup => Status::Lookup,
+            State::Validate => Status::Validate,
+            State::Reserve => Status::Reserve,
+            State::Pay => Status::Pay,
+            State::Paid => Status::Paid,
+            State::NotPayable { .. } => Status::NotPayable,
+            State::Rejected { .. } => Status::Rejected,
+            State::OverBudget { .. } => Status::OverBudget,
+            State::Failed { .. } => Status::Failed,
+            State::Duplicate { .. } => Status::Duplicate,
+            State::Parked { .. } => Status::Parked,
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            State::NotPayable { reason }
+            | State::Rejected { reason }
+            | State::OverBudget { reason }
+            | State::Failed { reason }
+            | State::Duplicate { reason, .. }
+            | State::Parked { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+/// How a [`State`] is stored: the status by name, beside the fields some states carry.
+#[derive(Serialize, Deserialize)]
+struct StateShape {
+    status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parked_stage: Option<Stage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    duplicate_of: Option<PaidElsewhere>,
+}
+
+impl TryFrom<StateShape> for State {
+    type Error = String;
+    fn try_from(shape: StateShape) -> Result<State, String> {
+        let StateShape { status, reason, parked_stage, duplicate_of } = shape;
+        let reason = || reason.ok_or_else(|| format!("a {status} ticket without its reason"));
+        Ok(match status {
+            Status::Lookup => State::Lookup,
+            Status::Validate => State::Validate,
+            Status::Reserve => State::Reserve,
+            Status::Pay => State::Pay,
+            Status::Paid => State::Paid,
+            Status::NotPayable => State::NotPayable { reason: reason()? },
+            Status::Rejected => State::Rejected { reason: reason()? },
+            Status::OverBudget => State::OverBudget { reason: reason()? },
+            Status::Failed => State::Failed { reason: reason()? },
+            Status::Duplicate => {
+                let of = duplicate_of.ok_or("a duplicate ticket without the batch that pays it")?;
+                State::Duplicate { of, reason: reason()? }
+            }
+            Status::Parked => {
+                let stage = parked_stage.ok_or("a parked ticket without the stage it stopped at")?;
+                State::Parked { stage, reason: reason()? }
+            }
+        })
+    }
+}
+
+impl From<State> for StateShape {
+    fn from(state: State) -> StateShape {
+        let status = state.status();
+        let (reason, parked_stage, duplicate_of) = match state {
+            State::Duplicate { of, reason } => (Some(reason), None, Some(of)),
+            State::Parked { stage, reason } => (Some(reason), Some(stage), None),
+            State::NotPayable { reason } | State::Rejected { reason } | State::OverBudget { reason } | State::Failed { reason } => {
+                (Some(reason), None, None)
+            }
+            State::Lookup | State::Validate | State::Reserve | State::Pay | State::Paid => (None, None, None),
+        };
+        StateShape { status, reason, parked_stage, duplicate_of }
+    }
 }
 
 /// The state of an at-most-once operation, seen by an invocation about to send it.
@@ -532,16 +639,13 @@ impl Ticket {
             authority: line.authority,
             reference: line.reference,
             currency: batch.currency,
-            status: Status::Lookup,
+            state: State::Lookup,
             amount_due: None,
             reserved: 0,
             paid: 0,
             attempt: 0,
             retry_at: None,
             last_error: None,
-            reason: None,
-            parked_stage: None,
-            duplicate_of: None,
             pay: PayProgress::default(),
             notice: OperationSlot::default(),
             notified: false,
@@ -551,6 +655,31 @@ impl Ticket {
             resolution: None,
             created_at: now,
             updated_at: now,
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        self.state.status()
+    }
+
+    /// Why it ended where it did (a rejection's reason, a park's, ...).
+    pub fn reason(&self) -> Option<&str> {
+        self.state.reason()
+    }
+
+    /// For a parked ticket: the stage it stopped at.
+    pub fn parked_stage(&self) -> Option<Stage> {
+        match self.state {
+            State::Parked { stage, .. } => Some(stage),
+            _ => None,
+        }
+    }
+
+    /// For a duplicate: the batch that pays it.
+    pub fn duplicate_of(&self) -> Option<&PaidElsewhere> {
+        match &self.state {
+            State::Duplicate { of, .. } => Some(of),
+            _ => None,
         }
     }
 
@@ -568,21 +697,14 @@ impl Ticket {
     /// be told again how it ends. An operation whose answer was lost stays
     /// unknown, so the provider is asked about it before anything is re-sent.
     pub fn redrive(&mut self, now: DateTime<Utc>) -> Result<Stage, String> {
-        if self.status != Status::Parked {
-            return Err(format!("ticket {} is {}; only parked tickets are redriven", self.ticket_id, self.status));
-        }
-        let stage = self.parked_stage.ok_or_else(|| format!("ticket {} was parked without a stage", self.ticket_id))?;
-        let status = match stage {
-            Stage::Lookup => Status::Lookup,
-            Stage::Validate => Status::Validate,
-            Stage::Reserve => Status::Reserve,
-            Stage::Pay => Status::Pay,
-            Stage::Notify => return Err(format!("ticket {} cannot re-enter notify", self.ticket_id)),
+        let State::Parked { stage, .. } = self.state else {
+            return Err(format!("ticket {} is {}; only parked tickets are redriven", self.ticket_id, self.status()));
         };
+        if stage == Stage::Notify {
+            return Err(format!("ticket {} cannot re-enter notify", self.ticket_id));
+        }
         self.redrives += 1;
-        self.move_to(status, now);
-        self.parked_stage = None;
-        self.reason = None;
+        self.move_to(State::waiting_for(stage), now);
         self.notified = false;
         self.notification = None;
         self.pay.slot.release_claim();
@@ -607,10 +729,10 @@ impl Ticket {
 
     /// The message this ticket is waiting for, if any.
     pub fn pending(&self) -> Option<Pending> {
-        if self.status.is_end() && self.notified {
+        if self.status().is_end() && self.notified {
             return None;
         }
-        Some(Pending { stage: self.status.stage(), attempt: self.attempt, not_before: self.retry_at })
+        Some(Pending { stage: self.status().stage(), attempt: self.attempt, not_before: self.retry_at })
     }
 
     /// When the message this ticket waits for was due: the stage should have
@@ -630,20 +752,20 @@ impl Ticket {
             return Overdue::Resend;
         }
         let lost = format!("its message was lost {} times", self.resends + 1);
-        if self.status.is_end() {
+        if self.status().is_end() {
             self.notified = true;
             self.notification = Some(format!("not sent: {lost}"));
         } else {
-            let stage = self.status.stage();
+            let stage = self.status().stage();
             self.slot_mut(stage).release_claim();
             self.park(stage, format!("{stage}: stalled, {lost}"), now);
         }
         Overdue::GiveUp
     }
 
-    /// Moves to `status` with a fresh attempt count.
-    pub fn move_to(&mut self, status: Status, now: DateTime<Utc>) {
-        self.status = status;
+    /// Moves on to `state` with a fresh attempt count.
+    pub fn move_to(&mut self, state: State, now: DateTime<Utc>) {
+        self.state = state;
         self.resends = 0;
         self.attempt = 0;
         self.retry_at = None;
@@ -651,19 +773,10 @@ impl Ticket {
         self.updated_at = now;
     }
 
-    /// Ends the ticket at `status` (parking is [`Ticket::park`]: it needs a stage).
-    pub fn end(&mut self, status: Status, reason: Option<String>, now: DateTime<Utc>) {
-        debug_assert!(status.is_end() && status != Status::Parked, "end() takes an end state other than parked, not {status}");
-        self.move_to(status, now);
-        self.reason = reason;
-    }
-
     /// Parks the ticket for an operator: where it stopped (where a redrive sends
-    /// it back) and why. The one way a ticket is parked.
+    /// it back) and why.
     pub fn park(&mut self, stage: Stage, reason: String, now: DateTime<Utc>) {
-        self.move_to(Status::Parked, now);
-        self.parked_stage = Some(stage);
-        self.reason = Some(reason);
+        self.move_to(State::Parked { stage, reason }, now);
     }
 
     /// Records a transient failure of the current stage and decides: retry later, or park.
@@ -677,7 +790,7 @@ impl Ticket {
         let next = self.attempt + 1;
         self.updated_at = now;
         if next >= policy.max_attempts {
-            if self.status.is_end() {
+            if self.status().is_end() {
                 // Notification gave up: the ticket keeps its outcome.
                 self.notified = true;
                 self.notification = Some(format!("failed after {next} attempts: {error}"));
@@ -686,7 +799,7 @@ impl Ticket {
                 self.last_error = Some(error);
                 return AfterFailure::Parked;
             }
-            let stage = self.status.stage();
+            let stage = self.status().stage();
             self.park(stage, format!("{stage}: {error} (after {next} attempts)"), now);
             self.last_error = Some(error);
             return AfterFailure::Parked;
@@ -750,7 +863,28 @@ pub(crate) mod tests {
             authority: AuthorityCode::parse("CITY-PARKING").unwrap(),
             reference: None,
         };
-        Ticket { status, ..Ticket::accepted(&batch, line, now) }
+        Ticket { state: in_status(status), ..Ticket::accepted(&batch, line, now) }
+    }
+
+    /// A state of `status`, with made-up data where it carries some (a parked one stopped at pay).
+    pub(crate) fn in_status(status: Status) -> State {
+        let reason = format!("{status} for a test");
+        match status {
+            Status::Lookup => State::Lookup,
+            Status::Validate => State::Validate,
+            Status::Reserve => State::Reserve,
+            Status::Pay => State::Pay,
+            Status::Paid => State::Paid,
+            Status::NotPayable => State::NotPayable { reason },
+            Status::Rejected => State::Rejected { reason },
+            Status::OverBudget => State::OverBudget { reason },
+            Status::Failed => State::Failed { reason },
+            Status::Duplicate => {
+                let of = PaidElsewhere { batch_id: BatchId::parse("b0").unwrap(), client_id: ClientId::parse("c1").unwrap() };
+                State::Duplicate { of, reason }
+            }
+            Status::Parked => State::Parked { stage: Stage::Pay, reason },
+        }
     }
 
     #[test]
@@ -762,6 +896,27 @@ pub(crate) mod tests {
             t.notified = true;
             assert_eq!(t.pending().is_none(), status.is_end(), "{status}");
         }
+    }
+
+    #[test]
+    fn a_state_is_stored_flat_and_read_back_only_with_the_data_it_needs() {
+        for status in Status::ALL {
+            let t = ticket(status);
+            let stored = serde_json::to_value(&t).unwrap();
+            assert_eq!(stored["status"], status.as_str());
+            assert_eq!(stored.get("reason").is_some(), status.is_end() && status != Status::Paid, "{stored}");
+            assert_eq!(serde_json::from_value::<Ticket>(stored).unwrap(), t);
+        }
+        let parked = serde_json::to_value(ticket(Status::Parked)).unwrap();
+        assert_eq!((parked["parked_stage"].as_str(), parked["reason"].as_str()), (Some("pay"), Some("parked for a test")));
+        let without = |status: Status, field: &str| {
+            let mut stored = serde_json::to_value(ticket(status)).unwrap();
+            stored.as_object_mut().unwrap().remove(field);
+            serde_json::from_value::<Ticket>(stored).unwrap_err().to_string()
+        };
+        assert!(without(Status::Parked, "parked_stage").contains("without the stage it stopped at"));
+        assert!(without(Status::Duplicate, "duplicate_of").contains("without the batch that pays it"));
+        assert!(without(Status::Rejected, "reason").contains("rejected ticket without its reason"));
     }
 
     #[test]
@@ -783,9 +938,9 @@ pub(crate) mod tests {
         assert!(t.pending().unwrap().not_before.unwrap() > now);
         assert!(matches!(t.fail_transiently("503".into(), &policy, d, now), AfterFailure::RetryAt(_)));
         assert_eq!(t.fail_transiently("timeout".into(), &policy, d, now), AfterFailure::Parked);
-        assert_eq!(t.status, Status::Parked);
-        assert_eq!(t.parked_stage, Some(Stage::Validate));
-        assert!(t.reason.as_deref().unwrap().contains("timeout"));
+        assert_eq!(t.status(), Status::Parked);
+        assert_eq!(t.parked_stage(), Some(Stage::Validate));
+        assert!(t.reason().unwrap().contains("timeout"));
         assert_eq!(t.pending().unwrap().stage, Stage::Notify, "a parked ticket is still notified");
     }
 
@@ -798,9 +953,9 @@ pub(crate) mod tests {
         t.fail_transiently("settlement down".into(), &policy, Duration::ZERO, Utc::now());
         t.pay.slot.release_claim();
         t.notified = true;
-        assert_eq!(t.status, Status::Parked);
+        assert_eq!(t.status(), Status::Parked);
         assert_eq!(t.redrive(Utc::now()), Ok(Stage::Pay));
-        assert_eq!((t.status, t.attempt, t.redrives, t.notified), (Status::Pay, 0, 1, false));
+        assert_eq!((t.status(), t.attempt, t.redrives, t.notified), (Status::Pay, 0, 1, false));
         assert_eq!(t.operation_key(op("capture")), format!("{}:{}:capture", t.batch_id, t.ticket_id), "a payment step keeps its key");
         assert!(t.operation_key(op("notify")).ends_with(":notify:r1"), "the next notification is news");
         assert_eq!(t.reserved, 900, "the reservation is still held");
@@ -817,7 +972,7 @@ pub(crate) mod tests {
         t.pay.slot.claim(op("capture"), Utc::now());
         t.pay.slot.release_claim();
         t.fail_transiently("timed out".into(), &policy, Duration::ZERO, Utc::now());
-        assert_eq!(t.status, Status::Parked);
+        assert_eq!(t.status(), Status::Parked);
         // The parked ticket's client is told, through the notification's own slot.
         t.slot_mut(Stage::Notify).claim(op("notify"), Utc::now());
         t.slot_mut(Stage::Notify).clear_claim();
@@ -837,18 +992,18 @@ pub(crate) mod tests {
         assert_eq!(t.overdue(2, now), Overdue::Resend);
         assert_eq!(t.overdue(2, now), Overdue::Resend);
         assert_eq!(t.overdue(2, now), Overdue::GiveUp);
-        assert_eq!((t.status, t.parked_stage), (Status::Parked, Some(Stage::Validate)));
-        assert!(t.reason.as_deref().unwrap().contains("lost 3 times"), "{:?}", t.reason);
+        assert_eq!((t.status(), t.parked_stage()), (Status::Parked, Some(Stage::Validate)));
+        assert!(t.reason().unwrap().contains("lost 3 times"), "{:?}", t.reason());
 
         let mut moving = ticket(Status::Lookup);
         moving.overdue(2, now);
-        moving.move_to(Status::Validate, now);
+        moving.move_to(State::Validate, now);
         assert_eq!(moving.resends, 0, "progress starts the count again");
 
         let mut told = ticket(Status::Paid);
         told.paid = 700;
         assert_eq!(told.overdue(0, now), Overdue::GiveUp);
-        assert_eq!((told.status, told.paid, told.notified), (Status::Paid, 700, true), "an end state keeps its outcome");
+        assert_eq!((told.status(), told.paid, told.notified), (Status::Paid, 700, true), "an end state keeps its outcome");
         assert!(told.pending().is_none());
     }
 
@@ -858,7 +1013,7 @@ pub(crate) mod tests {
         let mut t = ticket(Status::Paid);
         t.paid = 500;
         assert_eq!(t.fail_transiently("down".into(), &policy, Duration::ZERO, Utc::now()), AfterFailure::Parked);
-        assert_eq!(t.status, Status::Paid);
+        assert_eq!(t.status(), Status::Paid);
         assert_eq!(t.paid, 500);
         assert!(t.notified && t.pending().is_none());
     }

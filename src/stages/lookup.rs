@@ -3,7 +3,7 @@
 use chrono::Utc;
 
 use super::{Pipeline, StageError};
-use crate::domain::{Due, Stage, Status, Ticket};
+use crate::domain::{Due, Stage, State, Ticket};
 use crate::providers::client::{CallError, Caller};
 use crate::store::Versioned;
 
@@ -16,15 +16,15 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     match call.result {
         Ok(Due::Owed(amount)) => {
             ticket.amount_due = Some(amount.minor);
-            ticket.move_to(Status::Validate, now);
+            ticket.move_to(State::Validate, now);
         }
         Ok(Due::Nothing) => {
             ticket.amount_due = Some(0);
-            ticket.end(Status::NotPayable, Some("the authority says nothing is due".into()), now);
+            ticket.move_to(State::NotPayable { reason: "the authority says nothing is due".into() }, now);
         }
-        Ok(Due::Unpayable(reason)) => ticket.end(Status::NotPayable, Some(reason), now),
+        Ok(Due::Unpayable(reason)) => ticket.move_to(State::NotPayable { reason }, now),
         Err(CallError::Permanent { status: 404, .. }) => {
-            ticket.end(Status::NotPayable, Some("the authority does not know this ticket".into()), now);
+            ticket.move_to(State::NotPayable { reason: "the authority does not know this ticket".into() }, now);
         }
         Err(CallError::Permanent { error, .. }) => {
             ticket.park(Stage::Lookup, format!("lookup refused: {error}"), now);

@@ -125,6 +125,13 @@ pub struct Pipeline {
 }
 
 /// The message that moves a ticket into `stage`, for `attempt`.
+/// What lookup recorded as owed: a ticket past lookup without it is a defect,
+/// never a reason to check or hold nothing.
+fn amount_due(ticket: &Ticket, stage: Stage) -> Result<i64, StageError> {
+    let (b, t) = (&ticket.batch_id, &ticket.ticket_id);
+    ticket.amount_due.ok_or_else(|| StoreError::Invalid(format!("ticket {b}/{t} reached {stage} with no amount due")).into())
+}
+
 pub fn message_for(ticket: &Ticket, stage: Stage, attempt: u32, not_before: Option<chrono::DateTime<Utc>>) -> OutgoingMessage {
     let body = StageMessage { batch_id: ticket.batch_id.clone(), ticket_id: ticket.ticket_id.clone(), attempt, deferrals: 0 };
     OutgoingMessage {
@@ -176,7 +183,7 @@ impl Handled {
         match self {
             Handled::Done(t) if t.pending().is_some_and(|p| p.stage == stage) => "retry".into(),
             Handled::Done(_) if stage == Stage::Notify => "notified".into(),
-            Handled::Done(t) => t.status.to_string(),
+            Handled::Done(t) => t.status().to_string(),
             Handled::Stale => "stale".into(),
             Handled::Deferred => "deferred".into(),
             Handled::UnknownTicket => "unknown_ticket".into(),
@@ -293,7 +300,7 @@ impl Pipeline {
             return false;
         };
         let mut ticket = current.value.clone();
-        if ticket.status.is_end() {
+        if ticket.status().is_end() {
             return false;
         }
         let now = Utc::now();
@@ -310,7 +317,7 @@ impl Pipeline {
     /// `None` if the ticket is not (or no longer) parked.
     pub async fn redrive(&self, current: Versioned<Ticket>) -> Result<Option<Stage>, StageError> {
         let mut ticket = current.value.clone();
-        let parked_because = ticket.reason.clone().unwrap_or_default();
+        let parked_because = ticket.reason().unwrap_or_default().to_owned();
         let Ok(stage) = ticket.redrive(Utc::now()) else {
             return Ok(None);
         };
@@ -341,9 +348,9 @@ impl Pipeline {
         exchanges: Vec<Event>,
         mut events: Vec<Event>,
     ) -> Result<Versioned<Ticket>, StageError> {
-        let from = current.value.status;
-        if ticket.status != from {
-            let kind = EventKind::StatusChanged { from, to: ticket.status, reason: ticket.reason.clone() };
+        let from = current.value.status();
+        if ticket.status() != from {
+            let kind = EventKind::StatusChanged { from, to: ticket.status(), reason: ticket.reason().map(str::to_owned) };
             events.push(self.event(&ticket, from.stage(), kind));
         }
         let mut all = exchanges.clone();
@@ -383,14 +390,14 @@ impl Pipeline {
     ) -> Result<Versioned<Ticket>, StageError> {
         let now = Utc::now();
         let delay = self.retry.delay(ticket.attempt + 1, rand::random::<f64>(), at_least);
-        let stage = current.value.status.stage();
+        let stage = current.value.status().stage();
         let mut events = Vec::new();
         ticket.slot_mut(stage).release_claim();
         match ticket.fail_transiently(error.clone(), &self.retry, delay, now) {
             AfterFailure::RetryAt(at) => {
                 events.push(self.event(&ticket, stage, EventKind::RetryScheduled { attempt: ticket.attempt, retry_at: at, error }))
             }
-            AfterFailure::Parked if ticket.status.is_end() && ticket.notified => events.push(
+            AfterFailure::Parked if ticket.status().is_end() && ticket.notified => events.push(
                 self.event(&ticket, stage, EventKind::Notified { outcome: ticket.notification.clone().unwrap_or_default() }),
             ),
             AfterFailure::Parked => {}

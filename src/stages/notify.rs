@@ -33,11 +33,11 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
 
 fn request(ticket: &Ticket) -> OperationRequest {
     let amount = if ticket.paid > 0 { ticket.paid } else { ticket.amount_due.unwrap_or(0) };
-    let mut message = format!("ticket {} is {}", ticket.ticket_id, ticket.status);
+    let mut message = format!("ticket {} is {}", ticket.ticket_id, ticket.status());
     if ticket.paid > 0 {
         message.push_str(&format!(": paid {} {}", format_minor(ticket.paid, ticket.currency), ticket.currency));
     }
-    if let Some(reason) = &ticket.reason {
+    if let Some(reason) = ticket.reason() {
         message.push_str(&format!(" ({reason})"));
     }
     OperationRequest {

@@ -7,7 +7,7 @@ use chrono::Utc;
 
 use super::{Pipeline, Run, StageError};
 use crate::domain::money::format_minor;
-use crate::domain::{EventKind, Stage, Status, Ticket};
+use crate::domain::{EventKind, Stage, State, Ticket};
 use crate::providers::client::CallError;
 use crate::providers::wire::{OperationRequest, WireMoney};
 use crate::store::{BudgetChange, Versioned};
@@ -65,12 +65,12 @@ async fn finish(p: &Pipeline, run: Run) -> Result<Versioned<Ticket>, StageError>
     match ticket.pay.failure.clone() {
         None => {
             ticket.paid = amount;
-            ticket.end(Status::Paid, None, now);
+            ticket.move_to(State::Paid, now);
             let paid = p.event(&ticket, Stage::Pay, EventKind::Paid { amount: money });
             p.commit(&stored, ticket, None, exchanges, vec![paid]).await
         }
         Some(reason) => {
-            ticket.end(Status::Failed, Some(reason), now);
+            ticket.move_to(State::Failed { reason }, now);
             let released = p.event(&ticket, Stage::Pay, EventKind::BudgetReleased { amount: money });
             p.commit(&stored, ticket, Some(BudgetChange::Release(amount)), exchanges, vec![released]).await
         }

@@ -14,18 +14,14 @@ use chrono::{DateTime, Utc};
 use super::{Pipeline, StageError};
 use crate::domain::money::format_minor;
 use crate::domain::ticket::PaidElsewhere;
-use crate::domain::{EventKind, Stage, Status, Ticket};
+use crate::domain::{EventKind, Stage, State, Status, Ticket};
 use crate::store::{BudgetChange, PaymentClaim, StoreError, Versioned};
 
 /// Takes of a claim lost to a concurrent writer before the message is retried.
 const CLAIM_ATTEMPTS: u32 = 5;
 
 pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
-    // Lookup records what is owed before a ticket moves on; without it nothing is held or paid.
-    let Some(amount) = current.value.amount_due else {
-        let t = &current.value;
-        return Err(StoreError::Invalid(format!("ticket {}/{} reached reserve with no amount due", t.batch_id, t.ticket_id)).into());
-    };
+    let amount = super::amount_due(&current.value, Stage::Reserve)?;
     let claim = match claim_payment(p, &current.value).await? {
         Claimed::Ours(claim) => claim,
         Claimed::Elsewhere(owner) => return end_duplicate(p, &current, &owner).await,
@@ -34,7 +30,7 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     let mut ticket = current.value.clone();
     let now = Utc::now();
     ticket.reserved = amount;
-    ticket.move_to(Status::Pay, now);
+    ticket.move_to(State::Pay, now);
     let held = vec![p.event(&ticket, Stage::Reserve, EventKind::BudgetReserved { amount: format_minor(amount, ticket.currency) })];
     match p.commit(&current, ticket, Some(BudgetChange::Reserve(amount)), Vec::new(), held).await {
         Err(StageError::Store(StoreError::InsufficientBudget)) => {}
@@ -46,7 +42,7 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     };
     let mut ticket = current.value.clone();
     let reason = format!("needs {}, the budget has {remaining} left", format_minor(amount, ticket.currency));
-    ticket.end(Status::OverBudget, Some(reason), now);
+    ticket.move_to(State::OverBudget { reason }, now);
     let ended = p.commit(&current, ticket, None, Vec::new(), Vec::new()).await?;
     // Another batch may pay it now. Should this fail, the next taker sees
     // `over_budget` here and takes the claim over.
@@ -113,11 +109,11 @@ enum Hold {
 }
 
 fn hold(owner: &Ticket, claimed_at: DateTime<Utc>) -> Hold {
-    match owner.status {
+    match owner.status() {
         Status::Paid | Status::Pay => Hold::Paying,
         Status::Lookup | Status::Validate | Status::Reserve => Hold::Deciding,
         Status::NotPayable | Status::Rejected | Status::OverBudget | Status::Failed | Status::Duplicate => Hold::GivenUp,
-        Status::Parked if owner.parked_stage == Some(Stage::Pay) || owner.reserved > 0 || owner.pay.done > 0 => Hold::Paying,
+        Status::Parked if owner.parked_stage() == Some(Stage::Pay) || owner.reserved > 0 || owner.pay.done > 0 => Hold::Paying,
         // Parked before paying, with nothing done. A claim written after that ticket
         // state was, though, was taken again since (the ticket was redriven): what
         // was read is old news.
@@ -133,10 +129,10 @@ fn batch_named(ticket: &Ticket, other: &Ticket) -> String {
 
 async fn end_duplicate(p: &Pipeline, current: &Versioned<Ticket>, owner: &Ticket) -> Result<Versioned<Ticket>, StageError> {
     let mut ticket = current.value.clone();
-    let how = if owner.status == Status::Paid { "already paid" } else { "being paid" };
+    let how = if owner.status() == Status::Paid { "already paid" } else { "being paid" };
     let reason = format!("{how} in {}", batch_named(&ticket, owner));
-    ticket.duplicate_of = Some(PaidElsewhere { batch_id: owner.batch_id.clone(), client_id: owner.client_id.clone() });
-    ticket.end(Status::Duplicate, Some(reason), Utc::now());
+    let of = PaidElsewhere { batch_id: owner.batch_id.clone(), client_id: owner.client_id.clone() };
+    ticket.move_to(State::Duplicate { of, reason }, Utc::now());
     p.commit(current, ticket, None, Vec::new(), Vec::new()).await
 }
 
@@ -162,7 +158,7 @@ mod tests {
             created_at: now,
         };
         let line = TicketLine { ticket_id: TicketId::parse("t1").unwrap(), authority: AuthorityCode::parse("CITY-PARKING").unwrap(), reference: None };
-        Ticket { status, ..Ticket::accepted(&batch, line, now) }
+        Ticket { state: crate::domain::ticket::tests::in_status(status), ..Ticket::accepted(&batch, line, now) }
     }
 
     #[test]
@@ -175,7 +171,9 @@ mod tests {
                 _ => Hold::GivenUp,
             };
             let mut t = owner(status);
-            t.parked_stage = (status == Status::Parked).then_some(Stage::Reserve);
+            if status == Status::Parked {
+                t.park(Stage::Reserve, "reserve: store down".into(), t.updated_at);
+            }
             assert_eq!(hold(&t, claimed), expected, "{status}");
         }
     }
@@ -185,11 +183,11 @@ mod tests {
         let claimed = Utc::now() - chrono::Duration::minutes(10);
         let parked = |f: &dyn Fn(&mut Ticket)| {
             let mut t = owner(Status::Parked);
-            t.parked_stage = Some(Stage::Reserve);
+            t.park(Stage::Reserve, "reserve: store down".into(), t.updated_at);
             f(&mut t);
             hold(&t, claimed)
         };
-        assert_eq!(parked(&|t| t.parked_stage = Some(Stage::Pay)), Hold::Paying);
+        assert_eq!(parked(&|t| t.park(Stage::Pay, "pay: gateway down".into(), t.updated_at)), Hold::Paying);
         assert_eq!(parked(&|t| t.reserved = 500), Hold::Paying);
         assert_eq!(parked(&|t| t.pay.done = 1), Hold::Paying);
         assert_eq!(parked(&|_| {}), Hold::GivenUp, "parked before paying, with nothing done");
@@ -197,7 +195,8 @@ mod tests {
 
     #[test]
     fn a_claim_taken_after_the_state_read_is_not_taken_over() {
-        let t = Ticket { parked_stage: Some(Stage::Reserve), ..owner(Status::Parked) };
+        let mut t = owner(Status::Parked);
+        t.park(Stage::Reserve, "reserve: store down".into(), t.updated_at);
         assert_eq!(hold(&t, t.updated_at - chrono::Duration::seconds(1)), Hold::GivenUp);
         assert_eq!(hold(&t, t.updated_at + chrono::Duration::seconds(1)), Hold::Deciding, "redriven and claimed again since");
     }

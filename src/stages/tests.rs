@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::domain::upload::TicketLine;
-use crate::domain::{AuthorityCode, Batch, ClientId, Currency, Due, Money, Operation, PayStep, ProviderName, Status};
+use crate::domain::{AuthorityCode, Batch, ClientId, Currency, Due, Money, Operation, PayStep, ProviderName, State, Status};
 use crate::providers::client::Call;
 use crate::providers::wire::{CheckRequest, CheckResponse, Decision, OperationResponse, WireMoney};
 use crate::store::sqlite::SqliteStore;
@@ -68,6 +68,7 @@ impl Providers for Scripted {
     }
 
     async fn check(&self, provider: ProviderName, _request: &CheckRequest, _caller: &Caller<'_>) -> Call<CheckResponse> {
+        self.calls.lock().unwrap().push(format!("check {provider}"));
         Call { result: Ok(CheckResponse { decision: Decision::Approve, reason: None }), exchange: exchange(provider, "check", None, 200) }
     }
 
@@ -144,7 +145,7 @@ impl Stages {
     async fn at(&self, status: Status, shape: impl FnOnce(&mut Ticket)) -> Versioned<Ticket> {
         let current = self.ticket().await;
         let mut next = current.value.clone();
-        next.move_to(status, Utc::now());
+        next.move_to(State::waiting_for(status.stage()), Utc::now());
         next.amount_due = Some(1250);
         let budget = (status == Status::Pay).then(|| {
             next.reserved = 1250;
@@ -181,7 +182,7 @@ async fn a_payment_sends_each_step_once_in_order_and_writes_its_ticket_twice() {
     let s = stages(&[], 10_000).await;
     let before = s.at(Status::Pay, |_| {}).await;
     let Handled::Done(paid) = s.deliver(Stage::Pay, 0).await else { panic!("the payment ran") };
-    assert_eq!((paid.status, paid.paid, paid.reserved), (Status::Paid, 1250, 0));
+    assert_eq!((paid.status(), paid.paid, paid.reserved), (Status::Paid, 1250, 0));
     assert_eq!(s.calls(), ["capture", "settle", "post", "issue"]);
     assert_eq!(writes_between(&before, &s.ticket().await), 2, "the claim, then the end");
     assert_eq!(s.sent_to("ticket-notify"), 1);
@@ -196,8 +197,8 @@ async fn a_declined_step_undoes_the_steps_done_in_reverse_and_gives_the_reservat
     let before = s.at(Status::Pay, |_| {}).await;
     assert_eq!(s.committed().await, 1250);
     let Handled::Done(failed) = s.deliver(Stage::Pay, 0).await else { panic!("the payment ran") };
-    assert_eq!((failed.status, failed.pay.done, failed.pay.undone), (Status::Failed, 2, 2));
-    assert!(failed.reason.as_deref().unwrap().contains("ledger declined post"), "{:?}", failed.reason);
+    assert_eq!((failed.status(), failed.pay.done, failed.pay.undone), (Status::Failed, 2, 2));
+    assert!(failed.reason().unwrap().contains("ledger declined post"), "{:?}", failed.reason());
     assert_eq!(s.calls(), ["capture", "settle", "post", "cancel", "refund"]);
     assert_eq!(writes_between(&before, &s.ticket().await), 3, "the claim, the turn to undoing under a claim of its own, the end");
     assert_eq!(s.committed().await, 0, "the reservation is given back");
@@ -215,7 +216,7 @@ async fn a_run_that_finds_a_lapsed_claim_asks_each_step_before_it_sends_any() {
         s.providers.applied.lock().unwrap().insert(t.operation_key(op), op.name().into());
     }
     let Handled::Done(paid) = s.deliver(Stage::Pay, 0).await else { panic!("the payment ran") };
-    assert_eq!(paid.status, Status::Paid);
+    assert_eq!(paid.status(), Status::Paid);
     assert_eq!(s.calls(), ["status capture", "status settle", "status post", "post", "issue"], "nothing applied is sent again");
 }
 
@@ -249,8 +250,8 @@ async fn a_reservation_past_the_budget_ends_over_budget_holding_nothing_and_lets
     let s = stages(&[], 1_000).await;
     s.at(Status::Reserve, |_| {}).await;
     let Handled::Done(ended) = s.deliver(Stage::Reserve, 0).await else { panic!("the reservation ran") };
-    assert_eq!((ended.status, ended.reserved), (Status::OverBudget, 0));
-    assert!(ended.reason.as_deref().unwrap().starts_with("needs 12.50"), "{:?}", ended.reason);
+    assert_eq!((ended.status(), ended.reserved), (Status::OverBudget, 0));
+    assert!(ended.reason().unwrap().starts_with("needs 12.50"), "{:?}", ended.reason());
     assert_eq!(s.committed().await, 0);
     let claim = s.pipeline.store.payment_claim(&ended.authority, &ended.ticket_id).await.unwrap();
     assert!(claim.is_none(), "another batch may pay it now: {claim:?}");
@@ -258,11 +259,15 @@ async fn a_reservation_past_the_budget_ends_over_budget_holding_nothing_and_lets
 }
 
 #[tokio::test]
-async fn a_ticket_that_reaches_reserve_with_no_amount_due_is_refused_for_good() {
-    let s = stages(&[], 10_000).await;
-    s.at(Status::Reserve, |t| t.amount_due = None).await;
-    let message = StageMessage { batch_id: s.batch.batch_id.clone(), ticket_id: TicketId::parse("t1").unwrap(), attempt: 0, deferrals: 0 };
-    let refused = s.pipeline.handle(Stage::Reserve, message).await.unwrap_err();
-    assert!(!refused.is_transient(), "{refused}");
-    assert_eq!(s.committed().await, 0, "nothing held");
+async fn a_ticket_past_lookup_with_no_amount_due_is_refused_for_good_and_nobody_is_asked() {
+    for (status, stage) in [(Status::Validate, Stage::Validate), (Status::Reserve, Stage::Reserve)] {
+        let s = stages(&[], 10_000).await;
+        s.at(status, |t| t.amount_due = None).await;
+        let message = StageMessage { batch_id: s.batch.batch_id.clone(), ticket_id: TicketId::parse("t1").unwrap(), attempt: 0, deferrals: 0 };
+        let refused = s.pipeline.handle(stage, message).await.unwrap_err();
+        assert!(!refused.is_transient(), "{stage}: {refused}");
+        assert!(refused.to_string().contains("no amount due"), "{stage}: {refused}");
+        assert_eq!(s.committed().await, 0, "{stage}: nothing held");
+        assert!(s.calls().is_empty(), "{stage}: {:?}", s.calls());
+    }
 }

@@ -4,7 +4,7 @@ use chrono::Utc;
 use futures::future::join_all;
 
 use super::{Pipeline, StageError};
-use crate::domain::{Stage, Status, Ticket};
+use crate::domain::{Stage, State, Ticket};
 use crate::providers::client::{CallError, Caller};
 use crate::providers::wire::{CheckRequest, Decision, WireMoney};
 use crate::providers::ProviderName;
@@ -12,12 +12,13 @@ use crate::store::Versioned;
 
 pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
     let mut ticket = current.value.clone();
+    let amount = super::amount_due(&ticket, Stage::Validate)?;
     let request = CheckRequest {
         batch_id: ticket.batch_id.to_string(),
         ticket_id: ticket.ticket_id.to_string(),
         client_id: ticket.client_id.to_string(),
         authority: ticket.authority.to_string(),
-        amount: WireMoney { minor: ticket.amount_due.unwrap_or(0), currency: ticket.currency.code().into() },
+        amount: WireMoney { minor: amount, currency: ticket.currency.code().into() },
     };
     let caller = Caller::of(&current.value, Stage::Validate);
     let calls = join_all(ProviderName::VALIDATORS.map(|v| p.providers.check(v, &request, &caller))).await;
@@ -47,13 +48,13 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     }
     let now = Utc::now();
     if let Some(reason) = rejection {
-        ticket.end(Status::Rejected, Some(reason), now);
+        ticket.move_to(State::Rejected { reason }, now);
     } else if let Some(reason) = refusal {
         ticket.park(Stage::Validate, reason, now);
     } else if let Some(e) = transient {
         return p.retry_later(&current, ticket, e.to_string(), e.retry_after(), exchanges).await;
     } else {
-        ticket.move_to(Status::Reserve, now);
+        ticket.move_to(State::Reserve, now);
     }
     p.commit(&current, ticket, None, exchanges, Vec::new()).await
 }

@@ -343,7 +343,7 @@ impl Store for SqliteStore {
                     stmt.execute(params![
                         t.batch_id.as_str(),
                         t.ticket_id.as_str(),
-                        t.status.as_str(),
+                        t.status().as_str(),
                         t.notified,
                         t.reference.as_ref().map(|r| r.as_str()),
                         t.paid,
@@ -479,7 +479,7 @@ impl Store for SqliteStore {
                 .execute(params![
                     ticket.batch_id.as_str(),
                     ticket.ticket_id.as_str(),
-                    ticket.status.as_str(),
+                    ticket.status().as_str(),
                     ticket.notified,
                     ticket.paid,
                     ticket.reserved,

@@ -123,7 +123,7 @@ impl TicketDoc {
             pk: ticket_partition(t.batch_id.as_str(), t.ticket_id.as_str()),
             kind: "ticket".into(),
             ticket_id: t.ticket_id.to_string(),
-            status: t.status,
+            status: t.status(),
             notified: t.notified,
             due_us: t.due_at().timestamp_micros(),
             reference: t.reference.as_ref().map(|r| r.as_str().to_owned()),

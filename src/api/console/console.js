@@ -11,9 +11,10 @@ const POLL_MS = 1500;
 const LIST_POLL_MS = 5000;
 const TICKETS_PER_PAGE = 50;
 const ETA_WINDOW_MS = 15000;
-// The end states as `Status::END_NAMES` lists them (a test in src/api/console/mod.rs keeps them equal).
-const END_STATES = ["paid", "not_payable", "rejected", "over_budget", "failed", "duplicate", "parked"];
-const STATUSES = ["lookup", "validate", "reserve", "pay", ...END_STATES];
+// A ticket's statuses, and its end states, as the handler that served the page names them.
+const listed = (name) => document.querySelector(`meta[name="${name}"]`).content.split(" ");
+const STATUSES = listed("statuses");
+const END_STATES = listed("end-states");
 
 const enc = encodeURIComponent;
 const pages = {

@@ -3,15 +3,22 @@
 //! script routes on the path and reads everything from the JSON API, sending the
 //! key it was given (`?code=` or the key field) as `x-functions-key`.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::Router;
 use axum::http::header;
 use axum::response::IntoResponse;
 
 use super::App;
+use crate::domain::Status;
 
-const PAGE: &str = include_str!("console.html");
+/// The page, naming the statuses for the script: they are the domain's, not a copy.
+static PAGE: LazyLock<String> = LazyLock::new(|| {
+    let names = |statuses: &mut dyn Iterator<Item = &'static str>| statuses.collect::<Vec<_>>().join(" ");
+    include_str!("console.html")
+        .replace("{{statuses}}", &names(&mut Status::ALL.into_iter().map(Status::as_str)))
+        .replace("{{end_states}}", &names(&mut Status::END_NAMES.into_iter()))
+});
 const SCRIPT: &str = include_str!("console.js");
 const STYLE: &str = include_str!("console.css");
 
@@ -43,7 +50,7 @@ async fn page() -> impl IntoResponse {
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        PAGE,
+        PAGE.as_str(),
     )
 }
 
@@ -64,10 +71,14 @@ mod tests {
     use crate::domain::Status;
 
     #[test]
-    fn the_console_knows_every_end_state() {
-        let line = super::SCRIPT.lines().find(|l| l.starts_with("const END_STATES = ")).expect("END_STATES in console.js");
-        let listed: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
-        assert_eq!(listed, Status::END_NAMES);
+    fn the_page_names_every_status_and_the_style_colours_every_end() {
+        let meta = |name: &str| {
+            let tag = format!("<meta name=\"{name}\" content=\"");
+            let rest = &super::PAGE[super::PAGE.find(&tag).expect(name) + tag.len()..];
+            rest[..rest.find('"').unwrap()].split(' ').map(str::to_owned).collect::<Vec<_>>()
+        };
+        assert_eq!(meta("statuses"), Status::ALL.map(|s| s.as_str().to_owned()));
+        assert_eq!(meta("end-states"), Status::END_NAMES);
         for state in Status::END_NAMES {
             assert!(super::STYLE.contains(&format!(".s-{state}")), "console.css colours {state}");
         }

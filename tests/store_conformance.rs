@@ -211,7 +211,7 @@ async fn events_are_appended_and_read_in_order(store: Arc<dyn Store>) {
         store.append_events(&events).await.unwrap();
     }
     let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
-    let with_change = Event::new(&t.batch_id, &t.ticket_id, Stage::Lookup, EventKind::Paid { amount: "1.00".into() }, Utc::now());
+    let with_change = Event::new(&t.batch_id, &t.ticket_id, Stage::Lookup, EventKind::Paid { amount: t.money(100) }, Utc::now());
     let u = TicketUpdate { ticket: moved(&current.value, State::Validate), etag: current.etag, budget: None, events: vec![with_change.clone()] };
     store.update_ticket(u).await.unwrap();
     let stale = TicketUpdate { ticket: moved(&current.value, State::Rejected { reason: "amount mismatch".into() }), etag: "0".into(), budget: None, events: vec![with_change.clone()] };
@@ -636,13 +636,27 @@ async fn paying(store: &dyn Store) -> (Batch, ticketpay::store::Versioned<Ticket
     next.pay.done = 1;
     next.pay.slot.claim(Operation::Step(PayStep::Settle), Utc::now());
     next.pay.slot.release_claim();
-    let written = store.update_ticket(TicketUpdate { ticket: next, etag: current.etag, budget: None, events: vec![] }).await.unwrap();
+    let held = Event::new(&b.batch_id, &next.ticket_id, Stage::Reserve, EventKind::BudgetReserved { amount: next.money(1250) }, Utc::now());
+    let written = store.update_ticket(TicketUpdate { ticket: next, etag: current.etag, budget: None, events: vec![held] }).await.unwrap();
     (b, written)
 }
 
+/// An audit entry's events as releases before versions wrote them: amounts as bare decimals.
+fn first_shape_events(events: &str) -> String {
+    use ticketpay::store::schema::EVENT_SCHEMA;
+    events.replace(&format!("\"schema\":{EVENT_SCHEMA},"), "").replace(" EUR\"", "\"")
+}
+
+/// The trail [`paying`] wrote reads back with its amount in the batch's currency.
+async fn reads_the_held_amount(store: &dyn Store, b: &Batch, id: &TicketId) {
+    let events = store.events(&b.batch_id, id).await.unwrap();
+    let amounts: Vec<_> = events.iter().filter_map(|e| match &e.kind { EventKind::BudgetReserved { amount } => Some(*amount), _ => None }).collect();
+    assert_eq!(amounts, [ticketpay::domain::Money::new(1250, b.currency)], "{events:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_reads_a_file_and_a_ticket_in_every_earlier_shape_and_refuses_newer_ones() {
-    use ticketpay::store::schema::TICKET_SCHEMA;
+async fn sqlite_reads_a_file_a_ticket_and_an_audit_entry_in_every_earlier_shape_and_refuses_newer_ones() {
+    use ticketpay::store::schema::{EVENT_SCHEMA, TICKET_SCHEMA};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");
     let (b, written) = paying(&SqliteStore::open(&path).unwrap()).await;
@@ -655,10 +669,20 @@ async fn sqlite_reads_a_file_and_a_ticket_in_every_earlier_shape_and_refuses_new
     assert_ne!(first_shape, doc, "a ticket is written with its shape: {doc}");
     conn.execute("UPDATE tickets SET doc = ?1 WHERE ticket_id = ?2", [first_shape.as_str(), id.as_str()]).unwrap();
     conn.pragma_update(None, "user_version", 0).unwrap();
+    let (seq, entry): (i64, String) = conn.query_row("SELECT seq, doc FROM events WHERE doc LIKE '%budget_reserved%'", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    assert!(entry.contains("\"12.50 EUR\""), "an amount is written with its currency: {entry}");
+    conn.execute("UPDATE events SET doc = ?1 WHERE seq = ?2", rusqlite::params![first_shape_events(&entry), seq]).unwrap();
 
     let store = SqliteStore::open(&path).unwrap();
     let read = store.ticket(&b.batch_id, &id).await.unwrap().unwrap();
     assert_eq!(read, written, "today's shape reads as it was written");
+    reads_the_held_amount(&store, &b, &id).await;
+    let later = entry.replacen(&format!("\"schema\":{EVENT_SCHEMA},"), &format!("\"schema\":{},", EVENT_SCHEMA + 1), 1);
+    conn.execute("UPDATE events SET doc = ?1 WHERE seq = ?2", rusqlite::params![later, seq]).unwrap();
+    match store.events(&b.batch_id, &id).await {
+        Err(StoreError::Invalid(e)) => assert!(e.contains("newer release"), "{e}"),
+        other => panic!("an audit entry in a newer shape read as {other:?}"),
+    }
     assert_eq!(conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)).unwrap(), 1, "the file is upgraded");
 
     let later = first_shape.replacen('{', &format!("{{\"schema\":{},", TICKET_SCHEMA + 1), 1);
@@ -676,8 +700,26 @@ async fn sqlite_reads_a_file_and_a_ticket_in_every_earlier_shape_and_refuses_new
     }
 }
 
+/// An audit entry's events, as the Cosmos store keeps them deflated.
+fn inflated(entry: &serde_json::Value) -> String {
+    use base64::Engine;
+    use std::io::Read;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(entry["deflated"].as_str().unwrap()).unwrap();
+    let mut json = String::new();
+    flate2::read::DeflateDecoder::new(bytes.as_slice()).read_to_string(&mut json).unwrap();
+    json
+}
+
+fn deflated(json: &str) -> String {
+    use base64::Engine;
+    use std::io::Write;
+    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(json.as_bytes()).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(encoder.finish().unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cosmos_reads_a_ticket_in_every_earlier_shape_and_refuses_newer_ones() {
+async fn cosmos_reads_a_ticket_and_an_audit_entry_in_every_earlier_shape_and_refuses_newer_ones() {
     use azure_data_cosmos::{FeedScope, Query};
     use futures::TryStreamExt;
     use ticketpay::store::cosmos::{CosmosStore, RECORDS};
@@ -688,16 +730,12 @@ async fn cosmos_reads_a_ticket_in_every_earlier_shape_and_refuses_newer_ones() {
     let store = CosmosStore::new(client, "ticketpay").await.unwrap();
     let (b, written) = paying(&store).await;
     let id = written.value.ticket_id.clone();
-    let stored: Vec<serde_json::Value> = records
-        .query_items::<serde_json::Value>(Query::from("SELECT * FROM c WHERE c.type = 'ticket'"), FeedScope::full_container(), None)
-        .await
-        .unwrap()
-        .into_pages()
-        .map_ok(|page| page.into_items())
-        .try_concat()
-        .await
-        .unwrap();
-    let mut doc = stored.into_iter().next().expect("the ticket's document");
+    let documents = async |kind: &str| -> Vec<serde_json::Value> {
+        let q = Query::from("SELECT * FROM c WHERE c.type = @type").with_parameter("@type", kind).unwrap();
+        let pages = records.query_items::<serde_json::Value>(q, FeedScope::full_container(), None).await.unwrap().into_pages();
+        pages.map_ok(|page| page.into_items()).try_concat().await.unwrap()
+    };
+    let mut doc = documents("ticket").await.into_iter().next().expect("the ticket's document");
     assert_eq!(doc["ticket"]["schema"], TICKET_SCHEMA, "a ticket is written with its shape, inside it: {doc}");
 
     // As releases before versions wrote it.
@@ -706,6 +744,12 @@ async fn cosmos_reads_a_ticket_in_every_earlier_shape_and_refuses_newer_ones() {
     records.replace_item(pk.clone(), &doc_id, &doc, None).await.unwrap();
     let read = store.ticket(&b.batch_id, &id).await.unwrap().unwrap();
     assert_eq!(read.value, written.value, "today's shape reads as it was written");
+    let mut entry = documents("events").await.into_iter().find(|d| inflated(d).contains("budget_reserved")).expect("the reservation's entry");
+    assert!(inflated(&entry).contains("\"12.50 EUR\""), "an amount is written with its currency");
+    entry.as_object_mut().unwrap().remove("schema");
+    entry["deflated"] = deflated(&first_shape_events(&inflated(&entry))).into();
+    records.replace_item(pk.clone(), entry["id"].as_str().unwrap(), &entry, None).await.unwrap();
+    reads_the_held_amount(&store, &b, &id).await;
 
     doc["ticket"]["schema"] = serde_json::json!(TICKET_SCHEMA + 1);
     records.replace_item(pk, &doc_id, &doc, None).await.unwrap();

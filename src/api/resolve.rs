@@ -21,7 +21,6 @@ use super::batches::{find_batch, with_field};
 use super::extract::{PathParams, read_body};
 use super::problem::Problem;
 use super::{App, views};
-use crate::domain::money::format_minor;
 use crate::domain::resolution::{Action, Resolution};
 use crate::domain::{Event, EventKind, Ticket, TicketId};
 use crate::store::{BudgetChange, StoreError, TicketUpdate, Versioned};
@@ -160,7 +159,7 @@ async fn write(app: &App, current: &Versioned<Ticket>, resolution: Resolution) -
     }
     let budget = (resolved.release > 0).then_some(BudgetChange::Release(resolved.release));
     if budget.is_some() {
-        events.push(event(EventKind::BudgetReleased { amount: format_minor(resolved.release, ticket.currency) }));
+        events.push(event(EventKind::BudgetReleased { amount: ticket.money(resolved.release) }));
     }
     let update = TicketUpdate { ticket, etag: current.etag.clone(), budget, events };
     app.store.update_ticket(update).await.map_err(|e| match e {

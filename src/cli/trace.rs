@@ -59,9 +59,9 @@ pub fn render(t: &Value, full: bool) -> String {
                 format!("{} -> {}{reason}", text(&e["from"]), text(&e["to"]))
             }
             "retry_scheduled" => format!("retry {} at {}: {}", text(&e["attempt"]), text(&e["retry_at"]), text(&e["error"])),
-            "budget_reserved" => format!("reserved {} {currency}", text(&e["amount"])),
-            "budget_released" => format!("released {} {currency}", text(&e["amount"])),
-            "paid" => format!("paid {} {currency}", text(&e["amount"])),
+            "budget_reserved" => format!("reserved {}", text(&e["amount"])),
+            "budget_released" => format!("released {}", text(&e["amount"])),
+            "paid" => format!("paid {}", text(&e["amount"])),
             "notified" => format!("client notified: {}", text(&e["outcome"])),
             "redriven" => format!("redriven to {} by an operator (parked because: {})", text(&e["to_stage"]), text(&e["parked_because"])),
             other => other.to_owned(),

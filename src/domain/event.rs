@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::ids::{BatchId, TicketId};
+use super::money::{self, Currency, Money};
 use super::ticket::{Stage, Status};
 use super::ProviderName;
 
@@ -42,13 +43,16 @@ pub enum EventKind {
         error: String,
     },
     BudgetReserved {
-        amount: String,
+        #[serde(with = "money::text")]
+        amount: Money,
     },
     BudgetReleased {
-        amount: String,
+        #[serde(with = "money::text")]
+        amount: Money,
     },
     Paid {
-        amount: String,
+        #[serde(with = "money::text")]
+        amount: Money,
     },
     Notified {
         outcome: String,
@@ -101,6 +105,31 @@ pub struct HttpResponseRecord {
     pub body: serde_json::Value,
 }
 
+/// The kinds with an `amount`: recorded as bare decimal text (`"12.50"`) before
+/// amounts named their currency, as `"12.50 EUR"` since.
+const WITH_AMOUNT: [&str; 3] = ["budget_reserved", "budget_released", "paid"];
+
+/// Names `currency` on the amounts of events recorded before amounts named
+/// theirs (one event or an array of them, as JSON): every amount of a batch is
+/// in the batch's currency.
+pub fn name_currency(recorded: &mut serde_json::Value, currency: Currency) {
+    match recorded {
+        serde_json::Value::Array(events) => events.iter_mut().for_each(|e| name_currency(e, currency)),
+        serde_json::Value::Object(fields) => {
+            let kind = fields.get("type").and_then(serde_json::Value::as_str);
+            if !kind.is_some_and(|k| WITH_AMOUNT.contains(&k)) {
+                return;
+            }
+            if let Some(serde_json::Value::String(amount)) = fields.get_mut("amount")
+                && !amount.contains(' ')
+            {
+                *amount = format!("{amount} {currency}");
+            }
+        }
+        _ => {}
+    }
+}
+
 impl Event {
     pub fn new(batch_id: &BatchId, ticket_id: &TicketId, stage: Stage, kind: EventKind, at: DateTime<Utc>) -> Event {
         Event { batch_id: batch_id.clone(), ticket_id: ticket_id.clone(), at, stage, kind }
@@ -111,6 +140,25 @@ impl Event {
 mod tests {
     use super::*;
 
+    fn eur(minor: i64) -> Money {
+        Money::new(minor, Currency::parse("EUR").unwrap())
+    }
+
+    #[test]
+    fn an_amount_is_recorded_with_its_currency_and_an_earlier_bare_one_is_read_in_the_batchs() {
+        let paid = Event::new(&BatchId::parse("b1").unwrap(), &TicketId::parse("t1").unwrap(), Stage::Pay, EventKind::Paid { amount: eur(1250) }, Utc::now());
+        let mut recorded = serde_json::to_value(&paid).unwrap();
+        assert_eq!(recorded["amount"], "12.50 EUR");
+        recorded["amount"] = "12.50".into();
+        assert!(serde_json::from_value::<Event>(recorded.clone()).is_err(), "a bare amount names no currency");
+        let mut trail = serde_json::json!([recorded, {"type": "notified", "outcome": "12.50"}]);
+        name_currency(&mut trail, Currency::parse("EUR").unwrap());
+        assert_eq!(serde_json::from_value::<Event>(trail[0].clone()).unwrap(), paid);
+        assert_eq!(trail[1]["outcome"], "12.50", "only amounts are touched");
+        let jpy = Money::new(-1250, Currency::parse("JPY").unwrap());
+        assert_eq!(jpy.to_string().parse::<Money>(), Ok(jpy));
+    }
+
     #[test]
     fn every_kind_of_event_reads_back_as_written() {
         let (b, t) = (BatchId::parse("b1").unwrap(), TicketId::parse("t1").unwrap());
@@ -120,9 +168,9 @@ mod tests {
             EventKind::Redriven { to_stage: Stage::Pay, parked_because: "down".into() },
             EventKind::StatusChanged { from: Status::Lookup, to: Status::Validate, reason: Some("r".into()) },
             EventKind::RetryScheduled { attempt: 2, retry_at: Utc::now(), error: "503".into() },
-            EventKind::BudgetReserved { amount: "1.00".into() },
-            EventKind::BudgetReleased { amount: "1.00".into() },
-            EventKind::Paid { amount: "1.00".into() },
+            EventKind::BudgetReserved { amount: eur(100) },
+            EventKind::BudgetReleased { amount: eur(100) },
+            EventKind::Paid { amount: eur(100) },
             EventKind::Notified { outcome: "sent".into() },
             EventKind::Resolved {
                 action: crate::domain::resolution::Action::ConfirmedApplied,

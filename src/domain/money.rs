@@ -150,6 +150,33 @@ impl fmt::Display for Money {
     }
 }
 
+impl std::str::FromStr for Money {
+    type Err = String;
+    /// Reads what [`Money`]'s `Display` writes: `"1250.50 EUR"`.
+    fn from_str(text: &str) -> Result<Money, String> {
+        let (amount, code) = text.rsplit_once(' ').ok_or_else(|| format!("`{text}` is not an amount and a currency like 1250.50 EUR"))?;
+        let currency = Currency::parse(code)?;
+        let negative = amount.starts_with('-');
+        let money = Money::parse_decimal(amount.trim_start_matches('-'), currency)?;
+        Ok(if negative { Money::new(-money.minor, currency) } else { money })
+    }
+}
+
+/// Money as text, `"1250.50 EUR"`, for records people read: `#[serde(with = "money::text")]`.
+pub mod text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Money;
+
+    pub fn serialize<S: Serializer>(money: &Money, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(money)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Money, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::ids::{AuthorityCode, BatchId, ClientId, Reference, TicketId};
-use super::money::Currency;
+use super::money::{Currency, Money};
 use super::ProviderName;
 
 /// A pipeline stage: one queue and one function each.
@@ -660,6 +660,11 @@ impl Ticket {
 
     pub fn status(&self) -> Status {
         self.state.status()
+    }
+
+    /// `minor` units of this ticket's currency.
+    pub fn money(&self, minor: i64) -> Money {
+        Money::new(minor, self.currency)
     }
 
     /// Why it ended where it did (a rejection's reason, a park's, ...).

@@ -6,7 +6,6 @@
 use chrono::Utc;
 
 use super::{Pipeline, Run, StageError};
-use crate::domain::money::format_minor;
 use crate::domain::{EventKind, Stage, State, Ticket};
 use crate::providers::client::CallError;
 use crate::providers::wire::{OperationRequest, WireMoney};
@@ -59,7 +58,7 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
 async fn finish(p: &Pipeline, run: Run) -> Result<Versioned<Ticket>, StageError> {
     let Run { stored, mut ticket, exchanges, .. } = run;
     let amount = ticket.reserved;
-    let money = format_minor(amount, ticket.currency);
+    let money = ticket.money(amount);
     let now = Utc::now();
     ticket.reserved = 0;
     match ticket.pay.failure.clone() {

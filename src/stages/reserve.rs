@@ -31,7 +31,7 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     let now = Utc::now();
     ticket.reserved = amount;
     ticket.move_to(State::Pay, now);
-    let held = vec![p.event(&ticket, Stage::Reserve, EventKind::BudgetReserved { amount: format_minor(amount, ticket.currency) })];
+    let held = vec![p.event(&ticket, Stage::Reserve, EventKind::BudgetReserved { amount: ticket.money(amount) })];
     match p.commit(&current, ticket, Some(BudgetChange::Reserve(amount)), Vec::new(), held).await {
         Err(StageError::Store(StoreError::InsufficientBudget)) => {}
         other => return other,

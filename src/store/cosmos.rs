@@ -43,6 +43,7 @@ pub use self::documents::{INDEXED_PATHS, TICKET_PARTITIONS};
 use self::keys::KeyClaim;
 use self::transaction::{first_failure, op_error, Pricer, Transaction, MAX_OPS};
 use super::meter::Meter;
+use super::schema::EVENT_SCHEMA;
 use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
 use crate::domain::reconciliation::ReconciliationRun;
 use crate::domain::{AuthorityCode, Batch, BatchId, BudgetError, ClientId, Event, Status, Ticket, TicketId};
@@ -686,9 +687,15 @@ impl Store for CosmosStore {
             .map_err(invalid)?;
         let pk = ticket_partition(batch_id.as_str(), ticket_id.as_str());
         let docs: Vec<EventsDoc> = self.query(q, Some(&pk), "events").await?;
+        // Entries in the first shape recorded amounts without their currency: the batch's.
+        let currency = match docs.iter().any(|d| d.schema < EVENT_SCHEMA) {
+            true => self.batch(batch_id).await?.map(|b| b.currency),
+            false => None,
+        };
         let mut events = Vec::new();
         for d in docs {
-            events.extend(d.into_events().map_err(invalid)?);
+            let batch_currency = || currency.ok_or_else(|| StoreError::Invalid(format!("no batch {batch_id} to read its audit trail in")));
+            events.extend(d.into_events(batch_currency).map_err(invalid)?);
         }
         Ok(events)
     }

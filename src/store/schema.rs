@@ -1,27 +1,67 @@
-//! The shape a stored ticket is written in, and reading the shapes before it.
+//! The shapes stored tickets and audit entries are written in, and reading the
+//! shapes before them.
 //!
-//! Every ticket document carries `schema`, the version of its shape, beside
-//! its fields. A store reads its own version and every earlier one (a document
-//! without `schema` is in the first shape, as written before versions) and
-//! refuses a later one: a document written by a newer release is never guessed
-//! at. The next change of shape bumps [`TICKET_SCHEMA`] and upgrades the older
-//! shapes here, as they are read.
+//! Every ticket document and audit entry carries `schema`, the version of its
+//! shape, beside its fields. A store reads its own version and every earlier
+//! one (a document without `schema` is in the first shape, as written before
+//! versions) and refuses a later one: a document written by a newer release is
+//! never guessed at. The next change of shape bumps [`TICKET_SCHEMA`] or
+//! [`EVENT_SCHEMA`] and upgrades the older shapes here, as they are read.
 
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{Result, StoreError};
-use crate::domain::Ticket;
+use crate::domain::event::name_currency;
+use crate::domain::{Currency, Event, Ticket};
 
 /// The shape of a ticket this release writes. 1: as written before versions;
 /// 2: the same fields, with `schema`.
 pub const TICKET_SCHEMA: u32 = 2;
+
+/// The shape of an audit entry this release writes. 1: amounts as bare
+/// decimal text (`"12.50"`); 2: amounts naming their currency (`"12.50 EUR"`).
+pub const EVENT_SCHEMA: u32 = 2;
 
 /// The shape of a document that does not say.
 const FIRST: u32 = 1;
 
 fn newer(schema: u32) -> String {
     format!("a ticket in shape {schema}, written by a newer release (this one reads up to {TICKET_SCHEMA})")
+}
+
+fn newer_event(schema: u32) -> String {
+    format!("an audit entry in shape {schema}, written by a newer release (this one reads up to {EVENT_SCHEMA})")
+}
+
+/// An audit entry as JSON, its shape first.
+pub fn encode_event(event: &Event) -> Result<String> {
+    let json = serde_json::to_string(event).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    Ok(format!("{{\"schema\":{EVENT_SCHEMA},{}", &json[1..]))
+}
+
+/// An audit entry (or an array of them) from its JSON in shape `schema` or an
+/// earlier one; `currency` gives the batch's currency, which amounts recorded
+/// in the first shape are in (asked only for those).
+pub fn decode_events<T: DeserializeOwned>(json: &[u8], schema: u32, currency: impl FnOnce() -> Result<Currency>) -> Result<T> {
+    let invalid = |e: serde_json::Error| StoreError::Invalid(e.to_string());
+    match schema {
+        FIRST => {
+            let mut recorded: serde_json::Value = serde_json::from_slice(json).map_err(invalid)?;
+            name_currency(&mut recorded, currency()?);
+            serde_json::from_value(recorded).map_err(invalid)
+        }
+        s if s <= EVENT_SCHEMA => serde_json::from_slice(json).map_err(invalid),
+        s => Err(StoreError::Invalid(newer_event(s))),
+    }
+}
+
+/// The shape an audit entry's JSON says it has.
+pub fn event_shape(json: &str) -> Result<u32> {
+    match json.strip_prefix("{\"schema\":") {
+        Some(rest) => rest.split(',').next().and_then(|n| n.trim().parse().ok()).ok_or_else(|| StoreError::Invalid("an audit entry whose shape cannot be read".into())),
+        None => shape_of(json),
+    }
 }
 
 /// A ticket as JSON, its shape first.

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::schema::{decode_ticket, encode_ticket};
+use super::schema::{self, decode_ticket, encode_ticket};
 use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
 use crate::domain::reconciliation::ReconciliationRun;
 use crate::domain::{AuthorityCode, Batch, BatchId, Budget, ClientId, Currency, Event, Status, Ticket, TicketId};
@@ -262,7 +262,7 @@ fn insert_events(tx: &Connection, events: &[Event]) -> Result<()> {
         .prepare_cached("INSERT INTO events (batch_id, ticket_id, doc) VALUES (?1, ?2, ?3)")
         .map_err(unavailable)?;
     for e in events {
-        let doc = serde_json::to_string(e).map_err(invalid)?;
+        let doc = schema::encode_event(e)?;
         stmt.execute(params![e.batch_id.as_str(), e.ticket_id.as_str(), doc]).map_err(unavailable)?;
     }
     Ok(())
@@ -535,7 +535,11 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(unavailable)?;
-            docs.iter().map(|d| serde_json::from_str(d).map_err(invalid)).collect()
+            let currency = || {
+                let code: String = conn.query_row("SELECT currency FROM batches WHERE batch_id = ?1", [&b], |r| r.get(0)).map_err(read_error)?;
+                Currency::parse(&code).map_err(StoreError::Invalid)
+            };
+            docs.iter().map(|d| schema::decode_events(d.as_bytes(), schema::event_shape(d)?, &currency)).collect()
         })
         .await
     }

@@ -21,7 +21,8 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::reconciliation::ReconciliationRun;
-use crate::domain::{AuthorityCode, Batch, BatchId, Event, EventKind, Stage, Status, Ticket, TicketId};
+use crate::domain::{AuthorityCode, Batch, BatchId, Currency, Event, EventKind, Stage, Status, Ticket, TicketId};
+use crate::store::schema::{decode_events, EVENT_SCHEMA};
 use crate::store::PaymentClaim;
 
 /// The ticket partitions of one batch: its tickets spread over this many logical
@@ -157,8 +158,15 @@ pub(super) struct EventsDoc {
     /// Append order: microseconds since the epoch, strictly increasing within a process.
     pub seq: i64,
     pub batch_id: BatchId,
+    /// The shape of the events (`schema::EVENT_SCHEMA`); without it, the first.
+    #[serde(default = "first_shape")]
+    pub schema: u32,
     /// The events as a JSON array, raw-deflated, in standard base64.
     pub deflated: String,
+}
+
+fn first_shape() -> u32 {
+    1
 }
 
 impl EventsDoc {
@@ -173,15 +181,17 @@ impl EventsDoc {
             ticket_id: first.ticket_id.to_string(),
             seq,
             batch_id: first.batch_id.clone(),
+            schema: EVENT_SCHEMA,
             deflated: deflate(&serde_json::to_vec(&stored).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
         })
     }
 
-    pub fn into_events(self) -> Result<Vec<Event>, String> {
+    /// The events; `currency`, the batch's, is asked for only by the first shape.
+    pub fn into_events(self, currency: impl FnOnce() -> crate::store::Result<Currency>) -> Result<Vec<Event>, String> {
         let what = |e: &dyn std::fmt::Display| format!("audit entry {}: {e}", self.id);
         let ticket_id = TicketId::parse(&self.ticket_id)?;
         let json = inflate(&self.deflated).map_err(|e| what(&e))?;
-        let stored: Vec<StoredEvent> = serde_json::from_slice(&json).map_err(|e| what(&e))?;
+        let stored: Vec<StoredEvent> = decode_events(&json, self.schema, currency).map_err(|e| what(&e))?;
         Ok(stored.into_iter().map(|e| Event { batch_id: self.batch_id.clone(), ticket_id: ticket_id.clone(), at: e.at, stage: e.stage, kind: e.kind }).collect())
     }
 }
@@ -350,7 +360,7 @@ mod tests {
         let doc = EventsDoc::new(&events, "events:T000001:1".into(), 1).unwrap();
         let stored = serde_json::to_string(&doc).unwrap();
         let read: EventsDoc = serde_json::from_str(&stored).unwrap();
-        assert_eq!(read.into_events().unwrap(), events);
+        assert_eq!(read.into_events(|| unreachable!("the current shape names its currency")).unwrap(), events);
         let plain = serde_json::to_string(&events).unwrap().len();
         assert!(stored.len() < plain * 3 / 4, "{} bytes stored for {plain} of events", stored.len());
     }
@@ -360,7 +370,7 @@ mod tests {
         let (batch_id, ticket_id) = (BatchId::parse("b-1").unwrap(), TicketId::parse("t1").unwrap());
         let mut doc = EventsDoc::new(&[exchange(&batch_id, &ticket_id)], "events:t1:1".into(), 1).unwrap();
         doc.deflated = "bm90IGRlZmxhdGVk".into();
-        assert!(doc.into_events().unwrap_err().contains("audit entry events:t1:1"));
+        assert!(doc.into_events(|| unreachable!()).unwrap_err().contains("audit entry events:t1:1"));
     }
 
     #[test]

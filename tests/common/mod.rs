@@ -1,7 +1,10 @@
 //! Starts the real processes (local host with its handler, provider simulator)
-//! on free loopback ports, each with its own data folder, and talks HTTP to them.
+//! on free loopback ports, each with its own data folder, and talks HTTP to them;
+//! or the local host in the test's process ([`in_process::InProcessStack`]), its handler still a process.
 
 #![allow(dead_code)]
+
+pub mod in_process;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -109,9 +112,22 @@ pub fn simulator(scenario: &str) -> (Process, String) {
     (p, url)
 }
 
-/// A local host (with its handler) on a free port.
+/// A local host (with its handler) on a free port, in a process of its own.
 pub struct Stack {
     pub host: Process,
+    endpoints: Endpoints,
+}
+
+impl std::ops::Deref for Stack {
+    type Target = Endpoints;
+
+    fn deref(&self) -> &Endpoints {
+        &self.endpoints
+    }
+}
+
+/// Where a running stack answers, and a client to ask it.
+pub struct Endpoints {
     pub url: String,
     pub providers_url: String,
     pub data: PathBuf,
@@ -145,8 +161,14 @@ impl Stack {
             &["ticketpay local: listening on", "ticketpay local: providers at", "ticketpay local: ready"],
             stderr,
         );
+        Stack { host, endpoints: Endpoints::new(found[0].clone(), found[1].clone(), opts.data) }
+    }
+}
+
+impl Endpoints {
+    pub fn new(url: String, providers_url: String, data: &Path) -> Endpoints {
         let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-        Stack { host, url: found[0].clone(), providers_url: found[1].clone(), data: opts.data.to_owned(), http }
+        Endpoints { url, providers_url, data: data.to_owned(), http }
     }
 
     pub fn get(&self, path: &str) -> Value {
@@ -344,7 +366,7 @@ pub fn recorder() -> (String, Arc<Mutex<Vec<String>>>) {
     (url, bodies)
 }
 
-impl Stack {
+impl Endpoints {
     /// `GET /admin/instances`: the handler instances the host runs.
     pub fn instances(&self) -> Vec<Value> {
         self.get("/admin/instances")["instances"].as_array().expect("a list of instances").clone()
@@ -394,8 +416,16 @@ pub fn app_root_with(dir: &Path, values: Value) {
 }
 
 /// A request with an API key.
-pub fn keyed(s: &Stack, method: &str, path: &str, key: &str, body: Option<&Value>) -> reqwest::blocking::Response {
-    let mut request = s.http.request(method.parse().unwrap(), format!("{}{path}", s.url)).header("x-functions-key", key);
+pub fn keyed(s: &Endpoints, method: &str, path: &str, key: &str, body: Option<&Value>) -> reqwest::blocking::Response {
+    send(s, method, path, Some(key), body)
+}
+
+/// A request with an API key, if any.
+pub fn send(s: &Endpoints, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> reqwest::blocking::Response {
+    let mut request = s.http.request(method.parse().unwrap(), format!("{}{path}", s.url));
+    if let Some(key) = key {
+        request = request.header("x-functions-key", key);
+    }
     if let Some(body) = body {
         request = request.json(body);
     }

@@ -3,63 +3,23 @@
 //! uploads only for itself and may not redrive; an operator key sees all; a
 //! missing or wrong key gets 401.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::*;
 use serde_json::{Value, json};
-use ticketpay::api::access::key_digest;
 
-const OPERATOR_KEY: &str = "op-key-5f0e93c1a7";
-const ACME_KEY: &str = "acme-key-2b7d60e4f9";
-const GLOBEX_KEY: &str = "globex-key-c83a1f5d06";
+use crate::common::*;
+use crate::{SCENARIO, get, keyed_stack};
 
-fn api_keys() -> String {
-    json!([
-        { "name": "operations", "role": "operator", "sha256": key_digest(OPERATOR_KEY) },
-        { "name": "acme-erp", "role": "client", "client_id": "acme", "sha256": key_digest(ACME_KEY) },
-        { "name": "globex-erp", "role": "client", "client_id": "globex", "sha256": key_digest(GLOBEX_KEY) },
-    ])
-    .to_string()
+/// A host in a process of its own, for what it reads from its environment and
+/// writes to its stderr (into `log`) at startup.
+fn logged_stack(data: &Path, env: &[(&str, &str)], log: &Path) -> Stack {
+    let options = StackOptions { scenario: SCENARIO, providers_url: None, data, env, extra_args: &[] };
+    Stack::start_with_stderr(options, Stdio::from(fs::File::create(log).unwrap()))
 }
 
-/// The repository's host.json and function.json files with a local.settings.json of `values`.
-fn app_root(dir: &Path, values: Value) {
-    fs::copy(Path::new(APP_ROOT).join("host.json"), dir.join("host.json")).unwrap();
-    for entry in fs::read_dir(Path::new(APP_ROOT).join("functions")).unwrap() {
-        let function = entry.unwrap().path();
-        let target = dir.join("functions").join(function.file_name().unwrap());
-        fs::create_dir_all(&target).unwrap();
-        fs::copy(function.join("function.json"), target.join("function.json")).unwrap();
-    }
-    let settings = json!({ "IsEncrypted": false, "Values": values });
-    fs::write(dir.join("local.settings.json"), settings.to_string()).unwrap();
-}
-
-fn stack(data: &Path, env: &[(&str, &str)], extra_args: &[&str], stderr: Stdio) -> Stack {
-    let options = StackOptions { scenario: "zero-latency", providers_url: None, data, env, extra_args };
-    Stack::start_with_stderr(options, stderr)
-}
-
-fn send(s: &Stack, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> reqwest::blocking::Response {
-    let mut request = s.http.request(method.parse().unwrap(), format!("{}{path}", s.url));
-    if let Some(key) = key {
-        request = request.header("x-functions-key", key);
-    }
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    request.send().expect("answered")
-}
-
-fn get(s: &Stack, path: &str, key: Option<&str>) -> reqwest::blocking::Response {
-    send(s, "GET", path, key, None)
-}
-
-fn upload(s: &Stack, key: &str, body: &Value) -> String {
+fn upload(s: &Endpoints, key: &str, body: &Value) -> String {
     let r = send(s, "POST", "/api/batches", Some(key), Some(body));
     assert_eq!(r.status().as_u16(), 202);
     r.json::<Value>().unwrap()["batch_id"].as_str().unwrap().to_owned()
@@ -74,19 +34,17 @@ fn clients_listed(listing: &Value) -> Vec<String> {
 
 #[test]
 fn each_key_sees_and_does_only_what_its_role_allows() {
-    let root = tempfile::tempdir().unwrap();
-    app_root(root.path(), json!({ "TICKETPAY_API_KEYS": api_keys() }));
     let data = tempfile::tempdir().unwrap();
-    let s = stack(data.path(), &[], &["--app-root", root.path().to_str().unwrap()], Stdio::inherit());
+    let s = keyed_stack(data.path());
 
     // Acme and Globex each give one ticket the same reference.
     let mut acme_upload = batch_json("acme", 3, "100.00");
     acme_upload["tickets"][0]["reference"] = json!("FINE-SHARED-1");
     let mut globex_upload = batch_json("globex", 2, "100.00");
     globex_upload["tickets"][0]["reference"] = json!("FINE-SHARED-1");
-    let acme = upload(&s, ACME_KEY, &acme_upload);
-    let globex = upload(&s, GLOBEX_KEY, &globex_upload);
-    let initech = upload(&s, OPERATOR_KEY, &batch_json("initech", 1, "100.00"));
+    let acme = upload(&s, ACME_API_KEY, &acme_upload);
+    let globex = upload(&s, GLOBEX_API_KEY, &globex_upload);
+    let initech = upload(&s, OPS_KEY, &batch_json("initech", 1, "100.00"));
 
     // No key, or a wrong one: 401, whatever the path.
     for path in ["/api/batches", &format!("/api/batches/{acme}"), "/api/authorities", "/api/nowhere"] {
@@ -114,19 +72,19 @@ fn each_key_sees_and_does_only_what_its_role_allows() {
     problem(get(&s, "/api/consoles", None), 401);
 
     // The key in the `code` query parameter works like the header.
-    let by_code = ok_json(get(&s, &format!("/api/batches?code={ACME_KEY}"), None));
+    let by_code = ok_json(get(&s, &format!("/api/batches?code={ACME_API_KEY}"), None));
     assert_eq!(clients_listed(&by_code), ["acme"]);
-    ok_json(get(&s, "/api/authorities", Some(GLOBEX_KEY)));
+    ok_json(get(&s, "/api/authorities", Some(GLOBEX_API_KEY)));
 
     // A client lists its own batches only, and may not ask for another's.
-    assert_eq!(clients_listed(&ok_json(get(&s, "/api/batches", Some(ACME_KEY)))), ["acme"]);
-    assert_eq!(clients_listed(&ok_json(get(&s, "/api/batches?client_id=acme", Some(ACME_KEY)))), ["acme"]);
-    let p = problem(get(&s, "/api/batches?client_id=globex", Some(ACME_KEY)), 403);
+    assert_eq!(clients_listed(&ok_json(get(&s, "/api/batches", Some(ACME_API_KEY)))), ["acme"]);
+    assert_eq!(clients_listed(&ok_json(get(&s, "/api/batches?client_id=acme", Some(ACME_API_KEY)))), ["acme"]);
+    let p = problem(get(&s, "/api/batches?client_id=globex", Some(ACME_API_KEY)), 403);
     assert_eq!(p["field"], "client_id");
 
     // An operator sees every client, or the one asked for.
-    assert_eq!(clients_listed(&ok_json(get(&s, "/api/batches", Some(OPERATOR_KEY)))), ["acme", "globex", "initech"]);
-    assert_eq!(clients_listed(&ok_json(get(&s, "/api/batches?client_id=globex", Some(OPERATOR_KEY)))), ["globex"]);
+    assert_eq!(clients_listed(&ok_json(get(&s, "/api/batches", Some(OPS_KEY)))), ["acme", "globex", "initech"]);
+    assert_eq!(clients_listed(&ok_json(get(&s, "/api/batches?client_id=globex", Some(OPS_KEY)))), ["globex"]);
 
     // Another client's batch answers exactly as a batch that does not exist.
     let unknown = "b-0000000000000000000000000000000a";
@@ -136,55 +94,55 @@ fn each_key_sees_and_does_only_what_its_role_allows() {
         ("/tickets/T000001", "GET"),
         ("/redrive", "POST"),
     ] {
-        let theirs = problem(send(&s, method, &format!("/api/batches/{globex}{path}"), Some(ACME_KEY), None), 404);
-        let nobodys = problem(send(&s, method, &format!("/api/batches/{unknown}{path}"), Some(ACME_KEY), None), 404);
+        let theirs = problem(send(&s, method, &format!("/api/batches/{globex}{path}"), Some(ACME_API_KEY), None), 404);
+        let nobodys = problem(send(&s, method, &format!("/api/batches/{unknown}{path}"), Some(ACME_API_KEY), None), 404);
         assert_eq!(theirs["type"], nobodys["type"], "{method} {path}");
         assert_eq!(theirs["detail"].as_str().unwrap().replace(&globex, unknown), nobodys["detail"], "{method} {path}");
     }
     // Its own batch, tickets and ticket it sees.
-    assert_eq!(ok_json(get(&s, &format!("/api/batches/{acme}"), Some(ACME_KEY)))["client_id"], "acme");
-    assert_eq!(ok_json(get(&s, &format!("/api/batches/{acme}/tickets"), Some(ACME_KEY)))["tickets"].as_array().unwrap().len(), 3);
-    assert_eq!(ok_json(get(&s, &format!("/api/batches/{acme}/tickets/T000001"), Some(ACME_KEY)))["client_id"], "acme");
+    assert_eq!(ok_json(get(&s, &format!("/api/batches/{acme}"), Some(ACME_API_KEY)))["client_id"], "acme");
+    assert_eq!(ok_json(get(&s, &format!("/api/batches/{acme}/tickets"), Some(ACME_API_KEY)))["tickets"].as_array().unwrap().len(), 3);
+    assert_eq!(ok_json(get(&s, &format!("/api/batches/{acme}/tickets/T000001"), Some(ACME_API_KEY)))["client_id"], "acme");
     // An operator sees Globex's too.
-    assert_eq!(ok_json(get(&s, &format!("/api/batches/{globex}/tickets/T000001"), Some(OPERATOR_KEY)))["client_id"], "globex");
+    assert_eq!(ok_json(get(&s, &format!("/api/batches/{globex}/tickets/T000001"), Some(OPS_KEY)))["client_id"], "globex");
 
     // Tickets by reference: a client finds its own, an operator every client's.
     let found = |key| ok_json(get(&s, "/api/tickets?reference=FINE-SHARED-1", Some(key)))["tickets"].as_array().unwrap().clone();
-    let acme_found = found(ACME_KEY);
+    let acme_found = found(ACME_API_KEY);
     assert_eq!(acme_found.len(), 1);
     assert_eq!(acme_found[0]["batch_id"], acme.as_str());
-    assert_eq!(found(OPERATOR_KEY).len(), 2);
+    assert_eq!(found(OPS_KEY).len(), 2);
 
     // A client uploads for itself only, in JSON or CSV.
-    let p = problem(send(&s, "POST", "/api/batches", Some(ACME_KEY), Some(&batch_json("globex", 1, "5.00"))), 403);
+    let p = problem(send(&s, "POST", "/api/batches", Some(ACME_API_KEY), Some(&batch_json("globex", 1, "5.00"))), 403);
     assert_eq!(p["field"], "client_id");
     let csv = s
         .http
         .post(format!("{}/api/batches?client_id=globex&currency=EUR&budget=5.00", s.url))
-        .header("x-functions-key", ACME_KEY)
+        .header("x-functions-key", ACME_API_KEY)
         .header("Content-Type", "text/csv")
         .body("ticket_id,authority\nT1,CITY-PARKING\n")
         .send()
         .unwrap();
     problem(csv, 403);
-    assert_eq!(clients_listed(&ok_json(get(&s, "/api/batches?client_id=globex", Some(OPERATOR_KEY)))), ["globex"], "nothing was stored");
+    assert_eq!(clients_listed(&ok_json(get(&s, "/api/batches?client_id=globex", Some(OPS_KEY)))), ["globex"], "nothing was stored");
 
     // Redrive is an operator's decision, even of a client's own batch.
     let dry_run = json!({ "dry_run": true });
-    problem(send(&s, "POST", &format!("/api/batches/{acme}/redrive"), Some(ACME_KEY), Some(&dry_run)), 403);
-    let redrive = ok_json(send(&s, "POST", &format!("/api/batches/{acme}/redrive"), Some(OPERATOR_KEY), Some(&dry_run)));
+    problem(send(&s, "POST", &format!("/api/batches/{acme}/redrive"), Some(ACME_API_KEY), Some(&dry_run)), 403);
+    let redrive = ok_json(send(&s, "POST", &format!("/api/batches/{acme}/redrive"), Some(OPS_KEY), Some(&dry_run)));
     assert_eq!(redrive["batch_id"], acme.as_str());
-    ok_json(get(&s, &format!("/api/batches/{initech}"), Some(OPERATOR_KEY)));
+    ok_json(get(&s, &format!("/api/batches/{initech}"), Some(OPS_KEY)));
 }
 
 #[test]
 fn keys_can_come_from_the_environment() {
     let data = tempfile::tempdir().unwrap();
     let log = data.path().join("host.log");
-    let keys = api_keys();
-    let s = stack(data.path(), &[("TICKETPAY_API_KEYS", keys.as_str())], &[], Stdio::from(fs::File::create(&log).unwrap()));
+    let keys = three_keys();
+    let s = logged_stack(data.path(), &[("TICKETPAY_API_KEYS", keys.as_str())], &log);
     problem(get(&s, "/api/batches", None), 401);
-    assert_eq!(clients_listed(&ok_json(get(&s, "/api/batches", Some(OPERATOR_KEY)))), Vec::<String>::new());
+    assert_eq!(clients_listed(&ok_json(get(&s, "/api/batches", Some(OPS_KEY)))), Vec::<String>::new());
     assert!(!fs::read_to_string(&log).unwrap().contains("is OPEN"), "no warning when keys are set");
 }
 
@@ -192,7 +150,7 @@ fn keys_can_come_from_the_environment() {
 fn without_keys_the_api_is_open_and_the_local_host_says_so_at_startup() {
     let data = tempfile::tempdir().unwrap();
     let log = data.path().join("host.log");
-    let s = stack(data.path(), &[], &[], Stdio::from(fs::File::create(&log).unwrap()));
+    let s = logged_stack(data.path(), &[], &log);
     let batch = s.submit(1, "10.00");
     assert_eq!(ok_json(get(&s, &format!("/api/batches/{batch}"), None))["client_id"], "ops");
     let stderr = fs::read_to_string(&log).unwrap();

@@ -1,12 +1,12 @@
 //! The OpenAPI document: served as it is kept in the repo, and describing
 //! exactly the routes the API router has, method by method.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::*;
 use serde_json::Value;
+
+use crate::common::*;
+use crate::stack;
 
 const DOC_PATH: &str = "src/api/openapi.json";
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
@@ -66,7 +66,7 @@ fn every_operation_documents_its_refusals_as_problems() {
 #[test]
 fn the_stack_serves_the_document_kept_in_the_repo() {
     let data = tempfile::tempdir().unwrap();
-    let s = Stack::start(StackOptions { scenario: "zero-latency", providers_url: None, data: data.path(), env: &[], extra_args: &[] });
+    let s = stack(data.path());
     let r = s.get_raw("/api/openapi.json");
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(r.headers()["content-type"], "application/json");

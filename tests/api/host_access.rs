@@ -3,39 +3,15 @@
 //! functions), `/admin` for operator keys only, and the Service Bus REST
 //! endpoints for the holder of the host's token only.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::*;
 use serde_json::{Value, json};
-use ticketpay::api::access::key_digest;
 
-const OPERATOR_KEY: &str = "op-key-9d41c07be2";
-const ACME_KEY: &str = "acme-key-61f8a3d05c";
-
-fn api_keys() -> String {
-    json!([
-        { "name": "operations", "role": "operator", "sha256": key_digest(OPERATOR_KEY) },
-        { "name": "acme-erp", "role": "client", "client_id": "acme", "sha256": key_digest(ACME_KEY) },
-    ])
-    .to_string()
-}
-
-fn stack(data: &Path, env: &[(&str, &str)]) -> Stack {
-    let options = StackOptions { scenario: "zero-latency", providers_url: None, data, env, extra_args: &[] };
-    Stack::start_with_stderr(options, Stdio::inherit())
-}
-
-fn keyed_stack(data: &Path) -> Stack {
-    let keys = api_keys();
-    stack(data, &[("TICKETPAY_API_KEYS", keys.as_str())])
-}
+use crate::common::*;
+use crate::{get, keyed_stack, stack};
 
 /// An answer as it came off the wire.
 struct Raw {
@@ -77,30 +53,16 @@ fn raw(base: &str, method: &str, target: &str, headers: &[(&str, &str)], body: &
     Raw { status, headers, body: body.to_owned() }
 }
 
-fn get(s: &Stack, path: &str, key: Option<&str>) -> reqwest::blocking::Response {
-    let mut request = s.http.get(format!("{}{path}", s.url));
-    if let Some(key) = key {
-        request = request.header("x-functions-key", key);
-    }
-    request.send().expect("answered")
-}
-
-fn upload(s: &Stack, tickets: usize) -> String {
-    let r = s
-        .http
-        .post(format!("{}/api/batches", s.url))
-        .header("x-functions-key", OPERATOR_KEY)
-        .json(&batch_json("ops", tickets, "100000.00"))
-        .send()
-        .unwrap();
+fn upload(s: &Endpoints, tickets: usize) -> String {
+    let r = send(s, "POST", "/api/batches", Some(OPS_KEY), Some(&batch_json("ops", tickets, "100000.00")));
     assert_eq!(r.status().as_u16(), 202);
     r.json::<Value>().unwrap()["batch_id"].as_str().unwrap().to_owned()
 }
 
-fn wait_complete(s: &Stack, batch: &str) -> Value {
+fn wait_complete(s: &Endpoints, batch: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let status = ok_json(get(s, &format!("/api/batches/{batch}"), Some(OPERATOR_KEY)));
+        let status = ok_json(get(s, &format!("/api/batches/{batch}"), Some(OPS_KEY)));
         if status["status"] == "completed" {
             return status;
         }
@@ -123,7 +85,7 @@ fn a_path_with_dot_segments_is_refused_before_it_reaches_anything() {
     let batch = upload(&s, 3);
     wait_complete(&s, &batch);
     let ticket_path = format!("/api/batches/{batch}/tickets/T000001");
-    let before = ok_json(get(&s, &ticket_path, Some(OPERATOR_KEY)));
+    let before = ok_json(get(&s, &ticket_path, Some(OPS_KEY)));
 
     let forged = invocation(&batch, "T000001", 99);
     let json = [("Content-Type", "application/json")];
@@ -149,7 +111,7 @@ fn a_path_with_dot_segments_is_refused_before_it_reaches_anything() {
         assert!(detail.contains("dot segment") || detail.contains("backslash"), "{target}: {p}");
     }
     // The same with the key: a key does not make such a path acceptable.
-    let r = raw(&s.url, "POST", "/api/../pay", &[("x-functions-key", OPERATOR_KEY)], &forged);
+    let r = raw(&s.url, "POST", "/api/../pay", &[("x-functions-key", OPS_KEY)], &forged);
     assert_eq!(r.status, 400, "{}", r.body);
     // A backslash, and the absolute form of the request target, are refused too.
     let r = raw(&s.url, "POST", "/api\\..\\validate", &json, &forged);
@@ -159,11 +121,11 @@ fn a_path_with_dot_segments_is_refused_before_it_reaches_anything() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.problem()["detail"].as_str().unwrap().contains("`..`"));
 
-    let after = ok_json(get(&s, &ticket_path, Some(OPERATOR_KEY)));
+    let after = ok_json(get(&s, &ticket_path, Some(OPS_KEY)));
     assert_eq!(before, after, "the forged invocations did nothing to the ticket");
 
     // Ordinary paths still work, and the API still wants its key.
-    let r = raw(&s.url, "GET", &format!("/api/batches/{batch}"), &[("x-functions-key", OPERATOR_KEY)], "");
+    let r = raw(&s.url, "GET", &format!("/api/batches/{batch}"), &[("x-functions-key", OPS_KEY)], "");
     assert_eq!(r.status, 200, "{}", r.body);
     let r = raw(&s.url, "POST", "/api/validate", &json, &forged);
     assert_eq!(r.status, 401, "{}", r.body);
@@ -178,18 +140,18 @@ fn admin_needs_an_operator_key_when_keys_are_configured() {
         assert!(p["detail"].as_str().unwrap().contains("x-functions-key"), "{path}: {p}");
         problem(get(&s, path, Some("not-a-key")), 401);
         problem(get(&s, &format!("{path}?code=not-a-key"), None), 401);
-        let p = problem(get(&s, path, Some(ACME_KEY)), 403);
+        let p = problem(get(&s, path, Some(ACME_API_KEY)), 403);
         assert!(p["detail"].as_str().unwrap().contains("operator"), "{path}: {p}");
-        ok_json(get(&s, path, Some(OPERATOR_KEY)));
-        ok_json(get(&s, &format!("{path}?code={OPERATOR_KEY}"), None));
+        ok_json(get(&s, path, Some(OPS_KEY)));
+        ok_json(get(&s, &format!("{path}?code={OPS_KEY}"), None));
     }
-    assert!(ok_json(get(&s, "/admin/queues", Some(OPERATOR_KEY)))["ticket-lookup"].is_object());
+    assert!(ok_json(get(&s, "/admin/queues", Some(OPS_KEY)))["ticket-lookup"].is_object());
 }
 
 #[test]
 fn without_keys_admin_is_open_as_the_api_is() {
     let data = tempfile::tempdir().unwrap();
-    let s = stack(data.path(), &[]);
+    let s = stack(data.path());
     assert!(ok_json(get(&s, "/admin/queues", None))["ticket-lookup"].is_object());
     ok_json(get(&s, "/admin/queues/ticket-lookup/deadletters", None));
 }
@@ -215,12 +177,12 @@ fn only_the_holder_of_the_hosts_token_may_send_to_its_queues() {
             headers.push(("Authorization", a));
         }
         // An operator's API key is not a Service Bus token.
-        headers.push(("x-functions-key", OPERATOR_KEY));
+        headers.push(("x-functions-key", OPS_KEY));
         let r = raw(&s.url, "POST", "/ticket-lookup/messages", &headers, body);
         assert_eq!(r.status, 401, "{auth:?}: {}", r.body);
         assert!(r.problem()["detail"].as_str().unwrap().contains("token"), "{}", r.body);
     }
-    let queues = ok_json(get(&s, "/admin/queues", Some(OPERATOR_KEY)));
+    let queues = ok_json(get(&s, "/admin/queues", Some(OPS_KEY)));
     for (name, q) in queues.as_object().unwrap() {
         for key in ["active", "scheduled", "locked", "dead_lettered"] {
             assert_eq!(q[key].as_u64().unwrap_or(0), 0, "nothing was queued: {name}: {q}");

@@ -1,16 +1,12 @@
 //! The HTTP API as a client sees it: uploads accepted once, bad uploads refused
 //! with a problem that names the row and field, and nothing left behind.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use serde_json::{Value, json};
 
-fn stack(data: &std::path::Path) -> Stack {
-    Stack::start(StackOptions { scenario: "zero-latency", providers_url: None, data, env: &[], extra_args: &[] })
-}
+use crate::common::*;
+use crate::stack;
 
 fn problem(r: reqwest::blocking::Response) -> (u16, Value) {
     let status = r.status().as_u16();

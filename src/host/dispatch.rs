@@ -550,7 +550,7 @@ async fn deliver_batch(route: &Route, batch: Vec<Message>) {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use axum::response::IntoResponse;
     use base64::Engine;
@@ -700,16 +700,36 @@ mod tests {
         core.stop().await;
     }
 
+    /// How many of the host's instances receive from `queue` now.
+    fn receivers(core: &super::super::Core, queue: &str) -> usize {
+        core.shared.queue(queue).unwrap().receiving.load(Ordering::SeqCst)
+    }
+
     #[tokio::test]
     async fn nothing_is_delivered_while_the_handler_is_down() {
         let app = app(&[("lookup", "ticket-lookup", false, 2)]);
-        let (handler, calls) = fake_handler(|_, _| ok_json()).await;
-        let (core, state) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Starting).await;
+        let up = std::sync::Arc::new(AtomicBool::new(true));
+        let while_down = std::sync::Arc::new(AtomicUsize::new(0));
+        let (u, d) = (up.clone(), while_down.clone());
+        let (handler, calls) = fake_handler(move |_, _| {
+            if !u.load(Ordering::SeqCst) {
+                d.fetch_add(1, Ordering::SeqCst);
+            }
+            ok_json()
+        })
+        .await;
+        let (core, state) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
+        eventually("the dispatcher receiving", || receivers(&core, "ticket-lookup") == 1).await;
+        up.store(false, Ordering::SeqCst);
+        state.send(WorkerState::Down("exited".into())).unwrap();
+        eventually("the dispatcher to stop receiving", || receivers(&core, "ticket-lookup") == 0).await;
         send(&core.url, "ticket-lookup", r#"{"MessageId":"x"}"#, "x").await;
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert!(calls.lock().unwrap().is_empty());
+        up.store(true, Ordering::SeqCst);
         state.send(WorkerState::Ready).unwrap();
         eventually("delivered once ready", || calls.lock().unwrap().len() == 1).await;
+        eventually("completion", || core.shared.store.counts(0).unwrap().is_empty()).await;
+        assert_eq!(while_down.load(Ordering::SeqCst), 0, "delivered while the handler was down");
+        assert_eq!(calls.lock().unwrap().len(), 1);
         assert_eq!(calls.lock().unwrap()[0].json()["Metadata"]["DeliveryCount"], "1");
         core.stop().await;
     }
@@ -721,9 +741,12 @@ mod tests {
         // Ready, but nobody listens: connection refused.
         let (core, state) = core(app.path(), &app.path().join("data"), &format!("http://127.0.0.1:{port}"), WorkerState::Ready).await;
         send(&core.url, "ticket-lookup", r#"{"MessageId":"x"}"#, "x").await;
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // More attempts than maxDeliveryCount (2) would allow, were they counted.
+        let attempts = || core.shared.instances[0].invocations.load(Ordering::SeqCst);
+        eventually("three refused deliveries", || attempts() >= 3).await;
         state.send(WorkerState::Down("exited".into())).unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let unlocked = || core.shared.store.counts(0).unwrap().get("ticket-lookup").is_some_and(|c| c.locked == 0);
+        eventually("the dispatcher to stop and let the message go", || receivers(&core, "ticket-lookup") == 0 && unlocked()).await;
         let c = core.shared.store.counts(0).unwrap()["ticket-lookup"];
         assert_eq!((c.dead_lettered, c.locked), (0, 0));
         let m = core.shared.store.receive("ticket-lookup", super::Take::up_to(1), None, std::time::Duration::from_secs(1), super::now_ms()).unwrap();

@@ -16,12 +16,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::config::Cardinality;
+use super::config::{BatchOptions, Cardinality};
 use super::invoke::{self, InvokeError};
 use super::queue::{Message, Received, Settled, Settlement, QueueStore, Take, now_ms};
+use super::worker::WorkerState;
 use super::{QueueSpec, Shared};
 
 /// The running dispatchers.
@@ -195,115 +196,200 @@ impl Drop for Receiving<'_> {
     }
 }
 
-/// Drains `spec`'s queue into instance `instance`, up to the function's
-/// concurrency (each instance has its own host, hence its own limit).
-async fn run_queue(
+/// The recorded lock outlives the delivery limit a little: the delivery task
+/// always settles or gives up before it.
+const LOCK_MARGIN: Duration = Duration::from_secs(5);
+
+/// What one dispatcher delivers: a queue function's messages to one instance.
+#[derive(Clone)]
+struct Route {
     shared: Arc<Shared>,
     spec: Arc<QueueSpec>,
     instance: usize,
     settler: Settler,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut worker = shared.instances[instance].state.clone();
-    let mut worker_alive = true;
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Option<String>>();
-    let mut in_flight = 0usize;
-    let mut busy: HashSet<String> = HashSet::new();
-    let sessions = spec.trigger.sessions;
-    let limit = if sessions {
-        shared.config.max_concurrent_calls.min(shared.config.max_concurrent_sessions)
-    } else {
-        shared.config.max_concurrent_calls
-    };
-    let run_for = delivery_limit(&shared, &spec);
-    // The recorded lock outlives the delivery limit a little: the delivery
-    // task always settles or gives up before it.
-    let lock_for = run_for + Duration::from_secs(5);
-    let queue = spec.trigger.queue.clone();
+    /// How long one invocation may run.
+    run_for: Duration,
+}
 
-    let mut receiving = Receiving { spec: &spec, counted: false };
-    loop {
-        if *stop.borrow() {
-            break;
-        }
-        let mut sleep_for = None;
-        receiving.set(shared.instances[instance].ready() && in_flight < limit);
-        if receiving.counted {
-            let store = shared.store.clone();
-            let q = queue.clone();
-            let take = Take { max: limit - in_flight, among: spec.receiving.load(Relaxed) };
-            let busy_now = sessions.then(|| busy.clone());
-            let received = tokio::task::spawn_blocking(move || store.receive(&q, take, busy_now.as_ref(), lock_for, now_ms())).await;
-            match received_from(&queue, received) {
-                Some(r) => {
-                    sleep_for = look_again_in(r.next_due, r.left, None);
-                    for m in r.messages {
-                        in_flight += 1;
-                        if let Some(s) = &m.session_id {
-                            busy.insert(s.clone());
-                        }
-                        tokio::spawn(deliver(
-                            shared.clone(),
-                            spec.clone(),
-                            instance,
-                            settler.clone(),
-                            m,
-                            run_for,
-                            done_tx.clone(),
-                        ));
-                    }
-                }
-                None => sleep_for = Some(RECEIVE_AGAIN),
-            }
-        }
-        tokio::select! {
-            _ = spec.wakes[instance].notified() => {}
-            Some(session) = done_rx.recv() => {
-                in_flight -= 1;
-                if let Some(s) = session { busy.remove(&s); }
-                while let Ok(session) = done_rx.try_recv() {
-                    in_flight -= 1;
-                    if let Some(s) = session { busy.remove(&s); }
-                }
-            }
-            _ = nap(sleep_for) => {}
-            r = worker.changed(), if worker_alive => { if r.is_err() { worker_alive = false; } }
-            r = stop.changed() => { if r.is_err() { break; } }
-        }
+impl Route {
+    fn handler_ready(&self) -> bool {
+        self.shared.instances[self.instance].ready()
     }
-    receiving.set(false);
-    while in_flight > 0 {
-        if done_rx.recv().await.is_none() {
-            break;
-        }
-        in_flight -= 1;
+
+    /// Receives from the queue as `take` says, with locks that outlast an invocation.
+    async fn receive<F>(&self, take: F) -> Option<Received>
+    where
+        F: FnOnce(&QueueStore, &str, Duration) -> anyhow::Result<Received> + Send + 'static,
+    {
+        let store = self.shared.store.clone();
+        let queue = self.spec.trigger.queue.clone();
+        let lock_for = self.run_for + LOCK_MARGIN;
+        let received = tokio::task::spawn_blocking(move || take(&store, &queue, lock_for)).await;
+        received_from(&self.spec.trigger.queue, received)
     }
 }
 
-async fn deliver(
-    shared: Arc<Shared>,
-    spec: Arc<QueueSpec>,
-    instance: usize,
-    settler: Settler,
-    m: Message,
-    run_for: Duration,
-    done: mpsc::UnboundedSender<Option<String>>,
-) {
-    let body = invoke::payload(&spec, &m, chrono::Utc::now());
-    let how = invoke_once(&shared, &spec, instance, &body, run_for).await;
-    if let Settlement::Abandon { reason, .. } = &how {
-        tracing::warn!(function = %spec.function, message_id = %m.message_id, delivery_count = m.delivery_count, "invocation failed: {reason}");
+/// Why a dispatcher stopped waiting.
+enum Woke {
+    /// To look at the queue again.
+    ToLook,
+    /// A delivery finished (its session, if any).
+    Finished(Option<String>),
+    /// The stop signal is gone.
+    ToStop,
+}
+
+/// What wakes a dispatcher besides its own deliveries: the handler's state and the stop signal.
+struct Wakers {
+    worker: watch::Receiver<WorkerState>,
+    worker_alive: bool,
+    stop: watch::Receiver<bool>,
+}
+
+impl Wakers {
+    fn new(route: &Route, stop: watch::Receiver<bool>) -> Wakers {
+        Wakers { worker: route.shared.instances[route.instance].state.clone(), worker_alive: true, stop }
     }
-    settle_all(&settler, &spec, std::slice::from_ref(&m), how).await;
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Waits until a message `arrived`, a delivery `finished`, `sleep_for`
+    /// passed, the handler's state changed or the stop signal did.
+    async fn wait(
+        &mut self,
+        arrived: &Notify,
+        sleep_for: Option<Duration>,
+        finished: impl Future<Output = Option<Option<String>>>,
+    ) -> Woke {
+        tokio::select! {
+            _ = arrived.notified() => Woke::ToLook,
+            Some(session) = finished => Woke::Finished(session),
+            _ = nap(sleep_for) => Woke::ToLook,
+            r = self.worker.changed(), if self.worker_alive => {
+                self.worker_alive = r.is_ok();
+                Woke::ToLook
+            }
+            r = self.stop.changed() => if r.is_err() { Woke::ToStop } else { Woke::ToLook },
+        }
+    }
+}
+
+/// A dispatcher's deliveries still running, and the sessions they hold.
+struct InFlight {
+    count: usize,
+    sessions: HashSet<String>,
+    done_tx: mpsc::UnboundedSender<Option<String>>,
+    done: mpsc::UnboundedReceiver<Option<String>>,
+}
+
+impl InFlight {
+    fn new() -> InFlight {
+        let (done_tx, done) = mpsc::unbounded_channel();
+        InFlight { count: 0, sessions: HashSet::new(), done_tx, done }
+    }
+
+    /// Counts in the delivery of `m`, which reports on the returned sender when done.
+    fn start(&mut self, m: &Message) -> mpsc::UnboundedSender<Option<String>> {
+        self.count += 1;
+        if let Some(s) = &m.session_id {
+            self.sessions.insert(s.clone());
+        }
+        self.done_tx.clone()
+    }
+
+    /// Counts out a finished delivery, and any other that finished meanwhile.
+    fn finished(&mut self, session: Option<String>) {
+        self.count_out(session);
+        while let Ok(session) = self.done.try_recv() {
+            self.count_out(session);
+        }
+    }
+
+    fn count_out(&mut self, session: Option<String>) {
+        self.count -= 1;
+        if let Some(s) = session {
+            self.sessions.remove(&s);
+        }
+    }
+
+    async fn wait_all(&mut self) {
+        while self.count > 0 {
+            if self.done.recv().await.is_none() {
+                break;
+            }
+            self.count -= 1;
+        }
+    }
+}
+
+/// How many invocations of the function one instance runs at once:
+/// maxConcurrentCalls, and for session queues (one message per session at a
+/// time) at most maxConcurrentSessions.
+fn concurrency(shared: &Shared, spec: &QueueSpec) -> usize {
+    if spec.trigger.sessions {
+        shared.config.max_concurrent_calls.min(shared.config.max_concurrent_sessions)
+    } else {
+        shared.config.max_concurrent_calls
+    }
+}
+
+/// Drains `spec`'s queue into instance `instance`, up to the function's
+/// concurrency (each instance has its own host, hence its own limit).
+async fn run_queue(shared: Arc<Shared>, spec: Arc<QueueSpec>, instance: usize, settler: Settler, stop: watch::Receiver<bool>) {
+    let limit = concurrency(&shared, &spec);
+    let run_for = delivery_limit(&shared, &spec);
+    let route = Route { shared, spec: spec.clone(), instance, settler, run_for };
+    let mut wakers = Wakers::new(&route, stop);
+    let mut in_flight = InFlight::new();
+    let mut receiving = Receiving { spec: &spec, counted: false };
+    while !wakers.stopping() {
+        receiving.set(route.handler_ready() && in_flight.count < limit);
+        let sleep_for = if receiving.counted { receive_and_deliver(&route, limit, &mut in_flight).await } else { None };
+        let woke = wakers.wait(&spec.wakes[instance], sleep_for, in_flight.done.recv()).await;
+        match woke {
+            Woke::ToLook => {}
+            Woke::Finished(session) => in_flight.finished(session),
+            Woke::ToStop => break,
+        }
+    }
+    receiving.set(false);
+    in_flight.wait_all().await;
+}
+
+/// Takes as many messages as there is room for and starts delivering each;
+/// says when to look at the queue again unless woken first.
+async fn receive_and_deliver(route: &Route, limit: usize, in_flight: &mut InFlight) -> Option<Duration> {
+    let take = Take { max: limit - in_flight.count, among: route.spec.receiving.load(Relaxed) };
+    let busy = route.spec.trigger.sessions.then(|| in_flight.sessions.clone());
+    let received = route.receive(move |store, queue, lock_for| store.receive(queue, take, busy.as_ref(), lock_for, now_ms()));
+    let Some(r) = received.await else { return Some(RECEIVE_AGAIN) };
+    let look_again = look_again_in(r.next_due, r.left, None);
+    for m in r.messages {
+        let done = in_flight.start(&m);
+        tokio::spawn(deliver(route.clone(), m, done));
+    }
+    look_again
+}
+
+async fn deliver(route: Route, m: Message, done: mpsc::UnboundedSender<Option<String>>) {
+    let body = invoke::payload(&route.spec, &m, chrono::Utc::now());
+    let how = invoke_once(&route, &body).await;
+    if let Settlement::Abandon { reason, .. } = &how {
+        tracing::warn!(function = %route.spec.function, message_id = %m.message_id, delivery_count = m.delivery_count, "invocation failed: {reason}");
+    }
+    settle_all(&route.settler, &route.spec, std::slice::from_ref(&m), how).await;
     // Release the slot only once the settlement is written, so a session's
     // next message cannot overtake an abandoned one.
     let _ = done.send(m.session_id);
 }
 
 /// Invokes the handler with `body` (twice at once under duplicate-delivery
-/// faults) within `run_for`, and says how the delivered messages are settled.
-async fn invoke_once(shared: &Shared, spec: &QueueSpec, instance: usize, body: &serde_json::Value, run_for: Duration) -> Settlement {
-    let target = &shared.instances[instance];
+/// faults) within the route's limit, and says how the delivered messages are settled.
+async fn invoke_once(route: &Route, body: &serde_json::Value) -> Settlement {
+    let (shared, spec, run_for) = (&route.shared, &route.spec, route.run_for);
+    let target = &shared.instances[route.instance];
     let once = || invoke::invoke(&shared.client, target.counted(), spec, body);
     let result = if shared.config.duplicate_deliveries {
         tokio::time::timeout(run_for, async {
@@ -343,95 +429,128 @@ async fn settle_all(settler: &Settler, spec: &QueueSpec, ms: &[Message], how: Se
     }
 }
 
+/// How long one batch invocation may run: batches get no lock renewal, so the
+/// whole batch must finish within one lock.
+fn batch_limit(shared: &Shared, spec: &QueueSpec) -> Duration {
+    let lock = spec.trigger.settings.lock_duration;
+    shared.config.function_timeout.map_or(lock, |t| t.min(lock))
+}
+
+/// The batch being gathered: what was received and held back below
+/// minMessageBatchSize, since when, and the session of the batch before.
+#[derive(Default)]
+struct NextBatch {
+    held: Vec<Message>,
+    since: Option<tokio::time::Instant>,
+    last_session: Option<String>,
+}
+
+impl NextBatch {
+    /// Enough messages, or held long enough.
+    fn is_due(&self, options: &BatchOptions) -> bool {
+        let waited = self.since.is_some_and(|t| t.elapsed() >= options.max_wait);
+        !self.held.is_empty() && (self.held.len() >= options.min_size || waited)
+    }
+
+    fn take(&mut self) -> Vec<Message> {
+        self.last_session = self.held[0].session_id.clone();
+        self.since = None;
+        std::mem::take(&mut self.held)
+    }
+
+    /// How much longer what is held waits for more, if anything is held.
+    fn wait_for_more(&mut self, options: &BatchOptions) -> Option<Duration> {
+        (!self.held.is_empty()).then(|| {
+            let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+            options.max_wait.saturating_sub(since.elapsed())
+        })
+    }
+}
+
+/// What a batch dispatcher does after a receive.
+enum BatchStep {
+    Deliver(Vec<Message>),
+    Wait(Option<Duration>),
+}
+
 /// The batch loop of a `"cardinality": "many"` function on one instance: one
 /// invocation at a time, each with what could be received up to
 /// maxMessageBatchSize. Below minMessageBatchSize, what was received waits
 /// (locked) for more, at most maxBatchWaitTime, then goes as a partial batch.
 /// A session queue's batch holds one session's messages, and the session just
 /// served is taken again while it has any.
-async fn run_batches(shared: Arc<Shared>, spec: Arc<QueueSpec>, instance: usize, settler: Settler, mut stop: watch::Receiver<bool>) {
-    let mut worker = shared.instances[instance].state.clone();
-    let mut worker_alive = true;
+async fn run_batches(shared: Arc<Shared>, spec: Arc<QueueSpec>, instance: usize, settler: Settler, stop: watch::Receiver<bool>) {
     let options = shared.config.batches;
-    let sessions = spec.trigger.sessions;
-    // Batches get no lock renewal: the whole batch must finish within one lock.
-    let lock = spec.trigger.settings.lock_duration;
-    let run_for = shared.config.function_timeout.map_or(lock, |t| t.min(lock));
-    let lock_for = run_for + Duration::from_secs(5);
-    let queue = spec.trigger.queue.clone();
-    let mut held: Vec<Message> = Vec::new();
-    let mut held_since: Option<tokio::time::Instant> = None;
-    let mut session: Option<String> = None;
+    let run_for = batch_limit(&shared, &spec);
+    let route = Route { shared, spec: spec.clone(), instance, settler, run_for };
+    let mut wakers = Wakers::new(&route, stop);
+    let mut next = NextBatch::default();
     let mut receiving = Receiving { spec: &spec, counted: false };
-    loop {
-        if *stop.borrow() {
-            break;
-        }
-        let mut sleep_for = None;
-        receiving.set(shared.instances[instance].ready());
-        if receiving.counted {
-            let store = shared.store.clone();
-            let q = queue.clone();
-            let room = options.max_size - held.len();
-            let among = spec.receiving.load(Relaxed);
-            let only = held.first().and_then(|m| m.session_id.clone());
-            let prefer = only.clone().or_else(|| session.clone());
-            let received = tokio::task::spawn_blocking(move || {
-                if sessions {
-                    store.receive_session_batch(&q, room, prefer.as_deref(), only.is_none(), lock_for, now_ms())
-                } else {
-                    store.receive(&q, Take { max: room, among }, None, lock_for, now_ms())
-                }
-            })
-            .await;
-            match received_from(&queue, received) {
-                Some(r) => {
-                    let (next_due, left) = (r.next_due, r.left);
-                    held.extend(r.messages);
-                    let waited = held_since.is_some_and(|t| t.elapsed() >= options.max_wait);
-                    if !held.is_empty() && (held.len() >= options.min_size || waited) {
-                        receiving.set(false);
-                        session = held[0].session_id.clone();
-                        held_since = None;
-                        let batch = std::mem::take(&mut held);
-                        deliver_batch(&shared, &spec, instance, &settler, batch, run_for).await;
-                        continue;
-                    }
-                    let wait_for_more = (!held.is_empty()).then(|| {
-                        let since = *held_since.get_or_insert_with(tokio::time::Instant::now);
-                        options.max_wait.saturating_sub(since.elapsed())
-                    });
-                    sleep_for = look_again_in(next_due, left, wait_for_more);
-                }
-                None => sleep_for = Some(RECEIVE_AGAIN),
+    while !wakers.stopping() {
+        receiving.set(route.handler_ready());
+        let step = if receiving.counted { gather(&route, &mut next, &options).await } else { BatchStep::Wait(None) };
+        match step {
+            BatchStep::Deliver(batch) => {
+                receiving.set(false);
+                deliver_batch(&route, batch).await;
             }
-        }
-        tokio::select! {
-            _ = spec.wakes[instance].notified() => {}
-            _ = nap(sleep_for) => {}
-            r = worker.changed(), if worker_alive => { if r.is_err() { worker_alive = false; } }
-            r = stop.changed() => { if r.is_err() { break; } }
+            BatchStep::Wait(sleep_for) => {
+                if let Woke::ToStop = wakers.wait(&spec.wakes[instance], sleep_for, std::future::pending()).await {
+                    break;
+                }
+            }
         }
     }
     receiving.set(false);
     // Held back for a fuller batch and never delivered: let them go uncounted.
-    settle_all(&settler, &spec, &held, Settlement::Release).await;
+    settle_all(&route.settler, &route.spec, &next.held, Settlement::Release).await;
+}
+
+/// Receives toward the next batch: the batch if it is due now, else how long
+/// to wait before looking again.
+async fn gather(route: &Route, next: &mut NextBatch, options: &BatchOptions) -> BatchStep {
+    let Some(r) = receive_for_batch(route, next, options.max_size - next.held.len()).await else {
+        return BatchStep::Wait(Some(RECEIVE_AGAIN));
+    };
+    next.held.extend(r.messages);
+    if next.is_due(options) {
+        return BatchStep::Deliver(next.take());
+    }
+    BatchStep::Wait(look_again_in(r.next_due, r.left, next.wait_for_more(options)))
+}
+
+/// Up to `room` messages: on a session queue, of the session already held,
+/// else preferably of the one served last.
+async fn receive_for_batch(route: &Route, next: &NextBatch, room: usize) -> Option<Received> {
+    let sessions = route.spec.trigger.sessions;
+    let among = route.spec.receiving.load(Relaxed);
+    let only = next.held.first().and_then(|m| m.session_id.clone());
+    let prefer = only.clone().or_else(|| next.last_session.clone());
+    route
+        .receive(move |store, queue, lock_for| {
+            if sessions {
+                store.receive_session_batch(queue, room, prefer.as_deref(), only.is_none(), lock_for, now_ms())
+            } else {
+                store.receive(queue, Take { max: room, among }, None, lock_for, now_ms())
+            }
+        })
+        .await
 }
 
 /// One batch invocation, then every message settled as it went.
-async fn deliver_batch(shared: &Shared, spec: &QueueSpec, instance: usize, settler: &Settler, batch: Vec<Message>, run_for: Duration) {
-    let body = invoke::batch_payload(spec, &batch, chrono::Utc::now());
-    let how = invoke_once(shared, spec, instance, &body, run_for).await;
+async fn deliver_batch(route: &Route, batch: Vec<Message>) {
+    let body = invoke::batch_payload(&route.spec, &batch, chrono::Utc::now());
+    let how = invoke_once(route, &body).await;
     if let Settlement::Abandon { reason, .. } = &how {
-        tracing::warn!(function = %spec.function, messages = batch.len(), "batch invocation failed, every message abandoned: {reason}");
+        tracing::warn!(function = %route.spec.function, messages = batch.len(), "batch invocation failed, every message abandoned: {reason}");
     }
-    settle_all(settler, spec, &batch, how).await;
+    settle_all(&route.settler, &route.spec, &batch, how).await;
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use axum::response::IntoResponse;
     use base64::Engine;
@@ -581,16 +700,36 @@ mod tests {
         core.stop().await;
     }
 
+    /// How many of the host's instances receive from `queue` now.
+    fn receivers(core: &super::super::Core, queue: &str) -> usize {
+        core.shared.queue(queue).unwrap().receiving.load(Ordering::SeqCst)
+    }
+
     #[tokio::test]
     async fn nothing_is_delivered_while_the_handler_is_down() {
         let app = app(&[("lookup", "ticket-lookup", false, 2)]);
-        let (handler, calls) = fake_handler(|_, _| ok_json()).await;
-        let (core, state) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Starting).await;
+        let up = std::sync::Arc::new(AtomicBool::new(true));
+        let while_down = std::sync::Arc::new(AtomicUsize::new(0));
+        let (u, d) = (up.clone(), while_down.clone());
+        let (handler, calls) = fake_handler(move |_, _| {
+            if !u.load(Ordering::SeqCst) {
+                d.fetch_add(1, Ordering::SeqCst);
+            }
+            ok_json()
+        })
+        .await;
+        let (core, state) = core(app.path(), &app.path().join("data"), &handler, WorkerState::Ready).await;
+        eventually("the dispatcher receiving", || receivers(&core, "ticket-lookup") == 1).await;
+        up.store(false, Ordering::SeqCst);
+        state.send(WorkerState::Down("exited".into())).unwrap();
+        eventually("the dispatcher to stop receiving", || receivers(&core, "ticket-lookup") == 0).await;
         send(&core.url, "ticket-lookup", r#"{"MessageId":"x"}"#, "x").await;
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert!(calls.lock().unwrap().is_empty());
+        up.store(true, Ordering::SeqCst);
         state.send(WorkerState::Ready).unwrap();
         eventually("delivered once ready", || calls.lock().unwrap().len() == 1).await;
+        eventually("completion", || core.shared.store.counts(0).unwrap().is_empty()).await;
+        assert_eq!(while_down.load(Ordering::SeqCst), 0, "delivered while the handler was down");
+        assert_eq!(calls.lock().unwrap().len(), 1);
         assert_eq!(calls.lock().unwrap()[0].json()["Metadata"]["DeliveryCount"], "1");
         core.stop().await;
     }
@@ -602,9 +741,12 @@ mod tests {
         // Ready, but nobody listens: connection refused.
         let (core, state) = core(app.path(), &app.path().join("data"), &format!("http://127.0.0.1:{port}"), WorkerState::Ready).await;
         send(&core.url, "ticket-lookup", r#"{"MessageId":"x"}"#, "x").await;
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // More attempts than maxDeliveryCount (2) would allow, were they counted.
+        let attempts = || core.shared.instances[0].invocations.load(Ordering::SeqCst);
+        eventually("three refused deliveries", || attempts() >= 3).await;
         state.send(WorkerState::Down("exited".into())).unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let unlocked = || core.shared.store.counts(0).unwrap().get("ticket-lookup").is_some_and(|c| c.locked == 0);
+        eventually("the dispatcher to stop and let the message go", || receivers(&core, "ticket-lookup") == 0 && unlocked()).await;
         let c = core.shared.store.counts(0).unwrap()["ticket-lookup"];
         assert_eq!((c.dead_lettered, c.locked), (0, 0));
         let m = core.shared.store.receive("ticket-lookup", super::Take::up_to(1), None, std::time::Duration::from_secs(1), super::now_ms()).unwrap();

@@ -229,89 +229,21 @@ impl Core {
         instances: Vec<Instance>,
         guard: Guard,
     ) -> Result<Core> {
-        let db = data.join("queues.db");
-        let store = {
-            let db = db.clone();
-            tokio::task::spawn_blocking(move || QueueStore::open(&db)).await??
-        };
-        let queues: BTreeMap<String, Arc<QueueSpec>> = config
-            .queue_functions()
-            .map(|(f, q)| {
-                let spec = QueueSpec::new(f.name.clone(), q.clone(), instances.len());
-                (q.queue.to_ascii_lowercase(), Arc::new(spec))
-            })
-            .collect();
-        let max_delivery: HashMap<String, u32> =
-            queues.values().map(|s| (s.trigger.queue.clone(), s.trigger.settings.max_delivery_count)).collect();
-        let released = {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || store.release_stale_locks(&max_delivery, now_ms())).await??
-        };
-        if released > 0 {
-            tracing::info!("released {released} message lock(s) left by the previous run; they will be redelivered");
-        }
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()?;
-        let prefix = config.route_prefix.clone();
-        let proxy_http = config.has_http_function();
-        if proxy_http && !config.proxy_http {
-            tracing::warn!(
-                "host.json customHandler.enableProxyingHttpRequest is not true; ticketpay local proxies HTTP functions anyway"
-            );
-        }
+        let store = open_queues(data).await?;
+        let queues = queue_specs(&config, instances.len());
+        release_stale_locks(&store, &queues).await?;
+        let client = handler_client()?;
+        let proxy_http = proxies_http(&config);
         let bus_down_until = std::sync::Mutex::new(None);
         let next = Default::default();
         let data = data.to_path_buf();
         let shared =
             Arc::new(Shared { config, store, queues, instances, next, data, client, guard, bus_down_until });
-
-        let mut app = servicebus::routes(&shared);
-        if proxy_http {
-            if prefix.is_empty() {
-                app = app.fallback(proxy::forward);
-            } else {
-                app = app
-                    .route(&format!("/{prefix}"), any(proxy::forward))
-                    .route(&format!("/{prefix}/"), any(proxy::forward))
-                    .route(&format!("/{prefix}/{{*rest}}"), any(proxy::forward));
-            }
-        }
-        let app = path::guarded(app.with_state(shared.clone()));
-        let url = format!("http://{}", listener.local_addr()?);
-        let (server_stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!("host HTTP server failed: {e}");
-            }
-        });
-
+        let (url, server, server_stop) = serve(listener, routes(&shared, proxy_http))?;
         let dispatch = dispatch::Dispatch::start(shared.clone());
         let (timers_stop, timers_stopped) = watch::channel(false);
         let timers = timer::start(shared.clone(), shared.config.timer_functions(), timers_stopped);
-        let pruner = {
-            let store = shared.store.clone();
-            let window = shared.queues.values().map(|q| q.trigger.settings.duplicate_detection_window).max();
-            tokio::spawn(async move {
-                let Some(window) = window else { return };
-                let mut tick = tokio::time::interval(Duration::from_secs(60));
-                loop {
-                    tick.tick().await;
-                    let store = store.clone();
-                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.prune_dedup(window, now_ms())).await {
-                        tracing::warn!("cannot prune duplicate-detection history: {e:#}");
-                    }
-                }
-            })
-        };
+        let pruner = start_pruner(&shared);
         Ok(Core { url, shared, dispatch, server, server_stop, pruner, timers_stop, timers })
     }
 
@@ -338,6 +270,107 @@ impl Core {
     }
 }
 
+/// `{data}/queues.db`, opened off the runtime's threads.
+async fn open_queues(data: &Path) -> Result<QueueStore> {
+    let db = data.join("queues.db");
+    tokio::task::spawn_blocking(move || QueueStore::open(&db)).await?
+}
+
+/// Every queue function, by queue name lower-cased.
+fn queue_specs(config: &HostConfig, instances: usize) -> BTreeMap<String, Arc<QueueSpec>> {
+    config
+        .queue_functions()
+        .map(|(f, q)| {
+            let spec = QueueSpec::new(f.name.clone(), q.clone(), instances);
+            (q.queue.to_ascii_lowercase(), Arc::new(spec))
+        })
+        .collect()
+}
+
+/// Unlocks what the previous run held when it stopped, so it is delivered again.
+async fn release_stale_locks(store: &QueueStore, queues: &BTreeMap<String, Arc<QueueSpec>>) -> Result<()> {
+    let max_delivery: HashMap<String, u32> =
+        queues.values().map(|s| (s.trigger.queue.clone(), s.trigger.settings.max_delivery_count)).collect();
+    let store = store.clone();
+    let released = tokio::task::spawn_blocking(move || store.release_stale_locks(&max_delivery, now_ms())).await??;
+    if released > 0 {
+        tracing::info!("released {released} message lock(s) left by the previous run; they will be redelivered");
+    }
+    Ok(())
+}
+
+/// Client for the handler: no proxy, no redirects, pooled.
+fn handler_client() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .build()?)
+}
+
+/// Whether HTTP functions are proxied to the handler: whenever there are any.
+fn proxies_http(config: &HostConfig) -> bool {
+    let proxy_http = config.has_http_function();
+    if proxy_http && !config.proxy_http {
+        tracing::warn!(
+            "host.json customHandler.enableProxyingHttpRequest is not true; ticketpay local proxies HTTP functions anyway"
+        );
+    }
+    proxy_http
+}
+
+/// The Service Bus endpoints, and HTTP functions under the route prefix if proxied.
+fn routes(shared: &Arc<Shared>, proxy_http: bool) -> axum::Router {
+    let mut app = servicebus::routes(shared);
+    if proxy_http {
+        let prefix = &shared.config.route_prefix;
+        if prefix.is_empty() {
+            app = app.fallback(proxy::forward);
+        } else {
+            app = app
+                .route(&format!("/{prefix}"), any(proxy::forward))
+                .route(&format!("/{prefix}/"), any(proxy::forward))
+                .route(&format!("/{prefix}/{{*rest}}"), any(proxy::forward));
+        }
+    }
+    path::guarded(app.with_state(shared.clone()))
+}
+
+/// Serves `app` on `listener` until told to stop; returns its URL.
+fn serve(listener: TcpListener, app: axum::Router) -> Result<(String, JoinHandle<()>, oneshot::Sender<()>)> {
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!("host HTTP server failed: {e}");
+        }
+    });
+    Ok((url, server, stop))
+}
+
+/// Forgets message ids older than the longest duplicate-detection window, every minute.
+fn start_pruner(shared: &Shared) -> JoinHandle<()> {
+    let store = shared.store.clone();
+    let window = shared.queues.values().map(|q| q.trigger.settings.duplicate_detection_window).max();
+    tokio::spawn(async move {
+        let Some(window) = window else { return };
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let store = store.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.prune_dedup(window, now_ms())).await {
+                tracing::warn!("cannot prune duplicate-detection history: {e:#}");
+            }
+        }
+    })
+}
+
 /// A running local host.
 pub struct LocalHost {
     /// `http://127.0.0.1:{port}`: HTTP functions under `/api`, Service Bus REST (with the
@@ -357,134 +390,40 @@ impl LocalHost {
     /// Starts everything; returns once the handler answered readiness.
     pub async fn start(opts: LocalOptions) -> Result<LocalHost> {
         let cwd = std::env::current_dir()?;
-        let app_root = cwd.join(&opts.app_root);
-        let app_root = app_root.canonicalize().with_context(|| format!("app root {} not found", app_root.display()))?;
-        let mut config = HostConfig::load(&app_root)?;
-        config.duplicate_deliveries = opts.duplicate_deliveries;
-        if let Some(n) = opts.max_batch {
-            config.set_max_batch(check_max_batch(n)?);
-        }
-        let data = cwd.join(&opts.data);
-        std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
-        let data = data.canonicalize()?;
+        let app_root = find_app_root(&cwd, &opts.app_root)?;
+        let config = host_config(&app_root, &opts)?;
+        let data = data_dir(&cwd, &opts.data)?;
         let settings = read_settings(&app_root)?;
         let access = api_access(&settings)?;
-
         let listener = TcpListener::bind(("127.0.0.1", opts.port))
             .await
             .with_context(|| format!("cannot listen on 127.0.0.1:{}", opts.port))?;
-        let host_port = listener.local_addr()?.port();
-
-        // A scenario file relative to our directory must still be found from the handler's.
-        let scenario = opts.scenario.clone().map(|s| match Path::new(&s) {
-            p if p.is_file() => cwd.join(p).to_string_lossy().into_owned(),
-            _ => s,
-        });
-        // The handler keeps to the named scenario's limits, whoever plays the providers.
-        let providers_config = scenario.clone();
-        // The provider simulator, unless one is given.
-        let mut simulator = None;
-        let providers_url = match opts.providers_url.clone().or_else(|| settings.get("TICKETPAY_PROVIDERS_URL").cloned()) {
-            Some(u) => u.trim_end_matches('/').to_string(),
-            None => {
-                let l = TcpListener::bind(("127.0.0.1", opts.providers_port))
-                    .await
-                    .with_context(|| format!("cannot listen on 127.0.0.1:{} for the provider simulator", opts.providers_port))?;
-                let url = format!("http://{}", l.local_addr()?);
-                let scenario = scenario.unwrap_or_else(|| DEFAULT_SCENARIO.to_string());
-                simulator = Some(start_simulator(l, Some(&scenario)).await?);
-                url
-            }
-        };
-
-        let n = check_instances(opts.instances)?;
-        if matches!(opts.store, StoreChoice::CosmosEmulator { .. }) && n != 1 {
-            bail!("--store cosmos-emulator runs one handler instance (the emulator lives in its process), not {n}");
-        }
+        let bus_url = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
+        let providers = Providers::start(&opts, &settings, scenario_from(&cwd, opts.scenario.clone())).await?;
+        let n = instance_count(&opts)?;
         let program = worker::resolve_executable(&app_root, &config.executable)?;
-        let lookup = |k: &str| settings.get(k).cloned().or_else(|| std::env::var(k).ok());
-        // Values win over the environment, as they do for the handler started below.
+        let bus_token = bus_token(&settings);
+        let env = handler_env(&settings, &app_root, &data, bus_url, &bus_token, &providers, opts.store);
+        let launch = Launch::new(program, &config, &app_root, &settings, env);
+        let (pending, instances) = instances(n, &launch)?;
         let api_open = access == Access::Open;
-        let bus_token = match lookup(crate::config::BUS_TOKEN).map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()) {
-            Some(given) => BusToken::given(&given),
-            None => BusToken::random(),
-        };
-        let args: Vec<String> = config.arguments.iter().map(|a| worker::expand(a, lookup)).collect();
-        let cwd_handler =
-            if config.working_directory.is_empty() { app_root.clone() } else { app_root.join(&config.working_directory) };
-        let mut env: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let mut set = |k: &str, v: String, only_if_unset: bool| {
-            if only_if_unset && settings.contains_key(k) {
-                return;
-            }
-            env.retain(|(name, _)| name != k);
-            env.push((k.to_string(), v));
-        };
-        set("FUNCTIONS_APP_ROOT_PATH", app_root.to_string_lossy().into_owned(), false);
-        set("FUNCTIONS_WORKER_RUNTIME", "custom".into(), true);
-        set(crate::config::BUS_URL, format!("http://127.0.0.1:{host_port}"), true);
-        set(crate::config::BUS_TOKEN, bus_token.as_str().to_owned(), false);
-        set("TICKETPAY_DATA_DIR", data.to_string_lossy().into_owned(), true);
-        set("TICKETPAY_PROVIDERS_URL", providers_url.clone(), true);
-        if let Some(pc) = providers_config {
-            set("TICKETPAY_PROVIDERS_CONFIG", pc, true);
-        }
-        if let StoreChoice::CosmosEmulator { ru_per_second } = opts.store {
-            set(crate::config::STORE, "cosmos-emulator".into(), false);
-            if let Some(ru) = ru_per_second {
-                set(crate::config::EMULATOR_THROUGHPUT, ru.to_string(), false);
-            }
-        }
-
-        // Each instance: its own port, worker id and instance id, otherwise the same environment.
-        let mut specs = Vec::new();
-        let mut instances = Vec::new();
-        for i in 0..n {
-            let port = free_port()?;
-            let mut env = env.clone();
-            let mut put = |k: &str, v: String| {
-                env.retain(|(name, _)| name != k);
-                env.push((k.to_string(), v));
-            };
-            put("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string());
-            put("FUNCTIONS_HTTPWORKER_PORT", port.to_string());
-            put("FUNCTIONS_CUSTOMHANDLER_WORKER_ID", uuid::Uuid::new_v4().to_string());
-            put("TICKETPAY_INSTANCE_ID", format!("instance-{i}"));
-            let (state_tx, state_rx) = watch::channel(WorkerState::Starting);
-            let instance = Instance::new(format!("instance-{i}"), format!("http://127.0.0.1:{port}"), state_rx);
-            let spec = WorkerSpec { program: program.clone(), args: args.clone(), cwd: cwd_handler.clone(), env, port };
-            specs.push((spec, state_tx, instance.pid.clone()));
-            instances.push(instance);
-        }
         let guard = Guard { access, bus_token };
         let core = match Core::start(config, &data, listener, instances, guard).await {
             Ok(c) => c,
             Err(e) => {
-                if let Some(s) = simulator {
-                    s.abort();
-                }
+                providers.stop();
                 return Err(e);
             }
         };
-        let workers: Vec<Worker> =
-            specs.into_iter().map(|(spec, tx, pid)| Worker::start_with_pid(spec, tx, pid)).collect();
-        let mut failed = None;
-        for w in &workers {
-            if let Err(e) = w.wait_ready().await {
-                failed = Some(e);
-                break;
+        let workers = match start_workers(pending).await {
+            Ok(w) => w,
+            Err(e) => {
+                core.stop().await;
+                providers.stop();
+                return Err(e);
             }
-        }
-        if let Some(e) = failed {
-            for w in workers {
-                w.stop().await;
-            }
-            core.stop().await;
-            if let Some(s) = simulator {
-                s.abort();
-            }
-            return Err(e);
-        }
+        };
+        let Providers { url: providers_url, simulator, .. } = providers;
         Ok(LocalHost { url: core.url.clone(), providers_url, api_open, core, workers, simulator })
     }
 
@@ -501,6 +440,201 @@ impl LocalHost {
         }
         Ok(())
     }
+}
+
+/// `--app-root` as an absolute path that exists.
+fn find_app_root(cwd: &Path, given: &Path) -> Result<PathBuf> {
+    let app_root = cwd.join(given);
+    app_root.canonicalize().with_context(|| format!("app root {} not found", app_root.display()))
+}
+
+/// host.json and the functions, with the command line's overrides.
+fn host_config(app_root: &Path, opts: &LocalOptions) -> Result<HostConfig> {
+    let mut config = HostConfig::load(app_root)?;
+    config.duplicate_deliveries = opts.duplicate_deliveries;
+    if let Some(n) = opts.max_batch {
+        config.set_max_batch(check_max_batch(n)?);
+    }
+    Ok(config)
+}
+
+/// `--data`, created if missing.
+fn data_dir(cwd: &Path, given: &Path) -> Result<PathBuf> {
+    let data = cwd.join(given);
+    std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
+    Ok(data.canonicalize()?)
+}
+
+/// A scenario file relative to our directory must still be found from the handler's.
+fn scenario_from(cwd: &Path, scenario: Option<String>) -> Option<String> {
+    scenario.map(|s| match Path::new(&s) {
+        p if p.is_file() => cwd.join(p).to_string_lossy().into_owned(),
+        _ => s,
+    })
+}
+
+/// Where the handler reaches the providers, and the simulator playing them if we started it.
+struct Providers {
+    url: String,
+    /// The scenario whose limits the handler keeps to, whoever plays the providers.
+    config: Option<String>,
+    simulator: Option<JoinHandle<()>>,
+}
+
+impl Providers {
+    /// The providers URL given on the command line or in settings, else a simulator started here.
+    async fn start(opts: &LocalOptions, settings: &BTreeMap<String, String>, scenario: Option<String>) -> Result<Providers> {
+        let given = opts.providers_url.clone().or_else(|| settings.get("TICKETPAY_PROVIDERS_URL").cloned());
+        if let Some(u) = given {
+            return Ok(Providers { url: u.trim_end_matches('/').to_string(), config: scenario, simulator: None });
+        }
+        let l = TcpListener::bind(("127.0.0.1", opts.providers_port))
+            .await
+            .with_context(|| format!("cannot listen on 127.0.0.1:{} for the provider simulator", opts.providers_port))?;
+        let url = format!("http://{}", l.local_addr()?);
+        let played = scenario.clone().unwrap_or_else(|| DEFAULT_SCENARIO.to_string());
+        let simulator = Some(start_simulator(l, Some(&played)).await?);
+        Ok(Providers { url, config: scenario, simulator })
+    }
+
+    fn stop(self) {
+        if let Some(s) = self.simulator {
+            s.abort();
+        }
+    }
+}
+
+/// `--instances`, checked against the store: the emulator lives in one handler's process.
+fn instance_count(opts: &LocalOptions) -> Result<usize> {
+    let n = check_instances(opts.instances)?;
+    if matches!(opts.store, StoreChoice::CosmosEmulator { .. }) && n != 1 {
+        bail!("--store cosmos-emulator runs one handler instance (the emulator lives in its process), not {n}");
+    }
+    Ok(n)
+}
+
+/// A setting as the handler reads it: `Values` win over the environment.
+fn setting(settings: &BTreeMap<String, String>, name: &str) -> Option<String> {
+    settings.get(name).cloned().or_else(|| std::env::var(name).ok())
+}
+
+/// The token the handler presents to the Service Bus endpoints: the configured one, else a fresh one.
+fn bus_token(settings: &BTreeMap<String, String>) -> BusToken {
+    match setting(settings, crate::config::BUS_TOKEN).map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()) {
+        Some(given) => BusToken::given(&given),
+        None => BusToken::random(),
+    }
+}
+
+/// A process environment in which each name appears once.
+#[derive(Clone)]
+struct Env(Vec<(String, String)>);
+
+impl Env {
+    fn set(&mut self, name: &str, value: String) {
+        self.0.retain(|(n, _)| n != name);
+        self.0.push((name.to_string(), value));
+    }
+
+    /// Sets `name` unless it is there already: local.settings.json wins.
+    fn set_unless_given(&mut self, name: &str, value: String) {
+        if !self.0.iter().any(|(n, _)| n == name) {
+            self.set(name, value);
+        }
+    }
+}
+
+/// The environment every handler instance starts with: the `Values` of
+/// local.settings.json, then what the host tells the handler.
+fn handler_env(
+    settings: &BTreeMap<String, String>,
+    app_root: &Path,
+    data: &Path,
+    bus_url: String,
+    bus_token: &BusToken,
+    providers: &Providers,
+    store: StoreChoice,
+) -> Env {
+    let mut env = Env(settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    env.set("FUNCTIONS_APP_ROOT_PATH", app_root.to_string_lossy().into_owned());
+    env.set_unless_given("FUNCTIONS_WORKER_RUNTIME", "custom".into());
+    env.set_unless_given(crate::config::BUS_URL, bus_url);
+    env.set(crate::config::BUS_TOKEN, bus_token.as_str().to_owned());
+    env.set_unless_given("TICKETPAY_DATA_DIR", data.to_string_lossy().into_owned());
+    env.set_unless_given("TICKETPAY_PROVIDERS_URL", providers.url.clone());
+    if let Some(pc) = &providers.config {
+        env.set_unless_given("TICKETPAY_PROVIDERS_CONFIG", pc.clone());
+    }
+    if let StoreChoice::CosmosEmulator { ru_per_second } = store {
+        env.set(crate::config::STORE, "cosmos-emulator".into());
+        if let Some(ru) = ru_per_second {
+            env.set(crate::config::EMULATOR_THROUGHPUT, ru.to_string());
+        }
+    }
+    env
+}
+
+/// How every handler instance is started, as host.json's customHandler says.
+struct Launch {
+    program: PathBuf,
+    args: Vec<String>,
+    cwd: PathBuf,
+    env: Env,
+}
+
+impl Launch {
+    fn new(program: PathBuf, config: &HostConfig, app_root: &Path, settings: &BTreeMap<String, String>, env: Env) -> Launch {
+        let args = config.arguments.iter().map(|a| worker::expand(a, |k| setting(settings, k))).collect();
+        let cwd =
+            if config.working_directory.is_empty() { app_root.to_path_buf() } else { app_root.join(&config.working_directory) };
+        Launch { program, args, cwd, env }
+    }
+
+    /// Instance `i`: its own port, worker id and instance id, otherwise the same.
+    fn instance(&self, i: usize) -> Result<(PendingWorker, Instance)> {
+        let port = free_port()?;
+        let mut env = self.env.clone();
+        env.set("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string());
+        env.set("FUNCTIONS_HTTPWORKER_PORT", port.to_string());
+        env.set("FUNCTIONS_CUSTOMHANDLER_WORKER_ID", uuid::Uuid::new_v4().to_string());
+        env.set("TICKETPAY_INSTANCE_ID", format!("instance-{i}"));
+        let (state, state_rx) = watch::channel(WorkerState::Starting);
+        let instance = Instance::new(format!("instance-{i}"), format!("http://127.0.0.1:{port}"), state_rx);
+        let spec = WorkerSpec { program: self.program.clone(), args: self.args.clone(), cwd: self.cwd.clone(), env: env.0, port };
+        Ok((PendingWorker { spec, state, pid: instance.pid.clone() }, instance))
+    }
+}
+
+/// A handler process not started yet, wired to the instance the host knows it as.
+struct PendingWorker {
+    spec: WorkerSpec,
+    state: watch::Sender<WorkerState>,
+    pid: Arc<std::sync::atomic::AtomicI32>,
+}
+
+/// One handler process per instance, yet to start, and the instances the host delivers to.
+fn instances(n: usize, launch: &Launch) -> Result<(Vec<PendingWorker>, Vec<Instance>)> {
+    (0..n).map(|i| launch.instance(i)).collect::<Result<Vec<_>>>().map(|v| v.into_iter().unzip())
+}
+
+/// Starts the handler processes and waits until each is ready; if one is
+/// not, stops them all.
+async fn start_workers(pending: Vec<PendingWorker>) -> Result<Vec<Worker>> {
+    let workers: Vec<Worker> = pending.into_iter().map(|p| Worker::start_with_pid(p.spec, p.state, p.pid)).collect();
+    if let Err(e) = all_ready(&workers).await {
+        for w in workers {
+            w.stop().await;
+        }
+        return Err(e);
+    }
+    Ok(workers)
+}
+
+async fn all_ready(workers: &[Worker]) -> Result<()> {
+    for w in workers {
+        w.wait_ready().await?;
+    }
+    Ok(())
 }
 
 /// `ticketpay local`: start, announce on stdout, run until Ctrl-C or
@@ -536,7 +670,7 @@ fn warn_open(url: &str) {
 /// environment), so `/admin` takes the same keys as `/api`.
 fn api_access(settings: &BTreeMap<String, String>) -> Result<Access> {
     let name = crate::config::API_KEYS;
-    let keys = settings.get(name).cloned().or_else(|| std::env::var(name).ok());
+    let keys = setting(settings, name);
     match keys.filter(|k| !k.trim().is_empty()) {
         None => Ok(Access::Open),
         Some(keys) => Ok(Access::Keys(ApiKeys::parse(&keys).map_err(|e| anyhow!("setting {name}: {e}"))?)),

@@ -16,7 +16,6 @@ pub mod timer;
 pub mod worker;
 
 #[cfg(test)]
-#[cfg(test)]
 mod testkit;
 
 use std::collections::{BTreeMap, HashMap};
@@ -399,13 +398,19 @@ impl LocalHost {
             .await
             .with_context(|| format!("cannot listen on 127.0.0.1:{}", opts.port))?;
         let bus_url = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
-        let providers = Providers::start(&opts, &settings, scenario_from(&cwd, opts.scenario.clone())).await?;
         let n = instance_count(&opts)?;
         let program = worker::resolve_executable(&app_root, &config.executable)?;
+        let providers = Providers::start(&opts, &settings, scenario_from(&cwd, opts.scenario.clone())).await?;
         let bus_token = bus_token(&settings);
         let env = handler_env(&settings, &app_root, &data, bus_url, &bus_token, &providers, opts.store);
         let launch = Launch::new(program, &config, &app_root, &settings, env);
-        let (pending, instances) = instances(n, &launch)?;
+        let (pending, instances) = match instances(n, &launch) {
+            Ok(made) => made,
+            Err(e) => {
+                providers.stop();
+                return Err(e);
+            }
+        };
         let api_open = access == Access::Open;
         let guard = Guard { access, bus_token };
         let core = match Core::start(config, &data, listener, instances, guard).await {

@@ -124,7 +124,6 @@ pub struct Pipeline {
     pub claim_lease: Duration,
 }
 
-/// The message that moves a ticket into `stage`, for `attempt`.
 /// What lookup recorded as owed: a ticket past lookup without it is a defect,
 /// never a reason to check or hold nothing.
 fn amount_due(ticket: &Ticket, stage: Stage) -> Result<i64, StageError> {
@@ -132,6 +131,7 @@ fn amount_due(ticket: &Ticket, stage: Stage) -> Result<i64, StageError> {
     ticket.amount_due.ok_or_else(|| StoreError::Invalid(format!("ticket {b}/{t} reached {stage} with no amount due")).into())
 }
 
+/// The message that moves a ticket into `stage`, for `attempt`.
 pub fn message_for(ticket: &Ticket, stage: Stage, attempt: u32, not_before: Option<chrono::DateTime<Utc>>) -> OutgoingMessage {
     let body = StageMessage { batch_id: ticket.batch_id.clone(), ticket_id: ticket.ticket_id.clone(), attempt, deferrals: 0 };
     OutgoingMessage {

@@ -43,7 +43,6 @@ pub use self::documents::{INDEXED_PATHS, TICKET_PARTITIONS};
 use self::keys::KeyClaim;
 use self::transaction::{first_failure, op_error, Pricer, Transaction, MAX_OPS};
 use super::meter::Meter;
-use super::schema::EVENT_SCHEMA;
 use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
 use crate::domain::reconciliation::ReconciliationRun;
 use crate::domain::{AuthorityCode, Batch, BatchId, BudgetError, ClientId, Event, Status, Ticket, TicketId};
@@ -688,7 +687,7 @@ impl Store for CosmosStore {
         let pk = ticket_partition(batch_id.as_str(), ticket_id.as_str());
         let docs: Vec<EventsDoc> = self.query(q, Some(&pk), "events").await?;
         // Entries in the first shape recorded amounts without their currency: the batch's.
-        let currency = match docs.iter().any(|d| d.schema < EVENT_SCHEMA) {
+        let currency = match docs.iter().any(EventsDoc::is_first_shape) {
             true => self.batch(batch_id).await?.map(|b| b.currency),
             false => None,
         };

@@ -51,7 +51,17 @@ pub fn decode_events<T: DeserializeOwned>(json: &[u8], schema: u32, currency: im
             name_currency(&mut recorded, currency()?);
             serde_json::from_value(recorded).map_err(invalid)
         }
-        s if s <= EVENT_SCHEMA => serde_json::from_slice(json).map_err(invalid),
+        s => {
+            readable_event_shape(s)?;
+            serde_json::from_slice(json).map_err(invalid)
+        }
+    }
+}
+
+/// Whether this release reads audit entries in shape `schema`.
+pub fn readable_event_shape(schema: u32) -> Result<()> {
+    match schema {
+        s if s <= EVENT_SCHEMA => Ok(()),
         s => Err(StoreError::Invalid(newer_event(s))),
     }
 }

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::reconciliation::ReconciliationRun;
 use crate::domain::{AuthorityCode, Batch, BatchId, Currency, Event, EventKind, Stage, Status, Ticket, TicketId};
-use crate::store::schema::{decode_events, EVENT_SCHEMA};
+use crate::store::schema::{decode_events, readable_event_shape, EVENT_SCHEMA};
 use crate::store::PaymentClaim;
 
 /// The ticket partitions of one batch: its tickets spread over this many logical
@@ -158,15 +158,16 @@ pub(super) struct EventsDoc {
     /// Append order: microseconds since the epoch, strictly increasing within a process.
     pub seq: i64,
     pub batch_id: BatchId,
-    /// The shape of the events (`schema::EVENT_SCHEMA`); without it, the first.
-    #[serde(default = "first_shape")]
-    pub schema: u32,
-    /// The events as a JSON array, raw-deflated, in standard base64.
+    /// `{"schema": …, "events": […]}`, raw-deflated, in standard base64; in the
+    /// first shape, the events array alone. The shape travels inside, where it
+    /// costs no request units as a property of its own would.
     pub deflated: String,
 }
 
-fn first_shape() -> u32 {
-    1
+#[derive(Serialize, Deserialize)]
+struct Shaped<T> {
+    schema: u32,
+    events: T,
 }
 
 impl EventsDoc {
@@ -181,9 +182,14 @@ impl EventsDoc {
             ticket_id: first.ticket_id.to_string(),
             seq,
             batch_id: first.batch_id.clone(),
-            schema: EVENT_SCHEMA,
-            deflated: deflate(&serde_json::to_vec(&stored).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
+            deflated: deflate(&serde_json::to_vec(&Shaped { schema: EVENT_SCHEMA, events: stored }).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?,
         })
+    }
+
+    /// Whether the entry is in the first shape, whose amounts name no currency.
+    pub fn is_first_shape(&self) -> bool {
+        inflate(&self.deflated).is_ok_and(|json| json.first() == Some(&b'['))
     }
 
     /// The events; `currency`, the batch's, is asked for only by the first shape.
@@ -191,7 +197,14 @@ impl EventsDoc {
         let what = |e: &dyn std::fmt::Display| format!("audit entry {}: {e}", self.id);
         let ticket_id = TicketId::parse(&self.ticket_id)?;
         let json = inflate(&self.deflated).map_err(|e| what(&e))?;
-        let stored: Vec<StoredEvent> = decode_events(&json, self.schema, currency).map_err(|e| what(&e))?;
+        let stored: Vec<StoredEvent> = match json.first() {
+            Some(b'[') => decode_events(&json, 1, currency).map_err(|e| what(&e))?,
+            _ => {
+                let shape: Shaped<serde::de::IgnoredAny> = serde_json::from_slice(&json).map_err(|e| what(&e))?;
+                readable_event_shape(shape.schema).map_err(|e| what(&e))?;
+                serde_json::from_slice::<Shaped<Vec<StoredEvent>>>(&json).map_err(|e| what(&e))?.events
+            }
+        };
         Ok(stored.into_iter().map(|e| Event { batch_id: self.batch_id.clone(), ticket_id: ticket_id.clone(), at: e.at, stage: e.stage, kind: e.kind }).collect())
     }
 }

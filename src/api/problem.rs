@@ -79,3 +79,26 @@ impl IntoResponse for Problem {
         response
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::upload::{self, Header};
+    use crate::domain::AuthorityCode;
+
+    #[test]
+    fn a_refused_upload_is_a_problem_naming_its_row_and_field_and_too_many_tickets_is_too_large() {
+        let authorities = [AuthorityCode::parse("CITY-PARKING").unwrap()];
+        let header = Header { client_id: Some("acme"), currency: Some("EUR"), budget: Some("10.00") };
+        let bad_row = upload::parse_csv(b"ticket_id,authority\nT1,NOWHERE\n", &header, &authorities).unwrap_err();
+        let p = Problem::from(bad_row.clone());
+        assert_eq!((p.status, p.row, p.field.as_deref()), (422, bad_row.row, Some("authority")));
+        assert!(p.row.is_some() && p.detail.contains("`authority`"), "{p:?}");
+        let mut csv = b"ticket_id,authority\n".to_vec();
+        for i in 0..=upload::MAX_TICKETS {
+            csv.extend(format!("T{i},CITY-PARKING\n").bytes());
+        }
+        let too_many = Problem::from(upload::parse_csv(&csv, &header, &authorities).unwrap_err());
+        assert_eq!((too_many.status, too_many.field.as_deref()), (413, Some("tickets")));
+    }
+}

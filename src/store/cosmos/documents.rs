@@ -157,17 +157,11 @@ pub(super) struct EventsDoc {
     pub ticket_id: String,
     /// Append order: microseconds since the epoch, strictly increasing within a process.
     pub seq: i64,
-    pub batch_id: BatchId,
-    /// `{"schema": …, "events": […]}`, raw-deflated, in standard base64; in the
-    /// first shape, the events array alone. The shape travels inside, where it
-    /// costs no request units as a property of its own would.
+    /// `[schema, [events…]]`, raw-deflated, in standard base64; in the first
+    /// shape, the events array alone. The shape travels inside, and the batch is
+    /// read from the partition key: a property of their own would be billed on
+    /// every entry.
     pub deflated: String,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Shaped<T> {
-    schema: u32,
-    events: T,
 }
 
 impl EventsDoc {
@@ -181,32 +175,35 @@ impl EventsDoc {
             kind: "events".into(),
             ticket_id: first.ticket_id.to_string(),
             seq,
-            batch_id: first.batch_id.clone(),
-            deflated: deflate(&serde_json::to_vec(&Shaped { schema: EVENT_SCHEMA, events: stored }).map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?,
+            deflated: deflate(&serde_json::to_vec(&(EVENT_SCHEMA, stored)).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
         })
     }
 
     /// Whether the entry is in the first shape, whose amounts name no currency.
     pub fn is_first_shape(&self) -> bool {
-        inflate(&self.deflated).is_ok_and(|json| json.first() == Some(&b'['))
+        inflate(&self.deflated).is_ok_and(|json| first_shape(&json))
     }
 
     /// The events; `currency`, the batch's, is asked for only by the first shape.
     pub fn into_events(self, currency: impl FnOnce() -> crate::store::Result<Currency>) -> Result<Vec<Event>, String> {
         let what = |e: &dyn std::fmt::Display| format!("audit entry {}: {e}", self.id);
         let ticket_id = TicketId::parse(&self.ticket_id)?;
+        let batch_id = BatchId::parse(self.pk.rsplit_once(':').map_or("", |(batch, _)| batch)).map_err(|e| what(&e))?;
         let json = inflate(&self.deflated).map_err(|e| what(&e))?;
-        let stored: Vec<StoredEvent> = match json.first() {
-            Some(b'[') => decode_events(&json, 1, currency).map_err(|e| what(&e))?,
-            _ => {
-                let shape: Shaped<serde::de::IgnoredAny> = serde_json::from_slice(&json).map_err(|e| what(&e))?;
-                readable_event_shape(shape.schema).map_err(|e| what(&e))?;
-                serde_json::from_slice::<Shaped<Vec<StoredEvent>>>(&json).map_err(|e| what(&e))?.events
-            }
+        let stored: Vec<StoredEvent> = if first_shape(&json) {
+            decode_events(&json, 1, currency).map_err(|e| what(&e))?
+        } else {
+            let (schema, _): (u32, serde::de::IgnoredAny) = serde_json::from_slice(&json).map_err(|e| what(&e))?;
+            readable_event_shape(schema).map_err(|e| what(&e))?;
+            serde_json::from_slice::<(u32, Vec<StoredEvent>)>(&json).map_err(|e| what(&e))?.1
         };
-        Ok(stored.into_iter().map(|e| Event { batch_id: self.batch_id.clone(), ticket_id: ticket_id.clone(), at: e.at, stage: e.stage, kind: e.kind }).collect())
+        Ok(stored.into_iter().map(|e| Event { batch_id: batch_id.clone(), ticket_id: ticket_id.clone(), at: e.at, stage: e.stage, kind: e.kind }).collect())
     }
+}
+
+/// The first shape is an array of events; later ones open with their number.
+fn first_shape(json: &[u8]) -> bool {
+    !json.get(1).is_some_and(u8::is_ascii_digit)
 }
 
 fn deflate(bytes: &[u8]) -> std::io::Result<String> {

@@ -848,13 +848,14 @@ pub(crate) mod tests {
         assert_eq!(pay.operations_from(op("capture")), [], "not in this direction");
     }
 
-    pub(crate) fn ticket(status: Status) -> Ticket {
-        let now = Utc::now();
+    /// A queued batch of `client` paying in EUR within `budget`, and its one
+    /// ticket's line (`t1` at CITY-PARKING).
+    pub(crate) fn batch_of_one(batch_id: BatchId, client: &str, budget: i64, now: DateTime<Utc>) -> (super::super::Batch, super::super::upload::TicketLine) {
         let batch = super::super::Batch {
-            batch_id: BatchId::parse("b1").unwrap(),
-            client_id: ClientId::parse("c1").unwrap(),
+            batch_id,
+            client_id: ClientId::parse(client).unwrap(),
             currency: Currency::parse("EUR").unwrap(),
-            budget: 10_000,
+            budget,
             committed: 0,
             tickets: 1,
             idempotency_key: None,
@@ -868,6 +869,12 @@ pub(crate) mod tests {
             authority: AuthorityCode::parse("CITY-PARKING").unwrap(),
             reference: None,
         };
+        (batch, line)
+    }
+
+    pub(crate) fn ticket(status: Status) -> Ticket {
+        let now = Utc::now();
+        let (batch, line) = batch_of_one(BatchId::parse("b1").unwrap(), "c1", 10_000, now);
         Ticket { state: in_status(status), ..Ticket::accepted(&batch, line, now) }
     }
 

@@ -139,26 +139,13 @@ async fn end_duplicate(p: &Pipeline, current: &Versioned<Ticket>, owner: &Ticket
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::upload::TicketLine;
-    use crate::domain::{AuthorityCode, Batch, BatchId, ClientId, Currency, TicketId};
+    use crate::domain::ticket::tests::{batch_of_one, in_status};
+    use crate::domain::{BatchId, ClientId};
 
     fn owner(status: Status) -> Ticket {
         let now = Utc::now() - chrono::Duration::minutes(5);
-        let batch = Batch {
-            batch_id: BatchId::parse("b-owner").unwrap(),
-            client_id: ClientId::parse("acme").unwrap(),
-            currency: Currency::parse("EUR").unwrap(),
-            budget: 10_000,
-            committed: 0,
-            tickets: 1,
-            idempotency_key: None,
-            request_digest: String::new(),
-            enqueued: true,
-            completed_at: None,
-            created_at: now,
-        };
-        let line = TicketLine { ticket_id: TicketId::parse("t1").unwrap(), authority: AuthorityCode::parse("CITY-PARKING").unwrap(), reference: None };
-        Ticket { state: crate::domain::ticket::tests::in_status(status), ..Ticket::accepted(&batch, line, now) }
+        let (batch, line) = batch_of_one(BatchId::parse("b-owner").unwrap(), "acme", 10_000, now);
+        Ticket { state: in_status(status), ..Ticket::accepted(&batch, line, now) }
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::*;
-use crate::domain::upload::TicketLine;
-use crate::domain::{AuthorityCode, Batch, ClientId, Currency, Due, Money, Operation, PayStep, ProviderName, State, Status};
+use crate::domain::ticket::tests::batch_of_one;
+use crate::domain::{Batch, Currency, Due, Money, Operation, PayStep, ProviderName, State, Status};
 use crate::providers::client::Call;
 use crate::providers::wire::{CheckRequest, CheckResponse, Decision, OperationResponse, WireMoney};
 use crate::store::sqlite::SqliteStore;
@@ -117,20 +117,7 @@ async fn stages(declines: &[&'static str], budget: i64) -> Stages {
         claim_lease: LEASE,
     };
     let now = Utc::now();
-    let batch = Batch {
-        batch_id: BatchId::generate(),
-        client_id: ClientId::parse("acme").unwrap(),
-        currency: Currency::parse("EUR").unwrap(),
-        budget,
-        committed: 0,
-        tickets: 1,
-        idempotency_key: None,
-        request_digest: String::new(),
-        enqueued: true,
-        completed_at: None,
-        created_at: now,
-    };
-    let line = TicketLine { ticket_id: TicketId::parse("t1").unwrap(), authority: AuthorityCode::parse("CITY-PARKING").unwrap(), reference: None };
+    let (batch, line) = batch_of_one(BatchId::generate(), "acme", budget, now);
     let ticket = Ticket::accepted(&batch, line, now);
     pipeline.store.create_batch(&batch, std::slice::from_ref(&ticket), &[]).await.unwrap();
     Stages { pipeline, bus, providers, batch, _dir: dir }

@@ -52,7 +52,13 @@ fn a_faulty_run_agrees_with_every_provider() {
     let s = stack(dir.path(), &scenario, &[]);
     let batch = upload(&s, "acme", "FT", 150);
     let status = completed(&s, &batch);
-    assert_eq!(status["counts"]["parked"].as_u64().unwrap_or(0), 0, "{status}");
+    let parked = ok_json(keyed(&s, "GET", &format!("/api/batches/{batch}/tickets?status=parked"), OPS_KEY, None))["tickets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| ok_json(keyed(&s, "GET", &format!("/api/batches/{batch}/tickets/{}", t["ticket_id"].as_str().unwrap()), OPS_KEY, None)))
+        .collect::<Vec<_>>();
+    assert_eq!(status["counts"]["parked"].as_u64().unwrap_or(0), 0, "{status}\nparked: {parked:?}");
     let run = ok_json(keyed(&s, "GET", &format!("/api/batches/{batch}/reconciliation"), OPS_KEY, None));
     assert_eq!(run["disagreements"], json!([]), "{run}");
     assert_eq!(run["agrees"], true);

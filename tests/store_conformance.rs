@@ -86,7 +86,7 @@ async fn batches_and_tickets_are_created_once(store: Arc<dyn Store>) {
 async fn transitions_are_conditional_and_apply_once(store: Arc<dyn Store>) {
     let (b, ts) = seeded(store.as_ref(), 1_000, 1).await;
     let current = store.ticket(&b.batch_id, &ts[0].ticket_id).await.unwrap().unwrap();
-    let update = TicketUpdate { ticket: moved(&current.value, State::Validate), etag: current.etag.clone(), budget: None, events: vec![] };
+    let update = TicketUpdate { ticket: moved(&current.value, State::waiting_for(Stage::Validate)), etag: current.etag.clone(), budget: None, events: vec![] };
     let after = store.update_ticket(update.clone()).await.unwrap();
     assert_ne!(after.etag, current.etag);
     assert!(matches!(store.update_ticket(update).await, Err(StoreError::Conflict(_))), "a redelivered transition");
@@ -212,7 +212,7 @@ async fn events_are_appended_and_read_in_order(store: Arc<dyn Store>) {
     }
     let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
     let with_change = Event::new(&t.batch_id, &t.ticket_id, Stage::Lookup, EventKind::Paid { amount: t.money(100) }, Utc::now());
-    let u = TicketUpdate { ticket: moved(&current.value, State::Validate), etag: current.etag, budget: None, events: vec![with_change.clone()] };
+    let u = TicketUpdate { ticket: moved(&current.value, State::waiting_for(Stage::Validate)), etag: current.etag, budget: None, events: vec![with_change.clone()] };
     store.update_ticket(u).await.unwrap();
     let stale = TicketUpdate { ticket: moved(&current.value, State::Rejected { reason: "amount mismatch".into() }), etag: "0".into(), budget: None, events: vec![with_change.clone()] };
     assert!(store.update_ticket(stale).await.is_err());

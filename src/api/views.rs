@@ -83,6 +83,8 @@ pub fn ticket(t: &Ticket, caller: &Principal) -> Value {
         "reserved": money(t.reserved),
         "paid": money(t.paid),
         "attempt": t.attempt,
+        "failures": t.failures,
+        "approved_by": t.approved_by(),
         "retry_at": t.retry_at,
         "last_error": t.last_error,
         "reason": t.reason(),

@@ -416,8 +416,13 @@ pub struct Ticket {
     /// Held from the batch budget for this ticket and not yet paid or released.
     pub reserved: i64,
     pub paid: i64,
-    /// Attempt of the current stage, from 0.
+    /// Attempt of the current stage, from 0: each retry's message has its own.
     pub attempt: u32,
+    /// Transient failures in a row since the ticket last got anywhere: what
+    /// the retry policy counts, so a provider that answers now and then moves a
+    /// payment of several steps on instead of parking it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failures: u32,
     /// When the current attempt's message becomes deliverable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<DateTime<Utc>>,
@@ -453,13 +458,14 @@ pub struct PaidElsewhere {
 }
 
 /// Where a ticket is, with what being there takes: each end but `paid` says
-/// why, a duplicate names the batch that pays it, and a parked ticket knows the
-/// stage it stopped at (where a redrive sends it back).
+/// why, a duplicate names the batch that pays it, a parked ticket knows the
+/// stage it stopped at (where a redrive sends it back), and a ticket in
+/// validation knows which validators have approved it (a retry asks the rest).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "StateShape", into = "StateShape")]
 pub enum State {
     Lookup,
-    Validate,
+    Validate { approved_by: Vec<ProviderName> },
     Reserve,
     Pay,
     Paid,
@@ -476,7 +482,7 @@ impl State {
     pub fn waiting_for(stage: Stage) -> State {
         match stage {
             Stage::Lookup => State::Lookup,
-            Stage::Validate => State::Validate,
+            Stage::Validate => State::Validate { approved_by: Vec::new() },
             Stage::Reserve => State::Reserve,
             Stage::Pay => State::Pay,
             Stage::Notify => unreachable!("notify acts on end states; no ticket waits in it"),
@@ -486,7 +492,7 @@ impl State {
     pub fn status(&self) -> Status {
         match self {
             State::Lookup => Status::Lookup,
-            State::Validate => Status::Validate,
+            State::Validate { .. } => Status::Validate,
             State::Reserve => Status::Reserve,
             State::Pay => Status::Pay,
             State::Paid => Status::Paid,
@@ -522,16 +528,18 @@ struct StateShape {
     parked_stage: Option<Stage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     duplicate_of: Option<PaidElsewhere>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    approved_by: Vec<ProviderName>,
 }
 
 impl TryFrom<StateShape> for State {
     type Error = String;
     fn try_from(shape: StateShape) -> Result<State, String> {
-        let StateShape { status, reason, parked_stage, duplicate_of } = shape;
+        let StateShape { status, reason, parked_stage, duplicate_of, approved_by } = shape;
         let reason = || reason.ok_or_else(|| format!("a {status} ticket without its reason"));
         Ok(match status {
             Status::Lookup => State::Lookup,
-            Status::Validate => State::Validate,
+            Status::Validate => State::Validate { approved_by },
             Status::Reserve => State::Reserve,
             Status::Pay => State::Pay,
             Status::Paid => State::Paid,
@@ -554,15 +562,17 @@ impl TryFrom<StateShape> for State {
 impl From<State> for StateShape {
     fn from(state: State) -> StateShape {
         let status = state.status();
-        let (reason, parked_stage, duplicate_of) = match state {
-            State::Duplicate { of, reason } => (Some(reason), None, Some(of)),
-            State::Parked { stage, reason } => (Some(reason), Some(stage), None),
+        let mut shape = StateShape { status, reason: None, parked_stage: None, duplicate_of: None, approved_by: Vec::new() };
+        match state {
+            State::Validate { approved_by } => shape.approved_by = approved_by,
+            State::Duplicate { of, reason } => (shape.reason, shape.duplicate_of) = (Some(reason), Some(of)),
+            State::Parked { stage, reason } => (shape.reason, shape.parked_stage) = (Some(reason), Some(stage)),
             State::NotPayable { reason } | State::Rejected { reason } | State::OverBudget { reason } | State::Failed { reason } => {
-                (Some(reason), None, None)
+                shape.reason = Some(reason)
             }
-            State::Lookup | State::Validate | State::Reserve | State::Pay | State::Paid => (None, None, None),
-        };
-        StateShape { status, reason, parked_stage, duplicate_of }
+            State::Lookup | State::Reserve | State::Pay | State::Paid => {}
+        }
+        shape
     }
 }
 
@@ -603,7 +613,8 @@ pub enum AfterFailure {
     Parked,
 }
 
-/// Exponential backoff with jitter, up to a number of attempts per stage.
+/// Exponential backoff with jitter, up to a number of failed attempts in a row
+/// (without progress) per stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub max_attempts: u32,
@@ -644,6 +655,7 @@ impl Ticket {
             reserved: 0,
             paid: 0,
             attempt: 0,
+            failures: 0,
             retry_at: None,
             last_error: None,
             pay: PayProgress::default(),
@@ -677,6 +689,14 @@ impl Ticket {
         match self.state {
             State::Parked { stage, .. } => Some(stage),
             _ => None,
+        }
+    }
+
+    /// In validation: the validators that have approved it so far.
+    pub fn approved_by(&self) -> &[ProviderName] {
+        match &self.state {
+            State::Validate { approved_by } => approved_by,
+            _ => &[],
         }
     }
 
@@ -773,9 +793,17 @@ impl Ticket {
         self.state = state;
         self.resends = 0;
         self.attempt = 0;
+        self.failures = 0;
         self.retry_at = None;
         self.last_error = None;
         self.updated_at = now;
+    }
+
+    /// A provider answered and the ticket got further within its stage (a
+    /// validator approved, a payment step was applied or declined): the
+    /// failures before it no longer count against the next ones.
+    pub fn progressed(&mut self) {
+        self.failures = 0;
     }
 
     /// Parks the ticket for an operator: where it stopped (where a redrive sends
@@ -792,25 +820,27 @@ impl Ticket {
         delay: Duration,
         now: DateTime<Utc>,
     ) -> AfterFailure {
-        let next = self.attempt + 1;
+        let failures = self.failures + 1;
         self.updated_at = now;
-        if next >= policy.max_attempts {
+        if failures >= policy.max_attempts {
             if self.status().is_end() {
                 // Notification gave up: the ticket keeps its outcome.
                 self.notified = true;
-                self.notification = Some(format!("failed after {next} attempts: {error}"));
-                self.attempt = next;
+                self.notification = Some(format!("failed after {failures} attempts: {error}"));
+                self.attempt += 1;
+                self.failures = failures;
                 self.retry_at = None;
                 self.last_error = Some(error);
                 return AfterFailure::Parked;
             }
             let stage = self.status().stage();
-            self.park(stage, format!("{stage}: {error} (after {next} attempts)"), now);
+            self.park(stage, format!("{stage}: {error} (after {failures} attempts)"), now);
             self.last_error = Some(error);
             return AfterFailure::Parked;
         }
         let at = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
-        self.attempt = next;
+        self.attempt += 1;
+        self.failures = failures;
         self.retry_at = Some(at);
         self.last_error = Some(error);
         AfterFailure::RetryAt(at)
@@ -883,7 +913,7 @@ pub(crate) mod tests {
         let reason = format!("{status} for a test");
         match status {
             Status::Lookup => State::Lookup,
-            Status::Validate => State::Validate,
+            Status::Validate => State::waiting_for(Stage::Validate),
             Status::Reserve => State::Reserve,
             Status::Pay => State::Pay,
             Status::Paid => State::Paid,
@@ -919,6 +949,11 @@ pub(crate) mod tests {
             assert_eq!(stored.get("reason").is_some(), status.is_end() && status != Status::Paid, "{stored}");
             assert_eq!(serde_json::from_value::<Ticket>(stored).unwrap(), t);
         }
+        let mut validating = ticket(Status::Validate);
+        validating.state = State::Validate { approved_by: vec![ProviderName::Registry, ProviderName::Sanctions] };
+        let stored = serde_json::to_value(&validating).unwrap();
+        assert_eq!(stored["approved_by"], serde_json::json!(["registry", "sanctions"]));
+        assert_eq!(serde_json::from_value::<Ticket>(stored).unwrap(), validating);
         let parked = serde_json::to_value(ticket(Status::Parked)).unwrap();
         assert_eq!((parked["parked_stage"].as_str(), parked["reason"].as_str()), (Some("pay"), Some("parked for a test")));
         let without = |status: Status, field: &str| {
@@ -954,6 +989,21 @@ pub(crate) mod tests {
         assert_eq!(t.parked_stage(), Some(Stage::Validate));
         assert!(t.reason().unwrap().contains("timeout"));
         assert_eq!(t.pending().unwrap().stage, Stage::Notify, "a parked ticket is still notified");
+    }
+
+    #[test]
+    fn only_failures_in_a_row_count_towards_parking_and_each_retry_has_its_own_attempt() {
+        let policy = RetryPolicy { max_attempts: 2, ..RetryPolicy::default() };
+        let mut t = ticket(Status::Pay);
+        let now = Utc::now();
+        for _ in 0..3 {
+            assert!(matches!(t.fail_transiently("503".into(), &policy, Duration::ZERO, now), AfterFailure::RetryAt(_)));
+            t.progressed();
+        }
+        assert_eq!((t.status(), t.attempt, t.failures), (Status::Pay, 3, 0));
+        t.fail_transiently("503".into(), &policy, Duration::ZERO, now);
+        assert_eq!(t.fail_transiently("503".into(), &policy, Duration::ZERO, now), AfterFailure::Parked);
+        assert!(t.reason().unwrap().contains("after 2 attempts"), "{:?}", t.reason());
     }
 
     #[test]
@@ -1009,7 +1059,7 @@ pub(crate) mod tests {
 
         let mut moving = ticket(Status::Lookup);
         moving.overdue(2, now);
-        moving.move_to(State::Validate, now);
+        moving.move_to(State::waiting_for(Stage::Validate), now);
         assert_eq!(moving.resends, 0, "progress starts the count again");
 
         let mut told = ticket(Status::Paid);

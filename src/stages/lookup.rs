@@ -16,7 +16,7 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     match call.result {
         Ok(Due::Owed(amount)) => {
             ticket.amount_due = Some(amount.minor);
-            ticket.move_to(State::Validate, now);
+            ticket.move_to(State::waiting_for(Stage::Validate), now);
         }
         Ok(Due::Nothing) => {
             ticket.amount_due = Some(0);

@@ -389,7 +389,7 @@ impl Pipeline {
         exchanges: Vec<Event>,
     ) -> Result<Versioned<Ticket>, StageError> {
         let now = Utc::now();
-        let delay = self.retry.delay(ticket.attempt + 1, rand::random::<f64>(), at_least);
+        let delay = self.retry.delay(ticket.failures + 1, rand::random::<f64>(), at_least);
         let stage = current.value.status().stage();
         let mut events = Vec::new();
         ticket.slot_mut(stage).release_claim();

@@ -19,9 +19,13 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
         let result = p.send_once(&mut run, Stage::Pay, operation, &request).await?;
         let now = Utc::now();
         match result {
-            Ok(()) => run.ticket.pay.applied(now),
+            Ok(()) => {
+                run.ticket.pay.applied(now);
+                run.ticket.progressed();
+            }
             Err(CallError::Permanent { error, .. }) if run.ticket.pay.failure.is_none() => {
                 run.ticket.pay.declined(format!("{provider} declined {operation}: {error}"), now);
+                run.ticket.progressed();
                 // A claim covers one direction: undoing starts under a claim of its own.
                 if let Some(undo) = run.ticket.pay.next_operation() {
                     p.claim(&mut run, Stage::Pay, undo).await?;

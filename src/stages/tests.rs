@@ -31,10 +31,13 @@ impl Bus for Kept {
 }
 
 /// Providers that approve every check, owe 12.50 on every ticket, apply each
-/// key once, and decline the operations named in `declines`.
+/// key once, decline the operations named in `declines`, and answer 503 (before
+/// applying anything) as many times as `unavailable` says for a check
+/// (`check fraud`) or an operation (`settle`).
 #[derive(Default)]
 struct Scripted {
     declines: HashSet<&'static str>,
+    unavailable: Mutex<BTreeMap<String, u32>>,
     /// Idempotency key → the operation applied under it.
     applied: Mutex<BTreeMap<String, String>>,
     /// Every request: the operation sent, or `status` and the key asked about.
@@ -57,6 +60,23 @@ fn exchange(provider: ProviderName, operation: &str, key: Option<&str>, status: 
     }
 }
 
+impl Scripted {
+    fn down_once_more(&self, what: &str) -> bool {
+        let mut left = self.unavailable.lock().unwrap();
+        match left.get_mut(what) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn unavailable<T>(provider: ProviderName, operation: &str, key: Option<&str>) -> Call<T> {
+    Call { result: Err(CallError::Transient { error: "503 unavailable".into() }), exchange: exchange(provider, operation, key, 503) }
+}
+
 fn applied(key: &str, operation: &str) -> OperationResponse {
     OperationResponse { id: format!("ref-{key}"), operation: operation.into(), idempotency_key: key.into(), amount: WireMoney { minor: 1250, currency: "EUR".into() } }
 }
@@ -69,11 +89,17 @@ impl Providers for Scripted {
 
     async fn check(&self, provider: ProviderName, _request: &CheckRequest, _caller: &Caller<'_>) -> Call<CheckResponse> {
         self.calls.lock().unwrap().push(format!("check {provider}"));
+        if self.down_once_more(&format!("check {provider}")) {
+            return unavailable(provider, "check", None);
+        }
         Call { result: Ok(CheckResponse { decision: Decision::Approve, reason: None }), exchange: exchange(provider, "check", None, 200) }
     }
 
     async fn operate(&self, provider: ProviderName, operation: &str, key: &str, _request: &OperationRequest, _caller: &Caller<'_>) -> Call<OperationResponse> {
         self.calls.lock().unwrap().push(operation.to_owned());
+        if self.down_once_more(operation) {
+            return unavailable(provider, operation, Some(key));
+        }
         if self.declines.contains(operation) {
             let result = Err(CallError::Permanent { status: 422, error: "declined".into() });
             return Call { result, exchange: exchange(provider, operation, Some(key), 422) };
@@ -257,4 +283,55 @@ async fn a_ticket_past_lookup_with_no_amount_due_is_refused_for_good_and_nobody_
         assert_eq!(s.committed().await, 0, "{stage}: nothing held");
         assert!(s.calls().is_empty(), "{stage}: {:?}", s.calls());
     }
+}
+
+#[tokio::test]
+async fn a_validation_retried_asks_only_the_validators_that_have_not_approved() {
+    let s = stages(&[], 10_000).await;
+    s.providers.unavailable.lock().unwrap().insert("check fraud".into(), 1);
+    s.at(Status::Validate, |_| {}).await;
+    let Handled::Done(waiting) = s.deliver(Stage::Validate, 0).await else { panic!("the validation ran") };
+    assert_eq!(waiting.status(), Status::Validate);
+    assert_eq!(waiting.approved_by(), [ProviderName::Registry, ProviderName::Sanctions]);
+    assert_eq!((waiting.attempt, waiting.failures), (1, 1));
+    let Handled::Done(validated) = s.deliver(Stage::Validate, 1).await else { panic!("the retry ran") };
+    assert_eq!(validated.status(), Status::Reserve);
+    assert_eq!(s.calls(), ["check registry", "check fraud", "check sanctions", "check fraud"]);
+    let trail = s.pipeline.store.events(&s.batch.batch_id, &validated.ticket_id).await.unwrap();
+    let exchanges = trail.iter().filter(|e| matches!(e.kind, EventKind::Exchange(_))).count();
+    assert_eq!(exchanges, 4, "each check asked is in the trail, and only those");
+}
+
+/// The retry limit counts failures in a row: a step applied between two
+/// failures starts the count again, and the attempt number keeps growing (each
+/// retry's message has its own id).
+#[tokio::test]
+async fn failures_between_which_the_ticket_got_further_never_add_up_to_a_park() {
+    let mut s = stages(&[], 10_000).await;
+    s.pipeline.retry = RetryPolicy { max_attempts: 2, base: Duration::ZERO, cap: Duration::ZERO };
+    for step in ["capture", "settle", "post"] {
+        s.providers.unavailable.lock().unwrap().insert(step.into(), 1);
+    }
+    s.at(Status::Pay, |_| {}).await;
+    let (mut attempt, mut retried) = (0, Vec::new());
+    let paid = loop {
+        let Handled::Done(t) = s.deliver(Stage::Pay, attempt).await else { panic!("attempt {attempt} ran") };
+        if t.status() != Status::Pay {
+            break t;
+        }
+        retried.push((t.attempt, t.failures));
+        attempt = t.attempt;
+    };
+    assert_eq!(paid.status(), Status::Paid, "{:?}", paid.reason());
+    assert_eq!(retried, [(1, 1), (2, 1), (3, 1)]);
+    assert_eq!(s.providers.applied.lock().unwrap().len(), 4, "each step applied once");
+
+    let mut s = stages(&[], 10_000).await;
+    s.pipeline.retry = RetryPolicy { max_attempts: 2, base: Duration::ZERO, cap: Duration::ZERO };
+    s.providers.unavailable.lock().unwrap().insert("settle".into(), 2);
+    s.at(Status::Pay, |_| {}).await;
+    s.deliver(Stage::Pay, 0).await;
+    let Handled::Done(parked) = s.deliver(Stage::Pay, 1).await else { panic!("the retry ran") };
+    assert_eq!((parked.status(), parked.parked_stage()), (Status::Parked, Some(Stage::Pay)), "two failures of one step in a row");
+    assert!(parked.reason().unwrap().contains("after 2 attempts"), "{:?}", parked.reason());
 }

@@ -1,4 +1,5 @@
-//! Validate: the three validators are asked at once; any rejection is final.
+//! Validate: the validators are asked at once; any rejection is final. An
+//! approval is kept, so a retry asks only those that have not approved.
 
 use chrono::Utc;
 use futures::future::join_all;
@@ -20,21 +21,24 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
         authority: ticket.authority.to_string(),
         amount: WireMoney { minor: amount, currency: ticket.currency.code().into() },
     };
+    let mut approved_by = ticket.approved_by().to_vec();
+    let approved_before = approved_by.len();
+    let asked: Vec<ProviderName> = ProviderName::VALIDATORS.into_iter().filter(|v| !approved_by.contains(v)).collect();
     let caller = Caller::of(&current.value, Stage::Validate);
-    let calls = join_all(ProviderName::VALIDATORS.map(|v| p.providers.check(v, &request, &caller))).await;
+    let calls = join_all(asked.iter().map(|&v| p.providers.check(v, &request, &caller))).await;
 
     let mut exchanges = Vec::new();
     let mut rejection = None;
     let mut refusal = None;
     let mut transient: Option<CallError> = None;
-    for (validator, call) in ProviderName::VALIDATORS.into_iter().zip(calls) {
+    for (validator, call) in asked.into_iter().zip(calls) {
         exchanges.push(p.exchange_event(&ticket, Stage::Validate, call.exchange));
         match call.result {
             Ok(answer) if answer.decision == Decision::Reject => {
                 let reason = answer.reason.unwrap_or_else(|| "no reason given".into());
                 rejection.get_or_insert(format!("{validator}: {reason}"));
             }
-            Ok(_) => {}
+            Ok(_) => approved_by.push(validator),
             Err(CallError::Permanent { error, .. }) => {
                 refusal.get_or_insert(format!("{validator} refused the check: {error}"));
             }
@@ -52,6 +56,11 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     } else if let Some(reason) = refusal {
         ticket.park(Stage::Validate, reason, now);
     } else if let Some(e) = transient {
+        if approved_by.len() > approved_before {
+            ticket.progressed();
+        }
+        approved_by.sort();
+        ticket.state = State::Validate { approved_by };
         return p.retry_later(&current, ticket, e.to_string(), e.retry_after(), exchanges).await;
     } else {
         ticket.move_to(State::Reserve, now);

@@ -30,11 +30,10 @@ pub async fn attention(State(app): State<Arc<App>>, caller: Principal, PathParam
     let store = &app.store;
     let last = store.reconciliations(&batch.batch_id, 1).await?.into_iter().next();
     let now = Utc::now();
-    let overdue_after = chrono::Duration::from_std(app.pipeline.sweep.overdue_after).unwrap_or_default();
     let tickets: Vec<Value> = all_tickets(store.as_ref(), &batch.batch_id)
         .await?
         .iter()
-        .filter_map(|t| entry(t, last.as_ref(), now - overdue_after, now))
+        .filter_map(|t| entry(t, last.as_ref(), now - app.overdue_after, now))
         .collect();
     let body = json!({
         "batch_id": batch.batch_id,

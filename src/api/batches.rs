@@ -196,10 +196,9 @@ async fn summarise(app: &App, mut batch: Batch) -> Result<(Batch, BatchSummary, 
     if summary.is_complete() != batch.completed_at.is_some() {
         batch = store.batch(&batch.batch_id).await?.unwrap_or(batch);
     }
-    let overdue_after = chrono::Duration::from_std(app.pipeline.sweep.overdue_after).unwrap_or_default();
     let stalled = match batch.completed_at {
         Some(_) => 0,
-        None => store.overdue_in_batch(&batch.batch_id, chrono::Utc::now() - overdue_after).await?,
+        None => store.overdue_in_batch(&batch.batch_id, chrono::Utc::now() - app.overdue_after).await?,
     };
     Ok((batch, summary, stalled))
 }

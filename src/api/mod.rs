@@ -25,7 +25,9 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 
 use crate::domain::AuthorityCode;
+use crate::providers::client::Providers;
 use crate::stages::Pipeline;
+use crate::stages::spool::AuditSpool;
 use crate::providers::capacity::Capacity;
 use crate::store::Store;
 use access::Access;
@@ -42,6 +44,14 @@ pub struct App {
     pub store: Arc<dyn Store>,
     /// What this instance holds of each provider's capacity, when it is shared.
     pub capacity: Option<Arc<Capacity>>,
+    /// The providers, asked directly by reconciliation.
+    pub providers: Arc<dyn Providers>,
+    /// Where the API's own exchanges wait while the store cannot take them.
+    pub spool: Arc<AuditSpool>,
+    /// How long a ticket's message may be late before the ticket counts as stalled.
+    pub overdue_after: chrono::Duration,
+    /// The stages' operations the API starts: queueing an upload, redriving,
+    /// sending a resolved ticket on, completing a batch.
     pub pipeline: Pipeline,
     pub authorities: Vec<AuthorityCode>,
     pub access: Access,

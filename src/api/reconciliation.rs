@@ -102,7 +102,7 @@ async fn ask(app: &App, t: &Ticket, e: Expected) -> Vec<(Check, Event)> {
     let caller = Caller::of(t, Stage::Pay);
     let mut out = Vec::new();
     for attempt in 1..=ATTEMPTS {
-        let call = app.pipeline.providers.operation_status(e.provider, &e.key, &caller).await;
+        let call = app.providers.operation_status(e.provider, &e.key, &caller).await;
         let event = Event::new(&t.batch_id, &t.ticket_id, Stage::Pay, EventKind::Exchange(Box::new(call.exchange)), Utc::now());
         let (theirs, wait) = match call.result {
             Ok(Some(r)) => (ProviderView::Applied { reference: r.id, amount_minor: r.amount.minor, currency: r.amount.currency }, None),
@@ -146,7 +146,7 @@ async fn record(app: &App, events: Vec<Event>) {
     }
     if let Err(e) = app.store.append_events(&events).await {
         tracing::warn!(error = %e, "the store cannot take {} reconciliation exchange(s) now; they wait in the spool", events.len());
-        app.pipeline.spool.keep(events).await;
+        app.spool.keep(events).await;
     }
 }
 

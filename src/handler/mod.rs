@@ -396,7 +396,16 @@ pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
         sweep: config.sweep,
         claim_lease: config.claim_lease,
     };
-    Ok(Arc::new(App { store: pipeline.store.clone(), capacity, pipeline, authorities: config.authorities, access: config.access }))
+    Ok(Arc::new(App {
+        store: pipeline.store.clone(),
+        capacity,
+        providers: pipeline.providers.clone(),
+        spool,
+        overdue_after: chrono::Duration::from_std(config.sweep.overdue_after).unwrap_or_default(),
+        pipeline,
+        authorities: config.authorities,
+        access: config.access,
+    }))
 }
 
 /// The Cosmos store on the in-memory emulator, its charges written to `charges` each second.
@@ -448,7 +457,7 @@ pub async fn run() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     tracing::info!(port, "ticketpay handler listening");
     axum::serve(listener, router(app.clone())).with_graceful_shutdown(crate::shutdown::signal()).await?;
-    if let (Some(file), Some(now)) = (charges, app.pipeline.store.charges()) {
+    if let (Some(file), Some(now)) = (charges, app.store.charges()) {
         write_charges(&now, &file);
     }
     if let Some(capacity) = &app.capacity {

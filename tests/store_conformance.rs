@@ -96,7 +96,7 @@ async fn transitions_are_conditional_and_apply_once(store: Arc<dyn Store>) {
 
     // A reservation redelivered with the old version does not hold the money twice.
     let reserve = TicketUpdate {
-        ticket: { let mut t = moved(&stored.value, State::Pay); t.reserved = 300; t },
+        ticket: { let mut t = moved(&stored.value, State::Pay); t.hold(t.money(300)).unwrap(); t },
         etag: stored.etag.clone(),
         budget: Some(BudgetChange::Reserve(300)),
         events: vec![],
@@ -114,7 +114,7 @@ async fn concurrent_reservations_never_overspend(store: Arc<dyn Store>) {
         tasks.push(tokio::spawn(async move {
             let current = store.ticket(&t.batch_id, &t.ticket_id).await.unwrap().unwrap();
             let mut next = moved(&current.value, State::Pay);
-            next.reserved = 700;
+            next.hold(next.money(700)).unwrap();
             let update = TicketUpdate { ticket: next, etag: current.etag, budget: Some(BudgetChange::Reserve(700)), events: vec![] };
             match store.update_ticket(update).await {
                 Ok(_) => true,
@@ -145,7 +145,7 @@ async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(st
     let (b, ts) = seeded(store.as_ref(), 1_000, 2).await;
     let reserve = |t: &ticketpay::store::Versioned<Ticket>, etag: &str| {
         let mut next = moved(&t.value, State::Pay);
-        next.reserved = 300;
+        next.hold(next.money(300)).unwrap();
         TicketUpdate { ticket: next, etag: etag.to_owned(), budget: Some(BudgetChange::Reserve(300)), events: vec![] }
     };
     let touch = |t: &ticketpay::store::Versioned<Ticket>| {
@@ -178,15 +178,17 @@ async fn a_failed_payment_releases_exactly_its_reservation(store: Arc<dyn Store>
     for t in &ts {
         let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
         let mut next = moved(&current.value, State::Pay);
-        next.reserved = 400;
+        next.hold(next.money(400)).unwrap();
         let u = TicketUpdate { ticket: next, etag: current.etag, budget: Some(BudgetChange::Reserve(400)), events: vec![] };
         versions.push(store.update_ticket(u).await.unwrap());
     }
     let mut paid = versions[0].value.clone();
-    (paid.state, paid.paid, paid.reserved) = (State::Paid, 400, 0);
+    paid.pay_reservation();
+    paid.state = State::Paid;
     store.update_ticket(TicketUpdate { ticket: paid, etag: versions[0].etag.clone(), budget: None, events: vec![] }).await.unwrap();
     let mut failed = versions[1].value.clone();
-    (failed.state, failed.reserved) = (State::Failed { reason: "settlement declined".into() }, 0);
+    failed.release_reservation();
+    failed.state = State::Failed { reason: "settlement declined".into() };
     let over = TicketUpdate { ticket: failed.clone(), etag: versions[1].etag.clone(), budget: Some(BudgetChange::Release(500)), events: vec![] };
     assert!(matches!(store.update_ticket(over).await, Err(StoreError::Invalid(_))), "more than the ticket holds is refused");
     let unchanged = store.ticket(&b.batch_id, &ts[1].ticket_id).await.unwrap().unwrap();

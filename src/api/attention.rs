@@ -18,9 +18,8 @@ use super::extract::PathParams;
 use super::problem::Problem;
 use super::results::all_tickets;
 use super::App;
-use crate::domain::money::format_minor;
 use crate::domain::reconciliation::ReconciliationRun;
-use crate::domain::Ticket;
+use crate::domain::{Money, Ticket};
 
 pub async fn attention(State(app): State<Arc<App>>, caller: Principal, PathParams(batch_id): PathParams<String>) -> Result<Response, Problem> {
     let batch = find_batch(&app, &caller, &batch_id).await?;
@@ -67,7 +66,6 @@ fn entry(t: &Ticket, last: Option<&ReconciliationRun>, overdue_before: DateTime<
         .filter(|_| disagrees)
         .map(|run| run.disagreements.iter().filter(|c| c.ticket_id == t.ticket_id).map(|c| json!(c)).collect())
         .unwrap_or_default();
-    let money = |minor: i64| format_minor(minor, t.currency);
     Some(json!({
         "ticket_id": t.ticket_id,
         "status": t.status(),
@@ -75,8 +73,8 @@ fn entry(t: &Ticket, last: Option<&ReconciliationRun>, overdue_before: DateTime<
         "reason": t.reason().or(t.last_error.as_deref()),
         "waiting_since": since,
         "waiting_seconds": (now - since).num_seconds().max(0),
-        "amount_due": t.amount_due.map(money),
-        "reserved": money(t.reserved),
+        "amount_due": t.amount_due().map(Money::to_decimal),
+        "reserved": t.reserved().to_decimal(),
         "actions": t.open_actions(disagrees),
         "disagreements": disagreements,
         "resolution": t.resolution,

@@ -117,7 +117,7 @@ async fn ask(app: &App, t: &Ticket, e: Expected) -> Vec<(Check, Event)> {
         };
         let answered = wait.is_none();
         if answered || attempt == ATTEMPTS {
-            let amount = t.amount_due.unwrap_or(t.paid);
+            let amount = t.amount_due().unwrap_or(t.paid()).minor;
             let check = Check {
                 ticket_id: t.ticket_id.clone(),
                 provider: e.provider,

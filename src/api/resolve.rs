@@ -157,9 +157,9 @@ async fn write(app: &App, current: &Versioned<Ticket>, resolution: Resolution) -
     if ticket.status() != before.status() {
         events.push(event(EventKind::StatusChanged { from: before.status(), to: ticket.status(), reason: ticket.reason().map(str::to_owned) }));
     }
-    let budget = (resolved.release > 0).then_some(BudgetChange::Release(resolved.release));
+    let budget = (resolved.release.minor > 0).then_some(BudgetChange::Release(resolved.release.minor));
     if budget.is_some() {
-        events.push(event(EventKind::BudgetReleased { amount: ticket.money(resolved.release) }));
+        events.push(event(EventKind::BudgetReleased { amount: resolved.release }));
     }
     let update = TicketUpdate { ticket, etag: current.etag.clone(), budget, events };
     app.store.update_ticket(update).await.map_err(|e| match e {

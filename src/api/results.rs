@@ -20,7 +20,7 @@ use super::extract::PathParams;
 use super::problem::Problem;
 use super::App;
 use crate::domain::money::format_minor;
-use crate::domain::{Batch, BatchId, Event, EventKind, Status, Ticket};
+use crate::domain::{Batch, BatchId, Event, EventKind, Money, Status, Ticket};
 use crate::providers::ProviderName;
 use crate::store::{Store, StoreError};
 
@@ -105,20 +105,19 @@ async fn rows(store: &dyn Store, batch: &Batch) -> Result<Vec<Row>, StoreError> 
 }
 
 fn row(t: &Ticket, events: &[Event]) -> Row {
-    let money = |minor: i64| format_minor(minor, t.currency);
     Row {
         ticket_id: t.ticket_id.to_string(),
         authority: t.authority.to_string(),
         reference: t.reference.as_ref().map(|r| r.as_str().to_owned()).unwrap_or_default(),
         status: t.status(),
-        amount_due: t.amount_due.map(money).unwrap_or_default(),
-        paid: money(t.paid),
+        amount_due: t.amount_due().map(Money::to_decimal).unwrap_or_default(),
+        paid: t.paid().to_decimal(),
         currency: t.currency.code(),
         reason: t.reason().unwrap_or_default().to_owned(),
         references: provider_references(events),
         notified: t.notified,
-        due_minor: t.amount_due,
-        paid_minor: t.paid,
+        due_minor: t.amount_due().map(|m| m.minor),
+        paid_minor: t.paid().minor,
     }
 }
 

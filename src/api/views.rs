@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::access::Principal;
 use crate::domain::money::format_minor;
-use crate::domain::{Batch, Event, Ticket};
+use crate::domain::{Batch, Event, Money, Ticket};
 use crate::store::BatchSummary;
 
 /// A batch is `completed` once its completion is recorded (every ticket ended and
@@ -68,7 +68,6 @@ pub fn batch_item(batch: &Batch, summary: Option<(&BatchSummary, u64)>) -> Value
 /// A ticket as `caller` may see it: a duplicate names the batch that pays it
 /// only to whoever may see that batch.
 pub fn ticket(t: &Ticket, caller: &Principal) -> Value {
-    let money = |minor: i64| format_minor(minor, t.currency);
     let duplicate_of = t.duplicate_of().filter(|d| caller.sees(&d.client_id)).map(|d| &d.batch_id);
     json!({
         "batch_id": t.batch_id,
@@ -79,9 +78,9 @@ pub fn ticket(t: &Ticket, caller: &Principal) -> Value {
         "status": t.status(),
         "stage": t.status().stage(),
         "currency": t.currency,
-        "amount_due": t.amount_due.map(money),
-        "reserved": money(t.reserved),
-        "paid": money(t.paid),
+        "amount_due": t.amount_due().map(Money::to_decimal),
+        "reserved": t.reserved().to_decimal(),
+        "paid": t.paid().to_decimal(),
         "attempt": t.attempt,
         "failures": t.failures,
         "approved_by": t.approved_by(),

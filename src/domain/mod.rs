@@ -14,7 +14,7 @@ pub mod upload;
 pub use batch::{Batch, Budget, BudgetError};
 pub use event::{Event, EventKind, Exchange};
 pub use ids::{AuthorityCode, BatchId, ClientId, Reference, TicketId};
-pub use money::{Currency, Due, Money};
+pub use money::{Currency, Due, Money, WrongCurrency};
 pub use provider::ProviderName;
 pub use ticket::{Operation, PaidElsewhere, PayProgress, PayStep, Pending, RetryPolicy, Stage, State, Status, Ticket};
 pub use upload::{BatchRequest, UploadError};

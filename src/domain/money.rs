@@ -58,6 +58,14 @@ impl<'de> Deserialize<'de> for Currency {
     }
 }
 
+/// An amount offered where another currency is kept: a defect of the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an amount in {found} where amounts are in {expected}")]
+pub struct WrongCurrency {
+    pub expected: Currency,
+    pub found: Currency,
+}
+
 /// An amount in minor units of one currency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Money {
@@ -68,6 +76,10 @@ pub struct Money {
 impl Money {
     pub fn new(minor: i64, currency: Currency) -> Money {
         Money { minor, currency }
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.minor == 0
     }
 
     /// Parses a non-negative decimal string such as `"1250.50"` in the currency's

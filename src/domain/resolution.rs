@@ -15,6 +15,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::money::Money;
 use super::ticket::{Operation, Stage, State, Status, Ticket};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -125,7 +126,7 @@ impl Ticket {
     /// Returns the minor units to give back to the budget, if any.
     pub fn resolve(&mut self, resolution: Resolution) -> Result<Resolved, String> {
         let now = resolution.at;
-        let mut resolved = Resolved { release: 0, redriven_to: None, parked_because: self.reason().unwrap_or_default().to_owned() };
+        let mut resolved = Resolved { release: self.money(0), redriven_to: None, parked_because: self.reason().unwrap_or_default().to_owned() };
         match resolution.action {
             Action::ConfirmedApplied => {
                 let operation = self.in_flight()?;
@@ -160,7 +161,7 @@ impl Ticket {
                     self.pay.failure = Some(why);
                     resolved.redriven_to = Some(self.redrive(now)?);
                 } else {
-                    resolved.release = std::mem::take(&mut self.reserved);
+                    resolved.release = self.release_reservation();
                     self.pay.slot.clear_claim();
                     self.tell_again();
                     self.move_to(State::Failed { reason: why }, now);
@@ -195,8 +196,8 @@ impl Ticket {
 /// What the store must do besides writing the ticket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
-    /// Minor units given back to the batch budget.
-    pub release: i64,
+    /// Given back to the batch budget.
+    pub release: Money,
     /// Where the ticket re-entered the pipeline, if it did.
     pub redriven_to: Option<Stage>,
     /// Its reason before the action.
@@ -217,7 +218,7 @@ mod tests {
     fn unknown(done: u8, operation: &str) -> Ticket {
         let operation = op(operation);
         let mut t = ticket(Status::Pay);
-        t.reserved = 900;
+        t.hold(t.money(900)).unwrap();
         t.pay.done = done;
         t.pay.slot.claim(operation, Utc::now());
         t.pay.slot.release_claim();
@@ -229,7 +230,7 @@ mod tests {
 
     fn refused_refund() -> Ticket {
         let mut t = ticket(Status::Parked);
-        t.reserved = 900;
+        t.hold(t.money(900)).unwrap();
         t.pay.done = 1;
         t.pay.failure = Some("settlement declined".into());
         t.state = State::Parked { stage: Stage::Pay, reason: "gateway refused refund".into() };
@@ -253,7 +254,7 @@ mod tests {
     fn a_confirmed_capture_counts_as_done_and_the_redrive_goes_on_with_settle() {
         let mut t = unknown(0, "capture");
         t.resolve(by(Action::ConfirmedApplied)).unwrap();
-        assert_eq!((t.status(), t.pay.done, t.reserved), (Status::Parked, 1, 900));
+        assert_eq!((t.status(), t.pay.done, t.reserved()), (Status::Parked, 1, t.money(900)));
         assert!(!t.pay.slot.is_unknown());
         assert!(t.reason().unwrap().contains("capture at gateway confirmed applied by ops (gw-1)"));
         assert_eq!(t.concern(), Some(Concern::Parked));
@@ -283,7 +284,7 @@ mod tests {
         again.resolve(by(Action::Redrive)).unwrap();
         assert_eq!(again.pay.next_operation(), Some(op("capture")));
         let done = t.resolve(by(Action::GiveUp)).unwrap();
-        assert_eq!((t.status(), t.reserved, done.release, t.notified), (Status::Failed, 0, 900, false));
+        assert_eq!((t.status(), t.reserved(), done.release, t.notified), (Status::Failed, t.money(0), t.money(900), false));
         assert!(t.reason().unwrap().starts_with("given up by ops: called them"));
         assert!(t.operation_key(op("notify")).ends_with(":notify:r1"), "the client hears the new outcome as news");
     }
@@ -293,7 +294,7 @@ mod tests {
         let mut t = unknown(2, "post");
         t.resolve(by(Action::ConfirmedNotApplied)).unwrap();
         let done = t.resolve(by(Action::GiveUp)).unwrap();
-        assert_eq!((t.status(), done.release, t.reserved), (Status::Pay, 0, 900), "the reservation stays until the steps are undone");
+        assert_eq!((t.status(), done.release, t.reserved()), (Status::Pay, t.money(0), t.money(900)), "the reservation stays until the steps are undone");
         assert_eq!(t.pay.next_operation(), Some(op("cancel")));
     }
 
@@ -305,7 +306,7 @@ mod tests {
         assert!(t.reason().unwrap().contains("refund at gateway done by hand"));
         assert_eq!(t.open_actions(false), [Action::Redrive, Action::GiveUp]);
         let done = t.resolve(by(Action::GiveUp)).unwrap();
-        assert_eq!((t.status(), done.release), (Status::Failed, 900));
+        assert_eq!((t.status(), done.release), (Status::Failed, t.money(900)));
     }
 
     #[test]

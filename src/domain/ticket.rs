@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::ids::{AuthorityCode, BatchId, ClientId, Reference, TicketId};
-use super::money::{Currency, Money};
+use super::money::{Currency, Money, WrongCurrency};
 use super::ProviderName;
 
 /// A pipeline stage: one queue and one function each.
@@ -410,12 +410,14 @@ pub struct Ticket {
     /// Where it is, with what being there takes (stored flat: `status`, `reason`, ...).
     #[serde(flatten)]
     pub state: State,
-    /// What the authority says is owed, once asked.
+    /// What the authority says is owed, once asked. The amounts are minor
+    /// units of `currency`, read and changed as [`Money`] through the methods
+    /// below, so none can be taken for another currency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub amount_due: Option<i64>,
+    amount_due: Option<i64>,
     /// Held from the batch budget for this ticket and not yet paid or released.
-    pub reserved: i64,
-    pub paid: i64,
+    reserved: i64,
+    paid: i64,
     /// Attempt of the current stage, from 0: each retry's message has its own.
     pub attempt: u32,
     /// Transient failures in a row since the ticket last got anywhere: what
@@ -677,6 +679,53 @@ impl Ticket {
     /// `minor` units of this ticket's currency.
     pub fn money(&self, minor: i64) -> Money {
         Money::new(minor, self.currency)
+    }
+
+    /// What the authority says is owed, once asked.
+    pub fn amount_due(&self) -> Option<Money> {
+        self.amount_due.map(|minor| self.money(minor))
+    }
+
+    /// Held from the batch budget and not yet paid or released.
+    pub fn reserved(&self) -> Money {
+        self.money(self.reserved)
+    }
+
+    pub fn paid(&self) -> Money {
+        self.money(self.paid)
+    }
+
+    /// Records what the authority says is owed.
+    pub fn owes(&mut self, due: Money) -> Result<(), WrongCurrency> {
+        self.amount_due = Some(self.minor_of(due)?);
+        Ok(())
+    }
+
+    /// Holds `amount` of the batch budget for this ticket.
+    pub fn hold(&mut self, amount: Money) -> Result<(), WrongCurrency> {
+        self.reserved = self.minor_of(amount)?;
+        Ok(())
+    }
+
+    /// The reservation was paid: it becomes what the ticket paid. Returns it.
+    pub fn pay_reservation(&mut self) -> Money {
+        let paid = self.release_reservation();
+        self.paid = paid.minor;
+        paid
+    }
+
+    /// The reservation goes back to the budget. Returns what it held.
+    pub fn release_reservation(&mut self) -> Money {
+        let held = std::mem::take(&mut self.reserved);
+        self.money(held)
+    }
+
+    fn minor_of(&self, amount: Money) -> Result<i64, WrongCurrency> {
+        if amount.currency == self.currency {
+            Ok(amount.minor)
+        } else {
+            Err(WrongCurrency { expected: self.currency, found: amount.currency })
+        }
     }
 
     /// Why it ended where it did (a rejection's reason, a park's, ...).

@@ -28,6 +28,12 @@ pub struct WireMoney {
     pub currency: String,
 }
 
+impl From<crate::domain::Money> for WireMoney {
+    fn from(money: crate::domain::Money) -> WireMoney {
+        WireMoney { minor: money.minor, currency: money.currency.code().into() }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DueStatus {

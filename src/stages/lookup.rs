@@ -15,11 +15,11 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     let now = Utc::now();
     match call.result {
         Ok(Due::Owed(amount)) => {
-            ticket.amount_due = Some(amount.minor);
+            ticket.owes(amount)?;
             ticket.move_to(State::waiting_for(Stage::Validate), now);
         }
         Ok(Due::Nothing) => {
-            ticket.amount_due = Some(0);
+            ticket.owes(ticket.money(0))?;
             ticket.move_to(State::NotPayable { reason: "the authority says nothing is due".into() }, now);
         }
         Ok(Due::Unpayable(reason)) => ticket.move_to(State::NotPayable { reason }, now),

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bus::{Bus, BusError, OutgoingMessage};
 use crate::domain::ticket::{AfterFailure, Claim, Operation};
-use crate::domain::{BatchId, Event, EventKind, Exchange, RetryPolicy, Stage, Ticket, TicketId};
+use crate::domain::{BatchId, Event, EventKind, Exchange, Money, RetryPolicy, Stage, Ticket, TicketId, WrongCurrency};
 use crate::providers::client::{CallError, Caller, Providers};
 use crate::providers::wire::OperationRequest;
 use crate::store::{BudgetChange, Store, StoreError, TicketUpdate, Versioned};
@@ -62,6 +62,13 @@ pub enum StageError {
     /// Another invocation is sending this ticket's operation right now.
     #[error("another invocation holds the ticket until {until}")]
     Busy { until: chrono::DateTime<Utc> },
+}
+
+/// An amount in another currency than its ticket's: the data is wrong, for good.
+impl From<WrongCurrency> for StageError {
+    fn from(e: WrongCurrency) -> StageError {
+        StageError::Store(StoreError::Invalid(e.to_string()))
+    }
 }
 
 /// One invocation's run of at-most-once operations on a ticket (a payment's
@@ -126,9 +133,9 @@ pub struct Pipeline {
 
 /// What lookup recorded as owed: a ticket past lookup without it is a defect,
 /// never a reason to check or hold nothing.
-fn amount_due(ticket: &Ticket, stage: Stage) -> Result<i64, StageError> {
+fn amount_due(ticket: &Ticket, stage: Stage) -> Result<Money, StageError> {
     let (b, t) = (&ticket.batch_id, &ticket.ticket_id);
-    ticket.amount_due.ok_or_else(|| StoreError::Invalid(format!("ticket {b}/{t} reached {stage} with no amount due")).into())
+    ticket.amount_due().ok_or_else(|| StoreError::Invalid(format!("ticket {b}/{t} reached {stage} with no amount due")).into())
 }
 
 /// The message that moves a ticket into `stage`, for `attempt`.

@@ -5,7 +5,6 @@
 use chrono::Utc;
 
 use super::{Pipeline, Run, StageError};
-use crate::domain::money::format_minor;
 use crate::domain::ticket::Operation;
 use crate::domain::{EventKind, Stage, Ticket};
 use crate::providers::client::CallError;
@@ -32,10 +31,11 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
 }
 
 fn request(ticket: &Ticket) -> OperationRequest {
-    let amount = if ticket.paid > 0 { ticket.paid } else { ticket.amount_due.unwrap_or(0) };
+    let paid = ticket.paid();
+    let amount = if paid.minor > 0 { paid } else { ticket.amount_due().unwrap_or(ticket.money(0)) };
     let mut message = format!("ticket {} is {}", ticket.ticket_id, ticket.status());
-    if ticket.paid > 0 {
-        message.push_str(&format!(": paid {} {}", format_minor(ticket.paid, ticket.currency), ticket.currency));
+    if paid.minor > 0 {
+        message.push_str(&format!(": paid {paid}"));
     }
     if let Some(reason) = ticket.reason() {
         message.push_str(&format!(" ({reason})"));
@@ -45,7 +45,7 @@ fn request(ticket: &Ticket) -> OperationRequest {
         ticket_id: ticket.ticket_id.to_string(),
         client_id: ticket.client_id.to_string(),
         authority: ticket.authority.to_string(),
-        amount: WireMoney { minor: amount, currency: ticket.currency.code().into() },
+        amount: WireMoney::from(amount),
         message: Some(message),
     }
 }

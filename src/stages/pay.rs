@@ -61,21 +61,19 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
 /// last operation's answer.
 async fn finish(p: &Pipeline, run: Run) -> Result<Versioned<Ticket>, StageError> {
     let Run { stored, mut ticket, exchanges, .. } = run;
-    let amount = ticket.reserved;
-    let money = ticket.money(amount);
     let now = Utc::now();
-    ticket.reserved = 0;
     match ticket.pay.failure.clone() {
         None => {
-            ticket.paid = amount;
+            let amount = ticket.pay_reservation();
             ticket.move_to(State::Paid, now);
-            let paid = p.event(&ticket, Stage::Pay, EventKind::Paid { amount: money });
+            let paid = p.event(&ticket, Stage::Pay, EventKind::Paid { amount });
             p.commit(&stored, ticket, None, exchanges, vec![paid]).await
         }
         Some(reason) => {
+            let amount = ticket.release_reservation();
             ticket.move_to(State::Failed { reason }, now);
-            let released = p.event(&ticket, Stage::Pay, EventKind::BudgetReleased { amount: money });
-            p.commit(&stored, ticket, Some(BudgetChange::Release(amount)), exchanges, vec![released]).await
+            let released = p.event(&ticket, Stage::Pay, EventKind::BudgetReleased { amount });
+            p.commit(&stored, ticket, Some(BudgetChange::Release(amount.minor)), exchanges, vec![released]).await
         }
     }
 }
@@ -86,7 +84,7 @@ fn operation_request(ticket: &Ticket) -> OperationRequest {
         ticket_id: ticket.ticket_id.to_string(),
         client_id: ticket.client_id.to_string(),
         authority: ticket.authority.to_string(),
-        amount: WireMoney { minor: ticket.reserved, currency: ticket.currency.code().into() },
+        amount: WireMoney::from(ticket.reserved()),
         message: None,
     }
 }

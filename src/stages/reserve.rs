@@ -29,10 +29,10 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     };
     let mut ticket = current.value.clone();
     let now = Utc::now();
-    ticket.reserved = amount;
+    ticket.hold(amount)?;
     ticket.move_to(State::Pay, now);
-    let held = vec![p.event(&ticket, Stage::Reserve, EventKind::BudgetReserved { amount: ticket.money(amount) })];
-    match p.commit(&current, ticket, Some(BudgetChange::Reserve(amount)), Vec::new(), held).await {
+    let held = vec![p.event(&ticket, Stage::Reserve, EventKind::BudgetReserved { amount })];
+    match p.commit(&current, ticket, Some(BudgetChange::Reserve(amount.minor)), Vec::new(), held).await {
         Err(StageError::Store(StoreError::InsufficientBudget)) => {}
         other => return other,
     }
@@ -41,7 +41,7 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
         None => "unknown".into(),
     };
     let mut ticket = current.value.clone();
-    let reason = format!("needs {}, the budget has {remaining} left", format_minor(amount, ticket.currency));
+    let reason = format!("needs {}, the budget has {remaining} left", amount.to_decimal());
     ticket.move_to(State::OverBudget { reason }, now);
     let ended = p.commit(&current, ticket, None, Vec::new(), Vec::new()).await?;
     // Another batch may pay it now. Should this fail, the next taker sees
@@ -113,7 +113,7 @@ fn hold(owner: &Ticket, claimed_at: DateTime<Utc>) -> Hold {
         Status::Paid | Status::Pay => Hold::Paying,
         Status::Lookup | Status::Validate | Status::Reserve => Hold::Deciding,
         Status::NotPayable | Status::Rejected | Status::OverBudget | Status::Failed | Status::Duplicate => Hold::GivenUp,
-        Status::Parked if owner.parked_stage() == Some(Stage::Pay) || owner.reserved > 0 || owner.pay.done > 0 => Hold::Paying,
+        Status::Parked if owner.parked_stage() == Some(Stage::Pay) || owner.reserved().minor > 0 || owner.pay.done > 0 => Hold::Paying,
         // Parked before paying, with nothing done. A claim written after that ticket
         // state was, though, was taken again since (the ticket was redriven): what
         // was read is old news.
@@ -145,7 +145,9 @@ mod tests {
     fn owner(status: Status) -> Ticket {
         let now = Utc::now() - chrono::Duration::minutes(5);
         let (batch, line) = batch_of_one(BatchId::parse("b-owner").unwrap(), "acme", 10_000, now);
-        Ticket { state: in_status(status), ..Ticket::accepted(&batch, line, now) }
+        let mut t = Ticket::accepted(&batch, line, now);
+        t.state = in_status(status);
+        t
     }
 
     #[test]
@@ -175,7 +177,7 @@ mod tests {
             hold(&t, claimed)
         };
         assert_eq!(parked(&|t| t.park(Stage::Pay, "pay: gateway down".into(), t.updated_at)), Hold::Paying);
-        assert_eq!(parked(&|t| t.reserved = 500), Hold::Paying);
+        assert_eq!(parked(&|t| t.hold(t.money(500)).unwrap()), Hold::Paying);
         assert_eq!(parked(&|t| t.pay.done = 1), Hold::Paying);
         assert_eq!(parked(&|_| {}), Hold::GivenUp, "parked before paying, with nothing done");
     }

@@ -19,7 +19,7 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
         ticket_id: ticket.ticket_id.to_string(),
         client_id: ticket.client_id.to_string(),
         authority: ticket.authority.to_string(),
-        amount: WireMoney { minor: amount, currency: ticket.currency.code().into() },
+        amount: WireMoney::from(amount),
     };
     let mut approved_by = ticket.approved_by().to_vec();
     let approved_before = approved_by.len();

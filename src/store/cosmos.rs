@@ -480,7 +480,7 @@ fn same_amount(held: &CommitmentDoc, amount: i64, what: &str) -> Result<()> {
 
 /// Ends holding no money, where a reservation may have been tried before.
 fn ends_holding_nothing(t: &Ticket) -> bool {
-    matches!(t.status(), Status::OverBudget | Status::Parked) && t.reserved == 0 && t.paid == 0
+    matches!(t.status(), Status::OverBudget | Status::Parked) && t.reserved().is_zero() && t.paid().is_zero()
 }
 
 /// The physical partitions of the emulated records container when its throughput is not

@@ -346,8 +346,8 @@ impl Store for SqliteStore {
                         t.status().as_str(),
                         t.notified,
                         t.reference.as_ref().map(|r| r.as_str()),
-                        t.paid,
-                        t.reserved,
+                        t.paid().minor,
+                        t.reserved().minor,
                         doc
                     ])
                     .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict(format!("ticket {}", t.ticket_id)) } else { unavailable(e) })?;
@@ -481,8 +481,8 @@ impl Store for SqliteStore {
                     ticket.ticket_id.as_str(),
                     ticket.status().as_str(),
                     ticket.notified,
-                    ticket.paid,
-                    ticket.reserved,
+                    ticket.paid().minor,
+                    ticket.reserved().minor,
                     doc,
                     version
                 ])

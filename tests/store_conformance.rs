@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use ticketpay::domain::{
-    AuthorityCode, Batch, BatchId, ClientId, Currency, Event, EventKind, Operation, PayStep, Reference, Stage, State, Status, Ticket,
-    TicketId,
+    AuthorityCode, Batch, BatchId, BatchRequest, ClientId, Currency, Event, EventKind, Money, Operation, PayStep, Reference, Stage, State,
+    Status, Ticket, TicketId,
 };
 use ticketpay::domain::reconciliation::{Check, ProviderView, ReconciliationRun, Recorded, Verdict};
 use ticketpay::domain::upload::TicketLine;
@@ -14,20 +14,17 @@ use ticketpay::providers::ProviderName;
 use ticketpay::store::sqlite::SqliteStore;
 use ticketpay::store::{BudgetChange, Created, PaymentClaim, Store, StoreError, TicketUpdate};
 
+fn eur(minor: i64) -> Money {
+    Money::new(minor, Currency::parse("EUR").unwrap())
+}
+
+/// A batch of `tickets` lines that the store has not seen, paying in EUR.
 fn batch(client: &str, budget: i64, tickets: u32, key: Option<&str>) -> Batch {
-    Batch {
-        batch_id: BatchId::generate(),
-        client_id: ClientId::parse(client).unwrap(),
-        currency: Currency::parse("EUR").unwrap(),
-        budget,
-        committed: 0,
-        tickets,
-        idempotency_key: key.map(str::to_owned),
-        request_digest: "digest".into(),
-        enqueued: false,
-        completed_at: None,
-        created_at: Utc::now(),
-    }
+    let line = |i| TicketLine { ticket_id: TicketId::parse(&format!("t{i:04}")).unwrap(), authority: AuthorityCode::parse("CITY-PARKING").unwrap(), reference: None };
+    let request = BatchRequest { client_id: ClientId::parse(client).unwrap(), currency: Currency::parse("EUR").unwrap(), budget: eur(budget), tickets: (0..tickets).map(line).collect() };
+    let mut b = Batch::accepted(BatchId::generate(), &request, key.map(str::to_owned), Utc::now());
+    b.request_digest = "digest".into();
+    b
 }
 
 fn tickets(b: &Batch, n: u32) -> Vec<Ticket> {
@@ -98,12 +95,12 @@ async fn transitions_are_conditional_and_apply_once(store: Arc<dyn Store>) {
     let reserve = TicketUpdate {
         ticket: { let mut t = moved(&stored.value, State::Pay); t.hold(t.money(300)).unwrap(); t },
         etag: stored.etag.clone(),
-        budget: Some(BudgetChange::Reserve(300)),
+        budget: Some(BudgetChange::Reserve(eur(300))),
         events: vec![],
     };
     store.update_ticket(reserve.clone()).await.unwrap();
     assert!(matches!(store.update_ticket(reserve).await, Err(StoreError::Conflict(_))));
-    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed, 300);
+    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed().minor, 300);
 }
 
 async fn concurrent_reservations_never_overspend(store: Arc<dyn Store>) {
@@ -115,7 +112,7 @@ async fn concurrent_reservations_never_overspend(store: Arc<dyn Store>) {
             let current = store.ticket(&t.batch_id, &t.ticket_id).await.unwrap().unwrap();
             let mut next = moved(&current.value, State::Pay);
             next.hold(next.money(700)).unwrap();
-            let update = TicketUpdate { ticket: next, etag: current.etag, budget: Some(BudgetChange::Reserve(700)), events: vec![] };
+            let update = TicketUpdate { ticket: next, etag: current.etag, budget: Some(BudgetChange::Reserve(eur(700))), events: vec![] };
             match store.update_ticket(update).await {
                 Ok(_) => true,
                 Err(StoreError::InsufficientBudget) => false,
@@ -130,10 +127,10 @@ async fn concurrent_reservations_never_overspend(store: Arc<dyn Store>) {
     assert_eq!(reserved, 14, "10,000 holds exactly 14 reservations of 700");
     let batch = store.batch(&b.batch_id).await.unwrap().unwrap();
     let summary = store.summary(&b.batch_id).await.unwrap();
-    assert_eq!(batch.committed, 9_800);
-    assert!(batch.committed <= batch.budget);
+    assert_eq!(batch.committed().minor, 9_800);
+    assert!(batch.committed().minor <= batch.budget().minor);
     assert_eq!(summary.reserved, 9_800, "the tickets hold what the budget says is held");
-    assert_eq!(batch.remaining(), batch.budget - summary.reserved - summary.paid);
+    assert_eq!(batch.remaining().minor, batch.budget().minor - summary.reserved - summary.paid);
     assert_eq!(summary.counts[&Status::Pay], 14);
     assert_eq!(summary.counts[&Status::Lookup], 46, "a refused reservation changed nothing");
 }
@@ -146,7 +143,7 @@ async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(st
     let reserve = |t: &ticketpay::store::Versioned<Ticket>, etag: &str| {
         let mut next = moved(&t.value, State::Pay);
         next.hold(next.money(300)).unwrap();
-        TicketUpdate { ticket: next, etag: etag.to_owned(), budget: Some(BudgetChange::Reserve(300)), events: vec![] }
+        TicketUpdate { ticket: next, etag: etag.to_owned(), budget: Some(BudgetChange::Reserve(eur(300))), events: vec![] }
     };
     let touch = |t: &ticketpay::store::Versioned<Ticket>| {
         let mut next = t.value.clone();
@@ -158,7 +155,7 @@ async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(st
     let now = store.update_ticket(touch(&first)).await.unwrap();
     assert!(matches!(store.update_ticket(reserve(&first, &first.etag)).await, Err(StoreError::Conflict(_))), "from a stale version");
     store.update_ticket(reserve(&now, &now.etag)).await.expect("from the current version");
-    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed, 300, "held once");
+    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed().minor, 300, "held once");
 
     let second = store.ticket(&b.batch_id, &ts[1].ticket_id).await.unwrap().unwrap();
     let now = store.update_ticket(touch(&second)).await.unwrap();
@@ -168,8 +165,8 @@ async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(st
     store.update_ticket(TicketUpdate { ticket: ended, etag: now.etag.clone(), budget: None, events: vec![] }).await.unwrap();
     let batch = store.batch(&b.batch_id).await.unwrap().unwrap();
     let summary = store.summary(&b.batch_id).await.unwrap();
-    assert_eq!(batch.committed, 300, "the ticket that ended holds nothing of the budget");
-    assert_eq!(batch.remaining(), batch.budget - summary.reserved - summary.paid);
+    assert_eq!(batch.committed().minor, 300, "the ticket that ended holds nothing of the budget");
+    assert_eq!(batch.remaining().minor, batch.budget().minor - summary.reserved - summary.paid);
 }
 
 async fn a_failed_payment_releases_exactly_its_reservation(store: Arc<dyn Store>) {
@@ -179,7 +176,7 @@ async fn a_failed_payment_releases_exactly_its_reservation(store: Arc<dyn Store>
         let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
         let mut next = moved(&current.value, State::Pay);
         next.hold(next.money(400)).unwrap();
-        let u = TicketUpdate { ticket: next, etag: current.etag, budget: Some(BudgetChange::Reserve(400)), events: vec![] };
+        let u = TicketUpdate { ticket: next, etag: current.etag, budget: Some(BudgetChange::Reserve(eur(400))), events: vec![] };
         versions.push(store.update_ticket(u).await.unwrap());
     }
     let mut paid = versions[0].value.clone();
@@ -189,19 +186,19 @@ async fn a_failed_payment_releases_exactly_its_reservation(store: Arc<dyn Store>
     let mut failed = versions[1].value.clone();
     failed.release_reservation();
     failed.state = State::Failed { reason: "settlement declined".into() };
-    let over = TicketUpdate { ticket: failed.clone(), etag: versions[1].etag.clone(), budget: Some(BudgetChange::Release(500)), events: vec![] };
+    let over = TicketUpdate { ticket: failed.clone(), etag: versions[1].etag.clone(), budget: Some(BudgetChange::Release(eur(500))), events: vec![] };
     assert!(matches!(store.update_ticket(over).await, Err(StoreError::Invalid(_))), "more than the ticket holds is refused");
     let unchanged = store.ticket(&b.batch_id, &ts[1].ticket_id).await.unwrap().unwrap();
     assert_eq!((unchanged.etag.as_str(), unchanged.value.status()), (versions[1].etag.as_str(), Status::Pay), "and nothing is written");
-    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed, 800);
-    let release = TicketUpdate { ticket: failed, etag: versions[1].etag.clone(), budget: Some(BudgetChange::Release(400)), events: vec![] };
+    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed().minor, 800);
+    let release = TicketUpdate { ticket: failed, etag: versions[1].etag.clone(), budget: Some(BudgetChange::Release(eur(400))), events: vec![] };
     store.update_ticket(release).await.unwrap();
 
     let batch = store.batch(&b.batch_id).await.unwrap().unwrap();
     let summary = store.summary(&b.batch_id).await.unwrap();
-    assert_eq!((batch.committed, summary.paid, summary.reserved), (400, 400, 0));
-    assert_eq!(batch.remaining(), 600);
-    assert_eq!(batch.remaining(), batch.budget - summary.reserved - summary.paid);
+    assert_eq!((batch.committed().minor, summary.paid, summary.reserved), (400, 400, 0));
+    assert_eq!(batch.remaining(), eur(600));
+    assert_eq!(batch.remaining().minor, batch.budget().minor - summary.reserved - summary.paid);
 }
 
 async fn events_are_appended_and_read_in_order(store: Arc<dyn Store>) {

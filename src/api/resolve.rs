@@ -157,7 +157,7 @@ async fn write(app: &App, current: &Versioned<Ticket>, resolution: Resolution) -
     if ticket.status() != before.status() {
         events.push(event(EventKind::StatusChanged { from: before.status(), to: ticket.status(), reason: ticket.reason().map(str::to_owned) }));
     }
-    let budget = (resolved.release.minor > 0).then_some(BudgetChange::Release(resolved.release.minor));
+    let budget = (resolved.release.minor > 0).then_some(BudgetChange::Release(resolved.release));
     if budget.is_some() {
         events.push(event(EventKind::BudgetReleased { amount: resolved.release }));
     }

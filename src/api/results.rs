@@ -172,7 +172,7 @@ fn json_answer(batch: &Batch, rows: &[Row]) -> Value {
             "tickets": t.tickets,
             "amount_due": money(t.amount_due),
             "paid": money(t.paid),
-            "budget": money(batch.budget),
+            "budget": batch.budget().to_decimal(),
             "notified": t.notified,
             "counts": t.counts,
         },

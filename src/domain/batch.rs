@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::ids::{BatchId, ClientId};
-use super::money::Currency;
+use super::money::{Currency, Money, WrongCurrency};
 use super::upload::BatchRequest;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -12,10 +12,11 @@ pub struct Batch {
     pub batch_id: BatchId,
     pub client_id: ClientId,
     pub currency: Currency,
-    /// The most this batch may pay, in minor units.
-    pub budget: i64,
-    /// Reserved or paid so far; never above `budget`.
-    pub committed: i64,
+    /// The most this batch may pay, and what is reserved or paid so far (never
+    /// above it): minor units of `currency`, as the stores keep them. Everything
+    /// else reads them as [`Money`] ([`Batch::budget`], [`Batch::budget_state`]).
+    pub(crate) budget: i64,
+    pub(crate) committed: i64,
     pub tickets: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
@@ -46,22 +47,41 @@ impl Batch {
         }
     }
 
-    pub fn remaining(&self) -> i64 {
-        self.budget - self.committed
+    pub fn budget(&self) -> Money {
+        Money::new(self.budget, self.currency)
+    }
+
+    /// Reserved or paid so far.
+    pub fn committed(&self) -> Money {
+        Money::new(self.committed, self.currency)
+    }
+
+    pub fn remaining(&self) -> Money {
+        Money::new(self.budget - self.committed, self.currency)
     }
 
     /// Its budget as it stands.
     pub fn budget_state(&self) -> Budget {
-        Budget { total: self.budget, committed: self.committed }
+        Budget { total: self.budget(), committed: self.committed() }
+    }
+
+    /// Takes what `budget` has committed, once moved by its rules.
+    pub fn commit(&mut self, budget: Budget) -> Result<(), WrongCurrency> {
+        if budget.committed.currency != self.currency {
+            return Err(WrongCurrency { expected: self.currency, found: budget.committed.currency });
+        }
+        self.committed = budget.committed.minor;
+        Ok(())
     }
 }
 
 /// A batch's budget at one moment: what it may pay, and how much of that is
-/// reserved or paid. Both stores move it by these rules and no others.
+/// reserved or paid, in the batch's currency. Both stores move it by these
+/// rules and no others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
-    pub total: i64,
-    pub committed: i64,
+    pub total: Money,
+    pub committed: Money,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,29 +95,43 @@ pub enum BudgetError {
 
 impl Budget {
     /// Holds `amount` more, if it fits in what is left.
-    pub fn reserve(self, amount: i64) -> Result<Budget, BudgetError> {
-        if amount < 0 {
+    pub fn reserve(self, amount: Money) -> Result<Budget, BudgetError> {
+        let minor = self.minor_of(amount)?;
+        if minor < 0 {
             return Err(BudgetError::Invalid(format!("a reservation of {amount}")));
         }
-        match self.committed.checked_add(amount) {
-            Some(committed) if committed <= self.total => Ok(Budget { committed, ..self }),
+        match self.committed.minor.checked_add(minor) {
+            Some(committed) if committed <= self.total.minor => Ok(self.committing(committed)),
             _ => Err(BudgetError::Insufficient),
         }
     }
 
     /// Gives back what a ticket holds (`held`, as recorded for it), all of it and
     /// named as `amount`. A ticket holding nothing gave it back before: no change.
-    pub fn release(self, held: i64, amount: i64) -> Result<Budget, BudgetError> {
-        if held == 0 {
+    pub fn release(self, held: Money, amount: Money) -> Result<Budget, BudgetError> {
+        let (held_minor, minor) = (self.minor_of(held)?, self.minor_of(amount)?);
+        if held_minor == 0 {
             return Ok(self);
         }
-        if amount != held {
+        if minor != held_minor {
             return Err(BudgetError::Invalid(format!("releasing {amount} of a ticket holding {held}")));
         }
-        if amount < 0 || amount > self.committed {
+        if minor < 0 || minor > self.committed.minor {
             return Err(BudgetError::Invalid(format!("releasing {amount} of {} committed", self.committed)));
         }
-        Ok(Budget { committed: self.committed - amount, ..self })
+        Ok(self.committing(self.committed.minor - minor))
+    }
+
+    fn committing(self, minor: i64) -> Budget {
+        Budget { committed: Money::new(minor, self.total.currency), ..self }
+    }
+
+    fn minor_of(self, amount: Money) -> Result<i64, BudgetError> {
+        if amount.currency == self.total.currency {
+            Ok(amount.minor)
+        } else {
+            Err(BudgetError::Invalid(WrongCurrency { expected: self.total.currency, found: amount.currency }.to_string()))
+        }
     }
 }
 
@@ -105,22 +139,32 @@ impl Budget {
 mod tests {
     use super::*;
 
-    const BUDGET: Budget = Budget { total: 1_000, committed: 600 };
+    fn eur(minor: i64) -> Money {
+        Money::new(minor, Currency::parse("EUR").unwrap())
+    }
+
+    fn budget(total: i64, committed: i64) -> Budget {
+        Budget { total: eur(total), committed: eur(committed) }
+    }
 
     #[test]
     fn a_reservation_fits_what_is_left_or_is_refused() {
-        assert_eq!(BUDGET.reserve(400), Ok(Budget { total: 1_000, committed: 1_000 }));
-        assert_eq!(BUDGET.reserve(401), Err(BudgetError::Insufficient));
-        assert_eq!(Budget { total: i64::MAX, committed: i64::MAX - 1 }.reserve(2), Err(BudgetError::Insufficient));
-        assert!(matches!(BUDGET.reserve(-1), Err(BudgetError::Invalid(_))));
+        let b = budget(1_000, 600);
+        assert_eq!(b.reserve(eur(400)), Ok(budget(1_000, 1_000)));
+        assert_eq!(b.reserve(eur(401)), Err(BudgetError::Insufficient));
+        assert_eq!(budget(i64::MAX, i64::MAX - 1).reserve(eur(2)), Err(BudgetError::Insufficient));
+        assert!(matches!(b.reserve(eur(-1)), Err(BudgetError::Invalid(_))));
+        let usd = Money::new(1, Currency::parse("USD").unwrap());
+        assert!(matches!(b.reserve(usd), Err(BudgetError::Invalid(e)) if e.contains("USD")), "another currency is no reservation");
     }
 
     #[test]
     fn a_release_gives_back_exactly_what_its_ticket_holds() {
-        assert_eq!(BUDGET.release(250, 250), Ok(Budget { total: 1_000, committed: 350 }));
-        assert_eq!(BUDGET.release(0, 250), Ok(BUDGET), "given back before");
-        assert!(matches!(BUDGET.release(250, 300), Err(BudgetError::Invalid(_))), "more than the ticket holds");
-        assert!(matches!(BUDGET.release(700, 700), Err(BudgetError::Invalid(_))), "more than is committed");
-        assert!(matches!(BUDGET.release(-5, -5), Err(BudgetError::Invalid(_))));
+        let b = budget(1_000, 600);
+        assert_eq!(b.release(eur(250), eur(250)), Ok(budget(1_000, 350)));
+        assert_eq!(b.release(eur(0), eur(250)), Ok(b), "given back before");
+        assert!(matches!(b.release(eur(250), eur(300)), Err(BudgetError::Invalid(_))), "more than the ticket holds");
+        assert!(matches!(b.release(eur(700), eur(700)), Err(BudgetError::Invalid(_))), "more than is committed");
+        assert!(matches!(b.release(eur(-5), eur(-5)), Err(BudgetError::Invalid(_))));
     }
 }

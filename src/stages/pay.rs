@@ -73,7 +73,7 @@ async fn finish(p: &Pipeline, run: Run) -> Result<Versioned<Ticket>, StageError>
             let amount = ticket.release_reservation();
             ticket.move_to(State::Failed { reason }, now);
             let released = p.event(&ticket, Stage::Pay, EventKind::BudgetReleased { amount });
-            p.commit(&stored, ticket, Some(BudgetChange::Release(amount.minor)), exchanges, vec![released]).await
+            p.commit(&stored, ticket, Some(BudgetChange::Release(amount)), exchanges, vec![released]).await
         }
     }
 }

@@ -12,7 +12,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{Pipeline, StageError};
-use crate::domain::money::format_minor;
 use crate::domain::ticket::PaidElsewhere;
 use crate::domain::{EventKind, Stage, State, Status, Ticket};
 use crate::store::{BudgetChange, PaymentClaim, StoreError, Versioned};
@@ -32,12 +31,12 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
     ticket.hold(amount)?;
     ticket.move_to(State::Pay, now);
     let held = vec![p.event(&ticket, Stage::Reserve, EventKind::BudgetReserved { amount })];
-    match p.commit(&current, ticket, Some(BudgetChange::Reserve(amount.minor)), Vec::new(), held).await {
+    match p.commit(&current, ticket, Some(BudgetChange::Reserve(amount)), Vec::new(), held).await {
         Err(StageError::Store(StoreError::InsufficientBudget)) => {}
         other => return other,
     }
     let remaining = match p.store.batch(&current.value.batch_id).await? {
-        Some(batch) => format_minor(batch.remaining(), batch.currency),
+        Some(batch) => batch.remaining().to_decimal(),
         None => "unknown".into(),
     };
     let mut ticket = current.value.clone();

@@ -162,7 +162,7 @@ impl Stages {
         next.owes(next.money(1250)).unwrap();
         let budget = (status == Status::Pay).then(|| {
             next.hold(next.money(1250)).unwrap();
-            BudgetChange::Reserve(1250)
+            BudgetChange::Reserve(next.money(1250))
         });
         shape(&mut next);
         self.pipeline.store.update_ticket(TicketUpdate { ticket: next, etag: current.etag, budget, events: vec![] }).await.unwrap()
@@ -182,7 +182,7 @@ impl Stages {
     }
 
     async fn committed(&self) -> i64 {
-        self.pipeline.store.batch(&self.batch.batch_id).await.unwrap().unwrap().committed
+        self.pipeline.store.batch(&self.batch.batch_id).await.unwrap().unwrap().committed().minor
     }
 }
 

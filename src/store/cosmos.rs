@@ -45,7 +45,7 @@ use self::transaction::{first_failure, op_error, Pricer, Transaction, MAX_OPS};
 use super::meter::Meter;
 use super::{BatchSummary, BudgetChange, Created, PaymentClaim, Result, Store, StoreError, TicketPage, TicketUpdate, Versioned};
 use crate::domain::reconciliation::ReconciliationRun;
-use crate::domain::{AuthorityCode, Batch, BatchId, BudgetError, ClientId, Event, Status, Ticket, TicketId};
+use crate::domain::{AuthorityCode, Batch, BatchId, BudgetError, ClientId, Event, Money, Status, Ticket, TicketId};
 
 /// Container holding batches, tickets, events, budget commitments and payment claims, partitioned by `/pk`.
 pub const RECORDS: &str = "records";
@@ -396,7 +396,7 @@ impl CosmosStore {
     /// Holds `amount` of the budget for the ticket, once: a commitment already there
     /// (an earlier try of this same change) is taken as done. `stale` tells whether the
     /// ticket moved on since `etag`, for a reservation that does not fit.
-    async fn commit_budget(&self, ticket: &Ticket, etag: &str, amount: i64) -> Result<()> {
+    async fn commit_budget(&self, ticket: &Ticket, etag: &str, amount: Money) -> Result<()> {
         let batch_id = ticket.batch_id.as_str();
         let what = format!("budget of batch {batch_id} for ticket {}", ticket.ticket_id);
         for attempt in 0..BATCH_DOC_ATTEMPTS {
@@ -414,9 +414,9 @@ impl CosmosStore {
                 };
             }
             let batch_etag = doc.etag.take().ok_or_else(|| invalid(format!("batch {batch_id} has no _etag")))?;
-            doc.batch.committed = next?.committed;
+            doc.batch.commit(next?).map_err(|e| invalid(format!("{what}: {e}")))?;
             let tx = Transaction::new(self, batch_id)
-                .create(&CommitmentDoc::new(&ticket.batch_id, &ticket.ticket_id, amount))?
+                .create(&CommitmentDoc::new(&ticket.batch_id, &ticket.ticket_id, amount.minor))?
                 .replace(BATCH_DOC_ID, &BatchDoc::new(&doc.batch), &batch_etag)?;
             match first_failure(&tx.run(self, &what).await?) {
                 None => return Ok(()),
@@ -436,16 +436,17 @@ impl CosmosStore {
     /// Gives the ticket's commitment back to the budget, once: no commitment left means
     /// an earlier try of this same change gave it back already. `amount`: what the change
     /// says is committed (refused if it is not); `None`, whatever is.
-    async fn release_budget(&self, ticket: &Ticket, amount: Option<i64>) -> Result<()> {
+    async fn release_budget(&self, ticket: &Ticket, amount: Option<Money>) -> Result<()> {
         let batch_id = ticket.batch_id.as_str();
         let what = format!("budget of batch {batch_id} for ticket {}", ticket.ticket_id);
         for attempt in 0..BATCH_DOC_ATTEMPTS {
             let Some(held) = self.commitment(ticket).await? else { return Ok(()) };
             let held_etag = held.etag.clone().ok_or_else(|| invalid(format!("{what}: commitment has no _etag")))?;
             let mut doc = self.batch_doc(batch_id).await?.ok_or_else(|| StoreError::NotFound(format!("batch {batch_id}")))?;
-            let next = doc.batch.budget_state().release(held.amount, amount.unwrap_or(held.amount)).map_err(|e| invalid(format!("{what}: {e}")))?;
+            let held_amount = ticket.money(held.amount);
+            let next = doc.batch.budget_state().release(held_amount, amount.unwrap_or(held_amount)).map_err(|e| invalid(format!("{what}: {e}")))?;
             let batch_etag = doc.etag.take().ok_or_else(|| invalid(format!("batch {batch_id} has no _etag")))?;
-            doc.batch.committed = next.committed;
+            doc.batch.commit(next).map_err(|e| invalid(format!("{what}: {e}")))?;
             let tx = Transaction::new(self, batch_id)
                 .delete(&held.id, &held, &held_etag)?
                 .replace(BATCH_DOC_ID, &BatchDoc::new(&doc.batch), &batch_etag)?;
@@ -470,8 +471,8 @@ impl CosmosStore {
 }
 
 /// A commitment found in place of the one a change would make must be for the same amount.
-fn same_amount(held: &CommitmentDoc, amount: i64, what: &str) -> Result<()> {
-    if held.amount == amount {
+fn same_amount(held: &CommitmentDoc, amount: Money, what: &str) -> Result<()> {
+    if held.amount == amount.minor {
         Ok(())
     } else {
         Err(invalid(format!("{what}: {} committed, not {amount}", held.amount)))

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::domain::reconciliation::ReconciliationRun;
-use crate::domain::{AuthorityCode, Batch, BatchId, BudgetError, ClientId, Event, Stage, Status, Ticket, TicketId};
+use crate::domain::{AuthorityCode, Batch, BatchId, BudgetError, ClientId, Event, Money, Stage, Status, Ticket, TicketId};
 
 /// A document with the version it was read at.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,10 +31,10 @@ pub struct Versioned<T> {
 /// A change to the batch budget made together with a ticket change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BudgetChange {
-    /// Hold this many minor units; refused with [`StoreError::InsufficientBudget`] if they do not fit.
-    Reserve(i64),
-    /// Give back minor units held earlier.
-    Release(i64),
+    /// Hold this much; refused with [`StoreError::InsufficientBudget`] if it does not fit.
+    Reserve(Money),
+    /// Give back what was held earlier.
+    Release(Money),
 }
 
 /// A conditional ticket change: applied only if the ticket is still at `etag`.

@@ -459,7 +459,7 @@ impl Store for SqliteStore {
             let version: i64 = etag.parse().map_err(|_| StoreError::Conflict(format!("ticket {} (etag {etag})", ticket.ticket_id)))?;
             let tx = conn.savepoint().map_err(unavailable)?;
             // What the ticket holds of the budget as it stands, before this change.
-            let held: i64 = match budget {
+            let held = ticket.money(match budget {
                 Some(BudgetChange::Release(_)) => tx
                     .prepare_cached("SELECT reserved FROM tickets WHERE batch_id = ?1 AND ticket_id = ?2 AND version = ?3")
                     .map_err(unavailable)?
@@ -468,7 +468,7 @@ impl Store for SqliteStore {
                     .map_err(unavailable)?
                     .unwrap_or(0),
                 _ => 0,
-            };
+            });
             let doc = encode_ticket(&ticket)?;
             let changed = tx
                 .prepare_cached(
@@ -497,14 +497,14 @@ impl Store for SqliteStore {
                     .map_err(unavailable)?
                     .query_row(params![batch_id], |r| Ok((r.get(0)?, r.get(1)?)))
                     .map_err(unavailable)?;
-                let now = Budget { total, committed };
+                let now = Budget { total: ticket.money(total), committed: ticket.money(committed) };
                 let next = match change {
                     BudgetChange::Reserve(amount) => now.reserve(amount)?,
                     BudgetChange::Release(amount) => now.release(held, amount)?,
                 };
                 tx.prepare_cached("UPDATE batches SET committed = ?2 WHERE batch_id = ?1")
                     .map_err(unavailable)?
-                    .execute(params![batch_id, next.committed])
+                    .execute(params![batch_id, next.committed.minor])
                     .map_err(unavailable)?;
             }
             insert_events(&tx, &events)?;

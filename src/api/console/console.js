@@ -514,6 +514,8 @@ function ticketView(t) {
       ["Reserved", amount(t.reserved)],
       ["Paid", amount(t.paid)],
       ["Attempt", t.attempt],
+      ["Failures in a row", t.failures || null],
+      ["Approved by", t.approved_by.length ? t.approved_by.join(", ") : null],
       ["Payment steps", pay.steps_done || pay.steps_undone ? `${pay.steps_done} done, ${pay.steps_undone} undone` : null],
       ["Payment failure", pay.failure],
       ["In flight", pay.in_flight],

@@ -1041,6 +1041,21 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_tickets_amounts_stay_in_its_currency_and_a_reservation_is_paid_or_released_once() {
+        let mut t = ticket(Status::Reserve);
+        let usd = Money::new(900, Currency::parse("USD").unwrap());
+        assert_eq!(t.owes(usd), Err(WrongCurrency { expected: t.currency, found: usd.currency }));
+        assert_eq!(t.hold(usd).unwrap_err().to_string(), "an amount in USD where amounts are in EUR");
+        assert_eq!((t.amount_due(), t.reserved()), (None, t.money(0)), "nothing taken from a refused amount");
+        t.owes(t.money(900)).unwrap();
+        t.hold(t.money(900)).unwrap();
+        assert_eq!(t.pay_reservation(), t.money(900));
+        assert_eq!((t.paid(), t.reserved(), t.release_reservation()), (t.money(900), t.money(0), t.money(0)));
+        let stored = serde_json::to_value(&t).unwrap();
+        assert_eq!((stored["amount_due"].as_i64(), stored["reserved"].as_i64(), stored["paid"].as_i64()), (Some(900), Some(0), Some(900)), "stored as minor units");
+    }
+
+    #[test]
     fn only_failures_in_a_row_count_towards_parking_and_each_retry_has_its_own_attempt() {
         let policy = RetryPolicy { max_attempts: 2, ..RetryPolicy::default() };
         let mut t = ticket(Status::Pay);
@@ -1059,7 +1074,7 @@ pub(crate) mod tests {
     fn a_parked_ticket_is_redriven_to_the_stage_where_it_stopped() {
         let policy = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };
         let mut t = ticket(Status::Pay);
-        t.reserved = 900;
+        t.hold(t.money(900)).unwrap();
         t.pay.slot.claim(op("settle"), Utc::now());
         t.fail_transiently("settlement down".into(), &policy, Duration::ZERO, Utc::now());
         t.pay.slot.release_claim();
@@ -1069,7 +1084,7 @@ pub(crate) mod tests {
         assert_eq!((t.status(), t.attempt, t.redrives, t.notified), (Status::Pay, 0, 1, false));
         assert_eq!(t.operation_key(op("capture")), format!("{}:{}:capture", t.batch_id, t.ticket_id), "a payment step keeps its key");
         assert!(t.operation_key(op("notify")).ends_with(":notify:r1"), "the next notification is news");
-        assert_eq!(t.reserved, 900, "the reservation is still held");
+        assert_eq!(t.reserved(), t.money(900), "the reservation is still held");
         assert_eq!(t.pay.slot.claim_on(op("settle"), Utc::now(), Duration::from_secs(60)), Claim::Unknown, "the lost answer is asked for first");
         assert!(t.redrive(Utc::now()).unwrap_err().contains("only parked"));
     }
@@ -1079,7 +1094,7 @@ pub(crate) mod tests {
         let policy = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };
         let lease = Duration::from_secs(60);
         let mut t = ticket(Status::Pay);
-        t.reserved = 900;
+        t.hold(t.money(900)).unwrap();
         t.pay.slot.claim(op("capture"), Utc::now());
         t.pay.slot.release_claim();
         t.fail_transiently("timed out".into(), &policy, Duration::ZERO, Utc::now());
@@ -1112,9 +1127,10 @@ pub(crate) mod tests {
         assert_eq!(moving.resends, 0, "progress starts the count again");
 
         let mut told = ticket(Status::Paid);
-        told.paid = 700;
+        told.hold(told.money(700)).unwrap();
+        told.pay_reservation();
         assert_eq!(told.overdue(0, now), Overdue::GiveUp);
-        assert_eq!((told.status(), told.paid, told.notified), (Status::Paid, 700, true), "an end state keeps its outcome");
+        assert_eq!((told.status(), told.paid(), told.notified), (Status::Paid, told.money(700), true), "an end state keeps its outcome");
         assert!(told.pending().is_none());
     }
 
@@ -1122,10 +1138,11 @@ pub(crate) mod tests {
     fn a_notification_that_gives_up_keeps_the_payment() {
         let policy = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };
         let mut t = ticket(Status::Paid);
-        t.paid = 500;
+        t.hold(t.money(500)).unwrap();
+        t.pay_reservation();
         assert_eq!(t.fail_transiently("down".into(), &policy, Duration::ZERO, Utc::now()), AfterFailure::Parked);
         assert_eq!(t.status(), Status::Paid);
-        assert_eq!(t.paid, 500);
+        assert_eq!((t.paid(), t.reserved()), (t.money(500), t.money(0)));
         assert!(t.notified && t.pending().is_none());
     }
 

@@ -35,9 +35,12 @@ fn setting_error(name: &str, problem: impl Into<String>) -> SettingError {
     SettingError { name: name.to_owned(), problem: problem.into() }
 }
 
+/// Where settings are read from: a name to its value, if set.
+type Source<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
+
 /// Reads settings from a source (the process environment, or a map in tests).
 pub struct Settings<'a> {
-    get: Box<dyn Fn(&str) -> Option<String> + 'a>,
+    get: Source<'a>,
 }
 
 impl<'a> Settings<'a> {

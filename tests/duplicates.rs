@@ -120,8 +120,8 @@ fn tickets_uploaded_twice_at_once_are_paid_once_and_the_copies_end_duplicate() {
 
     let mut paid_in = [0i64; 2];
     let mut paid_count = [0u64; 2];
-    for i in 0..TICKETS {
-        let (a, b) = (&listed[0][i], &listed[1][i]);
+    assert!(listed.iter().all(|l| l.len() == TICKETS), "each batch lists all {TICKETS} tickets");
+    for (a, b) in listed[0].iter().zip(&listed[1]) {
         let id = a["ticket_id"].as_str().unwrap();
         assert_eq!(b["ticket_id"], id);
         let (paid, copy, payer, other) = match (a["status"].as_str().unwrap(), b["status"].as_str().unwrap()) {

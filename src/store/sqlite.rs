@@ -539,7 +539,7 @@ impl Store for SqliteStore {
                 let code: String = conn.query_row("SELECT currency FROM batches WHERE batch_id = ?1", [&b], |r| r.get(0)).map_err(read_error)?;
                 Currency::parse(&code).map_err(StoreError::Invalid)
             };
-            docs.iter().map(|d| schema::decode_events(d.as_bytes(), schema::event_shape(d)?, &currency)).collect()
+            docs.iter().map(|d| schema::decode_events(d.as_bytes(), schema::event_shape(d)?, currency)).collect()
         })
         .await
     }

@@ -93,6 +93,7 @@ fn an_upload_stored_while_the_bus_was_down_is_queued_by_itself() {
     let item = listed["batches"].as_array().unwrap().iter().find(|b| b["queued"] == false).expect("the stored upload is listed").clone();
     let batch = item["batch_id"].as_str().unwrap().to_owned();
     assert!(p["detail"].as_str().unwrap().contains(&batch), "the problem names the stored batch: {p}");
+    assert_eq!(p["batch_id"], batch.as_str(), "and gives its id to follow: {p}");
     let status = stack.status(&batch);
     assert_eq!((status["queued"].clone(), status["tickets"].clone()), (json!(false), json!(TICKETS)), "{status}");
 

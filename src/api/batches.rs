@@ -122,15 +122,18 @@ async fn accept(app: &App, request: BatchRequest, key: Option<IdempotencyKey>) -
 /// Sends every ticket's first message (see `Pipeline::enqueue_upload`).
 pub(super) async fn enqueue(app: &App, batch: &Batch) -> Result<(), Problem> {
     app.pipeline.enqueue_upload(batch).await.map_err(|e| match e {
-        StageError::Bus(e) => Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not-queued",
-            format!(
-                "batch {} is stored but not every ticket was queued ({e}); it is queued again by itself within minutes, \
-                 or now if you send the same upload again with the same Idempotency-Key",
-                batch.batch_id
-            ),
-        ),
+        StageError::Bus(e) => Problem {
+            batch_id: Some(batch.batch_id.to_string()),
+            ..Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-queued",
+                format!(
+                    "batch {} is stored but not every ticket was queued ({e}); it is queued again by itself within minutes, \
+                     or now if you send the same upload again with the same Idempotency-Key",
+                    batch.batch_id
+                ),
+            )
+        },
         StageError::Store(e) => e.into(),
         StageError::Busy { .. } => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the upload is being queued; try again"),
     })

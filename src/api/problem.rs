@@ -19,6 +19,9 @@ pub struct Problem {
     pub row: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// The batch the problem is about, when it was stored all the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
 }
 
 impl Problem {
@@ -30,6 +33,7 @@ impl Problem {
             detail: detail.into(),
             row: None,
             field: None,
+            batch_id: None,
         }
     }
 

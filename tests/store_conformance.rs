@@ -169,6 +169,65 @@ async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(st
     assert_eq!(batch.remaining().minor, batch.budget().minor - summary.reserved - summary.paid);
 }
 
+fn reservation(t: &ticketpay::store::Versioned<Ticket>, etag: &str, minor: i64) -> TicketUpdate {
+    let mut next = moved(&t.value, State::Pay);
+    next.hold(next.money(minor)).unwrap();
+    TicketUpdate { ticket: next, etag: etag.to_owned(), budget: Some(BudgetChange::Reserve(eur(minor))), events: vec![] }
+}
+
+fn outcome(result: &Result<ticketpay::store::Versioned<Ticket>, StoreError>) -> &'static str {
+    match result {
+        Ok(_) => "held",
+        Err(StoreError::InsufficientBudget) => "insufficient",
+        Err(StoreError::Conflict(_)) => "stale",
+        Err(_) => "other",
+    }
+}
+
+/// Reservations given together are taken as if one after the other, in their
+/// order: one that does not fit is refused alone and a later, smaller one still
+/// fits; a stale one is refused; given again, none holds money twice; and one
+/// whose earlier try left its commitment holds the money once.
+async fn reservations_given_together_are_taken_in_order_and_held_once(store: Arc<dyn Store>) {
+    let (b, ts) = seeded(store.as_ref(), 1_000, 8).await;
+    let mut current = Vec::new();
+    for t in &ts {
+        current.push(store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap());
+    }
+    let stale = current[5].clone();
+    let mut touched = stale.value.clone();
+    touched.attempt += 1;
+    current[5] = store.update_ticket(TicketUpdate { ticket: touched, etag: stale.etag.clone(), budget: None, events: vec![] }).await.unwrap();
+    let wanted = [400, 700, 300, 400, 300, 100];
+    let updates: Vec<_> = wanted.iter().enumerate().map(|(i, minor)| {
+        let from = if i == 5 { &stale } else { &current[i] };
+        reservation(from, &from.etag, *minor)
+    }).collect();
+    let results = store.update_tickets(updates.clone()).await;
+    assert_eq!(results.iter().map(outcome).collect::<Vec<_>>(), ["held", "insufficient", "held", "insufficient", "held", "stale"]);
+    let batch = store.batch(&b.batch_id).await.unwrap().unwrap();
+    let summary = store.summary(&b.batch_id).await.unwrap();
+    assert_eq!((batch.committed().minor, summary.reserved, summary.count(Status::Pay)), (1_000, 1_000, 3));
+    assert_eq!(results[2].as_ref().unwrap().value.reserved().minor, 300);
+
+    let again = store.update_tickets(updates).await;
+    assert!(again.iter().all(|r| matches!(r, Err(StoreError::Conflict(_)) | Err(StoreError::InsufficientBudget))), "{:?}", again.iter().map(outcome).collect::<Vec<_>>());
+    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed().minor, 1_000, "given again, nothing held twice");
+
+    // A second batch: an earlier try of a reservation whose ticket had moved on.
+    let (b, ts) = seeded(store.as_ref(), 1_000, 2).await;
+    let first = store.ticket(&b.batch_id, &ts[0].ticket_id).await.unwrap().unwrap();
+    let mut touched = first.value.clone();
+    touched.attempt += 1;
+    let now = store.update_ticket(TicketUpdate { ticket: touched, etag: first.etag.clone(), budget: None, events: vec![] }).await.unwrap();
+    assert!(matches!(store.update_ticket(reservation(&first, &first.etag, 200)).await, Err(StoreError::Conflict(_))));
+    let second = store.ticket(&b.batch_id, &ts[1].ticket_id).await.unwrap().unwrap();
+    let results = store.update_tickets(vec![reservation(&now, &now.etag, 200), reservation(&second, &second.etag, 300)]).await;
+    assert_eq!(results.iter().map(outcome).collect::<Vec<_>>(), ["held", "held"]);
+    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed().minor, 500, "the earlier try's hold counted once");
+    assert_eq!(store.summary(&b.batch_id).await.unwrap().reserved, 500);
+}
+
 async fn a_failed_payment_releases_exactly_its_reservation(store: Arc<dyn Store>) {
     let (b, ts) = seeded(store.as_ref(), 1_000, 2).await;
     let mut versions = Vec::new();
@@ -454,6 +513,8 @@ macro_rules! conformance {
             async fn concurrent_reservations_never_overspend() { let (s, _keep) = store().await; super::concurrent_reservations_never_overspend(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends() { let (s, _keep) = store().await; super::a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn reservations_given_together_are_taken_in_order_and_held_once() { let (s, _keep) = store().await; super::reservations_given_together_are_taken_in_order_and_held_once(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_failed_payment_releases_exactly_its_reservation() { let (s, _keep) = store().await; super::a_failed_payment_releases_exactly_its_reservation(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -758,4 +819,53 @@ async fn cosmos_reads_a_ticket_and_an_audit_entry_in_every_earlier_shape_and_ref
         other => panic!("a ticket in a newer shape read as {other:?}"),
     }
     assert!(matches!(store.tickets(&b.batch_id, None, 10, None).await, Err(StoreError::Invalid(_))), "nor in a page of tickets");
+}
+
+/// Cosmos alone: reservations given together move the batch's budget in one
+/// transactional batch of its home, not one per ticket.
+mod cosmos_budget {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use azure_data_cosmos_driver::in_memory_emulator::RequestObserver;
+    use ticketpay::store::cosmos::CosmosStore;
+
+    use super::*;
+
+    /// Counts the transactional batches sent to one logical partition.
+    #[derive(Debug, Default)]
+    struct HomeBatches {
+        partition: Mutex<Option<String>>,
+        seen: AtomicUsize,
+    }
+
+    impl RequestObserver for HomeBatches {
+        fn on_request(&self, request: &azure_core::http::Request) {
+            let Some(home) = self.partition.lock().unwrap().clone() else { return };
+            let headers = request.headers();
+            let is_batch = headers.iter().any(|(name, _)| name.as_str() == "x-ms-cosmos-is-batch-request");
+            let ours = headers.iter().any(|(name, value)| name.as_str() == "x-ms-documentdb-partitionkey" && value.as_str() == format!("[\"{home}\"]"));
+            if is_batch && ours {
+                self.seen.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reservations_given_together_move_the_budget_once() {
+        let observer = Arc::new(HomeBatches::default());
+        let (client, _emulator) = cosmos_account(Some(observer.clone())).await;
+        let store = CosmosStore::new(client, "ticketpay").await.unwrap();
+        let (b, ts) = seeded(&store, 10_000, 30).await;
+        let mut updates = Vec::new();
+        for t in &ts {
+            let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
+            updates.push(reservation(&current, &current.etag, 300));
+        }
+        *observer.partition.lock().unwrap() = Some(b.batch_id.to_string());
+        let results = store.update_tickets(updates).await;
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 30);
+        assert_eq!(observer.seen.load(Ordering::Relaxed), 1, "one transactional batch of the batch's home for 30 reservations");
+        assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed().minor, 9_000);
+    }
 }

@@ -180,8 +180,10 @@ async fn batch(app: &Arc<App>, stage: Stage, messages: Vec<Result<Invocation, Un
         }
     }
     if stage.uses_sessions() {
-        for m in members {
-            settled.push(run_member(app.clone(), stage, m, arrived).await);
+        let messages: Vec<_> = members.into_iter().map(|m| (m.message, m.span)).collect();
+        let handled = app.pipeline.handle_session(stage, &messages).await;
+        for ((message, span), handled) in messages.into_iter().zip(handled) {
+            settled.push(settle(&app, stage, &message, handled).instrument(span).await);
         }
         return answer(&span, stage, settled);
     }
@@ -301,14 +303,20 @@ async fn run_member(app: Arc<App>, stage: Stage, m: Member, arrived: tokio::time
         };
     }
     let handled = app.pipeline.handle(stage, message.clone()).instrument(span.clone()).await;
+    settle(&app, stage, &message, handled).instrument(span).await
+}
+
+/// How a handled message is settled: done, put off, parked, or back to the host.
+async fn settle(app: &App, stage: Stage, message: &StageMessage, handled: Result<crate::stages::Handled, crate::stages::StageError>) -> Settled {
+    let span = tracing::Span::current();
     match handled {
         Ok(handled) => {
             let outcome = handled.outcome(stage);
             span.record("outcome", outcome.as_str());
             span.record("otel.status_code", "ok");
-            Settled::Done(format!("{label}: {outcome}"))
+            Settled::Done(format!("{stage} {}/{}: {outcome}", message.batch_id, message.ticket_id))
         }
-        Err(e) => failed(&app, stage, &message, e).instrument(span).await,
+        Err(e) => failed(app, stage, message, e).await,
     }
 }
 

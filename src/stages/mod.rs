@@ -27,7 +27,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::bus::{Bus, BusError, OutgoingMessage};
 use crate::domain::ticket::{AfterFailure, Claim, Operation};
@@ -183,6 +185,25 @@ const PUT_OFF: Duration = Duration::from_secs(2);
 /// wait and timeout).
 const HANDED_OFF_RECHECK: Duration = Duration::from_secs(60);
 
+/// Reservations of one session's invocation read, planned or settled at once.
+const SESSION_IN_FLIGHT: usize = 16;
+
+/// Where a message finds its ticket.
+enum Begun {
+    /// Waiting for this message: the stage runs.
+    Current(Versioned<Ticket>),
+    /// Not waiting for it: nothing to do.
+    Finished(Handled),
+}
+
+/// A message of a session's reservations on its way: the ticket as it was
+/// before, and how far it got.
+enum Planned {
+    Finished(Handled),
+    Ran(Ticket, Result<Versioned<Ticket>, StageError>),
+    Reserve(Ticket, reserve::Reservation),
+}
+
 impl Handled {
     /// What the invocation came to, for its span: the ticket's new status, or
     /// `retry` / `notified`, `stale`, `deferred`, `unknown_ticket`.
@@ -200,17 +221,11 @@ impl Handled {
 
 impl Pipeline {
     pub async fn handle(&self, stage: Stage, message: StageMessage) -> Result<Handled, StageError> {
-        let Some(current) = self.store.ticket(&message.batch_id, &message.ticket_id).await? else {
-            return Ok(Handled::UnknownTicket);
+        let current = match self.begin(stage, &message).await? {
+            Begun::Current(current) => current,
+            Begun::Finished(handled) => return Ok(handled),
         };
         let ticket = current.value.clone();
-        tracing::Span::current().record("client_id", ticket.client_id.as_str());
-        let waiting = ticket.pending();
-        let is_current = waiting.as_ref().is_some_and(|p| p.stage == stage && message.attempt >= p.attempt);
-        if !is_current {
-            self.send_pending(&ticket).await?;
-            return Ok(Handled::Stale);
-        }
         let after = match stage {
             Stage::Lookup => lookup::run(self, current).await,
             Stage::Validate => validate::run(self, current).await,
@@ -218,12 +233,103 @@ impl Pipeline {
             Stage::Pay => pay::run(self, current).await,
             Stage::Notify => notify::run(self, current).await,
         };
+        self.finish(stage, &message, &ticket, after).await
+    }
+
+    /// A session's messages of one invocation, in order, each in its own span, each
+    /// handled as [`Self::handle`] would. Reservations are made together: their
+    /// budget is moved once, in the messages' order.
+    pub async fn handle_session(&self, stage: Stage, messages: &[(StageMessage, tracing::Span)]) -> Vec<Result<Handled, StageError>> {
+        if stage == Stage::Reserve {
+            return self.reserve_all(messages).await;
+        }
+        let mut handled = Vec::with_capacity(messages.len());
+        for (message, span) in messages {
+            handled.push(self.handle(stage, message.clone()).instrument(span.clone()).await);
+        }
+        handled
+    }
+
+    async fn reserve_all(&self, messages: &[(StageMessage, tracing::Span)]) -> Vec<Result<Handled, StageError>> {
+        let stage = Stage::Reserve;
+        let planned: Vec<Result<Planned, StageError>> = futures::stream::iter(messages.iter().cloned())
+            .map(|(message, span)| {
+                async move {
+                    let current = match self.begin(stage, &message).await? {
+                        Begun::Current(current) => current,
+                        Begun::Finished(handled) => return Ok(Planned::Finished(handled)),
+                    };
+                    let before = current.value.clone();
+                    Ok(match reserve::plan(self, current).await {
+                        Ok(reserve::Plan::Reserve(r)) => Planned::Reserve(before, r),
+                        Ok(reserve::Plan::Decided(ended)) => Planned::Ran(before, Ok(ended)),
+                        Err(e) => Planned::Ran(before, Err(e)),
+                    })
+                }
+                .instrument(span)
+            })
+            .buffered(SESSION_IN_FLIGHT)
+            .collect()
+            .await;
+        let updates: Vec<TicketUpdate> = planned
+            .iter()
+            .filter_map(|p| match p {
+                Ok(Planned::Reserve(_, r)) => {
+                    Some(self.ticket_update(&r.current, r.ticket.clone(), Some(BudgetChange::Reserve(r.amount)), &[], r.events.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut held = self.store.update_tickets(updates).await.into_iter();
+        futures::stream::iter(planned.into_iter().zip(messages.iter().cloned()))
+            .map(|(p, (message, span))| {
+                // Taken here, in the messages' order, as the store answered them.
+                let took = matches!(p, Ok(Planned::Reserve(..))).then(|| {
+                    held.next().unwrap_or_else(|| Err(StoreError::Unavailable("the store answered fewer changes than it was given".into())))
+                });
+                async move {
+                    match (p?, took) {
+                        (Planned::Finished(handled), _) => Ok(handled),
+                        (Planned::Ran(before, after), _) => self.finish(stage, &message, &before, after).await,
+                        (Planned::Reserve(before, r), took) => {
+                            let held = took.unwrap_or_else(|| Err(StoreError::Unavailable("no answer from the store".into())));
+                            let after = reserve::settle(self, r, held.map_err(StageError::from)).await;
+                            self.finish(stage, &message, &before, after).await
+                        }
+                    }
+                }
+                .instrument(span)
+            })
+            .buffered(SESSION_IN_FLIGHT)
+            .collect()
+            .await
+    }
+
+    /// The ticket a message names, if the message is the one it waits for;
+    /// otherwise what the message came to (the message it waits for is sent again).
+    async fn begin(&self, stage: Stage, message: &StageMessage) -> Result<Begun, StageError> {
+        let Some(current) = self.store.ticket(&message.batch_id, &message.ticket_id).await? else {
+            return Ok(Begun::Finished(Handled::UnknownTicket));
+        };
+        tracing::Span::current().record("client_id", current.value.client_id.as_str());
+        let waiting = current.value.pending();
+        let is_current = waiting.as_ref().is_some_and(|p| p.stage == stage && message.attempt >= p.attempt);
+        if !is_current {
+            self.send_pending(&current.value).await?;
+            return Ok(Begun::Finished(Handled::Stale));
+        }
+        Ok(Begun::Current(current))
+    }
+
+    /// After a stage ran on `ticket`: its next message sent, its batch completed if
+    /// it was the last; a ticket moved on by someone else is followed.
+    async fn finish(&self, stage: Stage, message: &StageMessage, ticket: &Ticket, after: Result<Versioned<Ticket>, StageError>) -> Result<Handled, StageError> {
         let after = match after {
             Err(StageError::Busy { until }) => {
                 // If the claimant died, this copy resolves the operation once its claim lapses.
                 // Scheduled times have whole seconds on the wire: aim past the lapse, never before it.
                 let after_lapse = until + chrono::Duration::seconds(2);
-                let mut recheck = message_for(&ticket, stage, message.attempt, Some(after_lapse));
+                let mut recheck = message_for(ticket, stage, message.attempt, Some(after_lapse));
                 recheck.message_id = format!("{}:recheck:{}", recheck.message_id, uuid::Uuid::new_v4().simple());
                 self.bus.send(&recheck).await?;
                 return Ok(Handled::Deferred);
@@ -353,16 +459,9 @@ impl Pipeline {
         ticket: Ticket,
         budget: Option<BudgetChange>,
         exchanges: Vec<Event>,
-        mut events: Vec<Event>,
+        events: Vec<Event>,
     ) -> Result<Versioned<Ticket>, StageError> {
-        let from = current.value.status();
-        if ticket.status() != from {
-            let kind = EventKind::StatusChanged { from, to: ticket.status(), reason: ticket.reason().map(str::to_owned) };
-            events.push(self.event(&ticket, from.stage(), kind));
-        }
-        let mut all = exchanges.clone();
-        all.extend(events);
-        let update = TicketUpdate { ticket, etag: current.etag.clone(), budget, events: all };
+        let update = self.ticket_update(current, ticket, budget, &exchanges, events);
         match self.store.update_ticket(update).await {
             Err(e) => {
                 self.record_anyway(exchanges).await;
@@ -373,6 +472,19 @@ impl Pipeline {
                 Ok(after)
             }
         }
+    }
+
+    /// A ticket's change as the store takes it: its exchanges and events, and the
+    /// status change if there is one.
+    fn ticket_update(&self, current: &Versioned<Ticket>, ticket: Ticket, budget: Option<BudgetChange>, exchanges: &[Event], mut events: Vec<Event>) -> TicketUpdate {
+        let from = current.value.status();
+        if ticket.status() != from {
+            let kind = EventKind::StatusChanged { from, to: ticket.status(), reason: ticket.reason().map(str::to_owned) };
+            events.push(self.event(&ticket, from.stage(), kind));
+        }
+        let mut all = exchanges.to_vec();
+        all.extend(events);
+        TicketUpdate { ticket, etag: current.etag.clone(), budget, events: all }
     }
 
     async fn record_anyway(&self, exchanges: Vec<Event>) {

@@ -1,8 +1,10 @@
 //! Reserve: make sure no other batch pays this ticket, then hold the amount due
 //! from the batch budget, atomically with the ticket's move to payment.
 //!
-//! Messages of one batch arrive one at a time (a session per batch), so
-//! reservations never race for the same budget. Different batches may hold the
+//! Messages of one batch arrive in order, a session's invocation at a time (a
+//! session per batch), so reservations never race for the same budget; the
+//! messages of one invocation are reserved together, in their order, and move
+//! the budget once ([`Pipeline::reserve_all`]). Different batches may hold the
 //! same ticket (its authority and ticket id) and reserve at the same moment, so
 //! the right to pay it is a payment claim in the store, taken by a conditional
 //! write before any money is held: whoever loses ends `duplicate`.
@@ -13,39 +15,74 @@ use chrono::{DateTime, Utc};
 
 use super::{Pipeline, StageError};
 use crate::domain::ticket::PaidElsewhere;
-use crate::domain::{EventKind, Stage, State, Status, Ticket};
+use crate::domain::{Event, EventKind, Money, Stage, State, Status, Ticket};
 use crate::store::{BudgetChange, PaymentClaim, StoreError, Versioned};
 
 /// Takes of a claim lost to a concurrent writer before the message is retried.
 const CLAIM_ATTEMPTS: u32 = 5;
 
 pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
+    match plan(p, current).await? {
+        Plan::Decided(ended) => Ok(ended),
+        Plan::Reserve(r) => {
+            let held = p.commit(&r.current, r.ticket.clone(), Some(BudgetChange::Reserve(r.amount)), Vec::new(), r.events.clone()).await;
+            settle(p, r, held).await
+        }
+    }
+}
+
+/// What a reservation comes to before the budget is asked.
+pub(super) enum Plan {
+    /// Decided without the budget: a duplicate, or to be tried again later.
+    Decided(Versioned<Ticket>),
+    /// This batch may pay the ticket: hold its amount, or end it over budget.
+    Reserve(Reservation),
+}
+
+/// A ticket this batch may pay, moved to payment holding its amount, once the budget takes it.
+pub(super) struct Reservation {
+    pub current: Versioned<Ticket>,
+    pub ticket: Ticket,
+    pub amount: Money,
+    pub events: Vec<Event>,
+    claim: Versioned<PaymentClaim>,
+}
+
+/// Takes the ticket's payment claim and makes its reservation, without moving the budget yet.
+pub(super) async fn plan(p: &Pipeline, current: Versioned<Ticket>) -> Result<Plan, StageError> {
     let amount = super::amount_due(&current.value, Stage::Reserve)?;
     let claim = match claim_payment(p, &current.value).await? {
         Claimed::Ours(claim) => claim,
-        Claimed::Elsewhere(owner) => return end_duplicate(p, &current, &owner).await,
-        Claimed::Undecided(error) => return p.retry_later(&current, current.value.clone(), error, Duration::ZERO, Vec::new()).await,
+        Claimed::Elsewhere(owner) => return end_duplicate(p, &current, &owner).await.map(Plan::Decided),
+        Claimed::Undecided(error) => {
+            return p.retry_later(&current, current.value.clone(), error, Duration::ZERO, Vec::new()).await.map(Plan::Decided);
+        }
     };
     let mut ticket = current.value.clone();
-    let now = Utc::now();
     ticket.hold(amount)?;
-    ticket.move_to(State::Pay, now);
-    let held = vec![p.event(&ticket, Stage::Reserve, EventKind::BudgetReserved { amount })];
-    match p.commit(&current, ticket, Some(BudgetChange::Reserve(amount)), Vec::new(), held).await {
+    ticket.move_to(State::Pay, Utc::now());
+    let events = vec![p.event(&ticket, Stage::Reserve, EventKind::BudgetReserved { amount })];
+    Ok(Plan::Reserve(Reservation { current, ticket, amount, events, claim }))
+}
+
+/// The reservation as the budget took it: held, or the ticket ends over budget and
+/// its payment claim is given up.
+pub(super) async fn settle(p: &Pipeline, r: Reservation, held: Result<Versioned<Ticket>, StageError>) -> Result<Versioned<Ticket>, StageError> {
+    match held {
         Err(StageError::Store(StoreError::InsufficientBudget)) => {}
         other => return other,
     }
-    let remaining = match p.store.batch(&current.value.batch_id).await? {
+    let remaining = match p.store.batch(&r.current.value.batch_id).await? {
         Some(batch) => batch.remaining().to_decimal(),
         None => "unknown".into(),
     };
-    let mut ticket = current.value.clone();
-    let reason = format!("needs {}, the budget has {remaining} left", amount.to_decimal());
-    ticket.move_to(State::OverBudget { reason }, now);
-    let ended = p.commit(&current, ticket, None, Vec::new(), Vec::new()).await?;
+    let mut ticket = r.current.value.clone();
+    let reason = format!("needs {}, the budget has {remaining} left", r.amount.to_decimal());
+    ticket.move_to(State::OverBudget { reason }, Utc::now());
+    let ended = p.commit(&r.current, ticket, None, Vec::new(), Vec::new()).await?;
     // Another batch may pay it now. Should this fail, the next taker sees
     // `over_budget` here and takes the claim over.
-    if let Err(e) = p.store.release_payment_claim(&claim).await {
+    if let Err(e) = p.store.release_payment_claim(&r.claim).await {
         tracing::warn!(error = %e, "could not release the payment claim of a ticket over budget");
     }
     Ok(ended)

@@ -342,3 +342,49 @@ async fn failures_between_which_the_ticket_got_further_never_add_up_to_a_park() 
     assert_eq!((parked.status(), parked.parked_stage()), (Status::Parked, Some(Stage::Pay)), "two failures of one step in a row");
     assert!(parked.reason().unwrap().contains("after 2 attempts"), "{:?}", parked.reason());
 }
+
+#[tokio::test]
+async fn a_sessions_reservations_are_taken_in_order_and_a_copy_among_them_holds_nothing_twice() {
+    let s = stages(&[], 10_000).await;
+    let now = Utc::now();
+    let owed = [1250, 2000, 1000, 500, 800];
+    let (mut batch, line) = batch_of_one(BatchId::generate(), "acme", 3_000, now);
+    batch.tickets = owed.len() as u32;
+    let tickets: Vec<Ticket> = owed
+        .iter()
+        .enumerate()
+        .map(|(i, minor)| {
+            let mut line = line.clone();
+            line.ticket_id = TicketId::parse(&format!("s{i}")).unwrap();
+            let mut t = Ticket::accepted(&batch, line, now);
+            t.move_to(State::waiting_for(Stage::Reserve), now);
+            t.owes(t.money(*minor)).unwrap();
+            t
+        })
+        .collect();
+    s.pipeline.store.create_batch(&batch, &tickets, &[]).await.unwrap();
+    let message = |t: &Ticket| StageMessage { batch_id: batch.batch_id.clone(), ticket_id: t.ticket_id.clone(), attempt: t.attempt, deferrals: 0 };
+    let mut messages: Vec<_> = tickets.iter().map(|t| (message(t), tracing::Span::none())).collect();
+    messages.push((message(&tickets[0]), tracing::Span::none()));
+
+    let handled = s.pipeline.handle_session(Stage::Reserve, &messages).await;
+    let statuses: Vec<Status> = handled
+        .iter()
+        .map(|h| match h {
+            Ok(Handled::Done(t)) => t.status(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    use Status::{OverBudget, Pay};
+    assert_eq!(statuses, [Pay, OverBudget, Pay, Pay, OverBudget, Pay], "taken in order; a smaller one after a refusal still fits");
+    let held = s.pipeline.store.batch(&batch.batch_id).await.unwrap().unwrap();
+    assert_eq!(held.committed().minor, 1250 + 1000 + 500, "the copy of the first message held nothing more");
+    let summary = s.pipeline.store.summary(&batch.batch_id).await.unwrap();
+    assert_eq!(summary.reserved, held.committed().minor);
+    let to_pay: HashSet<String> = s.bus.0.lock().unwrap().iter().filter(|m| m.queue == "ticket-pay").map(|m| m.message_id.clone()).collect();
+    assert_eq!(to_pay.len(), 3);
+    for over in [&tickets[1], &tickets[4]] {
+        let claim = s.pipeline.store.payment_claim(&over.authority, &over.ticket_id).await.unwrap();
+        assert!(claim.is_none(), "a ticket over budget gives its payment claim up");
+    }
+}

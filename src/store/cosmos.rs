@@ -403,15 +403,7 @@ impl CosmosStore {
             let mut doc = self.batch_doc(batch_id).await?.ok_or_else(|| StoreError::NotFound(format!("batch {batch_id}")))?;
             let next = doc.batch.budget_state().reserve(amount);
             if let Err(BudgetError::Insufficient) = next {
-                if let Some(held) = self.commitment(ticket).await? {
-                    return same_amount(&held, amount, &what);
-                }
-                // Refused either way; a stale ticket version is reported as such, as if
-                // the ticket had been checked first.
-                return match self.ticket(&ticket.batch_id, &ticket.ticket_id).await? {
-                    Some(current) if current.etag == etag => Err(StoreError::InsufficientBudget),
-                    _ => Err(StoreError::Conflict(format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id))),
-                };
+                return self.does_not_fit(ticket, etag, amount).await;
             }
             let batch_etag = doc.etag.take().ok_or_else(|| invalid(format!("batch {batch_id} has no _etag")))?;
             doc.batch.commit(next?).map_err(|e| invalid(format!("{what}: {e}")))?;
@@ -431,6 +423,98 @@ impl CosmosStore {
             }
         }
         Err(StoreError::Conflict(format!("batch {batch_id} (budget kept changing)")))
+    }
+
+    /// A reservation the budget cannot cover: done if an earlier try of it holds the
+    /// money already, else refused; a stale ticket version is reported as such, as if
+    /// the ticket had been checked first.
+    async fn does_not_fit(&self, ticket: &Ticket, etag: &str, amount: Money) -> Result<()> {
+        if let Some(held) = self.commitment(ticket).await? {
+            return same_amount(&held, amount, &format!("budget of batch {} for ticket {}", ticket.batch_id, ticket.ticket_id));
+        }
+        match self.ticket(&ticket.batch_id, &ticket.ticket_id).await? {
+            Some(current) if current.etag == etag => Err(StoreError::InsufficientBudget),
+            _ => Err(StoreError::Conflict(format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id))),
+        }
+    }
+
+    /// Holds the budget for reservations of one batch's tickets, evaluated in order
+    /// against it and moved once: the commitments of those that fit and the batch
+    /// document in one transactional batch of the home (a hundred operations at
+    /// most, so in chunks). Each result is what [`Self::commit_budget`] would have
+    /// answered for it, one after the other; a chunk in which a ticket already holds
+    /// a commitment (an earlier try of its change) is done that way.
+    async fn commit_budgets(&self, batch_id: &BatchId, wants: &[(&Ticket, &str, Money)]) -> Vec<Result<()>> {
+        let mut results = Vec::with_capacity(wants.len());
+        for chunk in wants.chunks(MAX_OPS - 1) {
+            results.extend(self.commit_budget_chunk(batch_id, chunk).await);
+        }
+        results
+    }
+
+    async fn commit_budget_chunk(&self, batch_id: &BatchId, wants: &[(&Ticket, &str, Money)]) -> Vec<Result<()>> {
+        let id = batch_id.as_str();
+        let what = format!("budget of batch {id} for {} tickets", wants.len());
+        let all = |e: StoreError| wants.iter().map(|_| Err(e.clone())).collect::<Vec<_>>();
+        for attempt in 0..BATCH_DOC_ATTEMPTS {
+            let mut doc = match self.batch_doc(id).await {
+                Ok(Some(doc)) => doc,
+                Ok(None) => return all(StoreError::NotFound(format!("batch {id}"))),
+                Err(e) => return all(e),
+            };
+            let mut budget = doc.batch.budget_state();
+            let mut fits = vec![false; wants.len()];
+            for (i, (_, _, amount)) in wants.iter().enumerate() {
+                if let Ok(next) = budget.reserve(*amount) {
+                    budget = next;
+                    fits[i] = true;
+                }
+            }
+            let committed = fits.iter().filter(|f| **f).count();
+            if committed > 0 {
+                let Some(batch_etag) = doc.etag.take() else { return all(invalid(format!("batch {id} has no _etag"))) };
+                if let Err(e) = doc.batch.commit(budget) {
+                    return all(invalid(format!("{what}: {e}")));
+                }
+                let tx = wants
+                    .iter()
+                    .zip(&fits)
+                    .filter(|(_, fit)| **fit)
+                    .try_fold(Transaction::new(self, id), |tx, ((t, _, amount), _)| tx.create(&CommitmentDoc::new(batch_id, &t.ticket_id, amount.minor)))
+                    .and_then(|tx| tx.replace(BATCH_DOC_ID, &BatchDoc::new(&doc.batch), &batch_etag));
+                let outcomes = match tx {
+                    Ok(tx) => tx.run(self, &what).await,
+                    Err(e) => Err(e),
+                };
+                match outcomes.map(|o| first_failure(&o)) {
+                    Ok(None) => {}
+                    // Another change of the budget landed first: read it again.
+                    Ok(Some((i, 412))) if i == committed => {
+                        backoff(attempt).await;
+                        continue;
+                    }
+                    // A ticket holds a commitment already: an earlier try of its change.
+                    Ok(Some((_, 409))) => return self.one_by_one(wants).await,
+                    Ok(Some((_, 429))) => return all(StoreError::Unavailable(format!("{what}: throttled"))),
+                    Ok(Some((_, status))) => return all(op_error(&what, status)),
+                    Err(e) => return all(e),
+                }
+            }
+            let mut results = Vec::with_capacity(wants.len());
+            for ((ticket, etag, amount), fit) in wants.iter().zip(fits) {
+                results.push(if fit { Ok(()) } else { self.does_not_fit(ticket, etag, *amount).await });
+            }
+            return results;
+        }
+        all(StoreError::Conflict(format!("batch {id} (budget kept changing)")))
+    }
+
+    async fn one_by_one(&self, wants: &[(&Ticket, &str, Money)]) -> Vec<Result<()>> {
+        let mut results = Vec::with_capacity(wants.len());
+        for (ticket, etag, amount) in wants {
+            results.push(self.commit_budget(ticket, etag, *amount).await);
+        }
+        results
     }
 
     /// Gives the ticket's commitment back to the budget, once: no commitment left means
@@ -461,6 +545,34 @@ impl CosmosStore {
         Err(StoreError::Conflict(format!("batch {batch_id} (budget kept changing)")))
     }
 
+    /// The ticket's change and its events, one transactional batch in its partition.
+    async fn write_ticket(&self, update: TicketUpdate) -> Result<Versioned<Ticket>> {
+        let TicketUpdate { ticket, etag, budget, events } = update;
+        let what = format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id);
+        let ticket_doc = TicketDoc::new(&ticket);
+        let mut tx = Transaction::new(self, &ticket_doc.pk).replace(&ticket_doc.id, &ticket_doc, &etag)?;
+        if !events.is_empty() {
+            tx = tx.create(&appended(&events)?)?;
+        }
+        let results = tx.run(self, &what).await?;
+        match first_failure(&results) {
+            None => {}
+            // The ticket is not at the version the change was made from (or is gone).
+            Some((0, 412 | 404)) => return Err(StoreError::Conflict(what)),
+            Some((_, 429)) => return Err(StoreError::Unavailable(format!("{what}: throttled"))),
+            Some((_, status)) => return Err(op_error(&what, status)),
+        }
+        if budget.is_none() && ends_holding_nothing(&ticket) {
+            self.give_back_stray_commitment(&ticket).await;
+        }
+        let etag = match results.into_iter().next().and_then(|(_, e)| e) {
+            Some(e) => e,
+            None => self.ticket(&ticket.batch_id, &ticket.ticket_id).await?.map(|v| v.etag).unwrap_or_default(),
+        };
+        Ok(Versioned { value: ticket, etag })
+    }
+
+
     /// A ticket that ended holding nothing gives back a commitment left by a reservation
     /// whose ticket write never landed. Best effort: kept, it only holds budget unused.
     async fn give_back_stray_commitment(&self, ticket: &Ticket) {
@@ -469,6 +581,16 @@ impl CosmosStore {
         }
     }
 }
+
+/// Every event of a change is of its ticket.
+fn events_of_its_ticket(update: &TicketUpdate) -> Result<()> {
+    let t = &update.ticket;
+    match update.events.iter().find(|e| e.batch_id != t.batch_id || e.ticket_id != t.ticket_id) {
+        Some(e) => Err(invalid(format!("ticket {}/{}: an event of ticket {}/{}", t.batch_id, t.ticket_id, e.batch_id, e.ticket_id))),
+        None => Ok(()),
+    }
+}
+
 
 /// A commitment found in place of the one a change would make must be for the same amount.
 fn same_amount(held: &CommitmentDoc, amount: Money, what: &str) -> Result<()> {
@@ -638,37 +760,49 @@ impl Store for CosmosStore {
     }
 
     async fn update_ticket(&self, update: TicketUpdate) -> Result<Versioned<Ticket>> {
-        let TicketUpdate { ticket, etag, budget, events } = update;
-        let what = format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id);
-        if let Some(e) = events.iter().find(|e| e.batch_id != ticket.batch_id || e.ticket_id != ticket.ticket_id) {
-            return Err(invalid(format!("{what}: an event of ticket {}/{}", e.batch_id, e.ticket_id)));
-        }
-        match budget {
-            Some(BudgetChange::Reserve(n)) => self.commit_budget(&ticket, &etag, n).await?,
-            Some(BudgetChange::Release(n)) => self.release_budget(&ticket, Some(n)).await?,
+        events_of_its_ticket(&update)?;
+        match update.budget {
+            Some(BudgetChange::Reserve(n)) => self.commit_budget(&update.ticket, &update.etag, n).await?,
+            Some(BudgetChange::Release(n)) => self.release_budget(&update.ticket, Some(n)).await?,
             None => {}
         }
-        let ticket_doc = TicketDoc::new(&ticket);
-        let mut tx = Transaction::new(self, &ticket_doc.pk).replace(&ticket_doc.id, &ticket_doc, &etag)?;
-        if !events.is_empty() {
-            tx = tx.create(&appended(&events)?)?;
+        self.write_ticket(update).await
+    }
+
+    /// Reservations of one batch move its budget once (per hundred); anything
+    /// else is applied one change after the other.
+    async fn update_tickets(&self, updates: Vec<TicketUpdate>) -> Vec<Result<Versioned<Ticket>>> {
+        let reservations_only = updates.iter().all(|u| matches!(u.budget, None | Some(BudgetChange::Reserve(_))));
+        let one_batch = updates.windows(2).all(|w| w[0].ticket.batch_id == w[1].ticket.batch_id);
+        let reserving = updates.iter().filter(|u| u.budget.is_some()).count();
+        if !reservations_only || !one_batch || reserving < 2 {
+            let mut results = Vec::with_capacity(updates.len());
+            for update in updates {
+                results.push(self.update_ticket(update).await);
+            }
+            return results;
         }
-        let results = tx.run(self, &what).await?;
-        match first_failure(&results) {
-            None => {}
-            // The ticket is not at the version the change was made from (or is gone).
-            Some((0, 412 | 404)) => return Err(StoreError::Conflict(what)),
-            Some((_, 429)) => return Err(StoreError::Unavailable(format!("{what}: throttled"))),
-            Some((_, status)) => return Err(op_error(&what, status)),
+        let mut held: Vec<Result<()>> = updates.iter().map(events_of_its_ticket).collect();
+        let (at, wants): (Vec<usize>, Vec<(&Ticket, &str, Money)>) = updates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| match u.budget {
+                Some(BudgetChange::Reserve(n)) if held[i].is_ok() => Some((i, (&u.ticket, u.etag.as_str(), n))),
+                _ => None,
+            })
+            .unzip();
+        let results = self.commit_budgets(&updates[0].ticket.batch_id, &wants).await;
+        for (i, result) in at.into_iter().zip(results) {
+            held[i] = result;
         }
-        if budget.is_none() && ends_holding_nothing(&ticket) {
-            self.give_back_stray_commitment(&ticket).await;
-        }
-        let etag = match results.into_iter().next().and_then(|(_, e)| e) {
-            Some(e) => e,
-            None => self.ticket(&ticket.batch_id, &ticket.ticket_id).await?.map(|v| v.etag).unwrap_or_default(),
-        };
-        Ok(Versioned { value: ticket, etag })
+        futures::stream::iter(updates.into_iter().zip(held))
+            .map(|(update, held)| async move {
+                held?;
+                self.write_ticket(update).await
+            })
+            .buffered(FAN_OUT)
+            .collect()
+            .await
     }
 
     async fn append_events(&self, events: &[Event]) -> Result<()> {

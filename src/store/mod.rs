@@ -46,7 +46,7 @@ pub struct TicketUpdate {
     pub events: Vec<Event>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("{0} was changed concurrently")]
     Conflict(String),
@@ -187,6 +187,17 @@ pub trait Store: Send + Sync + 'static {
     async fn ticket(&self, batch_id: &BatchId, ticket_id: &TicketId) -> Result<Option<Versioned<Ticket>>>;
     /// Applies a conditional ticket change with its budget change and events, atomically.
     async fn update_ticket(&self, update: TicketUpdate) -> Result<Versioned<Ticket>>;
+    /// Applies changes of one batch's tickets as [`Store::update_ticket`] would,
+    /// one after the other in this order (a reservation that does not fit is
+    /// refused on its own; a later, smaller one may still fit), each one's
+    /// result at its index. A store may move the batch's budget once for all of them.
+    async fn update_tickets(&self, updates: Vec<TicketUpdate>) -> Vec<Result<Versioned<Ticket>>> {
+        let mut results = Vec::with_capacity(updates.len());
+        for update in updates {
+            results.push(self.update_ticket(update).await);
+        }
+        results
+    }
     /// Appends to the audit log. Append-only: events are never changed.
     async fn append_events(&self, events: &[Event]) -> Result<()>;
     /// A ticket's events in the order they were appended.

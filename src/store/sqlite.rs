@@ -289,6 +289,65 @@ fn decode_claim((authority, ticket_id, batch_id, claimed_at, etag): (String, Str
     Ok(Versioned { value: claim, etag })
 }
 
+/// A conditional ticket change with its budget change and events, in a savepoint of its own.
+fn apply(conn: &mut Connection, update: TicketUpdate) -> Result<Versioned<Ticket>> {
+    let TicketUpdate { ticket, etag, budget, events } = update;
+    let version: i64 = etag.parse().map_err(|_| StoreError::Conflict(format!("ticket {} (etag {etag})", ticket.ticket_id)))?;
+    let tx = conn.savepoint().map_err(unavailable)?;
+    // What the ticket holds of the budget as it stands, before this change.
+    let held = ticket.money(match budget {
+        Some(BudgetChange::Release(_)) => tx
+            .prepare_cached("SELECT reserved FROM tickets WHERE batch_id = ?1 AND ticket_id = ?2 AND version = ?3")
+            .map_err(unavailable)?
+            .query_row(params![ticket.batch_id.as_str(), ticket.ticket_id.as_str(), version], |r| r.get(0))
+            .optional()
+            .map_err(unavailable)?
+            .unwrap_or(0),
+        _ => 0,
+    });
+    let doc = encode_ticket(&ticket)?;
+    let changed = tx
+        .prepare_cached(
+            "UPDATE tickets SET status = ?3, notified = ?4, paid = ?5, reserved = ?6, doc = ?7, version = version + 1
+             WHERE batch_id = ?1 AND ticket_id = ?2 AND version = ?8",
+        )
+        .map_err(unavailable)?
+        .execute(params![
+            ticket.batch_id.as_str(),
+            ticket.ticket_id.as_str(),
+            ticket.status().as_str(),
+            ticket.notified,
+            ticket.paid().minor,
+            ticket.reserved().minor,
+            doc,
+            version
+        ])
+        .map_err(unavailable)?;
+    if changed == 0 {
+        return Err(StoreError::Conflict(format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id)));
+    }
+    if let Some(change) = budget {
+        let batch_id = ticket.batch_id.as_str();
+        let (total, committed): (i64, i64) = tx
+            .prepare_cached("SELECT budget, committed FROM batches WHERE batch_id = ?1")
+            .map_err(unavailable)?
+            .query_row(params![batch_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(unavailable)?;
+        let now = Budget { total: ticket.money(total), committed: ticket.money(committed) };
+        let next = match change {
+            BudgetChange::Reserve(amount) => now.reserve(amount)?,
+            BudgetChange::Release(amount) => now.release(held, amount)?,
+        };
+        tx.prepare_cached("UPDATE batches SET committed = ?2 WHERE batch_id = ?1")
+            .map_err(unavailable)?
+            .execute(params![batch_id, next.committed.minor])
+            .map_err(unavailable)?;
+    }
+    insert_events(&tx, &events)?;
+    tx.commit().map_err(unavailable)?;
+    Ok(Versioned { value: ticket, etag: (version + 1).to_string() })
+}
+
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
 }
@@ -454,64 +513,16 @@ impl Store for SqliteStore {
     }
 
     async fn update_ticket(&self, update: TicketUpdate) -> Result<Versioned<Ticket>> {
-        self.write(move |conn| {
-            let TicketUpdate { ticket, etag, budget, events } = update;
-            let version: i64 = etag.parse().map_err(|_| StoreError::Conflict(format!("ticket {} (etag {etag})", ticket.ticket_id)))?;
-            let tx = conn.savepoint().map_err(unavailable)?;
-            // What the ticket holds of the budget as it stands, before this change.
-            let held = ticket.money(match budget {
-                Some(BudgetChange::Release(_)) => tx
-                    .prepare_cached("SELECT reserved FROM tickets WHERE batch_id = ?1 AND ticket_id = ?2 AND version = ?3")
-                    .map_err(unavailable)?
-                    .query_row(params![ticket.batch_id.as_str(), ticket.ticket_id.as_str(), version], |r| r.get(0))
-                    .optional()
-                    .map_err(unavailable)?
-                    .unwrap_or(0),
-                _ => 0,
-            });
-            let doc = encode_ticket(&ticket)?;
-            let changed = tx
-                .prepare_cached(
-                    "UPDATE tickets SET status = ?3, notified = ?4, paid = ?5, reserved = ?6, doc = ?7, version = version + 1
-                     WHERE batch_id = ?1 AND ticket_id = ?2 AND version = ?8",
-                )
-                .map_err(unavailable)?
-                .execute(params![
-                    ticket.batch_id.as_str(),
-                    ticket.ticket_id.as_str(),
-                    ticket.status().as_str(),
-                    ticket.notified,
-                    ticket.paid().minor,
-                    ticket.reserved().minor,
-                    doc,
-                    version
-                ])
-                .map_err(unavailable)?;
-            if changed == 0 {
-                return Err(StoreError::Conflict(format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id)));
-            }
-            if let Some(change) = budget {
-                let batch_id = ticket.batch_id.as_str();
-                let (total, committed): (i64, i64) = tx
-                    .prepare_cached("SELECT budget, committed FROM batches WHERE batch_id = ?1")
-                    .map_err(unavailable)?
-                    .query_row(params![batch_id], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .map_err(unavailable)?;
-                let now = Budget { total: ticket.money(total), committed: ticket.money(committed) };
-                let next = match change {
-                    BudgetChange::Reserve(amount) => now.reserve(amount)?,
-                    BudgetChange::Release(amount) => now.release(held, amount)?,
-                };
-                tx.prepare_cached("UPDATE batches SET committed = ?2 WHERE batch_id = ?1")
-                    .map_err(unavailable)?
-                    .execute(params![batch_id, next.committed.minor])
-                    .map_err(unavailable)?;
-            }
-            insert_events(&tx, &events)?;
-            tx.commit().map_err(unavailable)?;
-            Ok(Versioned { value: ticket, etag: (version + 1).to_string() })
-        })
-        .await
+        self.write(move |conn| apply(conn, update)).await
+    }
+
+    /// Applied one after the other, in one transaction.
+    async fn update_tickets(&self, updates: Vec<TicketUpdate>) -> Vec<Result<Versioned<Ticket>>> {
+        let n = updates.len();
+        match self.write(move |conn| Ok(updates.into_iter().map(|u| apply(conn, u)).collect::<Vec<_>>())).await {
+            Ok(results) => results,
+            Err(e) => vec![Err(e); n],
+        }
     }
 
     async fn append_events(&self, events: &[Event]) -> Result<()> {

@@ -10,13 +10,13 @@ use crate::store::StoreError;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub title: String,
+    #[serde(rename = "type", serialize_with = "problem_type")]
+    pub kind: &'static str,
+    pub title: &'static str,
     pub status: u16,
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub row: Option<usize>,
+    pub row: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
     /// The batch the problem is about, when it was stored all the same.
@@ -24,11 +24,16 @@ pub struct Problem {
     pub batch_id: Option<String>,
 }
 
+/// A problem's `type`: its kind under the product's problem namespace.
+fn problem_type<S: serde::Serializer>(kind: &&'static str, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("https://ticketpay.dev/problems/{kind}"))
+}
+
 impl Problem {
-    pub fn new(status: StatusCode, kind: &str, detail: impl Into<String>) -> Problem {
+    pub fn new(status: StatusCode, kind: &'static str, detail: impl Into<String>) -> Problem {
         Problem {
-            kind: format!("https://ticketpay.dev/problems/{kind}"),
-            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            kind,
+            title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
             detail: detail.into(),
             row: None,
@@ -53,7 +58,7 @@ impl From<UploadError> for Problem {
             UploadErrorKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
         };
         let mut p = Problem::new(status, "invalid-upload", e.to_string());
-        p.row = e.row;
+        p.row = e.row.and_then(|r| u32::try_from(r).ok());
         p.field = e.field;
         p
     }
@@ -96,7 +101,7 @@ mod tests {
         let header = Header { client_id: Some("acme"), currency: Some("EUR"), budget: Some("10.00") };
         let bad_row = upload::parse_csv(b"ticket_id,authority\nT1,NOWHERE\n", &header, &authorities).unwrap_err();
         let p = Problem::from(bad_row.clone());
-        assert_eq!((p.status, p.row, p.field.as_deref()), (422, bad_row.row, Some("authority")));
+        assert_eq!((p.status, p.row, p.field.as_deref()), (422, bad_row.row.map(|r| r as u32), Some("authority")));
         assert!(p.row.is_some() && p.detail.contains("`authority`"), "{p:?}");
         let mut csv = b"ticket_id,authority\n".to_vec();
         for i in 0..=upload::MAX_TICKETS {

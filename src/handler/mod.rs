@@ -183,7 +183,7 @@ async fn batch(app: &Arc<App>, stage: Stage, messages: Vec<Result<Invocation, Un
         let messages: Vec<_> = members.into_iter().map(|m| (m.message, m.span)).collect();
         let handled = app.pipeline.handle_session(stage, &messages).await;
         for ((message, span), handled) in messages.into_iter().zip(handled) {
-            settled.push(settle(&app, stage, &message, handled).instrument(span).await);
+            settled.push(settle(app, stage, &message, handled).instrument(span).await);
         }
         return answer(&span, stage, settled);
     }

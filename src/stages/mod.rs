@@ -191,7 +191,7 @@ const SESSION_IN_FLIGHT: usize = 16;
 /// Where a message finds its ticket.
 enum Begun {
     /// Waiting for this message: the stage runs.
-    Current(Versioned<Ticket>),
+    Current(Box<Versioned<Ticket>>),
     /// Not waiting for it: nothing to do.
     Finished(Handled),
 }
@@ -200,8 +200,8 @@ enum Begun {
 /// before, and how far it got.
 enum Planned {
     Finished(Handled),
-    Ran(Ticket, Result<Versioned<Ticket>, StageError>),
-    Reserve(Ticket, reserve::Reservation),
+    Ran(Box<Ticket>, Box<Result<Versioned<Ticket>, StageError>>),
+    Reserve(Box<Ticket>, Box<reserve::Reservation>),
 }
 
 impl Handled {
@@ -222,7 +222,7 @@ impl Handled {
 impl Pipeline {
     pub async fn handle(&self, stage: Stage, message: StageMessage) -> Result<Handled, StageError> {
         let current = match self.begin(stage, &message).await? {
-            Begun::Current(current) => current,
+            Begun::Current(current) => *current,
             Begun::Finished(handled) => return Ok(handled),
         };
         let ticket = current.value.clone();
@@ -256,14 +256,14 @@ impl Pipeline {
             .map(|(message, span)| {
                 async move {
                     let current = match self.begin(stage, &message).await? {
-                        Begun::Current(current) => current,
+                        Begun::Current(current) => *current,
                         Begun::Finished(handled) => return Ok(Planned::Finished(handled)),
                     };
-                    let before = current.value.clone();
+                    let before = Box::new(current.value.clone());
                     Ok(match reserve::plan(self, current).await {
                         Ok(reserve::Plan::Reserve(r)) => Planned::Reserve(before, r),
-                        Ok(reserve::Plan::Decided(ended)) => Planned::Ran(before, Ok(ended)),
-                        Err(e) => Planned::Ran(before, Err(e)),
+                        Ok(reserve::Plan::Decided(ended)) => Planned::Ran(before, Box::new(Ok(*ended))),
+                        Err(e) => Planned::Ran(before, Box::new(Err(e))),
                     })
                 }
                 .instrument(span)
@@ -290,7 +290,7 @@ impl Pipeline {
                 async move {
                     match (p?, took) {
                         (Planned::Finished(handled), _) => Ok(handled),
-                        (Planned::Ran(before, after), _) => self.finish(stage, &message, &before, after).await,
+                        (Planned::Ran(before, after), _) => self.finish(stage, &message, &before, *after).await,
                         (Planned::Reserve(before, r), took) => {
                             let held = took.unwrap_or_else(|| Err(StoreError::Unavailable("no answer from the store".into())));
                             let after = reserve::settle(self, r, held.map_err(StageError::from)).await;
@@ -318,7 +318,7 @@ impl Pipeline {
             self.send_pending(&current.value).await?;
             return Ok(Begun::Finished(Handled::Stale));
         }
-        Ok(Begun::Current(current))
+        Ok(Begun::Current(Box::new(current)))
     }
 
     /// After a stage ran on `ticket`: its next message sent, its batch completed if

@@ -23,7 +23,7 @@ const CLAIM_ATTEMPTS: u32 = 5;
 
 pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Versioned<Ticket>, StageError> {
     match plan(p, current).await? {
-        Plan::Decided(ended) => Ok(ended),
+        Plan::Decided(ended) => Ok(*ended),
         Plan::Reserve(r) => {
             let held = p.commit(&r.current, r.ticket.clone(), Some(BudgetChange::Reserve(r.amount)), Vec::new(), r.events.clone()).await;
             settle(p, r, held).await
@@ -34,9 +34,9 @@ pub(super) async fn run(p: &Pipeline, current: Versioned<Ticket>) -> Result<Vers
 /// What a reservation comes to before the budget is asked.
 pub(super) enum Plan {
     /// Decided without the budget: a duplicate, or to be tried again later.
-    Decided(Versioned<Ticket>),
+    Decided(Box<Versioned<Ticket>>),
     /// This batch may pay the ticket: hold its amount, or end it over budget.
-    Reserve(Reservation),
+    Reserve(Box<Reservation>),
 }
 
 /// A ticket this batch may pay, moved to payment holding its amount, once the budget takes it.
@@ -53,21 +53,21 @@ pub(super) async fn plan(p: &Pipeline, current: Versioned<Ticket>) -> Result<Pla
     let amount = super::amount_due(&current.value, Stage::Reserve)?;
     let claim = match claim_payment(p, &current.value).await? {
         Claimed::Ours(claim) => claim,
-        Claimed::Elsewhere(owner) => return end_duplicate(p, &current, &owner).await.map(Plan::Decided),
+        Claimed::Elsewhere(owner) => return end_duplicate(p, &current, &owner).await.map(|ended| Plan::Decided(Box::new(ended))),
         Claimed::Undecided(error) => {
-            return p.retry_later(&current, current.value.clone(), error, Duration::ZERO, Vec::new()).await.map(Plan::Decided);
+            return p.retry_later(&current, current.value.clone(), error, Duration::ZERO, Vec::new()).await.map(|ended| Plan::Decided(Box::new(ended)));
         }
     };
     let mut ticket = current.value.clone();
     ticket.hold(amount)?;
     ticket.move_to(State::Pay, Utc::now());
     let events = vec![p.event(&ticket, Stage::Reserve, EventKind::BudgetReserved { amount })];
-    Ok(Plan::Reserve(Reservation { current, ticket, amount, events, claim }))
+    Ok(Plan::Reserve(Box::new(Reservation { current, ticket, amount, events, claim })))
 }
 
 /// The reservation as the budget took it: held, or the ticket ends over budget and
 /// its payment claim is given up.
-pub(super) async fn settle(p: &Pipeline, r: Reservation, held: Result<Versioned<Ticket>, StageError>) -> Result<Versioned<Ticket>, StageError> {
+pub(super) async fn settle(p: &Pipeline, r: Box<Reservation>, held: Result<Versioned<Ticket>, StageError>) -> Result<Versioned<Ticket>, StageError> {
     match held {
         Err(StageError::Store(StoreError::InsufficientBudget)) => {}
         other => return other,

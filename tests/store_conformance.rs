@@ -283,6 +283,13 @@ async fn events_are_appended_and_read_in_order(store: Arc<dyn Store>) {
     }
     assert_eq!(read[21], with_change);
     assert_eq!(store.events(&b.batch_id, &ts[1].ticket_id).await.unwrap().len(), 1, "another ticket's log is its own");
+
+    // Many tickets share a partition of a store that spreads a batch over a few: each reads its own upload.
+    let (b, ts) = seeded(store.as_ref(), 1_000, 200).await;
+    for t in &ts {
+        let read = store.events(&b.batch_id, &t.ticket_id).await.unwrap();
+        assert_eq!(read.iter().map(|e| (&e.ticket_id, &e.kind)).collect::<Vec<_>>(), [(&t.ticket_id, &EventKind::Accepted)], "{}", t.ticket_id);
+    }
 }
 
 async fn tickets_page_by_id_and_filter_by_status(store: Arc<dyn Store>) {

@@ -37,7 +37,7 @@ use tracing::Instrument;
 
 use self::documents::{
     claim_partition, commitment_doc_id, ticket_doc_id, ticket_partition, ticket_partitions, BatchDoc, ClaimDoc, CommitmentDoc, EventsDoc,
-    ReconciliationDoc, TicketDoc, BATCH_DOC_ID, CLAIM_DOC_ID,
+    ReconciliationDoc, TicketDoc, UploadEventsDoc, BATCH_DOC_ID, CLAIM_DOC_ID, UPLOAD_EVENTS_DOC_ID,
 };
 pub use self::documents::{INDEXED_PATHS, TICKET_PARTITIONS};
 use self::keys::KeyClaim;
@@ -330,11 +330,19 @@ impl CosmosStore {
             let doc = TicketDoc::new(t);
             partitions.entry(doc.pk.clone()).or_default().push(serde_json::to_value(doc).map_err(invalid)?);
         }
-        // A ticket's upload events are one entry with an id of its own, so writing the upload
-        // again replaces it instead of adding a copy.
-        for group in by_ticket(events) {
-            let doc = EventsDoc::new(&group, format!("events:{}:upload", group[0].ticket_id), next_seq()).map_err(invalid)?;
-            partitions.entry(doc.pk.clone()).or_default().push(serde_json::to_value(doc).map_err(invalid)?);
+        // A partition's upload events are one entry with an id of its own, so writing the
+        // upload again replaces it instead of adding a copy.
+        let mut recorded: HashMap<String, Vec<(&TicketId, Vec<&Event>)>> = HashMap::new();
+        for e in events {
+            let of = recorded.entry(ticket_partition(batch_id, e.ticket_id.as_str())).or_default();
+            match of.iter_mut().rev().find(|(t, _)| **t == e.ticket_id) {
+                Some((_, events)) => events.push(e),
+                None => of.push((&e.ticket_id, vec![e])),
+            }
+        }
+        for (pk, by_ticket) in recorded {
+            let doc = UploadEventsDoc::new(pk.clone(), &by_ticket).map_err(invalid)?;
+            partitions.entry(pk).or_default().push(serde_json::to_value(doc).map_err(invalid)?);
         }
         let mut chunks: Vec<(String, Vec<serde_json::Value>)> = Vec::new();
         for (pk, docs) in partitions {
@@ -820,13 +828,19 @@ impl Store for CosmosStore {
             .with_parameter("@ticket", ticket_id.as_str())
             .map_err(invalid)?;
         let pk = ticket_partition(batch_id.as_str(), ticket_id.as_str());
-        let docs: Vec<EventsDoc> = self.query(q, Some(&pk), "events").await?;
+        let (docs, upload) = futures::try_join!(
+            self.query::<EventsDoc>(q, Some(&pk), "events"),
+            self.read_doc::<UploadEventsDoc>(RECORDS, &pk, UPLOAD_EVENTS_DOC_ID),
+        )?;
         // Entries in the first shape recorded amounts without their currency: the batch's.
         let currency = match docs.iter().any(EventsDoc::is_first_shape) {
             true => self.batch(batch_id).await?.map(|b| b.currency),
             false => None,
         };
-        let mut events = Vec::new();
+        let mut events = match upload {
+            Some(upload) => upload.events_of(ticket_id).map_err(invalid)?,
+            None => Vec::new(),
+        };
         for d in docs {
             let batch_currency = || currency.ok_or_else(|| StoreError::Invalid(format!("no batch {batch_id} to read its audit trail in")));
             events.extend(d.into_events(batch_currency).map_err(invalid)?);

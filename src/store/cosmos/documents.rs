@@ -6,7 +6,8 @@
 //!   reconciliation runs (`reconciliation:{run_id}`);
 //! - `{batch_id}:{nn}`, one of [`TICKET_PARTITIONS`] per batch picked by a hash
 //!   of the ticket id: the tickets (`ticket:{ticket_id}`) and their audit
-//!   entries, one per write (`events:{ticket_id}:…`);
+//!   entries, one per write (`events:{ticket_id}:…`), and one entry with what
+//!   the upload recorded for all of them (`events:upload`);
 //! - `claim:{authority}:{ticket_id}`: the payment claim on a ticket, whichever
 //!   batch holds it.
 //!
@@ -36,6 +37,7 @@ pub const INDEXED_PATHS: [&str; 11] = [
 
 pub(super) const BATCH_DOC_ID: &str = "batch";
 pub(super) const CLAIM_DOC_ID: &str = "claim";
+pub(super) const UPLOAD_EVENTS_DOC_ID: &str = "events:upload";
 
 /// The logical partition of a ticket and its audit entries.
 pub(super) fn ticket_partition(batch_id: &str, ticket_id: &str) -> String {
@@ -198,6 +200,43 @@ impl EventsDoc {
             serde_json::from_slice::<(u32, Vec<StoredEvent>)>(&json).map_err(|e| what(&e))?.1
         };
         Ok(stored.into_iter().map(|e| Event { batch_id: batch_id.clone(), ticket_id: ticket_id.clone(), at: e.at, stage: e.stage, kind: e.kind }).collect())
+    }
+}
+
+/// The events an upload recorded for the tickets of one ticket partition (their
+/// `accepted`), all in one entry written with the tickets: one write per
+/// partition instead of one per ticket. Read with a ticket's own entries, first.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct UploadEventsDoc {
+    pub id: String,
+    pub pk: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `[schema, [[ticket_id, [events…]]…]]`, raw-deflated, in standard base64.
+    pub deflated: String,
+}
+
+impl UploadEventsDoc {
+    /// The upload's events of partition `pk`, each ticket's in their order.
+    pub fn new(pk: String, by_ticket: &[(&TicketId, Vec<&Event>)]) -> Result<UploadEventsDoc, String> {
+        let stored: Vec<(&str, Vec<StoredEvent>)> = by_ticket
+            .iter()
+            .map(|(t, events)| (t.as_str(), events.iter().map(|e| StoredEvent { at: e.at, stage: e.stage, kind: e.kind.clone() }).collect()))
+            .collect();
+        let json = serde_json::to_vec(&(EVENT_SCHEMA, stored)).map_err(|e| e.to_string())?;
+        Ok(UploadEventsDoc { id: UPLOAD_EVENTS_DOC_ID.into(), pk, kind: "upload".into(), deflated: deflate(&json).map_err(|e| e.to_string())? })
+    }
+
+    /// What the upload recorded for `ticket_id`.
+    pub fn events_of(self, ticket_id: &TicketId) -> Result<Vec<Event>, String> {
+        let what = |e: &dyn std::fmt::Display| format!("upload entry of {}: {e}", self.pk);
+        let batch_id = BatchId::parse(self.pk.rsplit_once(':').map_or("", |(batch, _)| batch)).map_err(|e| what(&e))?;
+        let json = inflate(&self.deflated).map_err(|e| what(&e))?;
+        let (schema, _): (u32, serde::de::IgnoredAny) = serde_json::from_slice(&json).map_err(|e| what(&e))?;
+        readable_event_shape(schema).map_err(|e| what(&e))?;
+        let (_, tickets): (u32, Vec<(String, Vec<StoredEvent>)>) = serde_json::from_slice(&json).map_err(|e| what(&e))?;
+        let events = tickets.into_iter().find(|(t, _)| t == ticket_id.as_str()).map(|(_, events)| events).unwrap_or_default();
+        Ok(events.into_iter().map(|e| Event { batch_id: batch_id.clone(), ticket_id: ticket_id.clone(), at: e.at, stage: e.stage, kind: e.kind }).collect())
     }
 }
 

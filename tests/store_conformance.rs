@@ -798,24 +798,31 @@ async fn cosmos_reads_a_ticket_and_an_audit_entry_in_every_earlier_shape_and_ref
     let (b, written) = paying(&store).await;
     let id = written.value.ticket_id.clone();
     let documents = async |kind: &str| -> Vec<serde_json::Value> {
-        let q = Query::from("SELECT * FROM c WHERE c.type = @type").with_parameter("@type", kind).unwrap();
+        let q = Query::from("SELECT * FROM c WHERE STARTSWITH(c.id, @kind)").with_parameter("@kind", format!("{kind}:")).unwrap();
         let pages = records.query_items::<serde_json::Value>(q, FeedScope::full_container(), None).await.unwrap().into_pages();
         pages.map_ok(|page| page.into_items()).try_concat().await.unwrap()
     };
     let mut doc = documents("ticket").await.into_iter().next().expect("the ticket's document");
     assert_eq!(doc["ticket"]["schema"], TICKET_SCHEMA, "a ticket is written with its shape, inside it: {doc}");
 
-    // As releases before versions wrote it.
+    assert!(doc.get("type").is_none() && doc.get("ticket_id").is_none(), "its kind and id are in its document id: {doc}");
+
+    // As releases before versions wrote it, with the kind and the id as properties of their own.
     let (pk, doc_id) = (doc["pk"].as_str().unwrap().to_owned(), doc["id"].as_str().unwrap().to_owned());
     doc["ticket"].as_object_mut().unwrap().remove("schema");
+    doc["type"] = "ticket".into();
+    doc["ticket_id"] = id.as_str().into();
     records.replace_item(pk.clone(), &doc_id, &doc, None).await.unwrap();
     let read = store.ticket(&b.batch_id, &id).await.unwrap().unwrap();
     assert_eq!(read.value, written.value, "today's shape reads as it was written");
+    assert_eq!(store.tickets(&b.batch_id, None, 10, None).await.unwrap().tickets, [written.value.clone()], "and is found by queries");
     let mut entry = documents("events").await.into_iter().find(|d| inflated(d).contains("budget_reserved")).expect("the reservation's entry");
     assert!(inflated(&entry).contains("\"12.50 EUR\""), "an amount is written with its currency");
     let shaped: serde_json::Value = serde_json::from_str(&inflated(&entry)).unwrap();
     assert_eq!(shaped[0], ticketpay::store::schema::EVENT_SCHEMA, "an entry is written with its shape, inside it: {shaped}");
     entry["deflated"] = deflated(&first_shape_events(&shaped[1].to_string())).into();
+    entry["type"] = "events".into();
+    entry["ticket_id"] = id.as_str().into();
     records.replace_item(pk.clone(), entry["id"].as_str().unwrap(), &entry, None).await.unwrap();
     reads_the_held_amount(&store, &b, &id).await;
 

@@ -46,6 +46,9 @@ var containers = [
     maxThroughput: autoscaleMaxThroughput
     includedPaths: [
       {
+        path: '/id/?'
+      }
+      {
         path: '/type/?'
       }
       {
@@ -56,9 +59,6 @@ var containers = [
       }
       {
         path: '/open/?'
-      }
-      {
-        path: '/ticket_id/?'
       }
       {
         path: '/status/?'

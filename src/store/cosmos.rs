@@ -36,8 +36,8 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
 use self::documents::{
-    claim_partition, commitment_doc_id, ticket_doc_id, ticket_partition, ticket_partitions, BatchDoc, ClaimDoc, CommitmentDoc, EventsDoc,
-    ReconciliationDoc, TicketDoc, UploadEventsDoc, BATCH_DOC_ID, CLAIM_DOC_ID, UPLOAD_EVENTS_DOC_ID,
+    claim_partition, commitment_doc_id, events_doc_prefix, ticket_doc_id, ticket_partition, ticket_partitions, BatchDoc, ClaimDoc, CommitmentDoc, EventsDoc,
+    ReconciliationDoc, TicketDoc, UploadEventsDoc, BATCH_DOC_ID, CLAIM_DOC_ID, IS_TICKET, TICKET_DOC_PREFIX, UPLOAD_EVENTS_DOC_ID,
 };
 pub use self::documents::{INDEXED_PATHS, TICKET_PARTITIONS};
 use self::keys::KeyClaim;
@@ -90,7 +90,7 @@ fn next_seq() -> i64 {
 fn appended(events: &[Event]) -> Result<EventsDoc> {
     let seq = next_seq();
     let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    EventsDoc::new(events, format!("events:{}:{seq:016}-{nonce}", events[0].ticket_id), seq).map_err(invalid)
+    EventsDoc::new(events, format!("{}{seq:016}-{nonce}", events_doc_prefix(&events[0].ticket_id)), seq).map_err(invalid)
 }
 
 /// `events` split by ticket, in the order given.
@@ -682,7 +682,7 @@ async fn backoff(attempt: u32) {
 }
 
 fn versioned(d: TicketDoc) -> Result<Versioned<Ticket>> {
-    let etag = d.etag.ok_or_else(|| invalid(format!("ticket {}/{} has no _etag", d.ticket.batch_id, d.ticket_id)))?;
+    let etag = d.etag.ok_or_else(|| invalid(format!("ticket {}/{} has no _etag", d.ticket.batch_id, d.ticket.ticket_id)))?;
     Ok(Versioned { value: d.ticket, etag })
 }
 
@@ -824,8 +824,8 @@ impl Store for CosmosStore {
     }
 
     async fn events(&self, batch_id: &BatchId, ticket_id: &TicketId) -> Result<Vec<Event>> {
-        let q = Query::from("SELECT * FROM c WHERE c.type = 'events' AND c.ticket_id = @ticket ORDER BY c.seq")
-            .with_parameter("@ticket", ticket_id.as_str())
+        let q = Query::from("SELECT * FROM c WHERE STARTSWITH(c.id, @entries) ORDER BY c.seq")
+            .with_parameter("@entries", events_doc_prefix(ticket_id))
             .map_err(invalid)?;
         let pk = ticket_partition(batch_id.as_str(), ticket_id.as_str());
         let (docs, upload) = futures::try_join!(
@@ -849,13 +849,14 @@ impl Store for CosmosStore {
     }
 
     async fn tickets(&self, batch_id: &BatchId, status: Option<Status>, limit: usize, cursor: Option<&str>) -> Result<TicketPage> {
-        let mut text = format!("SELECT TOP {} * FROM c WHERE c.type = 'ticket' AND c.ticket_id > @cursor", limit + 1);
-        let mut q = Query::from(String::new()).with_parameter("@cursor", cursor.unwrap_or("")).map_err(invalid)?;
+        let mut text = format!("SELECT TOP {} * FROM c WHERE {IS_TICKET} AND c.id > @cursor", limit + 1);
+        let after = format!("{TICKET_DOC_PREFIX}{}", cursor.unwrap_or(""));
+        let mut q = Query::from(String::new()).with_parameter("@cursor", after).map_err(invalid)?;
         if let Some(s) = status {
             text.push_str(" AND c.status = @status");
             q = q.with_parameter("@status", s.as_str()).map_err(invalid)?;
         }
-        text.push_str(" ORDER BY c.ticket_id");
+        text.push_str(" ORDER BY c.id");
         let partitions: Vec<Vec<TicketDoc>> = self.query_tickets(batch_id, q.with_text(text), "tickets").await?;
         let mut tickets: Vec<Ticket> = partitions.into_iter().flatten().map(|d| d.ticket).collect();
         tickets.sort_by(|a, b| a.ticket_id.as_str().cmp(b.ticket_id.as_str()));
@@ -873,7 +874,7 @@ impl Store for CosmosStore {
         }
         // The few fields of every ticket, added up here: the SDK runs no GROUP BY or
         // aggregate that needs a client-side stage.
-        let q = Query::from("SELECT c.status, c.notified, c.ticket.paid, c.ticket.reserved FROM c WHERE c.type = 'ticket'");
+        let q = Query::from(format!("SELECT c.status, c.notified, c.ticket.paid, c.ticket.reserved FROM c WHERE {IS_TICKET}"));
         let partitions: Vec<Vec<Row>> = self.query_tickets(batch_id, q, "summary").await?;
         let mut summary = BatchSummary::default();
         for r in partitions.into_iter().flatten() {
@@ -888,7 +889,7 @@ impl Store for CosmosStore {
     }
 
     async fn has_open_tickets(&self, batch_id: &BatchId) -> Result<bool> {
-        let q = Query::from("SELECT TOP 1 VALUE c.ticket_id FROM c WHERE c.type = 'ticket' AND c.notified = false");
+        let q = Query::from(format!("SELECT TOP 1 VALUE c.id FROM c WHERE {IS_TICKET} AND c.notified = false"));
         // Asked as each ticket ends. While a batch runs nearly every partition has an
         // open ticket, so one from a random place answers at once; the groups asked
         // then double (up to the fan-out), so the last tickets do not ask one by one.
@@ -909,14 +910,14 @@ impl Store for CosmosStore {
     }
 
     async fn overdue_tickets(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Versioned<Ticket>>> {
-        let text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'ticket' AND c.notified = false AND c.due_us < @before");
+        let text = format!("SELECT TOP {limit} * FROM c WHERE {IS_TICKET} AND c.notified = false AND c.due_us < @before");
         let q = Query::from(text).with_parameter("@before", before.timestamp_micros()).map_err(invalid)?;
         let docs: Vec<TicketDoc> = self.query(q, None, "overdue tickets").await?;
         docs.into_iter().map(versioned).collect()
     }
 
     async fn overdue_in_batch(&self, batch_id: &BatchId, before: DateTime<Utc>) -> Result<u64> {
-        let q = Query::from("SELECT VALUE COUNT(1) FROM c WHERE c.type = 'ticket' AND c.notified = false AND c.due_us < @before")
+        let q = Query::from(format!("SELECT VALUE COUNT(1) FROM c WHERE {IS_TICKET} AND c.notified = false AND c.due_us < @before"))
             .with_parameter("@before", before.timestamp_micros())
             .map_err(invalid)?;
         let counts: Vec<Vec<u64>> = self.query_tickets(batch_id, q, "overdue tickets").await?;
@@ -930,7 +931,7 @@ impl Store for CosmosStore {
     }
 
     async fn find_by_reference(&self, reference: &str, client: Option<&ClientId>, limit: usize) -> Result<Vec<Ticket>> {
-        let mut text = format!("SELECT TOP {limit} * FROM c WHERE c.type = 'ticket' AND c.reference = @reference");
+        let mut text = format!("SELECT TOP {limit} * FROM c WHERE {IS_TICKET} AND c.reference = @reference");
         let mut q = Query::from(String::new()).with_parameter("@reference", reference).map_err(invalid)?;
         if let Some(client) = client {
             text.push_str(" AND c.ticket.client_id = @client");
@@ -976,7 +977,7 @@ impl Store for CosmosStore {
         let doc: Option<ClaimDoc> = self.read_doc(RECORDS, &pk, CLAIM_DOC_ID).await?;
         doc.map(|d| {
             let etag = d.etag.clone().ok_or_else(|| invalid(format!("payment claim {pk} has no _etag")))?;
-            Ok(Versioned { value: d.claim(), etag })
+            Ok(Versioned { value: d.claim(authority, ticket_id), etag })
         })
         .transpose()
     }

@@ -32,7 +32,7 @@ pub const TICKET_PARTITIONS: u32 = 64;
 
 /// The paths the container's indexing policy indexes: every property a query filters or sorts on.
 pub const INDEXED_PATHS: [&str; 11] = [
-    "/type/?", "/client_id/?", "/created_us/?", "/open/?", "/ticket_id/?", "/status/?", "/notified/?", "/due_us/?", "/reference/?", "/seq/?", "/at_us/?",
+    "/id/?", "/type/?", "/client_id/?", "/created_us/?", "/open/?", "/status/?", "/notified/?", "/due_us/?", "/reference/?", "/seq/?", "/at_us/?",
 ];
 
 pub(super) const BATCH_DOC_ID: &str = "batch";
@@ -59,8 +59,24 @@ pub(super) fn claim_partition(authority: &AuthorityCode, ticket_id: &TicketId) -
     format!("claim:{authority}:{ticket_id}")
 }
 
+/// What every ticket document's id begins with: the kind is told apart by its id
+/// (no billed property of its own), and the ids sort as the ticket ids do.
+pub(super) const TICKET_DOC_PREFIX: &str = "ticket:";
+/// A query's filter for ticket documents.
+pub(super) const IS_TICKET: &str = "STARTSWITH(c.id, 'ticket:')";
+
 pub(super) fn ticket_doc_id(ticket_id: &TicketId) -> String {
-    format!("ticket:{ticket_id}")
+    format!("{TICKET_DOC_PREFIX}{ticket_id}")
+}
+
+/// What the ids of a ticket's audit entries begin with (its upload's entry aside).
+pub(super) fn events_doc_prefix(ticket_id: &TicketId) -> String {
+    format!("events:{ticket_id}:")
+}
+
+/// The ticket of an audit entry, from its id.
+fn ticket_of_entry(id: &str) -> Option<&str> {
+    id.strip_prefix("events:")?.split_once(':').map(|(ticket, _)| ticket)
 }
 
 pub(super) fn commitment_doc_id(ticket_id: &TicketId) -> String {
@@ -103,9 +119,6 @@ impl BatchDoc {
 pub(super) struct TicketDoc {
     pub id: String,
     pub pk: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub ticket_id: String,
     pub status: Status,
     pub notified: bool,
     /// [`Ticket::due_at`] in microseconds, for the sweep's query.
@@ -124,8 +137,6 @@ impl TicketDoc {
         TicketDoc {
             id: ticket_doc_id(&t.ticket_id),
             pk: ticket_partition(t.batch_id.as_str(), t.ticket_id.as_str()),
-            kind: "ticket".into(),
-            ticket_id: t.ticket_id.to_string(),
             status: t.status(),
             notified: t.notified,
             due_us: t.due_at().timestamp_micros(),
@@ -152,11 +163,9 @@ struct StoredEvent {
 /// that much less to write.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct EventsDoc {
+    /// `events:{ticket_id}:…`: the ticket is read from it.
     pub id: String,
     pub pk: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub ticket_id: String,
     /// Append order: microseconds since the epoch, strictly increasing within a process.
     pub seq: i64,
     /// `[schema, [events…]]`, raw-deflated, in standard base64; in the first
@@ -174,8 +183,6 @@ impl EventsDoc {
         Ok(EventsDoc {
             id,
             pk: ticket_partition(first.batch_id.as_str(), first.ticket_id.as_str()),
-            kind: "events".into(),
-            ticket_id: first.ticket_id.to_string(),
             seq,
             deflated: deflate(&serde_json::to_vec(&(EVENT_SCHEMA, stored)).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
         })
@@ -189,7 +196,7 @@ impl EventsDoc {
     /// The events; `currency`, the batch's, is asked for only by the first shape.
     pub fn into_events(self, currency: impl FnOnce() -> crate::store::Result<Currency>) -> Result<Vec<Event>, String> {
         let what = |e: &dyn std::fmt::Display| format!("audit entry {}: {e}", self.id);
-        let ticket_id = TicketId::parse(&self.ticket_id)?;
+        let ticket_id = TicketId::parse(ticket_of_entry(&self.id).unwrap_or_default()).map_err(|e| what(&e))?;
         let batch_id = BatchId::parse(self.pk.rsplit_once(':').map_or("", |(batch, _)| batch)).map_err(|e| what(&e))?;
         let json = inflate(&self.deflated).map_err(|e| what(&e))?;
         let stored: Vec<StoredEvent> = if first_shape(&json) {
@@ -263,10 +270,9 @@ fn inflate(text: &str) -> std::io::Result<Vec<u8>> {
 /// Budget a ticket holds: reserved, or paid. The batch's `committed` is the sum of its commitments.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct CommitmentDoc {
+    /// `commitment:{ticket_id}`; read by id, never queried.
     pub id: String,
     pub pk: String,
-    #[serde(rename = "type")]
-    pub kind: String,
     pub amount: i64,
     pub at: DateTime<Utc>,
     #[serde(rename = "_etag", default, skip_serializing)]
@@ -275,7 +281,7 @@ pub(super) struct CommitmentDoc {
 
 impl CommitmentDoc {
     pub fn new(batch_id: &BatchId, ticket_id: &TicketId, amount: i64) -> CommitmentDoc {
-        CommitmentDoc { id: commitment_doc_id(ticket_id), pk: batch_id.to_string(), kind: "commitment".into(), amount, at: Utc::now(), etag: None }
+        CommitmentDoc { id: commitment_doc_id(ticket_id), pk: batch_id.to_string(), amount, at: Utc::now(), etag: None }
     }
 }
 
@@ -307,11 +313,8 @@ impl ReconciliationDoc {
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct ClaimDoc {
     pub id: String,
+    /// `claim:{authority}:{ticket_id}`: the claim's ticket is its partition's.
     pub pk: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub authority: AuthorityCode,
-    pub ticket_id: TicketId,
     pub owner: BatchId,
     pub claimed_at: DateTime<Utc>,
     #[serde(rename = "_etag", default, skip_serializing)]
@@ -320,20 +323,12 @@ pub(super) struct ClaimDoc {
 
 impl ClaimDoc {
     pub fn new(c: &PaymentClaim) -> ClaimDoc {
-        ClaimDoc {
-            id: CLAIM_DOC_ID.into(),
-            pk: claim_partition(&c.authority, &c.ticket_id),
-            kind: "claim".into(),
-            authority: c.authority.clone(),
-            ticket_id: c.ticket_id.clone(),
-            owner: c.batch_id.clone(),
-            claimed_at: c.claimed_at,
-            etag: None,
-        }
+        ClaimDoc { id: CLAIM_DOC_ID.into(), pk: claim_partition(&c.authority, &c.ticket_id), owner: c.batch_id.clone(), claimed_at: c.claimed_at, etag: None }
     }
 
-    pub fn claim(&self) -> PaymentClaim {
-        PaymentClaim { authority: self.authority.clone(), ticket_id: self.ticket_id.clone(), batch_id: self.owner.clone(), claimed_at: self.claimed_at }
+    /// The claim on the ticket of `authority` and `ticket_id`, whose partition this document was read from.
+    pub fn claim(&self, authority: &AuthorityCode, ticket_id: &TicketId) -> PaymentClaim {
+        PaymentClaim { authority: authority.clone(), ticket_id: ticket_id.clone(), batch_id: self.owner.clone(), claimed_at: self.claimed_at }
     }
 }
 

@@ -11,6 +11,7 @@ use common::*;
 use serde_json::Value;
 
 const TICKETS: u64 = 300;
+const SECOND: u64 = 2_000;
 
 fn pid(i: &Value) -> Option<i64> {
     i["pid"].as_i64()
@@ -47,12 +48,13 @@ fn three_instances_share_the_work_and_survive_one_being_killed() {
         assert!(i["url"].as_str().unwrap().starts_with("http://127.0.0.1:"), "{i}");
     }
 
-    // A second batch; instance-1 is killed once it has started on it.
+    // A second, larger batch; instance-1 is killed once it has started on it. Batches
+    // of messages make few invocations, so any one of them means it has.
     let victim = instances[1].clone();
     let (old_pid, before) = (pid(&victim).unwrap(), victim["invocations"].as_u64().unwrap());
-    let second = stack.submit(TICKETS as usize, "100000.00");
+    let second = stack.submit(SECOND as usize, "1000000.00");
     poll("instance-1 to work on the second batch", Duration::from_secs(60), || {
-        (stack.instances()[1]["invocations"].as_u64().unwrap() > before + 20).then_some(())
+        (stack.instances()[1]["invocations"].as_u64().unwrap() > before).then_some(())
     });
     unsafe { libc::kill(old_pid as i32, libc::SIGKILL) };
 
@@ -64,7 +66,7 @@ fn three_instances_share_the_work_and_survive_one_being_killed() {
 
     let status = stack.wait_complete(&second, Duration::from_secs(180));
     let s = stats(&providers);
-    assert_batch_invariants(&status, &s, TICKETS);
+    assert_batch_invariants(&status, &s, SECOND);
     for (name, p) in s.as_object().unwrap() {
         if let Some(d) = p.get("duplicate_charges") {
             assert_eq!(d, 0, "{name} charged twice");

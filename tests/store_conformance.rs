@@ -226,6 +226,20 @@ async fn reservations_given_together_are_taken_in_order_and_held_once(store: Arc
     assert_eq!(results.iter().map(outcome).collect::<Vec<_>>(), ["held", "held"]);
     assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed().minor, 500, "the earlier try's hold counted once");
     assert_eq!(store.summary(&b.batch_id).await.unwrap().reserved, 500);
+
+    // One in another currency than its batch's is refused as invalid, alone, and holds nothing.
+    let (b, ts) = seeded(store.as_ref(), 1_000, 3).await;
+    let mut updates = Vec::new();
+    for t in &ts {
+        let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
+        updates.push(reservation(&current, &current.etag, 100));
+    }
+    updates[1].budget = Some(BudgetChange::Reserve(Money::new(100, Currency::parse("USD").unwrap())));
+    let results = store.update_tickets(updates).await;
+    assert!(matches!(results[1], Err(StoreError::Invalid(_))), "{:?}", results[1].as_ref().err());
+    assert_eq!([outcome(&results[0]), outcome(&results[2])], ["held", "held"]);
+    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed().minor, 200);
+    assert_eq!(store.ticket(&b.batch_id, &ts[1].ticket_id).await.unwrap().unwrap().value.status(), Status::Lookup, "nothing of it stored");
 }
 
 async fn a_failed_payment_releases_exactly_its_reservation(store: Arc<dyn Store>) {

@@ -471,13 +471,20 @@ impl CosmosStore {
                 Err(e) => return all(e),
             };
             let mut budget = doc.batch.budget_state();
-            let mut fits = vec![false; wants.len()];
-            for (i, (_, _, amount)) in wants.iter().enumerate() {
-                if let Ok(next) = budget.reserve(*amount) {
-                    budget = next;
-                    fits[i] = true;
-                }
-            }
+            // Each one checked against what the ones before it left: `Some(Ok)` holds,
+            // `None` does not fit, `Some(Err)` can never be held.
+            let checked: Vec<Option<Result<()>>> = wants
+                .iter()
+                .map(|(_, _, amount)| match budget.reserve(*amount) {
+                    Ok(next) => {
+                        budget = next;
+                        Some(Ok(()))
+                    }
+                    Err(BudgetError::Insufficient) => None,
+                    Err(BudgetError::Invalid(why)) => Some(Err(invalid(format!("{what}: {why}")))),
+                })
+                .collect();
+            let fits: Vec<bool> = checked.iter().map(|c| matches!(c, Some(Ok(())))).collect();
             let committed = fits.iter().filter(|f| **f).count();
             if committed > 0 {
                 let Some(batch_etag) = doc.etag.take() else { return all(invalid(format!("batch {id} has no _etag"))) };
@@ -509,8 +516,11 @@ impl CosmosStore {
                 }
             }
             let mut results = Vec::with_capacity(wants.len());
-            for ((ticket, etag, amount), fit) in wants.iter().zip(fits) {
-                results.push(if fit { Ok(()) } else { self.does_not_fit(ticket, etag, *amount).await });
+            for ((ticket, etag, amount), checked) in wants.iter().zip(checked) {
+                results.push(match checked {
+                    Some(done) => done,
+                    None => self.does_not_fit(ticket, etag, *amount).await,
+                });
             }
             return results;
         }

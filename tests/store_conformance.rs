@@ -227,6 +227,13 @@ async fn reservations_given_together_are_taken_in_order_and_held_once(store: Arc
     assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed().minor, 500, "the earlier try's hold counted once");
     assert_eq!(store.summary(&b.batch_id).await.unwrap().reserved, 500);
 
+    // The same change given twice (a message and its copy): held once, the copy finds it moved.
+    let (b, ts) = seeded(store.as_ref(), 1_000, 1).await;
+    let current = store.ticket(&b.batch_id, &ts[0].ticket_id).await.unwrap().unwrap();
+    let twice = vec![reservation(&current, &current.etag, 300), reservation(&current, &current.etag, 300)];
+    assert_eq!(store.update_tickets(twice).await.iter().map(outcome).collect::<Vec<_>>(), ["held", "stale"]);
+    assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed().minor, 300);
+
     // One in another currency than its batch's is refused as invalid, alone, and holds nothing.
     let (b, ts) = seeded(store.as_ref(), 1_000, 3).await;
     let mut updates = Vec::new();

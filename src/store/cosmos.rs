@@ -813,12 +813,15 @@ impl Store for CosmosStore {
         for (i, result) in at.into_iter().zip(results) {
             held[i] = result;
         }
+        // Different tickets are written at once; one given twice, one change after the other.
+        let mut seen = std::collections::HashSet::new();
+        let at_once = if updates.iter().all(|u| seen.insert(&u.ticket.ticket_id)) { FAN_OUT } else { 1 };
         futures::stream::iter(updates.into_iter().zip(held))
             .map(|(update, held)| async move {
                 held?;
                 self.write_ticket(update).await
             })
-            .buffered(FAN_OUT)
+            .buffered(at_once)
             .collect()
             .await
     }

@@ -568,26 +568,42 @@ impl CosmosStore {
         let TicketUpdate { ticket, etag, budget, events } = update;
         let what = format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id);
         let ticket_doc = TicketDoc::new(&ticket);
-        let mut tx = Transaction::new(self, &ticket_doc.pk).replace(&ticket_doc.id, &ticket_doc, &etag)?;
-        if !events.is_empty() {
-            tx = tx.create(&appended(&events)?)?;
-        }
-        let results = tx.run(self, &what).await?;
-        match first_failure(&results) {
-            None => {}
-            // The ticket is not at the version the change was made from (or is gone).
-            Some((0, 412 | 404)) => return Err(StoreError::Conflict(what)),
-            Some((_, 429)) => return Err(StoreError::Unavailable(format!("{what}: throttled"))),
-            Some((_, status)) => return Err(op_error(&what, status)),
-        }
+        let written = match events.is_empty() {
+            true => self.replace_ticket(&ticket_doc, &etag, &what).await?,
+            false => {
+                let tx = Transaction::new(self, &ticket_doc.pk).replace(&ticket_doc.id, &ticket_doc, &etag)?.create(&appended(&events)?)?;
+                let results = tx.run(self, &what).await?;
+                match first_failure(&results) {
+                    None => {}
+                    // The ticket is not at the version the change was made from (or is gone).
+                    Some((0, 412 | 404)) => return Err(StoreError::Conflict(what)),
+                    Some((_, 429)) => return Err(StoreError::Unavailable(format!("{what}: throttled"))),
+                    Some((_, status)) => return Err(op_error(&what, status)),
+                }
+                results.into_iter().next().and_then(|(_, e)| e)
+            }
+        };
         if budget.is_none() && ends_holding_nothing(&ticket) {
             self.give_back_stray_commitment(&ticket).await;
         }
-        let etag = match results.into_iter().next().and_then(|(_, e)| e) {
+        let etag = match written {
             Some(e) => e,
             None => self.ticket(&ticket.batch_id, &ticket.ticket_id).await?.map(|v| v.etag).unwrap_or_default(),
         };
         Ok(Versioned { value: ticket, etag })
+    }
+
+    /// A ticket change with no events (a claim on an operation): one conditional
+    /// replace, throttled and retried as any single request. Its new ETag, if answered.
+    async fn replace_ticket(&self, doc: &TicketDoc, etag: &str, what: &str) -> Result<Option<String>> {
+        let options = ItemWriteOptions::default().with_precondition(Precondition::if_match(etag.to_owned()));
+        let replaced = self.records.replace_item(doc.pk.clone(), &doc.id, doc, Some(options));
+        match self.metered(RECORDS, "replace", &doc.pk, replaced).await {
+            Ok(response) => Ok(response.headers().etag().map(|e| e.to_string())),
+            // The ticket is not at the version the change was made from (or is gone).
+            Err(e) if e.status().is_precondition_failed() || e.status().is_not_found() => Err(StoreError::Conflict(what.to_owned())),
+            Err(e) => Err(map_err(what, e)),
+        }
     }
 
 

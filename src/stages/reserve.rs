@@ -4,7 +4,7 @@
 //! Messages of one batch arrive in order, a session's invocation at a time (a
 //! session per batch), so reservations never race for the same budget; the
 //! messages of one invocation are reserved together, in their order, and move
-//! the budget once ([`Pipeline::reserve_all`]). Different batches may hold the
+//! the budget once ([`Pipeline::handle_session`]). Different batches may hold the
 //! same ticket (its authority and ticket id) and reserve at the same moment, so
 //! the right to pay it is a payment claim in the store, taken by a conditional
 //! write before any money is held: whoever loses ends `duplicate`.

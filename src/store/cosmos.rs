@@ -810,11 +810,7 @@ impl Store for CosmosStore {
         let one_batch = updates.windows(2).all(|w| w[0].ticket.batch_id == w[1].ticket.batch_id);
         let reserving = updates.iter().filter(|u| u.budget.is_some()).count();
         if !reservations_only || !one_batch || reserving < 2 {
-            let mut results = Vec::with_capacity(updates.len());
-            for update in updates {
-                results.push(self.update_ticket(update).await);
-            }
-            return results;
+            return super::one_after_another(self, updates).await;
         }
         let mut held: Vec<Result<()>> = updates.iter().map(events_of_its_ticket).collect();
         let (at, wants): (Vec<usize>, Vec<(&Ticket, &str, Money)>) = updates

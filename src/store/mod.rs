@@ -165,6 +165,15 @@ pub struct StageProgress {
     pub past: u64,
 }
 
+/// Each change applied by [`Store::update_ticket`], in order.
+pub async fn one_after_another<S: Store + ?Sized>(store: &S, updates: Vec<TicketUpdate>) -> Vec<Result<Versioned<Ticket>>> {
+    let mut results = Vec::with_capacity(updates.len());
+    for update in updates {
+        results.push(store.update_ticket(update).await);
+    }
+    results
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// What this store's requests have cost so far, for a store that charges for them.
@@ -192,11 +201,7 @@ pub trait Store: Send + Sync + 'static {
     /// refused on its own; a later, smaller one may still fit), each one's
     /// result at its index. A store may move the batch's budget once for all of them.
     async fn update_tickets(&self, updates: Vec<TicketUpdate>) -> Vec<Result<Versioned<Ticket>>> {
-        let mut results = Vec::with_capacity(updates.len());
-        for update in updates {
-            results.push(self.update_ticket(update).await);
-        }
-        results
+        one_after_another(self, updates).await
     }
     /// Appends to the audit log. Append-only: events are never changed.
     async fn append_events(&self, events: &[Event]) -> Result<()>;

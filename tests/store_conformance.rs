@@ -836,7 +836,7 @@ async fn cosmos_reads_a_ticket_and_an_audit_entry_in_every_earlier_shape_and_ref
     records.replace_item(pk.clone(), &doc_id, &doc, None).await.unwrap();
     let read = store.ticket(&b.batch_id, &id).await.unwrap().unwrap();
     assert_eq!(read.value, written.value, "today's shape reads as it was written");
-    assert_eq!(store.tickets(&b.batch_id, None, 10, None).await.unwrap().tickets, [written.value.clone()], "and is found by queries");
+    assert_eq!(store.tickets(&b.batch_id, None, 10, None).await.unwrap().tickets, std::slice::from_ref(&written.value), "and is found by queries");
     let mut entry = documents("events").await.into_iter().find(|d| inflated(d).contains("budget_reserved")).expect("the reservation's entry");
     assert!(inflated(&entry).contains("\"12.50 EUR\""), "an amount is written with its currency");
     let shaped: serde_json::Value = serde_json::from_str(&inflated(&entry)).unwrap();

@@ -103,7 +103,7 @@ async fn ask(app: &App, t: &Ticket, e: Expected) -> Vec<(Check, Event)> {
     let mut out = Vec::new();
     for attempt in 1..=ATTEMPTS {
         let call = app.providers.operation_status(e.provider, &e.key, &caller).await;
-        let event = Event::new(&t.batch_id, &t.ticket_id, Stage::Pay, EventKind::Exchange(Box::new(call.exchange)), Utc::now());
+        let event = Event::new(&t.batch_id, &t.ticket_id, Stage::Pay, EventKind::Exchange(std::sync::Arc::new(call.exchange)), Utc::now());
         let (theirs, wait) = match call.result {
             Ok(Some(r)) => (ProviderView::Applied { reference: r.id, amount_minor: r.amount.minor, currency: r.amount.currency }, None),
             Ok(None) => (ProviderView::Absent, None),

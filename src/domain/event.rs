@@ -2,6 +2,7 @@
 //! including every exchange with a provider, as it was sent and answered.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -65,7 +66,8 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         provider_reference: Option<String>,
     },
-    Exchange(Box<Exchange>),
+    /// Shared, not copied: the same exchange goes to the journal, the store and the spool.
+    Exchange(Arc<Exchange>),
 }
 
 /// One request to a provider and what came back (or did not).
@@ -178,7 +180,7 @@ mod tests {
                 note: "the gateway's console shows it".into(),
                 provider_reference: Some("gateway-1".into()),
             },
-            EventKind::Exchange(Box::new(Exchange {
+            EventKind::Exchange(Arc::new(Exchange {
                 provider: ProviderName::Gateway,
                 operation: "capture".into(),
                 attempt: 1,

@@ -142,7 +142,7 @@ impl Drop for Unsettled {
 /// process killed before the answer is recorded still leaves the request in
 /// the audit trail.
 pub trait RequestJournal: Send + Sync {
-    fn sending(&self, caller: &Caller<'_>, exchange: Exchange);
+    fn sending(&self, caller: &Caller<'_>, exchange: Arc<Exchange>);
 }
 
 /// Where each provider is and how to authenticate to it.
@@ -308,9 +308,12 @@ impl ProviderClient {
         if let Some(b) = &sending.body {
             request = request.body(b.to_string());
         }
+        let url = sending.url.clone();
+        let unanswered = CallError::Transient { error: "sent; no answer recorded".into() };
+        // The request is redacted once: as noted before it goes, and as recorded with its answer.
+        let sent = Arc::new(self.record(sending, None, Err(&unanswered), 0));
         if let Some(journal) = &self.journal {
-            let unanswered = CallError::Transient { error: "sent; no answer recorded".into() };
-            journal.sending(caller, self.record(sending.clone(), None, Err(&unanswered), 0));
+            journal.sending(caller, sent.clone());
         }
         let started = Instant::now();
         let (result, response) = match tokio::time::timeout(self.timeout, exchange(request, (permit, unsettled), self.timeout.max(ABANDONED_HOLD))).await {
@@ -320,7 +323,7 @@ impl ProviderClient {
             }
             Ok(Err(e)) => {
                 // The error quotes our URL, whose ticket id may look like a card number: kept as the URL rule says.
-                let error = self.redactor.text_quoting_url(&error_chain(&e), &sending.url);
+                let error = self.redactor.text_quoting_url(&error_chain(&e), &url);
                 (Err(CallError::Transient { error: format!("connection failed: {error}") }), None)
             }
             Err(_) => {
@@ -328,7 +331,9 @@ impl ProviderClient {
             }
         };
         let latency_ms = started.elapsed().as_millis() as u64;
-        Call { exchange: self.record(sending, response, result.as_ref().map(drop), latency_ms), result }
+        let sent = Arc::try_unwrap(sent).unwrap_or_else(|shared| (*shared).clone());
+        let (outcome, error) = outcome_of(result.as_ref().map(drop));
+        Call { exchange: Exchange { response, outcome, error, latency_ms, ..sent }, result }
     }
 
     /// Reads an answer: what it means for the call, and the record of it.
@@ -359,6 +364,7 @@ impl ProviderClient {
     }
 
     fn record(&self, s: Sending, response: Option<HttpResponseRecord>, result: Result<(), &CallError>, latency_ms: u64) -> Exchange {
+        let (outcome, error) = outcome_of(result);
         Exchange {
             provider: s.provider,
             operation: s.operation,
@@ -371,12 +377,17 @@ impl ProviderClient {
                 body: s.body.map(|b| self.redactor.body(b)).unwrap_or(Value::Null),
             },
             response,
-            outcome: result.map_or_else(|e| e.outcome().to_owned(), |()| "ok".to_owned()),
-            error: result.err().map(ToString::to_string),
+            outcome,
+            error,
             latency_ms,
             trace_id: None,
         }
     }
+}
+
+/// A call's outcome as its exchange records it, and its error if it failed.
+fn outcome_of(result: Result<(), &CallError>) -> (String, Option<String>) {
+    (result.map_or_else(|e| e.outcome().to_owned(), |()| "ok".to_owned()), result.err().map(ToString::to_string))
 }
 
 /// The calls the stages make to providers: [`ProviderClient`] wherever the

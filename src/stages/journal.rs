@@ -193,7 +193,7 @@ mod tests {
             trace_id: None,
         };
         let (b, t) = (BatchId::parse("b1").unwrap(), TicketId::parse("t1").unwrap());
-        Event::new(&b, &t, Stage::Pay, EventKind::Exchange(Box::new(exchange)), chrono::Utc::now())
+        Event::new(&b, &t, Stage::Pay, EventKind::Exchange(std::sync::Arc::new(exchange)), chrono::Utc::now())
     }
 
     fn open_ids(left: &Left) -> Vec<String> {
@@ -226,6 +226,7 @@ mod tests {
         journal.note("r2", &r2).unwrap();
         let mut answered = r1.clone();
         let EventKind::Exchange(x) = &mut answered.kind else { unreachable!() };
+        let x = std::sync::Arc::make_mut(x);
         x.response = Some(crate::domain::event::HttpResponseRecord { status: 200, headers: BTreeMap::new(), body: serde_json::json!({"applied": true}) });
         x.outcome = "ok".into();
         journal.note("r1", &answered).unwrap();

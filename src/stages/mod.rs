@@ -589,6 +589,6 @@ impl Pipeline {
     }
 
     fn exchange_event(&self, ticket: &Ticket, stage: Stage, exchange: Exchange) -> Event {
-        Event::new(&ticket.batch_id, &ticket.ticket_id, stage, EventKind::Exchange(Box::new(exchange)), Utc::now())
+        Event::new(&ticket.batch_id, &ticket.ticket_id, stage, EventKind::Exchange(Arc::new(exchange)), Utc::now())
     }
 }

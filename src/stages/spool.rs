@@ -168,6 +168,7 @@ impl AuditSpool {
             return Ok(false);
         }
         if x.response.is_none() {
+            let x = std::sync::Arc::make_mut(x);
             x.outcome = "interrupted".into();
             x.error = Some("the process stopped before the answer was recorded: the provider may have received it".into());
         }
@@ -207,10 +208,10 @@ async fn drain_forever(spool: Arc<AuditSpool>) {
 
 impl RequestJournal for AuditSpool {
     /// Written without a flush: the note must outlive the process, not the machine.
-    fn sending(&self, caller: &Caller<'_>, exchange: Exchange) {
+    fn sending(&self, caller: &Caller<'_>, exchange: std::sync::Arc<Exchange>) {
         let (Ok(batch), Ok(ticket)) = (BatchId::parse(caller.batch_id), TicketId::parse(caller.ticket_id)) else { return };
         let Some(id) = request_id(&exchange).map(str::to_owned) else { return };
-        let event = Event::new(&batch, &ticket, caller.stage, EventKind::Exchange(Box::new(exchange)), Utc::now());
+        let event = Event::new(&batch, &ticket, caller.stage, EventKind::Exchange(exchange), Utc::now());
         if let Err(e) = self.journal.note(&id, &event) {
             tracing::warn!(error = %e, "cannot note a provider request before sending it");
         }

@@ -393,7 +393,7 @@ mod tests {
             latency_ms: 3,
             trace_id: Some("7c8b34bfacea4172fe0ebee190ace6f7".into()),
         };
-        Event::new(batch_id, ticket_id, Stage::Pay, EventKind::Exchange(Box::new(exchange)), Utc::now())
+        Event::new(batch_id, ticket_id, Stage::Pay, EventKind::Exchange(std::sync::Arc::new(exchange)), Utc::now())
     }
 
     #[test]

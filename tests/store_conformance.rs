@@ -789,15 +789,22 @@ async fn sqlite_reads_a_file_a_ticket_and_an_audit_entry_in_every_earlier_shape_
 }
 
 /// An audit entry's events, as the Cosmos store keeps them deflated.
+/// An audit entry's JSON as stored: raw deflate with the preset dictionary it names
+/// (`d1:`, the file beside the store's code), in base64.
 fn inflated(entry: &serde_json::Value) -> String {
     use base64::Engine;
     use std::io::Read;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(entry["deflated"].as_str().unwrap()).unwrap();
+    let text = entry["deflated"].as_str().unwrap();
+    let encoded = text.strip_prefix("d1:").expect("written with the entries' dictionary");
+    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap();
+    let mut decompress = flate2::Decompress::new(false);
+    decompress.set_dictionary(include_bytes!("../src/store/cosmos/entry-dictionary.json")).unwrap();
     let mut json = String::new();
-    flate2::read::DeflateDecoder::new(bytes.as_slice()).read_to_string(&mut json).unwrap();
+    flate2::read::ZlibDecoder::new_with_decompress(bytes.as_slice(), decompress).read_to_string(&mut json).unwrap();
     json
 }
 
+/// An entry as releases before the dictionary deflated it.
 fn deflated(json: &str) -> String {
     use base64::Engine;
     use std::io::Write;

@@ -252,18 +252,45 @@ fn first_shape(json: &[u8]) -> bool {
     !json.get(1).is_some_and(u8::is_ascii_digit)
 }
 
+/// What an entry deflated with [`ENTRY_DICTIONARY`] begins with (never in base64's alphabet).
+const WITH_DICTIONARY: &str = "d1:";
+
+/// A preset dictionary for deflating audit entries: the entries of a rejected, a
+/// failed and a paid ticket as the simulator answers, their ids, times and
+/// amounts blanked. An entry is small, so most of what it says (keys, header
+/// names, operations, providers) is found in here rather than earlier in itself:
+/// a payment's entry shrinks from about 1.2 KB to about 0.55 KB, under the 1 KB
+/// a write is billed by. Entries name it ([`WITH_DICTIONARY`]) and it never
+/// changes: another dictionary would be another name.
+const ENTRY_DICTIONARY: &[u8] = include_bytes!("entry-dictionary.json");
+
 fn deflate(bytes: &[u8]) -> std::io::Result<String> {
     use std::io::Write;
-    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut compress = flate2::Compress::new(flate2::Compression::best(), false);
+    compress.set_dictionary(ENTRY_DICTIONARY).map_err(std::io::Error::other)?;
+    let mut encoder = flate2::write::ZlibEncoder::new_with_compress(Vec::with_capacity(bytes.len() / 4), compress);
     encoder.write_all(bytes)?;
-    Ok(base64::engine::general_purpose::STANDARD.encode(encoder.finish()?))
+    let deflated = encoder.finish()?;
+    let mut text = String::with_capacity(WITH_DICTIONARY.len() + deflated.len() * 4 / 3 + 4);
+    text.push_str(WITH_DICTIONARY);
+    base64::engine::general_purpose::STANDARD.encode_string(deflated, &mut text);
+    Ok(text)
 }
 
+/// An entry's JSON, deflated with the dictionary it names, or with none.
 fn inflate(text: &str) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let deflated = base64::engine::general_purpose::STANDARD.decode(text).map_err(std::io::Error::other)?;
+    let (encoded, dictionary) = match text.strip_prefix(WITH_DICTIONARY) {
+        Some(encoded) => (encoded, Some(ENTRY_DICTIONARY)),
+        None => (text, None),
+    };
+    let deflated = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(std::io::Error::other)?;
+    let mut decompress = flate2::Decompress::new(false);
+    if let Some(dictionary) = dictionary {
+        decompress.set_dictionary(dictionary).map_err(std::io::Error::other)?;
+    }
     let mut json = Vec::new();
-    flate2::read::DeflateDecoder::new(deflated.as_slice()).read_to_end(&mut json)?;
+    flate2::read::ZlibDecoder::new_with_decompress(deflated.as_slice(), decompress).read_to_end(&mut json)?;
     Ok(json)
 }
 
@@ -407,6 +434,40 @@ mod tests {
         assert_eq!(read.into_events(|| unreachable!("the current shape names its currency")).unwrap(), events);
         let plain = serde_json::to_string(&events).unwrap().len();
         assert!(stored.len() < plain * 3 / 4, "{} bytes stored for {plain} of events", stored.len());
+    }
+
+    #[test]
+    fn a_payments_entry_is_written_in_under_a_kilobyte() {
+        let (batch_id, ticket_id) = (BatchId::parse("b-01a2430cae1d73998923576a16b14cf2").unwrap(), TicketId::parse("T000001").unwrap());
+        let mut events: Vec<Event> = ["capture", "settle", "post", "issue"]
+            .into_iter()
+            .map(|operation| {
+                let mut e = exchange(&batch_id, &ticket_id);
+                let EventKind::Exchange(x) = &mut e.kind else { unreachable!() };
+                std::sync::Arc::make_mut(x).operation = operation.into();
+                e
+            })
+            .collect();
+        let paid = EventKind::Paid { amount: crate::domain::Money { minor: 10021, currency: Currency::parse("EUR").unwrap() } };
+        events.push(Event::new(&batch_id, &ticket_id, Stage::Pay, paid, Utc::now()));
+        events.push(Event::new(&batch_id, &ticket_id, Stage::Pay, EventKind::StatusChanged { from: Status::Pay, to: Status::Paid, reason: None }, Utc::now()));
+        let doc = serde_json::to_vec(&EventsDoc::new(&events, "events:T000001:1765000000000000".into(), 1_765_000_000_000_000).unwrap()).unwrap();
+        // A write is billed by the kilobyte: a payment's entry costs no more than a lookup's.
+        assert!(doc.len() <= 1024, "{} bytes", doc.len());
+    }
+
+    #[test]
+    fn an_audit_entry_deflated_without_the_dictionary_still_reads() {
+        use std::io::Write;
+        let (batch_id, ticket_id) = (BatchId::parse("b-1").unwrap(), TicketId::parse("t1").unwrap());
+        let events = vec![exchange(&batch_id, &ticket_id)];
+        let stored: Vec<StoredEvent> = events.iter().map(|e| StoredEvent { at: e.at, stage: e.stage, kind: e.kind.clone() }).collect();
+        let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(&serde_json::to_vec(&(EVENT_SCHEMA, stored)).unwrap()).unwrap();
+        let mut doc = EventsDoc::new(&events, "events:t1:1".into(), 1).unwrap();
+        assert!(doc.deflated.starts_with(WITH_DICTIONARY));
+        doc.deflated = base64::engine::general_purpose::STANDARD.encode(encoder.finish().unwrap());
+        assert_eq!(doc.into_events(|| unreachable!()).unwrap(), events);
     }
 
     #[test]

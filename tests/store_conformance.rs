@@ -126,7 +126,7 @@ async fn concurrent_reservations_never_overspend(store: Arc<dyn Store>) {
     }
     assert_eq!(reserved, 14, "10,000 holds exactly 14 reservations of 700");
     let batch = store.batch(&b.batch_id).await.unwrap().unwrap();
-    let summary = store.summary(&b.batch_id).await.unwrap();
+    let summary = store.summary(&b.batch_id, Utc::now()).await.unwrap();
     assert_eq!(batch.committed().minor, 9_800);
     assert!(batch.committed().minor <= batch.budget().minor);
     assert_eq!(summary.reserved, 9_800, "the tickets hold what the budget says is held");
@@ -164,7 +164,7 @@ async fn a_stale_reservation_never_holds_money_twice_nor_once_its_ticket_ends(st
     ended.notified = true;
     store.update_ticket(TicketUpdate { ticket: ended, etag: now.etag.clone(), budget: None, events: vec![] }).await.unwrap();
     let batch = store.batch(&b.batch_id).await.unwrap().unwrap();
-    let summary = store.summary(&b.batch_id).await.unwrap();
+    let summary = store.summary(&b.batch_id, Utc::now()).await.unwrap();
     assert_eq!(batch.committed().minor, 300, "the ticket that ended holds nothing of the budget");
     assert_eq!(batch.remaining().minor, batch.budget().minor - summary.reserved - summary.paid);
 }
@@ -206,7 +206,7 @@ async fn reservations_given_together_are_taken_in_order_and_held_once(store: Arc
     let results = store.update_tickets(updates.clone()).await;
     assert_eq!(results.iter().map(outcome).collect::<Vec<_>>(), ["held", "insufficient", "held", "insufficient", "held", "stale"]);
     let batch = store.batch(&b.batch_id).await.unwrap().unwrap();
-    let summary = store.summary(&b.batch_id).await.unwrap();
+    let summary = store.summary(&b.batch_id, Utc::now()).await.unwrap();
     assert_eq!((batch.committed().minor, summary.reserved, summary.count(Status::Pay)), (1_000, 1_000, 3));
     assert_eq!(results[2].as_ref().unwrap().value.reserved().minor, 300);
 
@@ -225,7 +225,7 @@ async fn reservations_given_together_are_taken_in_order_and_held_once(store: Arc
     let results = store.update_tickets(vec![reservation(&now, &now.etag, 200), reservation(&second, &second.etag, 300)]).await;
     assert_eq!(results.iter().map(outcome).collect::<Vec<_>>(), ["held", "held"]);
     assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed().minor, 500, "the earlier try's hold counted once");
-    assert_eq!(store.summary(&b.batch_id).await.unwrap().reserved, 500);
+    assert_eq!(store.summary(&b.batch_id, Utc::now()).await.unwrap().reserved, 500);
 
     // The same change given twice (a message and its copy): held once, the copy finds it moved.
     let (b, ts) = seeded(store.as_ref(), 1_000, 1).await;
@@ -275,7 +275,7 @@ async fn a_failed_payment_releases_exactly_its_reservation(store: Arc<dyn Store>
     store.update_ticket(release).await.unwrap();
 
     let batch = store.batch(&b.batch_id).await.unwrap().unwrap();
-    let summary = store.summary(&b.batch_id).await.unwrap();
+    let summary = store.summary(&b.batch_id, Utc::now()).await.unwrap();
     assert_eq!((batch.committed().minor, summary.paid, summary.reserved), (400, 400, 0));
     assert_eq!(batch.remaining(), eur(600));
     assert_eq!(batch.remaining().minor, batch.budget().minor - summary.reserved - summary.paid);
@@ -338,7 +338,7 @@ async fn tickets_page_by_id_and_filter_by_status(store: Arc<dyn Store>) {
     assert!(ended.next_cursor.is_none());
     assert!(ended.tickets.iter().all(|t| t.status() == Status::NotPayable));
     assert!(store.has_open_tickets(&b.batch_id).await.unwrap(), "20 tickets are still open");
-    let summary = store.summary(&b.batch_id).await.unwrap();
+    let summary = store.summary(&b.batch_id, Utc::now()).await.unwrap();
     assert_eq!((summary.counts[&Status::Lookup], summary.counts[&Status::NotPayable], summary.awaiting_notification), (20, 5, 0));
 
     assert!(store.mark_completed(&b.batch_id, Utc::now()).await.unwrap());
@@ -381,7 +381,7 @@ async fn overdue_tickets_and_unrecorded_completions_are_found(store: Arc<dyn Sto
     assert_eq!(mine(store.overdue_tickets(before_upload, 100).await.unwrap()), 0, "nothing is overdue before it is due");
     let later = Utc::now() + chrono::Duration::minutes(1);
     assert_eq!(mine(store.overdue_tickets(later, 100).await.unwrap()), 3);
-    assert_eq!(store.overdue_in_batch(&b.batch_id, later).await.unwrap(), 3);
+    assert_eq!(store.summary(&b.batch_id, later).await.unwrap().overdue, 3);
 
     let update = |t: ticketpay::store::Versioned<Ticket>, change: &dyn Fn(&mut Ticket)| {
         let mut ticket = t.value.clone();
@@ -390,7 +390,7 @@ async fn overdue_tickets_and_unrecorded_completions_are_found(store: Arc<dyn Sto
     };
     let retrying = store.ticket(&b.batch_id, &ts[0].ticket_id).await.unwrap().unwrap();
     store.update_ticket(update(retrying, &|t| t.retry_at = Some(Utc::now() + chrono::Duration::minutes(5)))).await.unwrap();
-    assert_eq!(store.overdue_in_batch(&b.batch_id, later).await.unwrap(), 2, "a retry scheduled later is not due yet");
+    assert_eq!(store.summary(&b.batch_id, later).await.unwrap().overdue, 2, "a retry scheduled later is not due yet");
     let told = store.ticket(&b.batch_id, &ts[1].ticket_id).await.unwrap().unwrap();
     store
         .update_ticket(update(told, &|t| {
@@ -399,7 +399,7 @@ async fn overdue_tickets_and_unrecorded_completions_are_found(store: Arc<dyn Sto
         }))
         .await
         .unwrap();
-    assert_eq!(store.overdue_in_batch(&b.batch_id, later).await.unwrap(), 1, "an ended and told ticket waits for nothing");
+    assert_eq!(store.summary(&b.batch_id, later).await.unwrap().overdue, 1, "an ended and told ticket waits for nothing");
     assert_eq!(mine(store.overdue_tickets(later, 100).await.unwrap()), 1);
 
     let incomplete = |list: Vec<Batch>| list.iter().any(|x| x.batch_id == b.batch_id);

@@ -189,7 +189,7 @@ pub async fn status(State(app): State<Arc<App>>, caller: Principal, PathParams(b
 /// way again is reopened, so every view says the same.
 async fn summarise(app: &App, mut batch: Batch) -> Result<(Batch, BatchSummary, u64), Problem> {
     let store = &app.store;
-    let summary = store.summary(&batch.batch_id).await?;
+    let summary = store.summary(&batch.batch_id, chrono::Utc::now() - app.overdue_after).await?;
     match (summary.is_complete(), batch.completed_at) {
         (true, None) => app.pipeline.complete_if_done(&batch.batch_id).await?,
         // Completed, then a ticket sent back in (a redrive that stopped halfway).
@@ -201,7 +201,7 @@ async fn summarise(app: &App, mut batch: Batch) -> Result<(Batch, BatchSummary, 
     }
     let stalled = match batch.completed_at {
         Some(_) => 0,
-        None => store.overdue_in_batch(&batch.batch_id, chrono::Utc::now() - app.overdue_after).await?,
+        None => summary.overdue,
     };
     Ok((batch, summary, stalled))
 }

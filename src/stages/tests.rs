@@ -379,7 +379,7 @@ async fn a_sessions_reservations_are_taken_in_order_and_a_copy_among_them_holds_
     assert_eq!(statuses, [Pay, OverBudget, Pay, Pay, OverBudget, Pay], "taken in order; a smaller one after a refusal still fits");
     let held = s.pipeline.store.batch(&batch.batch_id).await.unwrap().unwrap();
     assert_eq!(held.committed().minor, 1250 + 1000 + 500, "the copy of the first message held nothing more");
-    let summary = s.pipeline.store.summary(&batch.batch_id).await.unwrap();
+    let summary = s.pipeline.store.summary(&batch.batch_id, Utc::now()).await.unwrap();
     assert_eq!(summary.reserved, held.committed().minor);
     let to_pay: HashSet<String> = s.bus.0.lock().unwrap().iter().filter(|m| m.queue == "ticket-pay").map(|m| m.message_id.clone()).collect();
     assert_eq!(to_pay.len(), 3);

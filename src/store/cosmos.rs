@@ -889,17 +889,19 @@ impl Store for CosmosStore {
         Ok(TicketPage::from_fetched(tickets, limit))
     }
 
-    async fn summary(&self, batch_id: &BatchId) -> Result<BatchSummary> {
+    async fn summary(&self, batch_id: &BatchId, overdue_before: DateTime<Utc>) -> Result<BatchSummary> {
         #[derive(Deserialize)]
         struct Row {
             status: Status,
             notified: bool,
             paid: i64,
             reserved: i64,
+            due_us: i64,
         }
         // The few fields of every ticket, added up here: the SDK runs no GROUP BY or
         // aggregate that needs a client-side stage.
-        let q = Query::from(format!("SELECT c.status, c.notified, c.ticket.paid, c.ticket.reserved FROM c WHERE {IS_TICKET}"));
+        let q = Query::from(format!("SELECT c.status, c.notified, c.ticket.paid, c.ticket.reserved, c.due_us FROM c WHERE {IS_TICKET}"));
+        let before = overdue_before.timestamp_micros();
         let partitions: Vec<Vec<Row>> = self.query_tickets(batch_id, q, "summary").await?;
         let mut summary = BatchSummary::default();
         for r in partitions.into_iter().flatten() {
@@ -909,6 +911,7 @@ impl Store for CosmosStore {
             }
             summary.paid += r.paid;
             summary.reserved += r.reserved;
+            summary.overdue += u64::from(!r.notified && r.due_us < before);
         }
         Ok(summary)
     }
@@ -939,14 +942,6 @@ impl Store for CosmosStore {
         let q = Query::from(text).with_parameter("@before", before.timestamp_micros()).map_err(invalid)?;
         let docs: Vec<TicketDoc> = self.query(q, None, "overdue tickets").await?;
         docs.into_iter().map(versioned).collect()
-    }
-
-    async fn overdue_in_batch(&self, batch_id: &BatchId, before: DateTime<Utc>) -> Result<u64> {
-        let q = Query::from(format!("SELECT VALUE COUNT(1) FROM c WHERE {IS_TICKET} AND c.notified = false AND c.due_us < @before"))
-            .with_parameter("@before", before.timestamp_micros())
-            .map_err(invalid)?;
-        let counts: Vec<Vec<u64>> = self.query_tickets(batch_id, q, "overdue tickets").await?;
-        Ok(counts.into_iter().flatten().sum())
     }
 
     async fn incomplete_batches(&self, limit: usize) -> Result<Vec<Batch>> {

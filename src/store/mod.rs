@@ -123,6 +123,8 @@ pub struct BatchSummary {
     pub awaiting_notification: u64,
     pub paid: i64,
     pub reserved: i64,
+    /// Tickets not yet told whose next message was due before the cut-off asked for.
+    pub overdue: u64,
 }
 
 impl BatchSummary {
@@ -215,15 +217,15 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<TicketPage>;
-    async fn summary(&self, batch_id: &BatchId) -> Result<BatchSummary>;
+    /// The batch's tickets counted, with those waiting for a message due before
+    /// `overdue_before` ([`Ticket::due_at`]) among them: one pass over the batch.
+    async fn summary(&self, batch_id: &BatchId, overdue_before: chrono::DateTime<chrono::Utc>) -> Result<BatchSummary>;
     /// Whether any of the batch's tickets is not yet at an end state with its client told.
     /// Asked as each ticket ends: it must not cost a count of the batch.
     async fn has_open_tickets(&self, batch_id: &BatchId) -> Result<bool>;
     /// Tickets of any batch still waiting for a message that was due
     /// ([`Ticket::due_at`]) before `before`, oldest first where the store can order them.
     async fn overdue_tickets(&self, before: chrono::DateTime<chrono::Utc>, limit: usize) -> Result<Vec<Versioned<Ticket>>>;
-    /// How many of the batch's tickets wait for a message due before `before`.
-    async fn overdue_in_batch(&self, batch_id: &BatchId, before: chrono::DateTime<chrono::Utc>) -> Result<u64>;
     /// Batches whose completion is not recorded yet.
     async fn incomplete_batches(&self, limit: usize) -> Result<Vec<Batch>>;
     /// Tickets carrying this reference, across batches (support looks them up
@@ -255,6 +257,7 @@ mod tests {
             awaiting_notification: 2,
             paid: 0,
             reserved: 0,
+            overdue: 0,
         };
         let progress = summary.stages(10).map(|p| (p.stage, p.waiting, p.past));
         assert_eq!(

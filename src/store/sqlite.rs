@@ -581,15 +581,19 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn summary(&self, batch_id: &BatchId) -> Result<BatchSummary> {
+    async fn summary(&self, batch_id: &BatchId, overdue_before: DateTime<Utc>) -> Result<BatchSummary> {
         let b = batch_id.to_string();
+        let before = overdue_before.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
         self.read(move |conn| {
+            // The due time is read from the document only for tickets not yet told.
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT status, COUNT(*), SUM(notified = 0), SUM(paid), SUM(reserved) FROM tickets WHERE batch_id = ?1 GROUP BY status",
+                    "SELECT status, COUNT(*), SUM(notified = 0), SUM(paid), SUM(reserved),
+                            SUM(CASE WHEN notified = 0 THEN MAX(json_extract(doc, '$.updated_at'), COALESCE(json_extract(doc, '$.retry_at'), '')) < ?2 ELSE 0 END)
+                     FROM tickets WHERE batch_id = ?1 GROUP BY status",
                 )
                 .map_err(unavailable)?;
-            let mut rows = stmt.query([b]).map_err(unavailable)?;
+            let mut rows = stmt.query(params![b, before]).map_err(unavailable)?;
             let mut summary = BatchSummary::default();
             while let Some(row) = rows.next().map_err(unavailable)? {
                 let status: Status = row.get::<_, String>(0).map_err(unavailable)?.parse().map_err(invalid)?;
@@ -601,6 +605,7 @@ impl Store for SqliteStore {
                 }
                 summary.paid += row.get::<_, i64>(3).map_err(unavailable)?;
                 summary.reserved += row.get::<_, i64>(4).map_err(unavailable)?;
+                summary.overdue += row.get::<_, i64>(5).map_err(unavailable)? as u64;
             }
             Ok(summary)
         })
@@ -642,21 +647,6 @@ impl Store for SqliteStore {
                 out.push(Versioned { value, etag: version.to_string() });
             }
             Ok(out)
-        })
-        .await
-    }
-
-    async fn overdue_in_batch(&self, batch_id: &BatchId, before: DateTime<Utc>) -> Result<u64> {
-        let b = batch_id.to_string();
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT COUNT(*) FROM tickets WHERE batch_id = ?1 AND notified = 0
-                 AND MAX(json_extract(doc, '$.updated_at'), COALESCE(json_extract(doc, '$.retry_at'), '')) < ?2",
-            )
-            .map_err(unavailable)?
-            .query_row(params![b, before.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)], |r| r.get::<_, i64>(0))
-            .map(|n| n as u64)
-            .map_err(unavailable)
         })
         .await
     }

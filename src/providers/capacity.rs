@@ -455,33 +455,38 @@ impl Capacity {
         shares.limiter.set_rate(rate_of(shares, &held));
     }
 
-    /// Asks for `wanted` more slices, of those not `taken` when last listed.
+    /// Takes up to `wanted` free slices, asking for them all at once: an
+    /// instance that finds work waits one lease round trip for its share, not
+    /// one per slice (which held the first second of a batch to a trickle).
     async fn take(&self, shares: &Arc<Shares>, mut wanted: usize, taken: &HashSet<u32>) {
         let n = shares.slices.len() as u32;
         let start = offset(&self.instance, n);
-        for k in 0..n {
-            if wanted == 0 {
-                break;
-            }
-            let index = (start + k) % n;
-            if taken.contains(&index) || lock(&shares.held).contains_key(&index) {
-                continue;
+        let mut free = (0..n).map(|k| (start + k) % n).filter(|index| !taken.contains(index) && !lock(&shares.held).contains_key(index));
+        while wanted > 0 {
+            let asking: Vec<u32> = free.by_ref().take(wanted).collect();
+            if asking.is_empty() {
+                return;
             }
             let asked = Instant::now();
-            match self.leases.acquire(&resource(shares.provider, index), &self.instance, TERM).await {
-                Ok(Some(lease)) => {
-                    let h = Held { lease, usable_until: asked + TERM - self.margin, taken_at: asked, renewed_at: asked, releasing: false };
-                    let mut held = lock(&shares.held);
-                    held.insert(index, h);
-                    let slice = shares.slices[index as usize];
-                    shares.limiter.set_capacity(rate_of(shares, &held), slice.in_flight);
-                    wanted -= 1;
+            let names: Vec<String> = asking.iter().map(|&index| resource(shares.provider, index)).collect();
+            let answers = futures::future::join_all(names.iter().map(|name| self.leases.acquire(name, &self.instance, TERM))).await;
+            let mut unreachable = None;
+            for (index, answer) in asking.into_iter().zip(answers) {
+                match answer {
+                    Ok(Some(lease)) => {
+                        let h = Held { lease, usable_until: asked + TERM - self.margin, taken_at: asked, renewed_at: asked, releasing: false };
+                        let mut held = lock(&shares.held);
+                        held.insert(index, h);
+                        shares.limiter.set_capacity(rate_of(shares, &held), shares.slices[index as usize].in_flight);
+                        wanted -= 1;
+                    }
+                    Ok(None) => {}
+                    Err(e) => unreachable = Some(e),
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(provider = %shares.provider, error = %e, "capacity leases unreachable");
-                    return;
-                }
+            }
+            if let Some(e) = unreachable {
+                tracing::warn!(provider = %shares.provider, error = %e, "capacity leases unreachable");
+                return;
             }
         }
     }

@@ -110,8 +110,7 @@ pub const BATCH_STARTS_WITHIN: Duration = Duration::from_secs(30);
 /// Once every message of a batch has begun, how long the batch waits for the
 /// last ones before handing them off (see [`batch`]). Each stage a ticket
 /// passes may wait this long for the batch before it to answer; each copy is
-/// a message and a ticket read a minute later. 250 ms cost `realistic` 1% of
-/// its time; 100 ms costs 0.8 copies more per ticket (`docs/benchmarks.md`).
+/// a message and a ticket read a minute later (`docs/benchmarks.md` weighs the two).
 const TAIL_ALLOWANCE: Duration = Duration::from_millis(100);
 
 /// One message of a batch, decoded, with the span that continues its ticket's trace.

@@ -568,20 +568,19 @@ impl CosmosStore {
         let TicketUpdate { ticket, etag, budget, events } = update;
         let what = format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id);
         let ticket_doc = TicketDoc::new(&ticket);
-        let written = match events.is_empty() {
-            true => self.replace_ticket(&ticket_doc, &etag, &what).await?,
-            false => {
-                let tx = Transaction::new(self, &ticket_doc.pk).replace(&ticket_doc.id, &ticket_doc, &etag)?.create(&appended(&events)?)?;
-                let results = tx.run(self, &what).await?;
-                match first_failure(&results) {
-                    None => {}
-                    // The ticket is not at the version the change was made from (or is gone).
-                    Some((0, 412 | 404)) => return Err(StoreError::Conflict(what)),
-                    Some((_, 429)) => return Err(StoreError::Unavailable(format!("{what}: throttled"))),
-                    Some((_, status)) => return Err(op_error(&what, status)),
-                }
-                results.into_iter().next().and_then(|(_, e)| e)
+        let written = if events.is_empty() {
+            self.replace_ticket(&ticket_doc, &etag, &what).await?
+        } else {
+            let tx = Transaction::new(self, &ticket_doc.pk).replace(&ticket_doc.id, &ticket_doc, &etag)?.create(&appended(&events)?)?;
+            let results = tx.run(self, &what).await?;
+            match first_failure(&results) {
+                None => {}
+                // The ticket is not at the version the change was made from (or is gone).
+                Some((0, 412 | 404)) => return Err(StoreError::Conflict(what)),
+                Some((_, 429)) => return Err(StoreError::Unavailable(format!("{what}: throttled"))),
+                Some((_, status)) => return Err(op_error(&what, status)),
             }
+            results.into_iter().next().and_then(|(_, e)| e)
         };
         if budget.is_none() && ends_holding_nothing(&ticket) {
             self.give_back_stray_commitment(&ticket).await;

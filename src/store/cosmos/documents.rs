@@ -159,8 +159,8 @@ struct StoredEvent {
 /// The events of one write of one ticket, appended together and never changed.
 /// They are kept deflated: an audit entry is read whole or not at all (never
 /// queried inside), and what a provider was sent and answered repeats itself
-/// (ids, keys, header names), so the entry is a third of its size and costs
-/// that much less to write.
+/// (ids, keys, header names) and says what every entry says, which
+/// [`ENTRY_DICTIONARY`] holds: an entry is a seventh to a quarter of its JSON.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct EventsDoc {
     /// `events:{ticket_id}:…`: the ticket is read from it.
@@ -168,8 +168,9 @@ pub(super) struct EventsDoc {
     pub pk: String,
     /// Append order: microseconds since the epoch, strictly increasing within a process.
     pub seq: i64,
-    /// `[schema, [events…]]`, raw-deflated, in standard base64; in the first
-    /// shape, the events array alone. The shape travels inside, and the batch is
+    /// `[schema, [events…]]`, raw-deflated with [`ENTRY_DICTIONARY`], in standard
+    /// base64 after [`WITH_DICTIONARY`] (without it: deflated before the
+    /// dictionary); in the first shape, the events array alone. The shape travels inside, and the batch is
     /// read from the partition key: a property of their own would be billed on
     /// every entry.
     pub deflated: String,
@@ -219,7 +220,7 @@ pub(super) struct UploadEventsDoc {
     pub pk: String,
     #[serde(rename = "type")]
     pub kind: String,
-    /// `[schema, [[ticket_id, [events…]]…]]`, raw-deflated, in standard base64.
+    /// `[schema, [[ticket_id, [events…]]…]]`, deflated as an [`EventsDoc`]'s.
     pub deflated: String,
 }
 

@@ -163,10 +163,35 @@ pub enum StoreConfig {
     /// An Azure Cosmos DB (NoSQL) account, reached with an Entra token.
     Cosmos { endpoint: String, database: String, identity: Identity },
     /// The Cosmos store code on the SDK's in-memory emulator, inside the handler's
-    /// own process (a build with the `cosmos-emulator` feature): `ru_per_second`
-    /// caps each container's throughput, and what the requests cost is written to
-    /// `charges` as they go.
-    CosmosEmulator { ru_per_second: Option<u64>, charges: PathBuf },
+    /// own process (a build with the `cosmos-emulator` feature), behaving as
+    /// `emulation` says; what the requests cost is written to `charges` as they go.
+    CosmosEmulator { emulation: Emulation, charges: PathBuf },
+}
+
+/// How the emulated Cosmos account behaves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Emulation {
+    /// Each container's provisioned throughput, in RU/s: past it the emulator
+    /// answers single-document writes 429. `None`: unlimited.
+    pub ru_per_second: Option<u64>,
+    /// Of every hundred transactional batches, how many are answered 429 (with a
+    /// retry-after) before they reach the emulator, by the SDK's fault injection:
+    /// the emulator never holds a transactional batch to the throughput itself.
+    pub throttled_batches_percent: u8,
+}
+
+impl Emulation {
+    /// Checks the settings a command line or the environment gave.
+    pub fn new(ru_per_second: Option<u64>, throttled_batches_percent: Option<u8>) -> Result<Emulation, String> {
+        if let Some(ru) = ru_per_second.filter(|ru| *ru < MIN_EMULATOR_THROUGHPUT) {
+            return Err(format!("the throughput must be at least {MIN_EMULATOR_THROUGHPUT} RU/s (got {ru})"));
+        }
+        let throttled_batches_percent = throttled_batches_percent.unwrap_or(0);
+        if throttled_batches_percent > MAX_THROTTLED_BATCHES_PERCENT {
+            return Err(format!("at most {MAX_THROTTLED_BATCHES_PERCENT} of every hundred batches can be throttled (got {throttled_batches_percent})"));
+        }
+        Ok(Emulation { ru_per_second, throttled_batches_percent })
+    }
 }
 
 /// `TICKETPAY_STORE`: which store the handler keeps its state in, when no Cosmos account is set.
@@ -175,6 +200,13 @@ pub const STORE: &str = "TICKETPAY_STORE";
 pub const EMULATOR_THROUGHPUT: &str = "TICKETPAY_COSMOS_EMULATOR_RU_PER_S";
 /// The least throughput a container is provisioned with, in RU/s (the emulator's rule, as Azure's).
 pub const MIN_EMULATOR_THROUGHPUT: u64 = 400;
+/// `TICKETPAY_COSMOS_EMULATOR_THROTTLED_BATCHES`: of every hundred transactional batches, how many are answered 429.
+pub const EMULATOR_THROTTLED_BATCHES: &str = "TICKETPAY_COSMOS_EMULATOR_THROTTLED_BATCHES";
+/// The most transactional batches in a hundred that may be throttled. The SDK
+/// tries a throttled request 19 times: at 75 in a hundred, 1 in 240 batches is
+/// still refused after that, and the stage puts its message off; much past
+/// that an upload (a batch for each of 64 ticket partitions) would rarely get through.
+pub const MAX_THROTTLED_BATCHES_PERCENT: u8 = 75;
 /// The file in the data folder where an emulated store's charges are written.
 pub const CHARGES_FILE: &str = "store-charges.json";
 
@@ -201,7 +233,18 @@ fn load_store(s: &Settings<'_>) -> Result<StoreConfig, SettingError> {
                     }
                 },
             };
-            Ok(StoreConfig::CosmosEmulator { ru_per_second, charges: dir.join(CHARGES_FILE) })
+            let throttled = match s.optional(EMULATOR_THROTTLED_BATCHES) {
+                None => None,
+                Some(v) => match v.trim().parse::<u8>() {
+                    Ok(n) if n <= MAX_THROTTLED_BATCHES_PERCENT => Some(n),
+                    _ => {
+                        let why = format!("`{v}` is not a share of batches from 0 to {MAX_THROTTLED_BATCHES_PERCENT} (percent)");
+                        return Err(setting_error(EMULATOR_THROTTLED_BATCHES, why));
+                    }
+                },
+            };
+            let emulation = Emulation::new(ru_per_second, throttled).map_err(|e| setting_error(EMULATOR_THROUGHPUT, e))?;
+            Ok(StoreConfig::CosmosEmulator { emulation, charges: dir.join(CHARGES_FILE) })
         }
         Some(other) => Err(setting_error(STORE, format!("`{other}` is not a store: embedded or cosmos-emulator"))),
     }
@@ -425,14 +468,30 @@ mod tests {
     }
 
     #[test]
-    fn the_emulated_cosmos_store_is_chosen_by_name_with_an_optional_throughput_of_at_least_400() {
+    fn the_emulated_cosmos_store_is_chosen_by_name_with_an_optional_throughput_and_share_of_throttled_batches() {
         let load = |pairs: &[(&str, &str)]| load_store(&Settings::from_map(&settings(pairs)));
         let dir = ("TICKETPAY_DATA_DIR", "/tmp/x");
         assert_eq!(
             load(&[dir, (STORE, "cosmos-emulator"), (EMULATOR_THROUGHPUT, "4000")]).unwrap(),
-            StoreConfig::CosmosEmulator { ru_per_second: Some(4000), charges: "/tmp/x/store-charges.json".into() }
+            StoreConfig::CosmosEmulator {
+                emulation: Emulation { ru_per_second: Some(4000), throttled_batches_percent: 0 },
+                charges: "/tmp/x/store-charges.json".into()
+            }
         );
-        assert_eq!(load(&[dir, (STORE, "cosmos-emulator")]).unwrap(), StoreConfig::CosmosEmulator { ru_per_second: None, charges: "/tmp/x/store-charges.json".into() });
+        assert_eq!(
+            load(&[dir, (STORE, "cosmos-emulator")]).unwrap(),
+            StoreConfig::CosmosEmulator { emulation: Emulation::default(), charges: "/tmp/x/store-charges.json".into() }
+        );
+        assert_eq!(
+            load(&[dir, (STORE, "cosmos-emulator"), (EMULATOR_THROTTLED_BATCHES, "30")]).unwrap(),
+            StoreConfig::CosmosEmulator {
+                emulation: Emulation { ru_per_second: None, throttled_batches_percent: 30 },
+                charges: "/tmp/x/store-charges.json".into()
+            }
+        );
+        for bad in ["76", "-1", "half"] {
+            assert_eq!(load(&[(STORE, "cosmos-emulator"), (EMULATOR_THROTTLED_BATCHES, bad)]).unwrap_err().name, EMULATOR_THROTTLED_BATCHES);
+        }
         assert_eq!(load(&[dir, (STORE, "embedded")]).unwrap(), StoreConfig::Embedded { path: "/tmp/x/store.db".into() });
         assert_eq!(load(&[(STORE, "cosmos-emulator"), (EMULATOR_THROUGHPUT, "399")]).unwrap_err().name, EMULATOR_THROUGHPUT);
         assert_eq!(load(&[(STORE, "cosmos-emulator"), (EMULATOR_THROUGHPUT, "lots")]).unwrap_err().name, EMULATOR_THROUGHPUT);

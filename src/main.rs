@@ -60,6 +60,11 @@ enum Command {
         /// (at least 400); past it the emulator answers 429. Default: unlimited.
         #[arg(long)]
         cosmos_ru_per_s: Option<u64>,
+        /// With --store cosmos-emulator: of every hundred transactional batches, how many
+        /// (0 to 75) are answered 429 before they reach the emulator, which never holds
+        /// them to the throughput itself. Default: none.
+        #[arg(long)]
+        cosmos_throttled_batches: Option<u8>,
     },
     /// The provider simulator: all nine provider roles over HTTP.
     Providers {
@@ -121,6 +126,11 @@ enum Command {
         /// (at least 400); past it the emulator answers 429. Default: unlimited.
         #[arg(long)]
         cosmos_ru_per_s: Option<u64>,
+        /// With --store cosmos-emulator: of every hundred transactional batches, how many
+        /// (0 to 75) are answered 429 before they reach the emulator, which never holds
+        /// them to the throughput itself. Default: none.
+        #[arg(long)]
+        cosmos_throttled_batches: Option<u8>,
     },
     /// Uploads a CSV or JSON file of tickets and follows the batch until it completes.
     Submit {
@@ -262,8 +272,8 @@ async fn main() {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Handler => ticketpay::handler::run().await,
-        Command::Local { port, providers_port, providers_url, scenario, data, app_root, duplicate_deliveries, instances, max_batch, store, cosmos_ru_per_s } => {
-            let store = host::StoreChoice::parse(&store, cosmos_ru_per_s)?;
+        Command::Local { port, providers_port, providers_url, scenario, data, app_root, duplicate_deliveries, instances, max_batch, store, cosmos_ru_per_s, cosmos_throttled_batches } => {
+            let store = host::StoreChoice::parse(&store, cosmos_ru_per_s, cosmos_throttled_batches)?;
             let instances = host::check_instances(instances)?;
             let opts =
                 LocalOptions { app_root, port, providers_port, providers_url, scenario, data, duplicate_deliveries, instances, max_batch, store };
@@ -274,8 +284,8 @@ async fn run(command: Command) -> Result<()> {
             let instances = host::check_instances(instances)?;
             demo::run(demo::DemoOptions { tickets, budget, scenario, data, port, app_root, instances }).await
         }
-        Command::Bench { tickets, scenario, baseline_tickets, data, app_root, instances, max_batch, store, cosmos_ru_per_s } => {
-            let store = host::StoreChoice::parse(&store, cosmos_ru_per_s)?;
+        Command::Bench { tickets, scenario, baseline_tickets, data, app_root, instances, max_batch, store, cosmos_ru_per_s, cosmos_throttled_batches } => {
+            let store = host::StoreChoice::parse(&store, cosmos_ru_per_s, cosmos_throttled_batches)?;
             let instances = host::check_instances(instances)?;
             let max_batch = max_batch.map(host::check_max_batch).transpose()?;
             let opts = ticketpay::bench::BenchOptions { tickets, scenario, app_root, baseline_tickets, data, instances, max_batch, store };

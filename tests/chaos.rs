@@ -405,36 +405,3 @@ fn assert_audit_matches(stack: &Stack, batches: &[String], providers: &str) {
 
 /// The spool tries the store again every 2 s; an outage's records are all in well within this.
 const SPOOL_DRAINED_WITHIN: Duration = Duration::from_secs(30);
-
-fn audit_gaps(stack: &Stack, batches: &[String], providers: &str) -> Result<(), String> {
-    let tickets: Vec<Value> = batches
-        .iter()
-        .flat_map(|b| {
-            stack.all_tickets(b).into_iter().map(move |t| (b.clone(), t["ticket_id"].as_str().unwrap().to_owned()))
-        })
-        .map(|(b, id)| stack.get(&format!("/api/batches/{b}/tickets/{id}")))
-        .collect();
-    let received: Value = reqwest::blocking::get(format!("{providers}/requests")).unwrap().json().unwrap();
-    let received: HashSet<String> = received["requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["request_id"].as_str().unwrap_or_else(|| panic!("every request carries an id: {r}")).to_owned())
-        .collect();
-    let mut recorded = HashSet::new();
-    for t in &tickets {
-        for e in t["timeline"].as_array().unwrap().iter().filter(|e| e["type"] == "exchange") {
-            let id = e["request"]["headers"]["x-request-id"].as_str().unwrap_or_else(|| panic!("an exchange names its request: {e}"));
-            if e["response"].is_object() {
-                assert!(received.contains(id), "recorded as answered but never received: {e}");
-            }
-            recorded.insert(id.to_owned());
-        }
-    }
-    let missing: Vec<_> = received.difference(&recorded).collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("{} requests received but not in any audit trail, e.g. {:?}", missing.len(), missing.first()))
-    }
-}

@@ -213,6 +213,7 @@ const NOT_APP_SETTINGS: &[(&str, &str)] = &[
     ("TICKETPAY_BUS_TOKEN", "local only: the token the local host makes at start and gives its handler; in Azure the handler sends with an Entra token"),
     ("TICKETPAY_STORE", "local only: `ticketpay local --store cosmos-emulator` sets it; in Azure CosmosDb__accountEndpoint chooses the store"),
     ("TICKETPAY_COSMOS_EMULATOR_RU_PER_S", "local only: the emulated store's throughput, set by `ticketpay local --cosmos-ru-per-s`"),
+    ("TICKETPAY_COSMOS_EMULATOR_THROTTLED_BATCHES", "local only: the share of the emulated store's transactional batches answered 429, set by `ticketpay local --cosmos-throttled-batches`"),
 ];
 
 #[test]

@@ -123,12 +123,15 @@ async fn pipeline_run(opts: &BenchOptions, max_batch: usize, data: &Path, provid
         "--app-root", app_root, "--max-batch", &batch,
     ];
     let throughput;
-    if let StoreChoice::CosmosEmulator { ru_per_second } = opts.store {
+    let throttled;
+    if let StoreChoice::CosmosEmulator(emulation) = opts.store {
         args.extend(["--store", "cosmos-emulator"]);
-        if let Some(ru) = ru_per_second {
+        if let Some(ru) = emulation.ru_per_second {
             throughput = ru.to_string();
             args.extend(["--cosmos-ru-per-s", throughput.as_str()]);
         }
+        throttled = emulation.throttled_batches_percent.to_string();
+        args.extend(["--cosmos-throttled-batches", throttled.as_str()]);
     }
     let (host, found) = Spawned::start(&args, &data.join("host.log"), &["ticketpay local: listening on", "ticketpay local: ready"])?;
     let api = ApiClient::new(&found[0]);
@@ -148,7 +151,7 @@ async fn pipeline_run(opts: &BenchOptions, max_batch: usize, data: &Path, provid
     host.stop();
     let charges = match opts.store {
         StoreChoice::Embedded => None,
-        StoreChoice::CosmosEmulator { .. } => Some(read_charges(&data.join("stack").join(crate::config::CHARGES_FILE))?),
+        StoreChoice::CosmosEmulator(_) => Some(read_charges(&data.join("stack").join(crate::config::CHARGES_FILE))?),
     };
     let instances = opts.instances;
     Ok(PipelineRun { seconds, handler_cpu_seconds, host_cpu_seconds, peak_rss_bytes, peak_rss_each, status, stats, instances, max_batch, store: opts.store, charges })

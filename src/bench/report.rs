@@ -103,7 +103,7 @@ impl Report {
             throttled: stats.values().filter_map(|s| s["throttled"].as_u64()).sum(),
             store: match run.store {
                 StoreChoice::Embedded => "embedded".into(),
-                StoreChoice::CosmosEmulator { .. } => "cosmos-emulator".into(),
+                StoreChoice::CosmosEmulator(_) => "cosmos-emulator".into(),
             },
             ru_per_ticket: run.charges.as_ref().map(|c| round(c.total_ru / n, 1)),
             ru_per_ticket_by_stage: run.charges.as_ref().map(|c| c.by_step.iter().map(|(k, v)| (k.clone(), round(v / n, 1))).collect()),

@@ -379,7 +379,7 @@ pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
         StoreConfig::Cosmos { endpoint, database, identity } => {
             Arc::new(CosmosStore::connect(endpoint, database, identity.credential()?).await?)
         }
-        StoreConfig::CosmosEmulator { ru_per_second, charges } => emulated_store(*ru_per_second, charges).await?,
+        StoreConfig::CosmosEmulator { emulation, charges } => emulated_store(*emulation, charges).await?,
     };
     let bus = match &config.bus {
         BusConfig::Local { url, token: Some(token) } => BusSender::with_token(url, token),
@@ -420,8 +420,8 @@ pub async fn build(config: HandlerConfig) -> anyhow::Result<Arc<App>> {
 
 /// The Cosmos store on the in-memory emulator, its charges written to `charges` each second.
 #[cfg(feature = "cosmos-emulator")]
-async fn emulated_store(ru_per_second: Option<u64>, charges: &std::path::Path) -> anyhow::Result<Arc<dyn Store>> {
-    let store: Arc<dyn Store> = Arc::new(CosmosStore::emulated(ru_per_second).await?);
+async fn emulated_store(emulation: crate::config::Emulation, charges: &std::path::Path) -> anyhow::Result<Arc<dyn Store>> {
+    let store: Arc<dyn Store> = Arc::new(CosmosStore::emulated(emulation).await?);
     let (watched, charges) = (store.clone(), charges.to_owned());
     tokio::spawn(async move {
         let mut written = None;
@@ -440,7 +440,7 @@ async fn emulated_store(ru_per_second: Option<u64>, charges: &std::path::Path) -
 }
 
 #[cfg(not(feature = "cosmos-emulator"))]
-async fn emulated_store(_: Option<u64>, _: &std::path::Path) -> anyhow::Result<Arc<dyn Store>> {
+async fn emulated_store(_: crate::config::Emulation, _: &std::path::Path) -> anyhow::Result<Arc<dyn Store>> {
     anyhow::bail!("{}=cosmos-emulator: this build has no Cosmos emulator (build with --features cosmos-emulator)", crate::config::STORE)
 }
 

@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::config::Emulation;
 use crate::keys::{Access, ApiKeys};
 use config::{HostConfig, QueueTrigger};
 use guard::{BusToken, Guard};
@@ -69,24 +70,24 @@ pub enum StoreChoice {
     #[default]
     Embedded,
     /// The Cosmos store code on the SDK's in-memory emulator, in the handler's process,
-    /// its containers capped at `ru_per_second` if given.
-    CosmosEmulator { ru_per_second: Option<u64> },
+    /// behaving as `--cosmos-ru-per-s` and `--cosmos-throttled-batches` say.
+    CosmosEmulator(Emulation),
 }
 
 impl StoreChoice {
-    /// `--store NAME` with `--cosmos-ru-per-s`.
-    pub fn parse(name: &str, ru_per_second: Option<u64>) -> Result<StoreChoice> {
-        match (name, ru_per_second) {
-            ("embedded", None) => Ok(StoreChoice::Embedded),
-            ("embedded", Some(_)) => Err(anyhow!("--cosmos-ru-per-s needs --store cosmos-emulator")),
-            ("cosmos-emulator", _) if !cfg!(feature = "cosmos-emulator") => {
+    /// `--store NAME` with `--cosmos-ru-per-s` and `--cosmos-throttled-batches`.
+    pub fn parse(name: &str, ru_per_second: Option<u64>, throttled_batches: Option<u8>) -> Result<StoreChoice> {
+        let emulator_options = ru_per_second.is_some() || throttled_batches.is_some();
+        match name {
+            "embedded" if emulator_options => Err(anyhow!("--cosmos-ru-per-s and --cosmos-throttled-batches need --store cosmos-emulator")),
+            "embedded" => Ok(StoreChoice::Embedded),
+            "cosmos-emulator" if !cfg!(feature = "cosmos-emulator") => {
                 Err(anyhow!("--store cosmos-emulator needs a build with --features cosmos-emulator"))
             }
-            ("cosmos-emulator", Some(ru)) if ru < crate::config::MIN_EMULATOR_THROUGHPUT => {
-                Err(anyhow!("--cosmos-ru-per-s must be at least {} (got {ru})", crate::config::MIN_EMULATOR_THROUGHPUT))
-            }
-            ("cosmos-emulator", ru_per_second) => Ok(StoreChoice::CosmosEmulator { ru_per_second }),
-            (other, _) => Err(anyhow!("--store must be embedded or cosmos-emulator (got {other})")),
+            "cosmos-emulator" => Emulation::new(ru_per_second, throttled_batches)
+                .map(StoreChoice::CosmosEmulator)
+                .map_err(|e| anyhow!("--store cosmos-emulator: {e}")),
+            other => Err(anyhow!("--store must be embedded or cosmos-emulator (got {other})")),
         }
     }
 }
@@ -512,7 +513,7 @@ impl Providers {
 /// `--instances`, checked against the store: the emulator lives in one handler's process.
 fn instance_count(opts: &LocalOptions) -> Result<usize> {
     let n = check_instances(opts.instances)?;
-    if matches!(opts.store, StoreChoice::CosmosEmulator { .. }) && n != 1 {
+    if matches!(opts.store, StoreChoice::CosmosEmulator(_)) && n != 1 {
         bail!("--store cosmos-emulator runs one handler instance (the emulator lives in its process), not {n}");
     }
     Ok(n)
@@ -570,11 +571,12 @@ fn handler_env(
     if let Some(pc) = &providers.config {
         env.set_unless_given("TICKETPAY_PROVIDERS_CONFIG", pc.clone());
     }
-    if let StoreChoice::CosmosEmulator { ru_per_second } = store {
+    if let StoreChoice::CosmosEmulator(emulation) = store {
         env.set(crate::config::STORE, "cosmos-emulator".into());
-        if let Some(ru) = ru_per_second {
+        if let Some(ru) = emulation.ru_per_second {
             env.set(crate::config::EMULATOR_THROUGHPUT, ru.to_string());
         }
+        env.set(crate::config::EMULATOR_THROTTLED_BATCHES, emulation.throttled_batches_percent.to_string());
     }
     env
 }
@@ -724,15 +726,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn store_choices_are_named_and_a_throughput_goes_only_with_the_emulator() {
-        assert_eq!(StoreChoice::parse("embedded", None).unwrap(), StoreChoice::Embedded);
-        assert!(StoreChoice::parse("embedded", Some(4000)).unwrap_err().to_string().contains("--store cosmos-emulator"));
-        assert!(StoreChoice::parse("sqlite", None).unwrap_err().to_string().contains("sqlite"));
+    fn store_choices_are_named_and_throughput_and_throttling_go_only_with_the_emulator() {
+        assert_eq!(StoreChoice::parse("embedded", None, None).unwrap(), StoreChoice::Embedded);
+        assert!(StoreChoice::parse("embedded", Some(4000), None).unwrap_err().to_string().contains("--store cosmos-emulator"));
+        assert!(StoreChoice::parse("embedded", None, Some(10)).unwrap_err().to_string().contains("--store cosmos-emulator"));
+        assert!(StoreChoice::parse("sqlite", None, None).unwrap_err().to_string().contains("sqlite"));
         if cfg!(feature = "cosmos-emulator") {
-            assert_eq!(StoreChoice::parse("cosmos-emulator", Some(4000)).unwrap(), StoreChoice::CosmosEmulator { ru_per_second: Some(4000) });
-            assert!(StoreChoice::parse("cosmos-emulator", Some(100)).unwrap_err().to_string().contains("at least 400"));
+            let capped = Emulation { ru_per_second: Some(4000), throttled_batches_percent: 20 };
+            assert_eq!(StoreChoice::parse("cosmos-emulator", Some(4000), Some(20)).unwrap(), StoreChoice::CosmosEmulator(capped));
+            assert!(StoreChoice::parse("cosmos-emulator", Some(100), None).unwrap_err().to_string().contains("at least 400"));
+            assert!(StoreChoice::parse("cosmos-emulator", None, Some(80)).unwrap_err().to_string().contains("at most 75"));
         } else {
-            assert!(StoreChoice::parse("cosmos-emulator", None).unwrap_err().to_string().contains("--features cosmos-emulator"));
+            assert!(StoreChoice::parse("cosmos-emulator", None, None).unwrap_err().to_string().contains("--features cosmos-emulator"));
         }
     }
 }

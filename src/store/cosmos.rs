@@ -168,10 +168,12 @@ impl CosmosStore {
 
     /// The store on the SDK's in-memory Cosmos emulator, in this process: a new, empty
     /// account with the database and both containers, charging request units by the
-    /// emulator's model and, given `ru_per_second`, answering 429 past it (as in Azure,
-    /// each of a container's physical partitions gets its share of it).
+    /// emulator's model and, given a throughput, answering 429 past it (as in Azure,
+    /// each of a container's physical partitions gets its share of it). The share of
+    /// transactional batches `emulation` names is answered 429 by the SDK's fault
+    /// injection, as the service answers a batch past its partition's throughput.
     #[cfg(feature = "cosmos-emulator")]
-    pub async fn emulated(ru_per_second: Option<u64>) -> Result<CosmosStore> {
+    pub async fn emulated(emulation: crate::config::Emulation) -> Result<CosmosStore> {
         use azure_core::credentials::Secret;
         use azure_data_cosmos::CosmosRuntimeBuilder;
         use azure_data_cosmos_driver::in_memory_emulator::{ContainerConfig, InMemoryEmulatorHttpClient, VirtualAccountConfig, VirtualRegion};
@@ -181,6 +183,7 @@ impl CosmosStore {
         const REGION: &str = "East US";
         let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("cosmos emulator: {e}"));
         let regions = vec![VirtualRegion::new(REGION, URL.parse().map_err(|e| unavailable(&e))?)];
+        let ru_per_second = emulation.ru_per_second;
         let account = VirtualAccountConfig::new(regions).map_err(|e| unavailable(&e))?.with_throttling_enabled(ru_per_second.is_some());
         let emulator = Arc::new(InMemoryEmulatorHttpClient::new(account));
         emulator.store().create_database(DATABASE);
@@ -201,7 +204,11 @@ impl CosmosStore {
             let pk = serde_json::from_value(serde_json::json!({"paths": [path], "kind": "Hash", "version": 2})).map_err(|e| unavailable(&e))?;
             emulator.store().create_container_with_config(DATABASE, name, pk, config);
         }
-        let runtime = CosmosRuntimeBuilder::from(emulator.runtime_builder()).build().await.map_err(|e| unavailable(&e))?;
+        let runtime = match emulation.throttled_batches_percent {
+            0 => emulator.runtime_builder(),
+            percent => emulator.runtime_builder_with_fault_rules(vec![throttled_batches(percent)]),
+        };
+        let runtime = CosmosRuntimeBuilder::from(runtime).build().await.map_err(|e| unavailable(&e))?;
         let account = AccountReference::with_authentication_key(URL.parse().map_err(|e| unavailable(&e))?, Secret::new("bG9jYWw="));
         let client = CosmosClient::builder()
             .with_runtime(runtime)
@@ -646,6 +653,31 @@ const UNLIMITED_PARTITIONS: u32 = 100;
 /// The most one physical partition serves, in RU/s.
 #[cfg(feature = "cosmos-emulator")]
 const PHYSICAL_PARTITION_RU: u64 = 10_000;
+
+/// How long a throttled transactional batch is told to wait: as the service says
+/// when a partition's second is spent, a fraction of a second.
+#[cfg(feature = "cosmos-emulator")]
+const THROTTLED_RETRY_AFTER_MS: u32 = 25;
+
+/// A rule answering `percent` of the records container's transactional batches
+/// as the service answers one past its partition's throughput: 429, sub-status
+/// 3200 (request rate too large), with a retry-after, and nothing applied.
+#[cfg(feature = "cosmos-emulator")]
+fn throttled_batches(percent: u8) -> Arc<azure_data_cosmos_driver::fault_injection::FaultInjectionRule> {
+    use azure_core::http::StatusCode;
+    use azure_data_cosmos_driver::fault_injection::{
+        CustomResponseBuilder, FaultInjectionConditionBuilder, FaultInjectionResultBuilder, FaultInjectionRuleBuilder, FaultOperationType,
+    };
+    let answer = CustomResponseBuilder::new(StatusCode::TooManyRequests)
+        .with_sub_status(3200)
+        .with_header("x-ms-retry-after-ms", THROTTLED_RETRY_AFTER_MS.to_string())
+        .with_header("x-ms-request-charge", "0")
+        .with_body(br#"{"code":"TooManyRequests","message":"Request rate is large. Please retry after sometime."}"#.to_vec())
+        .build();
+    let result = FaultInjectionResultBuilder::new().with_custom_response(answer).with_probability(f32::from(percent) / 100.0).build();
+    let condition = FaultInjectionConditionBuilder::new().with_operation_type(FaultOperationType::BatchItem).with_container_id(RECORDS).build();
+    Arc::new(FaultInjectionRuleBuilder::new("throttled-transactional-batches", result).with_condition(condition).build())
+}
 
 /// What the SDK's emulator would charge for a write sent on its own: its own
 /// request-unit model, which it applies to single requests but not to the

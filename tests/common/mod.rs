@@ -6,6 +6,7 @@
 
 pub mod in_process;
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -440,4 +441,39 @@ pub fn outcomes_scenario(dir: &Path, outcomes: &str, extra: &str) -> String {
     let path = dir.join("scenario.toml");
     std::fs::write(&path, text).unwrap();
     path.to_str().unwrap().to_owned()
+}
+
+/// Every request a provider received is in its ticket's audit trail, and every
+/// exchange recorded as answered was received: `Err` says what is missing.
+pub fn audit_gaps(stack: &Stack, batches: &[String], providers: &str) -> Result<(), String> {
+    let tickets: Vec<Value> = batches
+        .iter()
+        .flat_map(|b| {
+            stack.all_tickets(b).into_iter().map(move |t| (b.clone(), t["ticket_id"].as_str().unwrap().to_owned()))
+        })
+        .map(|(b, id)| stack.get(&format!("/api/batches/{b}/tickets/{id}")))
+        .collect();
+    let received: Value = reqwest::blocking::get(format!("{providers}/requests")).unwrap().json().unwrap();
+    let received: HashSet<String> = received["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap_or_else(|| panic!("every request carries an id: {r}")).to_owned())
+        .collect();
+    let mut recorded = HashSet::new();
+    for t in &tickets {
+        for e in t["timeline"].as_array().unwrap().iter().filter(|e| e["type"] == "exchange") {
+            let id = e["request"]["headers"]["x-request-id"].as_str().unwrap_or_else(|| panic!("an exchange names its request: {e}"));
+            if e["response"].is_object() {
+                assert!(received.contains(id), "recorded as answered but never received: {e}");
+            }
+            recorded.insert(id.to_owned());
+        }
+    }
+    let missing: Vec<_> = received.difference(&recorded).collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} requests received but not in any audit trail, e.g. {:?}", missing.len(), missing.first()))
+    }
 }

@@ -178,19 +178,27 @@ pub struct Emulation {
     /// retry-after) before they reach the emulator, by the SDK's fault injection:
     /// the emulator never holds a transactional batch to the throughput itself.
     pub throttled_batches_percent: u8,
+    /// Of every hundred writes, how many are applied but their answer lost on the
+    /// way back (the SDK's fault injection: a response timeout after the service
+    /// applied the write), as a network can lose an answer.
+    pub lost_answers_percent: u8,
 }
 
 impl Emulation {
     /// Checks the settings a command line or the environment gave.
-    pub fn new(ru_per_second: Option<u64>, throttled_batches_percent: Option<u8>) -> Result<Emulation, String> {
+    pub fn new(ru_per_second: Option<u64>, throttled_batches: Option<u8>, lost_answers: Option<u8>) -> Result<Emulation, String> {
         if let Some(ru) = ru_per_second.filter(|ru| *ru < MIN_EMULATOR_THROUGHPUT) {
             return Err(format!("the throughput must be at least {MIN_EMULATOR_THROUGHPUT} RU/s (got {ru})"));
         }
-        let throttled_batches_percent = throttled_batches_percent.unwrap_or(0);
+        let throttled_batches_percent = throttled_batches.unwrap_or(0);
         if throttled_batches_percent > MAX_THROTTLED_BATCHES_PERCENT {
             return Err(format!("at most {MAX_THROTTLED_BATCHES_PERCENT} of every hundred batches can be throttled (got {throttled_batches_percent})"));
         }
-        Ok(Emulation { ru_per_second, throttled_batches_percent })
+        let lost_answers_percent = lost_answers.unwrap_or(0);
+        if lost_answers_percent > MAX_LOST_ANSWERS_PERCENT {
+            return Err(format!("at most {MAX_LOST_ANSWERS_PERCENT} of every hundred answers can be lost (got {lost_answers_percent})"));
+        }
+        Ok(Emulation { ru_per_second, throttled_batches_percent, lost_answers_percent })
     }
 }
 
@@ -207,6 +215,11 @@ pub const EMULATOR_THROTTLED_BATCHES: &str = "TICKETPAY_COSMOS_EMULATOR_THROTTLE
 /// still refused after that, and the stage puts its message off; much past
 /// that an upload (a batch for each of 64 ticket partitions) would rarely get through.
 pub const MAX_THROTTLED_BATCHES_PERCENT: u8 = 75;
+/// `TICKETPAY_COSMOS_EMULATOR_LOST_ANSWERS`: of every hundred writes, how many are applied but their answer lost.
+pub const EMULATOR_LOST_ANSWERS: &str = "TICKETPAY_COSMOS_EMULATOR_LOST_ANSWERS";
+/// The most answers in a hundred that may be lost: a stage that writes five times
+/// must still get through most of the time.
+pub const MAX_LOST_ANSWERS_PERCENT: u8 = 25;
 /// The file in the data folder where an emulated store's charges are written.
 pub const CHARGES_FILE: &str = "store-charges.json";
 
@@ -233,20 +246,21 @@ fn load_store(s: &Settings<'_>) -> Result<StoreConfig, SettingError> {
                     }
                 },
             };
-            let throttled = match s.optional(EMULATOR_THROTTLED_BATCHES) {
-                None => None,
-                Some(v) => match v.trim().parse::<u8>() {
-                    Ok(n) if n <= MAX_THROTTLED_BATCHES_PERCENT => Some(n),
-                    _ => {
-                        let why = format!("`{v}` is not a share of batches from 0 to {MAX_THROTTLED_BATCHES_PERCENT} (percent)");
-                        return Err(setting_error(EMULATOR_THROTTLED_BATCHES, why));
-                    }
-                },
-            };
-            let emulation = Emulation::new(ru_per_second, throttled).map_err(|e| setting_error(EMULATOR_THROUGHPUT, e))?;
+            let throttled = percent_setting(s, EMULATOR_THROTTLED_BATCHES, MAX_THROTTLED_BATCHES_PERCENT)?;
+            let lost = percent_setting(s, EMULATOR_LOST_ANSWERS, MAX_LOST_ANSWERS_PERCENT)?;
+            let emulation = Emulation::new(ru_per_second, throttled, lost).map_err(|e| setting_error(EMULATOR_THROUGHPUT, e))?;
             Ok(StoreConfig::CosmosEmulator { emulation, charges: dir.join(CHARGES_FILE) })
         }
         Some(other) => Err(setting_error(STORE, format!("`{other}` is not a store: embedded or cosmos-emulator"))),
+    }
+}
+
+/// A setting that is a share in a hundred, at most `max`, if set.
+fn percent_setting(s: &Settings<'_>, name: &str, max: u8) -> Result<Option<u8>, SettingError> {
+    let Some(v) = s.optional(name) else { return Ok(None) };
+    match v.trim().parse::<u8>() {
+        Ok(n) if n <= max => Ok(Some(n)),
+        _ => Err(setting_error(name, format!("`{v}` is not a share in a hundred from 0 to {max}"))),
     }
 }
 
@@ -468,13 +482,13 @@ mod tests {
     }
 
     #[test]
-    fn the_emulated_cosmos_store_is_chosen_by_name_with_an_optional_throughput_and_share_of_throttled_batches() {
+    fn the_emulated_cosmos_store_is_chosen_by_name_with_its_throughput_and_faults() {
         let load = |pairs: &[(&str, &str)]| load_store(&Settings::from_map(&settings(pairs)));
         let dir = ("TICKETPAY_DATA_DIR", "/tmp/x");
         assert_eq!(
             load(&[dir, (STORE, "cosmos-emulator"), (EMULATOR_THROUGHPUT, "4000")]).unwrap(),
             StoreConfig::CosmosEmulator {
-                emulation: Emulation { ru_per_second: Some(4000), throttled_batches_percent: 0 },
+                emulation: Emulation { ru_per_second: Some(4000), ..Emulation::default() },
                 charges: "/tmp/x/store-charges.json".into()
             }
         );
@@ -483,14 +497,17 @@ mod tests {
             StoreConfig::CosmosEmulator { emulation: Emulation::default(), charges: "/tmp/x/store-charges.json".into() }
         );
         assert_eq!(
-            load(&[dir, (STORE, "cosmos-emulator"), (EMULATOR_THROTTLED_BATCHES, "30")]).unwrap(),
+            load(&[dir, (STORE, "cosmos-emulator"), (EMULATOR_THROTTLED_BATCHES, "30"), (EMULATOR_LOST_ANSWERS, "5")]).unwrap(),
             StoreConfig::CosmosEmulator {
-                emulation: Emulation { ru_per_second: None, throttled_batches_percent: 30 },
+                emulation: Emulation { ru_per_second: None, throttled_batches_percent: 30, lost_answers_percent: 5 },
                 charges: "/tmp/x/store-charges.json".into()
             }
         );
         for bad in ["76", "-1", "half"] {
             assert_eq!(load(&[(STORE, "cosmos-emulator"), (EMULATOR_THROTTLED_BATCHES, bad)]).unwrap_err().name, EMULATOR_THROTTLED_BATCHES);
+        }
+        for bad in ["26", "some"] {
+            assert_eq!(load(&[(STORE, "cosmos-emulator"), (EMULATOR_LOST_ANSWERS, bad)]).unwrap_err().name, EMULATOR_LOST_ANSWERS);
         }
         assert_eq!(load(&[dir, (STORE, "embedded")]).unwrap(), StoreConfig::Embedded { path: "/tmp/x/store.db".into() });
         assert_eq!(load(&[(STORE, "cosmos-emulator"), (EMULATOR_THROUGHPUT, "399")]).unwrap_err().name, EMULATOR_THROUGHPUT);

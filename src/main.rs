@@ -56,15 +56,8 @@ enum Command {
         /// `--features cosmos-emulator`, one instance, nothing kept once it stops).
         #[arg(long, default_value = "embedded")]
         store: String,
-        /// With --store cosmos-emulator: each container's provisioned throughput, in RU/s
-        /// (at least 400); past it the emulator answers 429. Default: unlimited.
-        #[arg(long)]
-        cosmos_ru_per_s: Option<u64>,
-        /// With --store cosmos-emulator: of every hundred transactional batches, how many
-        /// (0 to 75) are answered 429 before they reach the emulator, which never holds
-        /// them to the throughput itself. Default: none.
-        #[arg(long)]
-        cosmos_throttled_batches: Option<u8>,
+        #[command(flatten)]
+        emulator: host::EmulatorFlags,
     },
     /// The provider simulator: all nine provider roles over HTTP.
     Providers {
@@ -122,15 +115,8 @@ enum Command {
         /// `--features cosmos-emulator`, one instance, nothing kept once it stops).
         #[arg(long, default_value = "embedded")]
         store: String,
-        /// With --store cosmos-emulator: each container's provisioned throughput, in RU/s
-        /// (at least 400); past it the emulator answers 429. Default: unlimited.
-        #[arg(long)]
-        cosmos_ru_per_s: Option<u64>,
-        /// With --store cosmos-emulator: of every hundred transactional batches, how many
-        /// (0 to 75) are answered 429 before they reach the emulator, which never holds
-        /// them to the throughput itself. Default: none.
-        #[arg(long)]
-        cosmos_throttled_batches: Option<u8>,
+        #[command(flatten)]
+        emulator: host::EmulatorFlags,
     },
     /// Uploads a CSV or JSON file of tickets and follows the batch until it completes.
     Submit {
@@ -272,8 +258,8 @@ async fn main() {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Handler => ticketpay::handler::run().await,
-        Command::Local { port, providers_port, providers_url, scenario, data, app_root, duplicate_deliveries, instances, max_batch, store, cosmos_ru_per_s, cosmos_throttled_batches } => {
-            let store = host::StoreChoice::parse(&store, cosmos_ru_per_s, cosmos_throttled_batches)?;
+        Command::Local { port, providers_port, providers_url, scenario, data, app_root, duplicate_deliveries, instances, max_batch, store, emulator } => {
+            let store = host::StoreChoice::parse(&store, emulator)?;
             let instances = host::check_instances(instances)?;
             let opts =
                 LocalOptions { app_root, port, providers_port, providers_url, scenario, data, duplicate_deliveries, instances, max_batch, store };
@@ -284,8 +270,8 @@ async fn run(command: Command) -> Result<()> {
             let instances = host::check_instances(instances)?;
             demo::run(demo::DemoOptions { tickets, budget, scenario, data, port, app_root, instances }).await
         }
-        Command::Bench { tickets, scenario, baseline_tickets, data, app_root, instances, max_batch, store, cosmos_ru_per_s, cosmos_throttled_batches } => {
-            let store = host::StoreChoice::parse(&store, cosmos_ru_per_s, cosmos_throttled_batches)?;
+        Command::Bench { tickets, scenario, baseline_tickets, data, app_root, instances, max_batch, store, emulator } => {
+            let store = host::StoreChoice::parse(&store, emulator)?;
             let instances = host::check_instances(instances)?;
             let max_batch = max_batch.map(host::check_max_batch).transpose()?;
             let opts = ticketpay::bench::BenchOptions { tickets, scenario, app_root, baseline_tickets, data, instances, max_batch, store };

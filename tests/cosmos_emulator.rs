@@ -49,6 +49,7 @@ fn a_batch_runs_through_every_stage_on_the_cosmos_store_and_the_bench_says_what_
     assert!((total - summed).abs() <= 0.1 * by_stage.len() as f64, "the stages add up to the total: {report}");
     assert!(report["hottest_partition_peak_ru_per_s"].as_f64().is_some_and(|p| p > 0.0), "{report}");
     assert_eq!(report["store_throttled"], 0, "nothing capped, nothing throttled: {report}");
+    assert_eq!(report["store_unanswered"], 0, "no answer lost: {report}");
 }
 
 /// The emulator enforces a container's throughput on single-document writes (its
@@ -78,6 +79,21 @@ async fn writes_past_the_emulators_throughput_are_refused_429_waited_out_and_all
     assert!(charges.by_operation["records create"] >= 200.0 * 5.8, "every create charged: {charges:?}");
 }
 
+/// The end state each ticket of `batch` must reach: what the scenario's providers decide for it.
+fn assert_each_ticket_ends_as_its_providers_decide(stack: &Stack, batch: &str) {
+    let scenario = Scenario::load(Some("zero-latency")).unwrap();
+    for t in stack.all_tickets(batch) {
+        let fate = outcome_for(&scenario, t["ticket_id"].as_str().unwrap());
+        let expected = match fate {
+            _ if fate.unknown || fate.nothing_due => "not_payable",
+            _ if fate.rejected_by.is_some() => "rejected",
+            _ if fate.fails_at.is_some() => "failed",
+            _ => "paid",
+        };
+        assert_eq!(t["status"], expected, "each ticket ends as its providers decide, not as the store's faults do: {t}");
+    }
+}
+
 /// The service answers a transactional batch past its partition's throughput
 /// with 429 and applies none of it; the emulator never does, so here the SDK's
 /// fault injection answers half of them so. Most writes of a ticket are
@@ -93,18 +109,27 @@ fn transactional_batches_answered_429_are_waited_out_and_every_promise_holds() {
     let batch = stack.submit(150, "1000000.00");
     let status = stack.wait_complete(&batch, Duration::from_secs(300));
     assert_batch_invariants(&status, &stats(&stack.providers_url), 150);
-    let scenario = Scenario::load(Some("zero-latency")).unwrap();
-    for t in stack.all_tickets(&batch) {
-        let fate = outcome_for(&scenario, t["ticket_id"].as_str().unwrap());
-        let expected = match fate {
-            _ if fate.unknown || fate.nothing_due => "not_payable",
-            _ if fate.rejected_by.is_some() => "rejected",
-            _ if fate.fails_at.is_some() => "failed",
-            _ => "paid",
-        };
-        assert_eq!(t["status"], expected, "each ticket ends as its providers decide, not as the store's throttling does: {t}");
-    }
+    assert_each_ticket_ends_as_its_providers_decide(&stack, &batch);
     audit_gaps(&stack, std::slice::from_ref(&batch), &stack.providers_url).unwrap();
     let charges: Value = serde_json::from_slice(&std::fs::read(data.path().join(CHARGES_FILE)).unwrap()).unwrap();
     assert!(charges["throttled"].as_u64().is_some_and(|n| n > 100), "about half the batches were answered 429: {charges}");
+}
+
+/// A network can lose the answer to a write the service applied. With one in
+/// twenty answers to the records container's writes lost (the SDK's fault
+/// injection reports a response timeout after the emulator applied the write):
+/// each ticket ends as its providers decide, nothing is charged twice, and
+/// every request a provider received is in its ticket's audit trail, once.
+#[test]
+fn writes_whose_answers_are_lost_change_no_outcome_and_record_each_exchange_once() {
+    let data = tempfile::tempdir().unwrap();
+    let args = ["--store", "cosmos-emulator", "--cosmos-lost-answers", "5"];
+    let stack = Stack::start(StackOptions { scenario: "zero-latency", providers_url: None, data: data.path(), env: &[], extra_args: &args });
+    let batch = stack.submit_retrying(150, "1000000.00");
+    let status = stack.wait_complete(&batch, Duration::from_secs(300));
+    assert_batch_invariants(&status, &stats(&stack.providers_url), 150);
+    assert_each_ticket_ends_as_its_providers_decide(&stack, &batch);
+    audit_gaps(&stack, std::slice::from_ref(&batch), &stack.providers_url).unwrap();
+    let charges: Value = serde_json::from_slice(&std::fs::read(data.path().join(CHARGES_FILE)).unwrap()).unwrap();
+    assert!(charges["unanswered"].as_u64().is_some_and(|n| n > 10), "writes whose answers were lost were found landed: {charges}");
 }

@@ -214,6 +214,7 @@ const NOT_APP_SETTINGS: &[(&str, &str)] = &[
     ("TICKETPAY_STORE", "local only: `ticketpay local --store cosmos-emulator` sets it; in Azure CosmosDb__accountEndpoint chooses the store"),
     ("TICKETPAY_COSMOS_EMULATOR_RU_PER_S", "local only: the emulated store's throughput, set by `ticketpay local --cosmos-ru-per-s`"),
     ("TICKETPAY_COSMOS_EMULATOR_THROTTLED_BATCHES", "local only: the share of the emulated store's transactional batches answered 429, set by `ticketpay local --cosmos-throttled-batches`"),
+    ("TICKETPAY_COSMOS_EMULATOR_LOST_ANSWERS", "local only: the share of the emulated store's writes whose answer is lost, set by `ticketpay local --cosmos-lost-answers`"),
 ];
 
 #[test]

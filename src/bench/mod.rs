@@ -124,6 +124,7 @@ async fn pipeline_run(opts: &BenchOptions, max_batch: usize, data: &Path, provid
     ];
     let throughput;
     let throttled;
+    let lost;
     if let StoreChoice::CosmosEmulator(emulation) = opts.store {
         args.extend(["--store", "cosmos-emulator"]);
         if let Some(ru) = emulation.ru_per_second {
@@ -131,7 +132,8 @@ async fn pipeline_run(opts: &BenchOptions, max_batch: usize, data: &Path, provid
             args.extend(["--cosmos-ru-per-s", throughput.as_str()]);
         }
         throttled = emulation.throttled_batches_percent.to_string();
-        args.extend(["--cosmos-throttled-batches", throttled.as_str()]);
+        lost = emulation.lost_answers_percent.to_string();
+        args.extend(["--cosmos-throttled-batches", throttled.as_str(), "--cosmos-lost-answers", lost.as_str()]);
     }
     let (host, found) = Spawned::start(&args, &data.join("host.log"), &["ticketpay local: listening on", "ticketpay local: ready"])?;
     let api = ApiClient::new(&found[0]);

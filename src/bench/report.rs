@@ -57,6 +57,8 @@ pub struct Report {
     pub hottest_partition_peak_ru_per_s: Option<f64>,
     /// Store requests answered 429 (retried).
     pub store_throttled: Option<u64>,
+    /// Store writes whose answer was lost, found landed.
+    pub store_unanswered: Option<u64>,
     /// The simulator's counters after the pipeline run.
     #[serde(skip)]
     pub providers: Value,
@@ -109,6 +111,7 @@ impl Report {
             ru_per_ticket_by_stage: run.charges.as_ref().map(|c| c.by_step.iter().map(|(k, v)| (k.clone(), round(v / n, 1))).collect()),
             hottest_partition_peak_ru_per_s: run.charges.as_ref().map(|c| round(c.hottest_partition_peak_ru_per_s, 1)),
             store_throttled: run.charges.as_ref().map(|c| c.throttled),
+            store_unanswered: run.charges.as_ref().map(|c| c.unanswered),
             providers: run.stats.clone(),
         }
     }
@@ -162,10 +165,11 @@ impl Report {
             let stages: Vec<String> = by_stage.iter().map(|(s, r)| format!("{s} {r:.1}")).collect();
             let _ = writeln!(
                 out,
-                "store {}: {ru:.1} RU per ticket ({}) · hottest partition {peak:.0} RU/s at its peak · {} requests throttled",
+                "store {}: {ru:.1} RU per ticket ({}) · hottest partition {peak:.0} RU/s at its peak · {} requests throttled · {} answers lost, found landed",
                 self.store,
                 stages.join(", "),
-                self.store_throttled.unwrap_or(0)
+                self.store_throttled.unwrap_or(0),
+                self.store_unanswered.unwrap_or(0)
             );
         }
         let ends: Vec<String> = self.end_states.iter().filter(|(_, n)| **n > 0).map(|(s, n)| format!("{s} {n}")).collect();

@@ -74,17 +74,36 @@ pub enum StoreChoice {
     CosmosEmulator(Emulation),
 }
 
+/// The command line's settings of the emulated Cosmos store, as given.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct EmulatorFlags {
+    /// With --store cosmos-emulator: each container's provisioned throughput, in RU/s
+    /// (at least 400); past it the emulator answers 429. Default: unlimited.
+    #[arg(long = "cosmos-ru-per-s")]
+    pub ru_per_second: Option<u64>,
+    /// With --store cosmos-emulator: of every hundred transactional batches, how many
+    /// (0 to 75) are answered 429 before they reach the emulator, which never holds
+    /// them to the throughput itself. Default: none.
+    #[arg(long = "cosmos-throttled-batches")]
+    pub throttled_batches: Option<u8>,
+    /// With --store cosmos-emulator: of every hundred writes, how many (0 to 25) are
+    /// applied but their answer lost on the way back. Default: none.
+    #[arg(long = "cosmos-lost-answers")]
+    pub lost_answers: Option<u8>,
+}
+
 impl StoreChoice {
-    /// `--store NAME` with `--cosmos-ru-per-s` and `--cosmos-throttled-batches`.
-    pub fn parse(name: &str, ru_per_second: Option<u64>, throttled_batches: Option<u8>) -> Result<StoreChoice> {
-        let emulator_options = ru_per_second.is_some() || throttled_batches.is_some();
+    /// `--store NAME` with the emulator's flags.
+    pub fn parse(name: &str, flags: EmulatorFlags) -> Result<StoreChoice> {
+        let EmulatorFlags { ru_per_second, throttled_batches, lost_answers } = flags;
+        let emulator_flags = ru_per_second.is_some() || throttled_batches.is_some() || lost_answers.is_some();
         match name {
-            "embedded" if emulator_options => Err(anyhow!("--cosmos-ru-per-s and --cosmos-throttled-batches need --store cosmos-emulator")),
+            "embedded" if emulator_flags => Err(anyhow!("--cosmos-* flags need --store cosmos-emulator")),
             "embedded" => Ok(StoreChoice::Embedded),
             "cosmos-emulator" if !cfg!(feature = "cosmos-emulator") => {
                 Err(anyhow!("--store cosmos-emulator needs a build with --features cosmos-emulator"))
             }
-            "cosmos-emulator" => Emulation::new(ru_per_second, throttled_batches)
+            "cosmos-emulator" => Emulation::new(ru_per_second, throttled_batches, lost_answers)
                 .map(StoreChoice::CosmosEmulator)
                 .map_err(|e| anyhow!("--store cosmos-emulator: {e}")),
             other => Err(anyhow!("--store must be embedded or cosmos-emulator (got {other})")),
@@ -577,6 +596,7 @@ fn handler_env(
             env.set(crate::config::EMULATOR_THROUGHPUT, ru.to_string());
         }
         env.set(crate::config::EMULATOR_THROTTLED_BATCHES, emulation.throttled_batches_percent.to_string());
+        env.set(crate::config::EMULATOR_LOST_ANSWERS, emulation.lost_answers_percent.to_string());
     }
     env
 }
@@ -726,18 +746,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn store_choices_are_named_and_throughput_and_throttling_go_only_with_the_emulator() {
-        assert_eq!(StoreChoice::parse("embedded", None, None).unwrap(), StoreChoice::Embedded);
-        assert!(StoreChoice::parse("embedded", Some(4000), None).unwrap_err().to_string().contains("--store cosmos-emulator"));
-        assert!(StoreChoice::parse("embedded", None, Some(10)).unwrap_err().to_string().contains("--store cosmos-emulator"));
-        assert!(StoreChoice::parse("sqlite", None, None).unwrap_err().to_string().contains("sqlite"));
+    fn store_choices_are_named_and_the_emulators_flags_go_only_with_it() {
+        let none = EmulatorFlags::default();
+        let capped = EmulatorFlags { ru_per_second: Some(4000), ..none };
+        assert_eq!(StoreChoice::parse("embedded", none).unwrap(), StoreChoice::Embedded);
+        assert!(StoreChoice::parse("embedded", capped).unwrap_err().to_string().contains("--store cosmos-emulator"));
+        let lossy = EmulatorFlags { lost_answers: Some(5), ..none };
+        assert!(StoreChoice::parse("embedded", lossy).unwrap_err().to_string().contains("--store cosmos-emulator"));
+        assert!(StoreChoice::parse("sqlite", none).unwrap_err().to_string().contains("sqlite"));
         if cfg!(feature = "cosmos-emulator") {
-            let capped = Emulation { ru_per_second: Some(4000), throttled_batches_percent: 20 };
-            assert_eq!(StoreChoice::parse("cosmos-emulator", Some(4000), Some(20)).unwrap(), StoreChoice::CosmosEmulator(capped));
-            assert!(StoreChoice::parse("cosmos-emulator", Some(100), None).unwrap_err().to_string().contains("at least 400"));
-            assert!(StoreChoice::parse("cosmos-emulator", None, Some(80)).unwrap_err().to_string().contains("at most 75"));
+            let all = EmulatorFlags { ru_per_second: Some(4000), throttled_batches: Some(20), lost_answers: Some(5) };
+            let expected = Emulation { ru_per_second: Some(4000), throttled_batches_percent: 20, lost_answers_percent: 5 };
+            assert_eq!(StoreChoice::parse("cosmos-emulator", all).unwrap(), StoreChoice::CosmosEmulator(expected));
+            let low = EmulatorFlags { ru_per_second: Some(100), ..none };
+            assert!(StoreChoice::parse("cosmos-emulator", low).unwrap_err().to_string().contains("at least 400"));
+            let throttled = EmulatorFlags { throttled_batches: Some(80), ..none };
+            assert!(StoreChoice::parse("cosmos-emulator", throttled).unwrap_err().to_string().contains("at most 75"));
+            let lost = EmulatorFlags { lost_answers: Some(30), ..none };
+            assert!(StoreChoice::parse("cosmos-emulator", lost).unwrap_err().to_string().contains("at most 25"));
         } else {
-            assert!(StoreChoice::parse("cosmos-emulator", None, None).unwrap_err().to_string().contains("--features cosmos-emulator"));
+            assert!(StoreChoice::parse("cosmos-emulator", none).unwrap_err().to_string().contains("--features cosmos-emulator"));
         }
     }
 }

@@ -204,9 +204,10 @@ impl CosmosStore {
             let pk = serde_json::from_value(serde_json::json!({"paths": [path], "kind": "Hash", "version": 2})).map_err(|e| unavailable(&e))?;
             emulator.store().create_container_with_config(DATABASE, name, pk, config);
         }
-        let runtime = match emulation.throttled_batches_percent {
-            0 => emulator.runtime_builder(),
-            percent => emulator.runtime_builder_with_fault_rules(vec![throttled_batches(percent)]),
+        let faults = faults(emulation);
+        let runtime = match faults.is_empty() {
+            true => emulator.runtime_builder(),
+            false => emulator.runtime_builder_with_fault_rules(faults),
         };
         let runtime = CosmosRuntimeBuilder::from(runtime).build().await.map_err(|e| unavailable(&e))?;
         let account = AccountReference::with_authentication_key(URL.parse().map_err(|e| unavailable(&e))?, Secret::new("bG9jYWw="));
@@ -575,19 +576,14 @@ impl CosmosStore {
         let TicketUpdate { ticket, etag, budget, events } = update;
         let what = format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id);
         let ticket_doc = TicketDoc::new(&ticket);
-        let written = if events.is_empty() {
-            self.replace_ticket(&ticket_doc, &etag, &what).await?
-        } else {
-            let tx = Transaction::new(self, &ticket_doc.pk).replace(&ticket_doc.id, &ticket_doc, &etag)?.create(&appended(&events)?)?;
-            let results = tx.run(self, &what).await?;
-            match first_failure(&results) {
-                None => {}
-                // The ticket is not at the version the change was made from (or is gone).
-                Some((0, 412 | 404)) => return Err(StoreError::Conflict(what)),
-                Some((_, 429)) => return Err(StoreError::Unavailable(format!("{what}: throttled"))),
-                Some((_, status)) => return Err(op_error(&what, status)),
-            }
-            results.into_iter().next().and_then(|(_, e)| e)
+        let entry = if events.is_empty() { None } else { Some(appended(&events)?) };
+        let written = match self.put_ticket(&ticket_doc, entry.as_ref(), &etag, &what).await {
+            Ok(etag) => etag,
+            Err(e) if may_have_landed(&e, entry.is_some()) => match self.landed(&ticket, entry.as_ref()).await {
+                Ok(Some(etag)) => Some(etag),
+                _ => return Err(e),
+            },
+            Err(e) => return Err(e),
         };
         if budget.is_none() && ends_holding_nothing(&ticket) {
             self.give_back_stray_commitment(&ticket).await;
@@ -599,6 +595,44 @@ impl CosmosStore {
         Ok(Versioned { value: ticket, etag })
     }
 
+    /// Writes the ticket, conditional on `etag`, with its entry if it has one: its new ETag, if answered.
+    async fn put_ticket(&self, doc: &TicketDoc, entry: Option<&EventsDoc>, etag: &str, what: &str) -> Result<Option<String>> {
+        let Some(entry) = entry else { return self.replace_ticket(doc, etag, what).await };
+        let tx = Transaction::new(self, &doc.pk).replace(&doc.id, doc, etag)?.create(entry)?;
+        let results = tx.run(self, what).await?;
+        match first_failure(&results) {
+            None => Ok(results.into_iter().next().and_then(|(_, e)| e)),
+            // The ticket is not at the version the change was made from (or is gone).
+            Some((0, 412 | 404)) => Err(StoreError::Conflict(what.to_owned())),
+            Some((_, 429)) => Err(StoreError::Unavailable(format!("{what}: throttled"))),
+            Some((_, status)) => Err(op_error(what, status)),
+        }
+    }
+
+    /// Whether a ticket write that failed without a clear answer landed after
+    /// all: its entry is there (written with the ticket or not at all), or, for a
+    /// change with no events, the ticket is as it was to be written. The ETag
+    /// it landed with, if so and if nothing changed the ticket since.
+    async fn landed(&self, ticket: &Ticket, entry: Option<&EventsDoc>) -> Result<Option<String>> {
+        if let Some(entry) = entry
+            && self.read_doc::<serde::de::IgnoredAny>(RECORDS, &entry.pk, &entry.id).await?.is_none()
+        {
+            return Ok(None);
+        }
+        let current = self.ticket(&ticket.batch_id, &ticket.ticket_id).await?;
+        let landed = current.filter(|c| c.value == *ticket).map(|c| c.etag);
+        if landed.is_some() {
+            self.found_landed(&format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id));
+        }
+        Ok(landed)
+    }
+
+    /// A write whose answer never came was found landed: counted, and said.
+    fn found_landed(&self, what: &str) {
+        self.meter.unanswered();
+        tracing::info!("{what}: the write's answer was lost, and it had landed");
+    }
+
     /// A ticket change with no events (a claim on an operation): one conditional
     /// replace, throttled and retried as any single request. Its new ETag, if answered.
     async fn replace_ticket(&self, doc: &TicketDoc, etag: &str, what: &str) -> Result<Option<String>> {
@@ -606,6 +640,10 @@ impl CosmosStore {
         let replaced = self.records.replace_item(doc.pk.clone(), &doc.id, doc, Some(options));
         match self.metered(RECORDS, "replace", &doc.pk, replaced).await {
             Ok(response) => Ok(response.headers().etag().map(|e| e.to_string())),
+            // Refused as stale, but only after a try whose answer was lost: that try may have been it.
+            Err(e) if e.status().is_precondition_failed() && e.diagnostics().is_some_and(|d| tried_before_unanswered(&d)) => {
+                Err(StoreError::Unavailable(format!("{what}: refused as stale after a try whose answer was lost")))
+            }
             // The ticket is not at the version the change was made from (or is gone).
             Err(e) if e.status().is_precondition_failed() || e.status().is_not_found() => Err(StoreError::Conflict(what.to_owned())),
             Err(e) => Err(map_err(what, e)),
@@ -620,6 +658,27 @@ impl CosmosStore {
             tracing::warn!(error = %e, ticket = %ticket.ticket_id, "could not give back a stray budget commitment");
         }
     }
+}
+
+/// Whether a request was tried before its last answer and that try's answer
+/// never came (a timeout, a dropped connection: it may have been applied), the
+/// SDK then sending it again.
+fn tried_before_unanswered(d: &DiagnosticsContext) -> bool {
+    let requests = d.requests();
+    requests.split_last().is_some_and(|(_, earlier)| {
+        earlier.iter().any(|r| {
+            let status = u16::from(r.status().status_code());
+            (status == 408 || status >= 500) && r.request_sent().may_have_been_sent()
+        })
+    })
+}
+
+/// Whether a ticket write that failed may have landed after all: no clear
+/// answer came, or it was refused as stale after an earlier send of it landed.
+/// Only an entry, whose id is the write's alone, tells the second from a change
+/// made twice; without one, a conflict stands.
+fn may_have_landed(e: &StoreError, with_entry: bool) -> bool {
+    matches!(e, StoreError::Unavailable(_)) || (with_entry && matches!(e, StoreError::Conflict(_)))
 }
 
 /// Every event of a change is of its ticket.
@@ -659,24 +718,65 @@ const PHYSICAL_PARTITION_RU: u64 = 10_000;
 #[cfg(feature = "cosmos-emulator")]
 const THROTTLED_RETRY_AFTER_MS: u32 = 25;
 
-/// A rule answering `percent` of the records container's transactional batches
-/// as the service answers one past its partition's throughput: 429, sub-status
-/// 3200 (request rate too large), with a retry-after, and nothing applied.
+/// The SDK's fault-injection rules for what `emulation` asks of the account.
 #[cfg(feature = "cosmos-emulator")]
-fn throttled_batches(percent: u8) -> Arc<azure_data_cosmos_driver::fault_injection::FaultInjectionRule> {
+fn faults(emulation: crate::config::Emulation) -> Vec<Arc<azure_data_cosmos_driver::fault_injection::FaultInjectionRule>> {
+    use azure_data_cosmos_driver::fault_injection::{FaultInjectionErrorType, FaultInjectionResultBuilder, FaultOperationType};
+    let mut rules = Vec::new();
+    if emulation.throttled_batches_percent > 0 {
+        rules.push(records_fault("throttled-batches", FaultOperationType::BatchItem, throttled(emulation.throttled_batches_percent)));
+    }
+    if emulation.lost_answers_percent > 0 {
+        let writes = [
+            FaultOperationType::BatchItem,
+            FaultOperationType::CreateItem,
+            FaultOperationType::ReplaceItem,
+            FaultOperationType::UpsertItem,
+            FaultOperationType::DeleteItem,
+            FaultOperationType::PatchItem,
+        ];
+        for write in writes {
+            // Applied by the service, its answer then lost: the SDK reports a response timeout.
+            let lost = FaultInjectionResultBuilder::new()
+                .with_error(FaultInjectionErrorType::ResponseTimeoutAfterService)
+                .with_probability(share(emulation.lost_answers_percent))
+                .build();
+            rules.push(records_fault("lost-answers", write, lost));
+        }
+    }
+    rules
+}
+
+#[cfg(feature = "cosmos-emulator")]
+fn share(percent: u8) -> f32 {
+    f32::from(percent) / 100.0
+}
+
+/// A fault on one kind of request to the records container.
+#[cfg(feature = "cosmos-emulator")]
+fn records_fault(
+    name: &str,
+    operation: azure_data_cosmos_driver::fault_injection::FaultOperationType,
+    result: azure_data_cosmos_driver::fault_injection::FaultInjectionResult,
+) -> Arc<azure_data_cosmos_driver::fault_injection::FaultInjectionRule> {
+    use azure_data_cosmos_driver::fault_injection::{FaultInjectionConditionBuilder, FaultInjectionRuleBuilder};
+    let condition = FaultInjectionConditionBuilder::new().with_operation_type(operation).with_container_id(RECORDS).build();
+    Arc::new(FaultInjectionRuleBuilder::new(format!("{name}-{}", operation.as_str()), result).with_condition(condition).build())
+}
+
+/// `percent` of requests answered as the service answers one past its partition's
+/// throughput: 429, sub-status 3200 (request rate too large), a retry-after, nothing applied.
+#[cfg(feature = "cosmos-emulator")]
+fn throttled(percent: u8) -> azure_data_cosmos_driver::fault_injection::FaultInjectionResult {
     use azure_core::http::StatusCode;
-    use azure_data_cosmos_driver::fault_injection::{
-        CustomResponseBuilder, FaultInjectionConditionBuilder, FaultInjectionResultBuilder, FaultInjectionRuleBuilder, FaultOperationType,
-    };
+    use azure_data_cosmos_driver::fault_injection::{CustomResponseBuilder, FaultInjectionResultBuilder};
     let answer = CustomResponseBuilder::new(StatusCode::TooManyRequests)
         .with_sub_status(3200)
         .with_header("x-ms-retry-after-ms", THROTTLED_RETRY_AFTER_MS.to_string())
         .with_header("x-ms-request-charge", "0")
         .with_body(br#"{"code":"TooManyRequests","message":"Request rate is large. Please retry after sometime."}"#.to_vec())
         .build();
-    let result = FaultInjectionResultBuilder::new().with_custom_response(answer).with_probability(f32::from(percent) / 100.0).build();
-    let condition = FaultInjectionConditionBuilder::new().with_operation_type(FaultOperationType::BatchItem).with_container_id(RECORDS).build();
-    Arc::new(FaultInjectionRuleBuilder::new("throttled-transactional-batches", result).with_condition(condition).build())
+    FaultInjectionResultBuilder::new().with_custom_response(answer).with_probability(share(percent)).build()
 }
 
 /// What the SDK's emulator would charge for a write sent on its own: its own
@@ -874,7 +974,14 @@ impl Store for CosmosStore {
             let what = format!("events of ticket {}/{}", group[0].batch_id, group[0].ticket_id);
             let doc = appended(&group)?;
             let created = self.records.create_item(doc.pk.clone(), &doc.id, &doc, None);
-            self.metered(RECORDS, "create", &doc.pk, created).await.map_err(|e| map_err(&what, e))?;
+            match self.metered(RECORDS, "create", &doc.pk, created).await {
+                Ok(_) => {}
+                // The entry's id is its own: there, it is this append, whose answer was lost.
+                Err(e) => match self.read_doc::<serde::de::IgnoredAny>(RECORDS, &doc.pk, &doc.id).await {
+                    Ok(Some(_)) => self.found_landed(&what),
+                    _ => return Err(map_err(&what, e)),
+                },
+            }
         }
         Ok(())
     }

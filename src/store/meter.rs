@@ -50,6 +50,7 @@ impl PartitionLoad {
 struct Tally {
     requests: u64,
     throttled: u64,
+    unanswered: u64,
     total: f64,
     by_operation: BTreeMap<String, f64>,
     by_step: BTreeMap<&'static str, f64>,
@@ -68,6 +69,9 @@ pub struct Charges {
     pub requests: u64,
     /// Attempts answered 429 (each retried by the SDK or by a later delivery).
     pub throttled: u64,
+    /// Writes whose answer never came, found landed when read back.
+    #[serde(default)]
+    pub unanswered: u64,
     pub total_ru: f64,
     /// `{container} {operation}` → RU.
     pub by_operation: BTreeMap<String, f64>,
@@ -111,6 +115,11 @@ impl Meter {
         self.tally.lock().unwrap_or_else(|p| p.into_inner()).throttled += n;
     }
 
+    /// Counts a write whose answer never came and that was found landed.
+    pub fn unanswered(&self) {
+        self.tally.lock().unwrap_or_else(|p| p.into_inner()).unanswered += 1;
+    }
+
     pub fn charges(&self) -> Charges {
         let t = self.tally.lock().unwrap_or_else(|p| p.into_inner());
         let hottest = t.partitions.iter().max_by(|a, b| a.1.peak.total_cmp(&b.1.peak));
@@ -118,6 +127,7 @@ impl Meter {
         Charges {
             requests: t.requests,
             throttled: t.throttled,
+            unanswered: t.unanswered,
             total_ru: t.total,
             by_operation: t.by_operation.clone(),
             by_step: t.by_step.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),

@@ -212,6 +212,20 @@ impl Endpoints {
         r.json::<Value>().unwrap()["batch_id"].as_str().unwrap().to_owned()
     }
 
+    /// [`Self::submit`] as a client does when the store is unreliable: with an
+    /// Idempotency-Key, sent again with it while the API answers 503.
+    pub fn submit_retrying(&self, tickets: usize, budget: &str) -> String {
+        let (body, key) = (batch_json("ops", tickets, budget), format!("upload-{}", std::process::id()));
+        poll("the upload to be accepted", Duration::from_secs(60), || {
+            let r = self.upload_json(&body, Some(&key));
+            match r.status().as_u16() {
+                200 | 202 => Some(r.json::<Value>().unwrap()["batch_id"].as_str().unwrap().to_owned()),
+                503 => None,
+                other => panic!("upload answered {other}: {}", r.text().unwrap_or_default()),
+            }
+        })
+    }
+
     pub fn status(&self, batch_id: &str) -> Value {
         self.get(&format!("/api/batches/{batch_id}"))
     }
@@ -443,8 +457,9 @@ pub fn outcomes_scenario(dir: &Path, outcomes: &str, extra: &str) -> String {
     path.to_str().unwrap().to_owned()
 }
 
-/// Every request a provider received is in its ticket's audit trail, and every
-/// exchange recorded as answered was received: `Err` says what is missing.
+/// Every request a provider received is in its ticket's audit trail, once,
+/// and every exchange recorded as answered was received: `Err` says what is
+/// missing or recorded twice.
 pub fn audit_gaps(stack: &Stack, batches: &[String], providers: &str) -> Result<(), String> {
     let tickets: Vec<Value> = batches
         .iter()
@@ -467,7 +482,9 @@ pub fn audit_gaps(stack: &Stack, batches: &[String], providers: &str) -> Result<
             if e["response"].is_object() {
                 assert!(received.contains(id), "recorded as answered but never received: {e}");
             }
-            recorded.insert(id.to_owned());
+            if !recorded.insert(id.to_owned()) {
+                return Err(format!("request {id} is in the audit trail twice: {e}"));
+            }
         }
     }
     let missing: Vec<_> = received.difference(&recorded).collect();

@@ -118,8 +118,10 @@ fn transactional_batches_answered_429_are_waited_out_and_every_promise_holds() {
 /// A network can lose the answer to a write the service applied. With one in
 /// twenty answers to the records container's writes lost (the SDK's fault
 /// injection reports a response timeout after the emulator applied the write):
-/// each ticket ends as its providers decide, nothing is charged twice, and
-/// every request a provider received is in its ticket's audit trail, once.
+/// each ticket ends as its providers decide, nothing is charged twice, every
+/// request a provider received is in its ticket's audit trail, once, and no
+/// provider was asked what an earlier try did: no lost answer left a ticket
+/// claimed by a run that thought its claim had failed.
 #[test]
 fn writes_whose_answers_are_lost_change_no_outcome_and_record_each_exchange_once() {
     let data = tempfile::tempdir().unwrap();
@@ -132,4 +134,9 @@ fn writes_whose_answers_are_lost_change_no_outcome_and_record_each_exchange_once
     audit_gaps(&stack, std::slice::from_ref(&batch), &stack.providers_url).unwrap();
     let charges: Value = serde_json::from_slice(&std::fs::read(data.path().join(CHARGES_FILE)).unwrap()).unwrap();
     assert!(charges["unanswered"].as_u64().is_some_and(|n| n > 10), "writes whose answers were lost were found landed: {charges}");
+    for t in stack.all_tickets(&batch) {
+        let full = stack.get(&format!("/api/batches/{batch}/tickets/{}", t["ticket_id"].as_str().unwrap()));
+        let asked = full["timeline"].as_array().unwrap().iter().find(|e| e["type"] == "exchange" && e["operation"] == "status");
+        assert!(asked.is_none(), "a provider was asked what an earlier try did: {asked:?}");
+    }
 }

@@ -79,16 +79,16 @@ pub enum StoreChoice {
 pub struct EmulatorFlags {
     /// With --store cosmos-emulator: each container's provisioned throughput, in RU/s
     /// (at least 400); past it the emulator answers 429. Default: unlimited.
-    #[arg(long = "cosmos-ru-per-s")]
+    #[arg(long = "cosmos-ru-per-s", value_name = "RU")]
     pub ru_per_second: Option<u64>,
     /// With --store cosmos-emulator: of every hundred transactional batches, how many
     /// (0 to 75) are answered 429 before they reach the emulator, which never holds
     /// them to the throughput itself. Default: none.
-    #[arg(long = "cosmos-throttled-batches")]
+    #[arg(long = "cosmos-throttled-batches", value_name = "PERCENT")]
     pub throttled_batches: Option<u8>,
     /// With --store cosmos-emulator: of every hundred writes, how many (0 to 25) are
     /// applied but their answer lost on the way back. Default: none.
-    #[arg(long = "cosmos-lost-answers")]
+    #[arg(long = "cosmos-lost-answers", value_name = "PERCENT")]
     pub lost_answers: Option<u8>,
 }
 

@@ -246,9 +246,11 @@ fn load_store(s: &Settings<'_>) -> Result<StoreConfig, SettingError> {
                     }
                 },
             };
-            let throttled = percent_setting(s, EMULATOR_THROTTLED_BATCHES, MAX_THROTTLED_BATCHES_PERCENT)?;
-            let lost = percent_setting(s, EMULATOR_LOST_ANSWERS, MAX_LOST_ANSWERS_PERCENT)?;
-            let emulation = Emulation::new(ru_per_second, throttled, lost).map_err(|e| setting_error(EMULATOR_THROUGHPUT, e))?;
+            let emulation = Emulation {
+                ru_per_second,
+                throttled_batches_percent: percent_setting(s, EMULATOR_THROTTLED_BATCHES, MAX_THROTTLED_BATCHES_PERCENT)?.unwrap_or(0),
+                lost_answers_percent: percent_setting(s, EMULATOR_LOST_ANSWERS, MAX_LOST_ANSWERS_PERCENT)?.unwrap_or(0),
+            };
             Ok(StoreConfig::CosmosEmulator { emulation, charges: dir.join(CHARGES_FILE) })
         }
         Some(other) => Err(setting_error(STORE, format!("`{other}` is not a store: embedded or cosmos-emulator"))),

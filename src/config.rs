@@ -217,8 +217,8 @@ pub const EMULATOR_THROTTLED_BATCHES: &str = "TICKETPAY_COSMOS_EMULATOR_THROTTLE
 pub const MAX_THROTTLED_BATCHES_PERCENT: u8 = 75;
 /// `TICKETPAY_COSMOS_EMULATOR_LOST_ANSWERS`: of every hundred writes, how many are applied but their answer lost.
 pub const EMULATOR_LOST_ANSWERS: &str = "TICKETPAY_COSMOS_EMULATOR_LOST_ANSWERS";
-/// The most answers in a hundred that may be lost: a stage that writes five times
-/// must still get through most of the time.
+/// The most answers in a hundred that may be lost: at a quarter every kind of
+/// write loses answers many times a run, and a run still ends in seconds.
 pub const MAX_LOST_ANSWERS_PERCENT: u8 = 25;
 /// The file in the data folder where an emulated store's charges are written.
 pub const CHARGES_FILE: &str = "store-charges.json";

@@ -70,7 +70,7 @@ pub enum StoreChoice {
     #[default]
     Embedded,
     /// The Cosmos store code on the SDK's in-memory emulator, in the handler's process,
-    /// behaving as `--cosmos-ru-per-s` and `--cosmos-throttled-batches` say.
+    /// behaving as the `--cosmos-*` flags say.
     CosmosEmulator(Emulation),
 }
 

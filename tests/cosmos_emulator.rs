@@ -94,6 +94,24 @@ fn assert_each_ticket_ends_as_its_providers_decide(stack: &Stack, batch: &str) {
     }
 }
 
+/// 150 tickets through the stack on the emulated store with `faults`: every
+/// promise of a completed batch holds, each ticket ends as its providers
+/// decide, and every request a provider received is in its trail, once. The
+/// stack (and its data folder, kept while it runs), the batch and what the
+/// store counted.
+fn a_batch_ends_as_its_providers_decide_despite(faults: &[&str]) -> (tempfile::TempDir, Stack, String, Value) {
+    let data = tempfile::tempdir().unwrap();
+    let args: Vec<&str> = ["--store", "cosmos-emulator"].into_iter().chain(faults.iter().copied()).collect();
+    let stack = Stack::start(StackOptions { scenario: "zero-latency", providers_url: None, data: data.path(), env: &[], extra_args: &args });
+    let batch = stack.submit_retrying(150, "1000000.00");
+    let status = stack.wait_complete(&batch, Duration::from_secs(300));
+    assert_batch_invariants(&status, &stats(&stack.providers_url), 150);
+    assert_each_ticket_ends_as_its_providers_decide(&stack, &batch);
+    audit_gaps(&stack, std::slice::from_ref(&batch), &stack.providers_url).unwrap();
+    let charges = serde_json::from_slice(&std::fs::read(data.path().join(CHARGES_FILE)).unwrap()).unwrap();
+    (data, stack, batch, charges)
+}
+
 /// The service answers a transactional batch past its partition's throughput
 /// with 429 and applies none of it; the emulator never does, so here the SDK's
 /// fault injection answers half of them so. Most writes of a ticket are
@@ -103,15 +121,7 @@ fn assert_each_ticket_ends_as_its_providers_decide(stack: &Stack, batch: &str) {
 /// ticket's audit trail.
 #[test]
 fn transactional_batches_answered_429_are_waited_out_and_every_promise_holds() {
-    let data = tempfile::tempdir().unwrap();
-    let args = ["--store", "cosmos-emulator", "--cosmos-throttled-batches", "50"];
-    let stack = Stack::start(StackOptions { scenario: "zero-latency", providers_url: None, data: data.path(), env: &[], extra_args: &args });
-    let batch = stack.submit(150, "1000000.00");
-    let status = stack.wait_complete(&batch, Duration::from_secs(300));
-    assert_batch_invariants(&status, &stats(&stack.providers_url), 150);
-    assert_each_ticket_ends_as_its_providers_decide(&stack, &batch);
-    audit_gaps(&stack, std::slice::from_ref(&batch), &stack.providers_url).unwrap();
-    let charges: Value = serde_json::from_slice(&std::fs::read(data.path().join(CHARGES_FILE)).unwrap()).unwrap();
+    let (_data, _stack, _batch, charges) = a_batch_ends_as_its_providers_decide_despite(&["--cosmos-throttled-batches", "50"]);
     assert!(charges["throttled"].as_u64().is_some_and(|n| n > 100), "about half the batches were answered 429: {charges}");
 }
 
@@ -124,15 +134,7 @@ fn transactional_batches_answered_429_are_waited_out_and_every_promise_holds() {
 /// claimed by a run that thought its claim had failed.
 #[test]
 fn writes_whose_answers_are_lost_change_no_outcome_and_record_each_exchange_once() {
-    let data = tempfile::tempdir().unwrap();
-    let args = ["--store", "cosmos-emulator", "--cosmos-lost-answers", "5"];
-    let stack = Stack::start(StackOptions { scenario: "zero-latency", providers_url: None, data: data.path(), env: &[], extra_args: &args });
-    let batch = stack.submit_retrying(150, "1000000.00");
-    let status = stack.wait_complete(&batch, Duration::from_secs(300));
-    assert_batch_invariants(&status, &stats(&stack.providers_url), 150);
-    assert_each_ticket_ends_as_its_providers_decide(&stack, &batch);
-    audit_gaps(&stack, std::slice::from_ref(&batch), &stack.providers_url).unwrap();
-    let charges: Value = serde_json::from_slice(&std::fs::read(data.path().join(CHARGES_FILE)).unwrap()).unwrap();
+    let (_data, stack, batch, charges) = a_batch_ends_as_its_providers_decide_despite(&["--cosmos-lost-answers", "5"]);
     assert!(charges["unanswered"].as_u64().is_some_and(|n| n > 10), "writes whose answers were lost were found landed: {charges}");
     for t in stack.all_tickets(&batch) {
         let full = stack.get(&format!("/api/batches/{batch}/tickets/{}", t["ticket_id"].as_str().unwrap()));

@@ -52,10 +52,8 @@ fn a_batch_runs_through_every_stage_on_the_cosmos_store_and_the_bench_says_what_
     assert_eq!(report["store_unanswered"], 0, "no answer lost: {report}");
 }
 
-/// The emulator enforces a container's throughput on single-document writes (its
-/// transactional batches, reads and queries go unmetered against the cap): two
-/// hundred payment claims at once against 400 RU/s are answered 429, waited out,
-/// and every one of them lands.
+/// Two hundred payment claims at once against a container provisioned at 400
+/// RU/s are answered 429, waited out, and every one of them lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_past_the_emulators_throughput_are_refused_429_waited_out_and_all_land() {
     let store = CosmosStore::emulated(Emulation { ru_per_second: Some(400), ..Emulation::default() }).await.unwrap();
@@ -94,12 +92,21 @@ fn assert_each_ticket_ends_as_its_providers_decide(stack: &Stack, batch: &str) {
     }
 }
 
+/// A batch paid on the emulated store, and what the store counted.
+struct Run {
+    /// The stack's data folder, kept while it runs.
+    _data: tempfile::TempDir,
+    stack: Stack,
+    batch: String,
+    /// The batch's status once complete.
+    status: Value,
+    charges: Value,
+}
+
 /// 150 tickets through the stack on the emulated store with `faults`: every
 /// promise of a completed batch holds, each ticket ends as its providers
-/// decide, and every request a provider received is in its trail, once. The
-/// stack (and its data folder, kept while it runs), the batch and what the
-/// store counted.
-fn a_batch_ends_as_its_providers_decide_despite(faults: &[&str]) -> (tempfile::TempDir, Stack, String, Value) {
+/// decide, and every request a provider received is in its trail, once.
+fn a_batch_ends_as_its_providers_decide_despite(faults: &[&str]) -> Run {
     let data = tempfile::tempdir().unwrap();
     let args: Vec<&str> = ["--store", "cosmos-emulator"].into_iter().chain(faults.iter().copied()).collect();
     let stack = Stack::start(StackOptions { scenario: "zero-latency", providers_url: None, data: data.path(), env: &[], extra_args: &args });
@@ -109,7 +116,7 @@ fn a_batch_ends_as_its_providers_decide_despite(faults: &[&str]) -> (tempfile::T
     assert_each_ticket_ends_as_its_providers_decide(&stack, &batch);
     audit_gaps(&stack, std::slice::from_ref(&batch), &stack.providers_url).unwrap();
     let charges = serde_json::from_slice(&std::fs::read(data.path().join(CHARGES_FILE)).unwrap()).unwrap();
-    (data, stack, batch, charges)
+    Run { _data: data, stack, batch, status, charges }
 }
 
 /// The service answers a transactional batch past its partition's throughput
@@ -121,7 +128,7 @@ fn a_batch_ends_as_its_providers_decide_despite(faults: &[&str]) -> (tempfile::T
 /// ticket's audit trail.
 #[test]
 fn transactional_batches_answered_429_are_waited_out_and_every_promise_holds() {
-    let (_data, _stack, _batch, charges) = a_batch_ends_as_its_providers_decide_despite(&["--cosmos-throttled-batches", "50"]);
+    let Run { charges, .. } = a_batch_ends_as_its_providers_decide_despite(&["--cosmos-throttled-batches", "50"]);
     assert!(charges["throttled"].as_u64().is_some_and(|n| n > 100), "about half the batches were answered 429: {charges}");
 }
 
@@ -134,11 +141,29 @@ fn transactional_batches_answered_429_are_waited_out_and_every_promise_holds() {
 /// claimed by a run that thought its claim had failed.
 #[test]
 fn writes_whose_answers_are_lost_change_no_outcome_and_record_each_exchange_once() {
-    let (_data, stack, batch, charges) = a_batch_ends_as_its_providers_decide_despite(&["--cosmos-lost-answers", "5"]);
+    let Run { stack, batch, charges, .. } = a_batch_ends_as_its_providers_decide_despite(&["--cosmos-lost-answers", "5"]);
     assert!(charges["unanswered"].as_u64().is_some_and(|n| n > 10), "writes whose answers were lost were found landed: {charges}");
     for t in stack.all_tickets(&batch) {
         let full = stack.get(&format!("/api/batches/{batch}/tickets/{}", t["ticket_id"].as_str().unwrap()));
         let asked = full["timeline"].as_array().unwrap().iter().find(|e| e["type"] == "exchange" && e["operation"] == "status");
         assert!(asked.is_none(), "a provider was asked what an earlier try did: {asked:?}");
     }
+}
+
+/// A container provisioned at 1,000 RU/s is charged for every request, as in
+/// Azure: transactional batches, reads and queries as well as single writes.
+/// Past its rate they are answered 429 and waited out. Every promise holds, and
+/// the batch took as long as its request units at that rate need: the cap held.
+#[test]
+fn a_batch_on_a_capped_container_keeps_every_promise_and_takes_the_time_the_cap_allows() {
+    const CAP: f64 = 1000.0;
+    let Run { status, charges, .. } = a_batch_ends_as_its_providers_decide_despite(&["--cosmos-ru-per-s", "1000"]);
+    assert!(charges["throttled"].as_u64().is_some_and(|n| n > 0), "the cap was reached: {charges}");
+    let records: f64 = charges["by_operation"].as_object().unwrap().iter().filter(|(k, _)| k.starts_with("records ")).filter_map(|(_, ru)| ru.as_f64()).sum();
+    let time = |field: &str| chrono::DateTime::parse_from_rfc3339(status[field].as_str().unwrap()).unwrap();
+    let took = (time("completed_at") - time("created_at")).as_seconds_f64();
+    // The container may take one second's worth at once, then its rate; the
+    // status polls around the batch are counted too.
+    let least = 0.9 * records / CAP - 1.0;
+    assert!(took >= least, "{records:.0} RU at {CAP} RU/s take at least {least:.1} s; the batch took {took:.1} s");
 }

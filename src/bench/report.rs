@@ -12,6 +12,7 @@ use super::floor::Floor;
 use crate::domain::{Currency, Money, Status};
 use crate::host::StoreChoice;
 use crate::providers::simulator::Scenario;
+use crate::store::cosmos::RECORDS;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -55,6 +56,8 @@ pub struct Report {
     pub ru_per_ticket_by_stage: Option<BTreeMap<String, f64>>,
     /// The most request units one logical partition took in one second.
     pub hottest_partition_peak_ru_per_s: Option<f64>,
+    /// The most request units the records container took in one second.
+    pub records_peak_ru_per_s: Option<f64>,
     /// Store requests answered 429 (retried).
     pub store_throttled: Option<u64>,
     /// Store writes whose answer was lost, found landed.
@@ -110,6 +113,7 @@ impl Report {
             ru_per_ticket: run.charges.as_ref().map(|c| round(c.total_ru / n, 1)),
             ru_per_ticket_by_stage: run.charges.as_ref().map(|c| c.by_step.iter().map(|(k, v)| (k.clone(), round(v / n, 1))).collect()),
             hottest_partition_peak_ru_per_s: run.charges.as_ref().map(|c| round(c.hottest_partition_peak_ru_per_s, 1)),
+            records_peak_ru_per_s: run.charges.as_ref().and_then(|c| c.container_peak_ru_per_s.get(RECORDS)).map(|p| round(*p, 1)),
             store_throttled: run.charges.as_ref().map(|c| c.throttled),
             store_unanswered: run.charges.as_ref().map(|c| c.unanswered),
             providers: run.stats.clone(),
@@ -165,9 +169,10 @@ impl Report {
             let stages: Vec<String> = by_stage.iter().map(|(s, r)| format!("{s} {r:.1}")).collect();
             let _ = writeln!(
                 out,
-                "store {}: {ru:.1} RU per ticket ({}) · hottest partition {peak:.0} RU/s at its peak · {} requests throttled · {} answers lost, found landed",
+                "store {}: {ru:.1} RU per ticket ({}) · hottest partition {peak:.0} RU/s at its peak · records container {:.0} RU/s at its peak · {} requests throttled · {} answers lost, found landed",
                 self.store,
                 stages.join(", "),
+                self.records_peak_ru_per_s.unwrap_or(0.0),
                 self.store_throttled.unwrap_or(0),
                 self.store_unanswered.unwrap_or(0)
             );

@@ -71,7 +71,13 @@ pub struct CosmosStore {
     meter: Arc<Meter>,
     /// Prices the writes of transactional batches, for an account whose answers do not (the emulator).
     pricer: Option<Pricer>,
+    /// Told what each request to a container cost, for an account that does not hold
+    /// all of them to its throughput itself (the emulator).
+    spent: Option<Spent>,
 }
+
+/// Hears what a request to a container (named) cost, in RU.
+type Spent = Arc<dyn Fn(&'static str, f64) + Send + Sync>;
 
 static LAST_SEQ: AtomicI64 = AtomicI64::new(0);
 
@@ -152,7 +158,7 @@ impl CosmosStore {
         let db = client.database_client(database.to_owned());
         let records = db.container_client(RECORDS, None).await.map_err(|e| map_err(format!("container {RECORDS}"), e))?;
         let keys = db.container_client(IDEMPOTENCY, None).await.map_err(|e| map_err(format!("container {IDEMPOTENCY}"), e))?;
-        Ok(CosmosStore { records, keys, meter: Arc::default(), pricer: None })
+        Ok(CosmosStore { records, keys, meter: Arc::default(), pricer: None, spent: None })
     }
 
     /// The store on an account reached with Entra ID (the caller picks the
@@ -249,6 +255,9 @@ impl CosmosStore {
         let ru = priced.unwrap_or_else(|| f64::from(d.total_request_charge()));
         let throttled = d.requests().iter().filter(|r| r.status().is_throttled()).count() as u64;
         self.meter.charge(container, operation, partition, ru, throttled);
+        if let Some(spent) = &self.spent {
+            spent(container, ru);
+        }
         span.record("azure.cosmosdb.operation.request_charge", ru);
         span.record("throttled", throttled);
     }

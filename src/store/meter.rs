@@ -54,6 +54,7 @@ struct Tally {
     total: f64,
     by_operation: BTreeMap<String, f64>,
     by_step: BTreeMap<&'static str, f64>,
+    containers: HashMap<String, PartitionLoad>,
     partitions: HashMap<String, PartitionLoad>,
 }
 
@@ -77,6 +78,9 @@ pub struct Charges {
     pub by_operation: BTreeMap<String, f64>,
     /// Stage (or `api`, `sweep`) → RU.
     pub by_step: BTreeMap<String, f64>,
+    /// Container → the most it took in one second (what its provisioned throughput must cover).
+    #[serde(default)]
+    pub container_peak_ru_per_s: BTreeMap<String, f64>,
     /// The logical partition that took the most in one second, and that most.
     pub hottest_partition: Option<String>,
     pub hottest_partition_peak_ru_per_s: f64,
@@ -99,14 +103,8 @@ impl Meter {
         t.total += ru;
         *t.by_operation.entry(format!("{container} {operation}")).or_default() += ru;
         *t.by_step.entry(step).or_default() += ru;
-        match t.partitions.get_mut(partition) {
-            Some(load) => load.add(second, ru),
-            None => {
-                let mut load = PartitionLoad::default();
-                load.add(second, ru);
-                t.partitions.insert(partition.to_owned(), load);
-            }
-        }
+        load(&mut t.containers, container).add(second, ru);
+        load(&mut t.partitions, partition).add(second, ru);
     }
 
     /// Counts `n` refusals for throughput that no single request's answer showed
@@ -131,12 +129,20 @@ impl Meter {
             total_ru: t.total,
             by_operation: t.by_operation.clone(),
             by_step: t.by_step.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            container_peak_ru_per_s: t.containers.iter().map(|(k, l)| (k.clone(), l.peak)).collect(),
             hottest_partition: hottest.map(|(k, _)| k.clone()),
             hottest_partition_peak_ru_per_s: hottest.map_or(0.0, |(_, l)| l.peak),
             heaviest_partition: heaviest.map(|(k, _)| k.clone()),
             heaviest_partition_ru: heaviest.map_or(0.0, |(_, l)| l.total),
         }
     }
+}
+
+fn load<'a>(loads: &'a mut HashMap<String, PartitionLoad>, key: &str) -> &'a mut PartitionLoad {
+    if !loads.contains_key(key) {
+        loads.insert(key.to_owned(), PartitionLoad::default());
+    }
+    loads.get_mut(key).expect("inserted above")
 }
 
 fn unix_second() -> u64 {
@@ -165,6 +171,7 @@ mod tests {
         assert_eq!(c.by_operation["batches read"], 31.0);
         assert_eq!(c.by_step["reserve"], 26.0);
         assert_eq!(c.by_step["other"], 50.0);
+        assert_eq!(c.container_peak_ru_per_s["batches"], 30.0, "26 in second 100, 20 in 101, 30 in 102");
         assert_eq!((c.hottest_partition.as_deref(), c.hottest_partition_peak_ru_per_s), (Some("b-2"), 30.0));
         assert_eq!((c.heaviest_partition.as_deref(), c.heaviest_partition_ru), (Some("b-1"), 45.0));
     }

@@ -2,7 +2,8 @@
 //! `cosmos-emulator` feature): the account it stands for, what its writes
 //! would cost, and the faults of a real account it is asked to show.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use azure_core::credentials::Secret;
 use azure_core::http::StatusCode;
@@ -54,7 +55,9 @@ impl CosmosStore {
             let pk = serde_json::from_value(serde_json::json!({"paths": [path], "kind": "Hash", "version": 2})).map_err(|e| unavailable(&e))?;
             emulator.store().create_container_with_config(DATABASE, name, pk, config);
         }
-        let faults = faults(emulation);
+        let provisioned = ru_per_second.map(Provisioned::new);
+        let mut faults = provisioned.as_ref().map(|p| p.refusals()).unwrap_or_default();
+        faults.extend(self::faults(emulation));
         let runtime = if faults.is_empty() { emulator.runtime_builder() } else { emulator.runtime_builder_with_fault_rules(faults) };
         let runtime = CosmosRuntimeBuilder::from(runtime).build().await.map_err(|e| unavailable(&e))?;
         let account = AccountReference::with_authentication_key(URL.parse().map_err(|e| unavailable(&e))?, Secret::new("bG9jYWw="));
@@ -64,7 +67,14 @@ impl CosmosStore {
             .await
             .map_err(|e| map_err("cosmos emulator", e))?;
         let store = Self::new(client, DATABASE).await?;
-        Ok(CosmosStore { pricer: Some(emulator_price), ..store })
+        let spent = provisioned.map(|p| -> super::Spent {
+            Arc::new(move |container, ru| {
+                if container == RECORDS {
+                    p.spend(ru);
+                }
+            })
+        });
+        Ok(CosmosStore { pricer: Some(emulator_price), spent, ..store })
     }
 }
 
@@ -76,13 +86,134 @@ const PHYSICAL_PARTITION_RU: u64 = 10_000;
 
 /// How long a throttled transactional batch is told to wait: as the service says
 /// when a partition's second is spent, a fraction of a second.
-const THROTTLED_RETRY_AFTER_MS: u32 = 25;
+const THROTTLED_RETRY_AFTER_MS: u64 = 25;
+
+/// The records container's provisioned throughput, held to as the service holds
+/// it. The emulator holds single-document writes to it, but not transactional
+/// batches, reads or queries, which are most of what the store asks. So every
+/// request's charge is also counted here, second by second: once a second's
+/// throughput is spent, every data request to the container is answered 429
+/// (sub-status 3200) by the SDK's fault rules before it reaches the emulator,
+/// told to retry once the container has throughput again. What a second's
+/// requests took past its throughput is taken from the next seconds', so the
+/// container never runs above its rate for long.
+///
+/// The count is the container's, not each physical partition's: the rules see a
+/// request's container, not its partition. Up to 10,000 RU/s, a container has one.
+struct Provisioned {
+    ru_per_second: f64,
+    spent: Mutex<Spent>,
+    /// One refusal per retry-after, shortest first; at most one enabled at a time.
+    refusals: Vec<(Duration, Vec<Arc<FaultInjectionRule>>)>,
+}
+
+struct Spent {
+    /// The start of the current second.
+    second: Instant,
+    /// Request units taken in it, with what earlier seconds took past theirs.
+    ru: f64,
+    /// Whether a refusal is enabled (and a task will lift it).
+    refusing: bool,
+}
+
+/// The retry-afters a throttled request may be told, in milliseconds: the
+/// shortest at or past the time the container has throughput again.
+const RETRY_AFTERS_MS: [u64; 13] = [10, 25, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000];
+
+/// The requests a container's throughput is charged for.
+const DATA_REQUESTS: [FaultOperationType; 8] = [
+    FaultOperationType::ReadItem,
+    FaultOperationType::QueryItem,
+    FaultOperationType::CreateItem,
+    FaultOperationType::UpsertItem,
+    FaultOperationType::ReplaceItem,
+    FaultOperationType::DeleteItem,
+    FaultOperationType::PatchItem,
+    FaultOperationType::BatchItem,
+];
+
+const SECOND: Duration = Duration::from_secs(1);
+
+impl Provisioned {
+    fn new(ru_per_second: u64) -> Arc<Provisioned> {
+        let refusals = RETRY_AFTERS_MS
+            .iter()
+            .map(|&ms| {
+                let rules = DATA_REQUESTS.iter().map(|&op| records_fault(&format!("over-throughput-{ms}ms"), op, throttled(100, ms))).collect::<Vec<_>>();
+                rules.iter().for_each(|r| r.disable());
+                (Duration::from_millis(ms), rules)
+            })
+            .collect();
+        let spent = Mutex::new(Spent { second: Instant::now(), ru: 0.0, refusing: false });
+        Arc::new(Provisioned { ru_per_second: ru_per_second as f64, spent, refusals })
+    }
+
+    /// Every rule, for the SDK's fault injection. They go before any other, so
+    /// that a container out of throughput refuses first.
+    fn refusals(&self) -> Vec<Arc<FaultInjectionRule>> {
+        self.refusals.iter().flat_map(|(_, rules)| rules.iter().cloned()).collect()
+    }
+
+    /// Counts a request's charge, and starts refusing once the second's throughput is spent.
+    fn spend(self: &Arc<Self>, ru: f64) {
+        let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        self.roll(&mut spent, Instant::now());
+        spent.ru += ru;
+        if !spent.refusing && spent.ru >= self.ru_per_second {
+            spent.refusing = true;
+            let wait = self.refuse(&spent, Instant::now());
+            let gate = Arc::clone(self);
+            tokio::spawn(async move { gate.lift_after(wait).await });
+        }
+    }
+
+    /// Moves to the current second, each second past paying back its throughput.
+    fn roll(&self, spent: &mut Spent, now: Instant) {
+        let seconds = now.saturating_duration_since(spent.second).as_secs();
+        if seconds > 0 {
+            spent.ru = (spent.ru - seconds as f64 * self.ru_per_second).max(0.0);
+            spent.second += SECOND * u32::try_from(seconds).unwrap_or(u32::MAX);
+        }
+    }
+
+    /// Refuses with the retry-after that ends at or just past the second in
+    /// which the container has throughput again; the time until then.
+    fn refuse(&self, spent: &Spent, now: Instant) -> Duration {
+        let seconds_owed = (spent.ru / self.ru_per_second).floor();
+        let open_at = spent.second + SECOND.mul_f64(seconds_owed);
+        let wait = open_at.saturating_duration_since(now);
+        let chosen = self.refusals.iter().position(|(after, _)| *after >= wait).unwrap_or(self.refusals.len() - 1);
+        for (i, (_, rules)) in self.refusals.iter().enumerate() {
+            rules.iter().for_each(|r| if i == chosen { r.enable() } else { r.disable() });
+        }
+        wait
+    }
+
+    /// Lifts the refusal once the container has throughput again, moving it to
+    /// shorter retry-afters as that time comes nearer.
+    async fn lift_after(&self, mut wait: Duration) {
+        const RECHOOSE: Duration = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(wait.min(RECHOOSE).max(Duration::from_millis(1))).await;
+            let now = Instant::now();
+            let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
+            self.roll(&mut spent, now);
+            if spent.ru < self.ru_per_second {
+                spent.refusing = false;
+                self.refusals.iter().flat_map(|(_, rules)| rules).for_each(|r| r.disable());
+                return;
+            }
+            wait = self.refuse(&spent, now);
+        }
+    }
+}
 
 /// The SDK's fault-injection rules for what `emulation` asks of the account.
 fn faults(emulation: Emulation) -> Vec<Arc<FaultInjectionRule>> {
     let mut rules = Vec::new();
     if emulation.throttled_batches_percent > 0 {
-        rules.push(records_fault("throttled-batches", FaultOperationType::BatchItem, throttled(emulation.throttled_batches_percent)));
+        let throttled = throttled(emulation.throttled_batches_percent, THROTTLED_RETRY_AFTER_MS);
+        rules.push(records_fault("throttled-batches", FaultOperationType::BatchItem, throttled));
     }
     if emulation.lost_answers_percent > 0 {
         let writes = [
@@ -116,11 +247,12 @@ fn records_fault(name: &str, operation: FaultOperationType, result: FaultInjecti
 }
 
 /// `percent` of requests answered as the service answers one past its partition's
-/// throughput: 429, sub-status 3200 (request rate too large), a retry-after, nothing applied.
-fn throttled(percent: u8) -> FaultInjectionResult {
+/// throughput: 429, sub-status 3200 (request rate too large), retry after
+/// `retry_after_ms`, nothing applied.
+fn throttled(percent: u8, retry_after_ms: u64) -> FaultInjectionResult {
     let answer = CustomResponseBuilder::new(StatusCode::TooManyRequests)
         .with_sub_status(3200)
-        .with_header("x-ms-retry-after-ms", THROTTLED_RETRY_AFTER_MS.to_string())
+        .with_header("x-ms-retry-after-ms", retry_after_ms.to_string())
         .with_header("x-ms-request-charge", "0")
         .with_body(br#"{"code":"TooManyRequests","message":"Request rate is large. Please retry after sometime."}"#.to_vec())
         .build();
@@ -135,5 +267,31 @@ fn emulator_price(write: Write, size: usize, properties: usize) -> f64 {
     match write {
         Write::Create => model.compute_create_ru(size, properties),
         Write::Replace | Write::Delete => model.compute_replace_or_delete_ru(size, properties),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enabled(p: &Provisioned) -> Vec<Duration> {
+        p.refusals.iter().filter(|(_, rules)| rules.iter().all(|r| r.is_enabled())).map(|(after, _)| *after).collect()
+    }
+
+    #[test]
+    fn a_spent_second_refuses_until_the_container_has_throughput_again_and_what_it_overran_is_paid_back_after() {
+        let p = Provisioned::new(1000);
+        let start = Instant::now();
+        let mut spent = Spent { second: start, ru: 2500.0, refusing: true };
+        // 2,500 RU taken in the first second: the third second is the first with throughput left.
+        let wait = p.refuse(&spent, start + Duration::from_millis(300));
+        assert_eq!(wait, Duration::from_millis(1700));
+        assert_eq!(enabled(&p), [Duration::from_millis(1000)], "the longest retry-after, then shorter ones as the time comes");
+        p.roll(&mut spent, start + Duration::from_millis(1950));
+        assert_eq!((spent.ru, spent.second), (1500.0, start + SECOND));
+        assert_eq!(p.refuse(&spent, start + Duration::from_millis(1950)), Duration::from_millis(50));
+        assert_eq!(enabled(&p), [Duration::from_millis(50)]);
+        p.roll(&mut spent, start + Duration::from_millis(2001));
+        assert_eq!((spent.ru, spent.second), (500.0, start + 2 * SECOND), "half of this second's throughput went to the first");
     }
 }

@@ -55,7 +55,7 @@ fn a_batch_runs_through_every_stage_on_the_cosmos_store_and_the_bench_says_what_
 /// Two hundred payment claims at once against a container provisioned at 400
 /// RU/s are answered 429, waited out, and every one of them lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_past_the_emulators_throughput_are_refused_429_waited_out_and_all_land() {
+async fn writes_past_a_containers_throughput_are_refused_429_waited_out_and_all_land() {
     let store = CosmosStore::emulated(Emulation { ru_per_second: Some(400), ..Emulation::default() }).await.unwrap();
     let batch = BatchId::generate();
     let claims: Vec<PaymentClaim> = (0..200)

@@ -78,12 +78,13 @@ pub enum StoreChoice {
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct EmulatorFlags {
     /// With --store cosmos-emulator: each container's provisioned throughput, in RU/s
-    /// (at least 400); past it the emulator answers 429. Default: unlimited.
+    /// (at least 400), charged for every request; once a second's is spent, requests
+    /// are answered 429 until it is back. Default: unlimited.
     #[arg(long = "cosmos-ru-per-s", value_name = "RU")]
     pub ru_per_second: Option<u64>,
     /// With --store cosmos-emulator: of every hundred transactional batches, how many
-    /// (0 to 75) are answered 429 before they reach the emulator, which never holds
-    /// them to the throughput itself. Default: none.
+    /// (0 to 75) are answered 429 before they reach the emulator, whatever the
+    /// throughput. Default: none.
     #[arg(long = "cosmos-throttled-batches", value_name = "PERCENT")]
     pub throttled_batches: Option<u8>,
     /// With --store cosmos-emulator: of every hundred writes, how many (0 to 25) are

@@ -24,10 +24,9 @@ use crate::store::{Result, StoreError};
 impl CosmosStore {
     /// The store on the SDK's in-memory Cosmos emulator, in this process: a new, empty
     /// account with the database and both containers, charging request units by the
-    /// emulator's model and, given a throughput, answering 429 past it (as in Azure,
-    /// each of a container's physical partitions gets its share of it), with the
-    /// faults `emulation` names injected by the SDK (throttled transactional
-    /// batches, answers lost after the write applied).
+    /// emulator's model and, given a throughput, holding each container to it
+    /// ([`Provisioned`]), with the faults `emulation` names injected by the SDK
+    /// (throttled transactional batches, answers lost after the write applied).
     pub async fn emulated(emulation: Emulation) -> Result<CosmosStore> {
         const URL: &str = "https://local.emulator.local";
         const DATABASE: &str = "ticketpay";
@@ -35,28 +34,24 @@ impl CosmosStore {
         let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("cosmos emulator: {e}"));
         let regions = vec![VirtualRegion::new(REGION, URL.parse().map_err(|e| unavailable(&e))?)];
         let ru_per_second = emulation.ru_per_second;
-        let account = VirtualAccountConfig::new(regions).map_err(|e| unavailable(&e))?.with_throttling_enabled(ru_per_second.is_some());
+        let account = VirtualAccountConfig::new(regions).map_err(|e| unavailable(&e))?;
         let emulator = Arc::new(InMemoryEmulatorHttpClient::new(account));
         emulator.store().create_database(DATABASE);
         for (name, path) in CONTAINERS {
-            let partitions = match ru_per_second {
-                // As provisioned in Azure: each physical partition serves at most 10,000 RU/s.
-                Some(ru) => u32::try_from(ru.div_ceil(PHYSICAL_PARTITION_RU)).unwrap_or(u32::MAX).max(1),
-                // The emulator copies a physical partition's documents to run a transactional
-                // batch on it: unlimited, enough of them that a batch's ticket partitions rarely share one.
-                None if name == RECORDS => UNLIMITED_PARTITIONS,
-                None => 1,
-            };
+            // The emulator copies a physical partition's documents to run a transactional batch
+            // on it: enough of them that a batch's ticket partitions rarely share one.
+            let partitions = if name == RECORDS { EMULATED_PARTITIONS } else { 1 };
             let mut config = ContainerConfig::new().with_partition_count(partitions);
             if let Some(ru) = ru_per_second {
+                // The offer, as the account shows it; held to by `Provisioned`, not the emulator.
                 config = config.with_throughput(ru);
             }
             let config = config.build().map_err(|e| unavailable(&e))?;
             let pk = serde_json::from_value(serde_json::json!({"paths": [path], "kind": "Hash", "version": 2})).map_err(|e| unavailable(&e))?;
             emulator.store().create_container_with_config(DATABASE, name, pk, config);
         }
-        let provisioned = ru_per_second.map(Provisioned::new);
-        let mut faults = provisioned.as_ref().map(|p| p.refusals()).unwrap_or_default();
+        let provisioned: Vec<Arc<Provisioned>> = ru_per_second.map(|ru| CONTAINERS.iter().map(|(name, _)| Provisioned::new(name, ru)).collect()).unwrap_or_default();
+        let mut faults: Vec<_> = provisioned.iter().flat_map(|p| p.refusals()).collect();
         faults.extend(self::faults(emulation));
         let runtime = if faults.is_empty() { emulator.runtime_builder() } else { emulator.runtime_builder_with_fault_rules(faults) };
         let runtime = CosmosRuntimeBuilder::from(runtime).build().await.map_err(|e| unavailable(&e))?;
@@ -67,9 +62,9 @@ impl CosmosStore {
             .await
             .map_err(|e| map_err("cosmos emulator", e))?;
         let store = Self::new(client, DATABASE).await?;
-        let spent = provisioned.map(|p| -> super::Spent {
+        let spent = (!provisioned.is_empty()).then(|| -> super::Spent {
             Arc::new(move |container, ru| {
-                if container == RECORDS {
+                if let Some(p) = provisioned.iter().find(|p| p.container == container) {
                     p.spend(ru);
                 }
             })
@@ -78,29 +73,31 @@ impl CosmosStore {
     }
 }
 
-/// The physical partitions of the emulated records container when its throughput is not
-/// capped: as many as a cross-partition query may fan out to (the SDK refuses more than 100).
-const UNLIMITED_PARTITIONS: u32 = 100;
-/// The most one physical partition serves, in RU/s.
-const PHYSICAL_PARTITION_RU: u64 = 10_000;
+/// The physical partitions of the emulated records container: as many as a
+/// cross-partition query may fan out to (the SDK refuses more than 100).
+const EMULATED_PARTITIONS: u32 = 100;
 
 /// How long a throttled transactional batch is told to wait: as the service says
 /// when a partition's second is spent, a fraction of a second.
 const THROTTLED_RETRY_AFTER_MS: u64 = 25;
 
-/// The records container's provisioned throughput, held to as the service holds
-/// it. The emulator holds single-document writes to it, but not transactional
-/// batches, reads or queries, which are most of what the store asks. So every
-/// request's charge is also counted here, second by second: once a second's
+/// A container's provisioned throughput, held to as the service holds it: every
+/// request's charge counts against it, second by second. Once a second's
 /// throughput is spent, every data request to the container is answered 429
 /// (sub-status 3200) by the SDK's fault rules before it reaches the emulator,
 /// told to retry once the container has throughput again. What a second's
 /// requests took past its throughput is taken from the next seconds', so the
 /// container never runs above its rate for long.
 ///
-/// The count is the container's, not each physical partition's: the rules see a
-/// request's container, not its partition. Up to 10,000 RU/s, a container has one.
+/// The emulator's own enforcement (`with_throughput`) is not used for it: it
+/// counts single-document writes only, not the transactional batches, reads and
+/// queries that are most of what the store asks, and splits the throughput over
+/// the emulator's physical partitions, which it needs many of to run
+/// transactional batches fast. In Azure a container has one physical partition
+/// per 10,000 RU/s; this count is the whole container's, as one partition's is up
+/// to that.
 struct Provisioned {
+    container: &'static str,
     ru_per_second: f64,
     spent: Mutex<Spent>,
     /// One refusal per retry-after, shortest first; at most one enabled at a time.
@@ -135,17 +132,18 @@ const DATA_REQUESTS: [FaultOperationType; 8] = [
 const SECOND: Duration = Duration::from_secs(1);
 
 impl Provisioned {
-    fn new(ru_per_second: u64) -> Arc<Provisioned> {
+    fn new(container: &'static str, ru_per_second: u64) -> Arc<Provisioned> {
         let refusals = RETRY_AFTERS_MS
             .iter()
             .map(|&ms| {
-                let rules = DATA_REQUESTS.iter().map(|&op| records_fault(&format!("over-throughput-{ms}ms"), op, throttled(100, ms))).collect::<Vec<_>>();
+                let refuse = |op| fault(container, &format!("over-throughput-{ms}ms"), op, throttled(100, ms));
+                let rules = DATA_REQUESTS.iter().map(|&op| refuse(op)).collect::<Vec<_>>();
                 rules.iter().for_each(|r| r.disable());
                 (Duration::from_millis(ms), rules)
             })
             .collect();
         let spent = Mutex::new(Spent { second: Instant::now(), ru: 0.0, refusing: false });
-        Arc::new(Provisioned { ru_per_second: ru_per_second as f64, spent, refusals })
+        Arc::new(Provisioned { container, ru_per_second: ru_per_second as f64, spent, refusals })
     }
 
     /// Every rule, for the SDK's fault injection. They go before any other, so
@@ -242,8 +240,13 @@ fn share(percent: u8) -> f32 {
 
 /// A fault on one kind of request to the records container.
 fn records_fault(name: &str, operation: FaultOperationType, result: FaultInjectionResult) -> Arc<FaultInjectionRule> {
-    let condition = FaultInjectionConditionBuilder::new().with_operation_type(operation).with_container_id(RECORDS).build();
-    Arc::new(FaultInjectionRuleBuilder::new(format!("{name}-{}", operation.as_str()), result).with_condition(condition).build())
+    fault(RECORDS, name, operation, result)
+}
+
+/// A fault on one kind of request to `container`.
+fn fault(container: &str, name: &str, operation: FaultOperationType, result: FaultInjectionResult) -> Arc<FaultInjectionRule> {
+    let condition = FaultInjectionConditionBuilder::new().with_operation_type(operation).with_container_id(container).build();
+    Arc::new(FaultInjectionRuleBuilder::new(format!("{container}-{name}-{}", operation.as_str()), result).with_condition(condition).build())
 }
 
 /// `percent` of requests answered as the service answers one past its partition's
@@ -280,7 +283,7 @@ mod tests {
 
     #[test]
     fn a_spent_second_refuses_until_the_container_has_throughput_again_and_what_it_overran_is_paid_back_after() {
-        let p = Provisioned::new(1000);
+        let p = Provisioned::new(RECORDS, 1000);
         let start = Instant::now();
         let mut spent = Spent { second: start, ru: 2500.0, refusing: true };
         // 2,500 RU taken in the first second: the third second is the first with throughput left.

@@ -48,6 +48,16 @@ impl ApiClient {
         read(response).await
     }
 
+    /// A GET that may find the API unable to answer for now: `None` on 503 (try again).
+    pub async fn poll(&self, path: &str) -> Result<Option<Value>> {
+        let url = format!("{}{path}", self.base);
+        let response = self.request(reqwest::Method::GET, &url).send().await.with_context(|| format!("cannot reach {url}"))?;
+        if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            return Ok(None);
+        }
+        read(response).await.map(Some)
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value> {
         let url = format!("{}{path}", self.base);
         let response = self.request(reqwest::Method::POST, &url).json(body).send().await.with_context(|| format!("cannot reach {url}"))?;

@@ -188,12 +188,13 @@ fn batch_seconds(status: &Value, uploaded_at: chrono::DateTime<chrono::Utc>) -> 
 async fn wait_complete(api: &ApiClient, batch_id: &str, tickets: usize) -> Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(60 + tickets as u64);
     loop {
-        let status = api.get(&format!("/api/batches/{batch_id}")).await?;
-        if status["status"] == "completed" {
-            return Ok(status);
+        // A store out of throughput may leave the API unable to answer a poll; the next one asks again.
+        let status = api.poll(&format!("/api/batches/{batch_id}")).await?;
+        if let Some(status) = status.as_ref().filter(|s| s["status"] == "completed") {
+            return Ok(status.clone());
         }
         if Instant::now() > deadline {
-            bail!("batch {batch_id} did not complete in time: {status}");
+            bail!("batch {batch_id} did not complete in time: {}", status.unwrap_or_default());
         }
         tokio::time::sleep(POLL_EVERY).await;
     }

@@ -99,12 +99,12 @@ const THROTTLED_RETRY_AFTER_MS: u64 = 25;
 struct Provisioned {
     container: &'static str,
     ru_per_second: f64,
-    spent: Mutex<Spent>,
+    usage: Mutex<Usage>,
     /// One refusal per retry-after, shortest first; at most one enabled at a time.
     refusals: Vec<(Duration, Vec<Arc<FaultInjectionRule>>)>,
 }
 
-struct Spent {
+struct Usage {
     /// The start of the current second.
     second: Instant,
     /// Request units taken in it, with what earlier seconds took past theirs.
@@ -142,8 +142,8 @@ impl Provisioned {
                 (Duration::from_millis(ms), rules)
             })
             .collect();
-        let spent = Mutex::new(Spent { second: Instant::now(), ru: 0.0, refusing: false });
-        Arc::new(Provisioned { container, ru_per_second: ru_per_second as f64, spent, refusals })
+        let usage = Mutex::new(Usage { second: Instant::now(), ru: 0.0, refusing: false });
+        Arc::new(Provisioned { container, ru_per_second: ru_per_second as f64, usage, refusals })
     }
 
     /// Every rule, for the SDK's fault injection. They go before any other, so
@@ -152,33 +152,33 @@ impl Provisioned {
         self.refusals.iter().flat_map(|(_, rules)| rules.iter().cloned()).collect()
     }
 
-    /// Counts a request's charge, and starts refusing once the second's throughput is spent.
+    /// Counts a request's charge, and starts refusing once the second's throughput is usage.
     fn spend(self: &Arc<Self>, ru: f64) {
-        let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
-        self.roll(&mut spent, Instant::now());
-        spent.ru += ru;
-        if !spent.refusing && spent.ru >= self.ru_per_second {
-            spent.refusing = true;
-            let wait = self.refuse(&spent, Instant::now());
+        let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        self.roll(&mut usage, Instant::now());
+        usage.ru += ru;
+        if !usage.refusing && usage.ru >= self.ru_per_second {
+            usage.refusing = true;
+            let wait = self.refuse(&usage, Instant::now());
             let gate = Arc::clone(self);
             tokio::spawn(async move { gate.lift_after(wait).await });
         }
     }
 
     /// Moves to the current second, each second past paying back its throughput.
-    fn roll(&self, spent: &mut Spent, now: Instant) {
-        let seconds = now.saturating_duration_since(spent.second).as_secs();
+    fn roll(&self, usage: &mut Usage, now: Instant) {
+        let seconds = now.saturating_duration_since(usage.second).as_secs();
         if seconds > 0 {
-            spent.ru = (spent.ru - seconds as f64 * self.ru_per_second).max(0.0);
-            spent.second += SECOND * u32::try_from(seconds).unwrap_or(u32::MAX);
+            usage.ru = (usage.ru - seconds as f64 * self.ru_per_second).max(0.0);
+            usage.second += SECOND * u32::try_from(seconds).unwrap_or(u32::MAX);
         }
     }
 
     /// Refuses with the retry-after that ends at or just past the second in
     /// which the container has throughput again; the time until then.
-    fn refuse(&self, spent: &Spent, now: Instant) -> Duration {
-        let seconds_owed = (spent.ru / self.ru_per_second).floor();
-        let open_at = spent.second + SECOND.mul_f64(seconds_owed);
+    fn refuse(&self, usage: &Usage, now: Instant) -> Duration {
+        let seconds_owed = (usage.ru / self.ru_per_second).floor();
+        let open_at = usage.second + SECOND.mul_f64(seconds_owed);
         let wait = open_at.saturating_duration_since(now);
         let chosen = self.refusals.iter().position(|(after, _)| *after >= wait).unwrap_or(self.refusals.len() - 1);
         for (i, (_, rules)) in self.refusals.iter().enumerate() {
@@ -194,14 +194,14 @@ impl Provisioned {
         loop {
             tokio::time::sleep(wait.min(RECHOOSE).max(Duration::from_millis(1))).await;
             let now = Instant::now();
-            let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
-            self.roll(&mut spent, now);
-            if spent.ru < self.ru_per_second {
-                spent.refusing = false;
+            let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+            self.roll(&mut usage, now);
+            if usage.ru < self.ru_per_second {
+                usage.refusing = false;
                 self.refusals.iter().flat_map(|(_, rules)| rules).for_each(|r| r.disable());
                 return;
             }
-            wait = self.refuse(&spent, now);
+            wait = self.refuse(&usage, now);
         }
     }
 }
@@ -285,16 +285,16 @@ mod tests {
     fn a_spent_second_refuses_until_the_container_has_throughput_again_and_what_it_overran_is_paid_back_after() {
         let p = Provisioned::new(RECORDS, 1000);
         let start = Instant::now();
-        let mut spent = Spent { second: start, ru: 2500.0, refusing: true };
+        let mut usage = Usage { second: start, ru: 2500.0, refusing: true };
         // 2,500 RU taken in the first second: the third second is the first with throughput left.
-        let wait = p.refuse(&spent, start + Duration::from_millis(300));
+        let wait = p.refuse(&usage, start + Duration::from_millis(300));
         assert_eq!(wait, Duration::from_millis(1700));
         assert_eq!(enabled(&p), [Duration::from_millis(1000)], "the longest retry-after, then shorter ones as the time comes");
-        p.roll(&mut spent, start + Duration::from_millis(1950));
-        assert_eq!((spent.ru, spent.second), (1500.0, start + SECOND));
-        assert_eq!(p.refuse(&spent, start + Duration::from_millis(1950)), Duration::from_millis(50));
+        p.roll(&mut usage, start + Duration::from_millis(1950));
+        assert_eq!((usage.ru, usage.second), (1500.0, start + SECOND));
+        assert_eq!(p.refuse(&usage, start + Duration::from_millis(1950)), Duration::from_millis(50));
         assert_eq!(enabled(&p), [Duration::from_millis(50)]);
-        p.roll(&mut spent, start + Duration::from_millis(2001));
-        assert_eq!((spent.ru, spent.second), (500.0, start + 2 * SECOND), "half of this second's throughput went to the first");
+        p.roll(&mut usage, start + Duration::from_millis(2001));
+        assert_eq!((usage.ru, usage.second), (500.0, start + 2 * SECOND), "half of this second's throughput went to the first");
     }
 }

@@ -42,16 +42,18 @@ impl ApiClient {
         &self.base
     }
 
-    pub async fn get(&self, path: &str) -> Result<Value> {
+    async fn send_get(&self, path: &str) -> Result<reqwest::Response> {
         let url = format!("{}{path}", self.base);
-        let response = self.request(reqwest::Method::GET, &url).send().await.with_context(|| format!("cannot reach {url}"))?;
-        read(response).await
+        self.request(reqwest::Method::GET, &url).send().await.with_context(|| format!("cannot reach {url}"))
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        read(self.send_get(path).await?).await
     }
 
     /// A GET that may find the API unable to answer for now: `None` on 503 (try again).
     pub async fn poll(&self, path: &str) -> Result<Option<Value>> {
-        let url = format!("{}{path}", self.base);
-        let response = self.request(reqwest::Method::GET, &url).send().await.with_context(|| format!("cannot reach {url}"))?;
+        let response = self.send_get(path).await?;
         if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
             return Ok(None);
         }
@@ -66,8 +68,7 @@ impl ApiClient {
 
     /// A GET answered with text (a CSV), not JSON.
     pub async fn get_text(&self, path: &str) -> Result<String> {
-        let url = format!("{}{path}", self.base);
-        let response = self.request(reqwest::Method::GET, &url).send().await.with_context(|| format!("cannot reach {url}"))?;
+        let response = self.send_get(path).await?;
         if !response.status().is_success() {
             bail!("{}", problem_text(response).await);
         }

@@ -156,14 +156,14 @@ fn writes_whose_answers_are_lost_change_no_outcome_and_record_each_exchange_once
 /// the batch took as long as its request units at that rate need: the cap held.
 #[test]
 fn a_batch_on_a_capped_container_keeps_every_promise_and_takes_the_time_the_cap_allows() {
-    const CAP: f64 = 1000.0;
-    let Run { status, charges, .. } = a_batch_ends_as_its_providers_decide_despite(&["--cosmos-ru-per-s", "1000"]);
+    const CAP: u32 = 1000;
+    let Run { status, charges, .. } = a_batch_ends_as_its_providers_decide_despite(&["--cosmos-ru-per-s", &CAP.to_string()]);
     assert!(charges["throttled"].as_u64().is_some_and(|n| n > 0), "the cap was reached: {charges}");
     let records: f64 = charges["by_operation"].as_object().unwrap().iter().filter(|(k, _)| k.starts_with("records ")).filter_map(|(_, ru)| ru.as_f64()).sum();
     let time = |field: &str| chrono::DateTime::parse_from_rfc3339(status[field].as_str().unwrap()).unwrap();
     let took = (time("completed_at") - time("created_at")).as_seconds_f64();
     // The container may take one second's worth at once, then its rate; the
     // status polls around the batch are counted too.
-    let least = 0.9 * records / CAP - 1.0;
+    let least = 0.9 * records / f64::from(CAP) - 1.0;
     assert!(took >= least, "{records:.0} RU at {CAP} RU/s take at least {least:.1} s; the batch took {took:.1} s");
 }

@@ -313,6 +313,45 @@ async fn events_are_appended_and_read_in_order(store: Arc<dyn Store>) {
     }
 }
 
+/// Events no deflating shortens much, too many to keep beside a ticket.
+fn long_note(t: &Ticket) -> Event {
+    let outcome = (0..60).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect::<String>();
+    Event::new(&t.batch_id, &t.ticket_id, Stage::Notify, EventKind::Notified { outcome }, Utc::now())
+}
+
+/// Writes `steps` to the ticket in order ("change", "quiet change" with no
+/// events, "long change", "append", "long append"); every event written, in order.
+async fn write_steps(stores: &[&dyn Store], t: &Ticket, steps: &[&str]) -> Vec<EventKind> {
+    let note = |outcome: String| Event::new(&t.batch_id, &t.ticket_id, Stage::Notify, EventKind::Notified { outcome }, Utc::now());
+    let mut written = vec![EventKind::Accepted];
+    for (i, step) in steps.iter().enumerate() {
+        let store = stores[i % stores.len()];
+        let events = match *step {
+            "quiet change" => Vec::new(),
+            s if s.starts_with("long") => vec![long_note(t)],
+            _ => vec![note(format!("{step} {i}")), note(format!("{step} {i}, again"))],
+        };
+        written.extend(events.iter().map(|e| e.kind.clone()));
+        if step.ends_with("append") {
+            store.append_events(&events).await.unwrap();
+            continue;
+        }
+        let current = store.ticket(&t.batch_id, &t.ticket_id).await.unwrap().unwrap();
+        let mut ticket = current.value.clone();
+        ticket.attempt += 1;
+        store.update_ticket(TicketUpdate { ticket, etag: current.etag, budget: None, events }).await.unwrap();
+    }
+    written
+}
+
+async fn a_tickets_trail_reads_in_the_order_written(store: Arc<dyn Store>) {
+    let (b, ts) = seeded(store.as_ref(), 1_000, 1).await;
+    let steps = ["change", "append", "quiet change", "change", "long change", "change", "append", "change", "long append", "change", "quiet change"];
+    let written = write_steps(&[store.as_ref()], &ts[0], &steps).await;
+    let read: Vec<EventKind> = store.events(&b.batch_id, &ts[0].ticket_id).await.unwrap().into_iter().map(|e| e.kind).collect();
+    assert_eq!(read, written);
+}
+
 async fn tickets_page_by_id_and_filter_by_status(store: Arc<dyn Store>) {
     let (b, ts) = seeded(store.as_ref(), 1_000, 25).await;
     for t in ts.iter().step_by(5) {
@@ -547,6 +586,8 @@ macro_rules! conformance {
             async fn a_failed_payment_releases_exactly_its_reservation() { let (s, _keep) = store().await; super::a_failed_payment_releases_exactly_its_reservation(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn events_are_appended_and_read_in_order() { let (s, _keep) = store().await; super::events_are_appended_and_read_in_order(s).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_tickets_trail_reads_in_the_order_written() { let (s, _keep) = store().await; super::a_tickets_trail_reads_in_the_order_written(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn tickets_page_by_id_and_filter_by_status() { let (s, _keep) = store().await; super::tickets_page_by_id_and_filter_by_status(s).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -791,10 +832,10 @@ async fn sqlite_reads_a_file_a_ticket_and_an_audit_entry_in_every_earlier_shape_
 /// An audit entry's events, as the Cosmos store keeps them deflated.
 /// An audit entry's JSON as stored: raw deflate with the preset dictionary it names
 /// (`d1:`, the file beside the store's code), in base64.
-fn inflated(entry: &serde_json::Value) -> String {
+fn inflated(deflated: &serde_json::Value) -> String {
     use base64::Engine;
     use std::io::Read;
-    let text = entry["deflated"].as_str().unwrap();
+    let text = deflated.as_str().expect("deflated events");
     let encoded = text.strip_prefix("d1:").expect("written with the entries' dictionary");
     let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap();
     let mut decompress = flate2::Decompress::new(false);
@@ -832,28 +873,31 @@ async fn cosmos_reads_a_ticket_and_an_audit_entry_in_every_earlier_shape_and_ref
     };
     let mut doc = documents("ticket").await.into_iter().next().expect("the ticket's document");
     assert_eq!(doc["ticket"]["schema"], TICKET_SCHEMA, "a ticket is written with its shape, inside it: {doc}");
-
     assert!(doc.get("type").is_none() && doc.get("ticket_id").is_none(), "its kind and id are in its document id: {doc}");
+    let held: serde_json::Value = serde_json::from_str(&inflated(&doc["recent"])).expect("the reservation's events, held beside the ticket");
+    assert_eq!(held[0], ticketpay::store::schema::EVENT_SCHEMA, "events are written with their shape: {held}");
+    let [seq, nonce, events] = [&held[1][0][0], &held[1][0][1], &held[1][0][2]];
+    assert!(events.to_string().contains("\"12.50 EUR\""), "an amount is written with its currency");
 
-    // As releases before versions wrote it, with the kind and the id as properties of their own.
+    // As releases before versions wrote them: the ticket with its kind and id as
+    // properties of their own, and its events in an entry of their own, amounts
+    // as bare decimals, deflated without the dictionary.
     let (pk, doc_id) = (doc["pk"].as_str().unwrap().to_owned(), doc["id"].as_str().unwrap().to_owned());
+    let doc = doc.as_object_mut().unwrap();
+    doc.remove("recent");
     doc["ticket"].as_object_mut().unwrap().remove("schema");
-    doc["type"] = "ticket".into();
-    doc["ticket_id"] = id.as_str().into();
+    doc.insert("type".into(), "ticket".into());
+    doc.insert("ticket_id".into(), id.as_str().into());
     records.replace_item(pk.clone(), &doc_id, &doc, None).await.unwrap();
+    let entry_id = format!("events:{id}:{:016}-{}", seq.as_i64().unwrap(), nonce.as_str().unwrap());
+    let entry = serde_json::json!({"id": entry_id, "pk": pk, "seq": seq, "type": "events", "ticket_id": id.as_str(), "deflated": deflated(&first_shape_events(&events.to_string()))});
+    records.create_item(pk.clone(), &entry_id, &entry, None).await.unwrap();
     let read = store.ticket(&b.batch_id, &id).await.unwrap().unwrap();
-    assert_eq!(read.value, written.value, "today's shape reads as it was written");
+    assert_eq!(read.value, written.value, "the earlier shape reads as it was written");
     assert_eq!(store.tickets(&b.batch_id, None, 10, None).await.unwrap().tickets, std::slice::from_ref(&written.value), "and is found by queries");
-    let mut entry = documents("events").await.into_iter().find(|d| inflated(d).contains("budget_reserved")).expect("the reservation's entry");
-    assert!(inflated(&entry).contains("\"12.50 EUR\""), "an amount is written with its currency");
-    let shaped: serde_json::Value = serde_json::from_str(&inflated(&entry)).unwrap();
-    assert_eq!(shaped[0], ticketpay::store::schema::EVENT_SCHEMA, "an entry is written with its shape, inside it: {shaped}");
-    entry["deflated"] = deflated(&first_shape_events(&shaped[1].to_string())).into();
-    entry["type"] = "events".into();
-    entry["ticket_id"] = id.as_str().into();
-    records.replace_item(pk.clone(), entry["id"].as_str().unwrap(), &entry, None).await.unwrap();
     reads_the_held_amount(&store, &b, &id).await;
 
+    let mut doc = serde_json::Value::Object(doc.clone());
     doc["ticket"]["schema"] = serde_json::json!(TICKET_SCHEMA + 1);
     records.replace_item(pk, &doc_id, &doc, None).await.unwrap();
     match store.ticket(&b.batch_id, &id).await {
@@ -865,37 +909,35 @@ async fn cosmos_reads_a_ticket_and_an_audit_entry_in_every_earlier_shape_and_ref
 
 /// Cosmos alone: reservations given together move the batch's budget in one
 /// transactional batch of its home, not one per ticket.
-mod cosmos_budget {
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+/// Counts the transactional batches sent to the logical partitions whose key begins with `partition`.
+#[derive(Debug, Default)]
+struct PartitionBatches {
+    partition: std::sync::Mutex<Option<String>>,
+    seen: std::sync::atomic::AtomicUsize,
+}
 
-    use azure_data_cosmos_driver::in_memory_emulator::RequestObserver;
+impl azure_data_cosmos_driver::in_memory_emulator::RequestObserver for PartitionBatches {
+    fn on_request(&self, request: &azure_core::http::Request) {
+        let Some(key) = self.partition.lock().unwrap().clone() else { return };
+        let headers = request.headers();
+        let is_batch = headers.iter().any(|(name, _)| name.as_str() == "x-ms-cosmos-is-batch-request");
+        let ours = headers.iter().any(|(name, value)| name.as_str() == "x-ms-documentdb-partitionkey" && value.as_str().starts_with(&format!("[\"{key}")));
+        if is_batch && ours {
+            self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+mod cosmos_budget {
+    use std::sync::atomic::Ordering;
+
     use ticketpay::store::cosmos::CosmosStore;
 
     use super::*;
 
-    /// Counts the transactional batches sent to one logical partition.
-    #[derive(Debug, Default)]
-    struct HomeBatches {
-        partition: Mutex<Option<String>>,
-        seen: AtomicUsize,
-    }
-
-    impl RequestObserver for HomeBatches {
-        fn on_request(&self, request: &azure_core::http::Request) {
-            let Some(home) = self.partition.lock().unwrap().clone() else { return };
-            let headers = request.headers();
-            let is_batch = headers.iter().any(|(name, _)| name.as_str() == "x-ms-cosmos-is-batch-request");
-            let ours = headers.iter().any(|(name, value)| name.as_str() == "x-ms-documentdb-partitionkey" && value.as_str() == format!("[\"{home}\"]"));
-            if is_batch && ours {
-                self.seen.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reservations_given_together_move_the_budget_once() {
-        let observer = Arc::new(HomeBatches::default());
+        let observer = Arc::new(PartitionBatches::default());
         let (client, _emulator) = cosmos_account(Some(observer.clone())).await;
         let store = CosmosStore::new(client, "ticketpay").await.unwrap();
         let (b, ts) = seeded(&store, 10_000, 30).await;
@@ -904,10 +946,40 @@ mod cosmos_budget {
             let current = store.ticket(&b.batch_id, &t.ticket_id).await.unwrap().unwrap();
             updates.push(reservation(&current, &current.etag, 300));
         }
-        *observer.partition.lock().unwrap() = Some(b.batch_id.to_string());
+        *observer.partition.lock().unwrap() = Some(format!("{}\"", b.batch_id));
         let results = store.update_tickets(updates).await;
         assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 30);
         assert_eq!(observer.seen.load(Ordering::Relaxed), 1, "one transactional batch of the batch's home for 30 reservations");
         assert_eq!(store.batch(&b.batch_id).await.unwrap().unwrap().committed().minor, 9_000);
+    }
+}
+
+mod cosmos_trail {
+    use std::sync::atomic::Ordering;
+
+    use ticketpay::store::cosmos::CosmosStore;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tickets_small_changes_keep_their_events_beside_it_until_its_document_outgrows_a_kilobyte() {
+        let observer = Arc::new(PartitionBatches::default());
+        let (client, _emulator) = cosmos_account(Some(observer.clone())).await;
+        // Two processes: each carries on what the other wrote.
+        let (one, other) = (CosmosStore::new(client.clone(), "ticketpay").await.unwrap(), CosmosStore::new(client, "ticketpay").await.unwrap());
+        let (b, ts) = seeded(&one, 1_000, 1).await;
+        let t = &ts[0];
+        *observer.partition.lock().unwrap() = Some(format!("{}:", b.batch_id));
+        let batches = || observer.seen.load(Ordering::Relaxed);
+
+        let mut written = write_steps(&[&one, &other], t, &["change", "quiet change", "change"]).await;
+        assert_eq!(batches(), 0, "a change with a few events is one write of the ticket's document");
+        written.extend(write_steps(&[&other], t, &["long change", "change"]).await.into_iter().skip(1));
+        assert_eq!(batches(), 1, "the change that outgrows the document writes an entry with it");
+
+        for store in [&one, &other] {
+            let read: Vec<EventKind> = store.events(&b.batch_id, &t.ticket_id).await.unwrap().into_iter().map(|e| e.kind).collect();
+            assert_eq!(read, written);
+        }
     }
 }

@@ -7,8 +7,10 @@
 //! a partition named by its ticket (see [`documents`]). Container
 //! `idempotency` (partition key `/client_id`) holds the upload keys.
 //!
-//! ETags are the versions. A ticket change and its events are one
-//! transactional batch in the ticket's partition; its budget movement is one
+//! ETags are the versions. A ticket change and its events are one write of the
+//! ticket's document, which holds its latest writes' events while it stays
+//! within a kilobyte (past that, one transactional batch of the ticket and an
+//! entry of the events it held); its budget movement is one
 //! in the batch's home, made first and idempotent per ticket (a commitment
 //! document per ticket), so a change tried again never holds money twice. See
 //! `docs/data-model.md` for the reasoning, the upload protocol and the costs.
@@ -20,7 +22,7 @@ mod keys;
 mod transaction;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
@@ -38,8 +40,8 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
 use self::documents::{
-    claim_partition, commitment_doc_id, events_doc_prefix, ticket_doc_id, ticket_partition, ticket_partitions, BatchDoc, ClaimDoc, CommitmentDoc, EventsDoc,
-    ReconciliationDoc, TicketDoc, UploadEventsDoc, BATCH_DOC_ID, CLAIM_DOC_ID, IS_TICKET, TICKET_DOC_PREFIX, UPLOAD_EVENTS_DOC_ID,
+    claim_partition, commitment_doc_id, events_doc_prefix, recent_writes, ticket_doc_id, ticket_partition, ticket_partitions, BatchDoc, ClaimDoc, CommitmentDoc,
+    EventsDoc, ReconciliationDoc, TicketDoc, UploadEventsDoc, Written, BATCH_DOC_ID, CLAIM_DOC_ID, IS_TICKET, TICKET_DOC_PREFIX, UPLOAD_EVENTS_DOC_ID,
 };
 pub use self::documents::{INDEXED_PATHS, TICKET_PARTITIONS};
 use self::keys::KeyClaim;
@@ -74,6 +76,33 @@ pub struct CosmosStore {
     /// Told what each request to a container cost, for an account that does not hold
     /// all of them to its throughput itself (the emulator).
     spent: Option<Spent>,
+    recent: Arc<RecentEvents>,
+}
+
+/// What the ticket documents this store last read or wrote hold beside their
+/// ticket (the events of writes in no entry of their own), by version: a change
+/// carries them on without reading its ticket's document again.
+#[derive(Default)]
+struct RecentEvents(Mutex<HashMap<String, (String, Option<String>)>>);
+
+/// Ticket documents remembered at most; past that the memory starts again.
+const REMEMBERED: usize = 10_000;
+
+impl RecentEvents {
+    fn remember(&self, doc: &TicketDoc, etag: &str) {
+        let mut known = self.0.lock().expect("no holder panics");
+        if known.len() >= REMEMBERED {
+            known.clear();
+        }
+        known.insert(format!("{}/{}", doc.pk, doc.id), (etag.to_owned(), doc.recent.clone()));
+    }
+
+    /// What the document of `ticket` holds at version `etag`, if known.
+    fn at(&self, ticket: &Ticket, etag: &str) -> Option<Option<String>> {
+        let key = format!("{}/{}", ticket_partition(ticket.batch_id.as_str(), ticket.ticket_id.as_str()), ticket_doc_id(&ticket.ticket_id));
+        let known = self.0.lock().expect("no holder panics");
+        known.get(&key).filter(|(at, _)| at == etag).map(|(_, recent)| recent.clone())
+    }
 }
 
 /// Hears what a request to a container (named) cost, in RU.
@@ -94,11 +123,31 @@ fn next_seq() -> i64 {
     }
 }
 
-/// The audit entry of one write of one ticket: a fresh, time-ordered id.
-fn appended(events: &[Event]) -> Result<EventsDoc> {
-    let seq = next_seq();
-    let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    EventsDoc::new(events, format!("{}{seq:016}-{nonce}", events_doc_prefix(&events[0].ticket_id)), seq).map_err(invalid)
+/// One write's events (all of one ticket): a fresh, time-ordered place in its trail.
+fn written(events: Vec<Event>) -> Written {
+    Written { seq: next_seq(), nonce: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(), events }
+}
+
+/// A ticket's document as a change writes it, with the events of the writes
+/// before it that the document held (`held`, as stored), and the entry its
+/// events go into when they do not stay in the document.
+fn planned(ticket: &Ticket, held: Option<String>, events: Vec<Event>) -> Result<(TicketDoc, Option<EventsDoc>)> {
+    let mut doc = TicketDoc::new(ticket);
+    if events.is_empty() {
+        doc.recent = held;
+        return Ok((doc, None));
+    }
+    let mut writes = match &held {
+        Some(text) => recent_writes(text, &ticket.batch_id, &ticket.ticket_id).map_err(invalid)?,
+        None => Vec::new(),
+    };
+    writes.push(written(events));
+    let doc = doc.holding(&writes).map_err(invalid)?;
+    if doc.fits_a_kilobyte() {
+        return Ok((doc, None));
+    }
+    let entry = EventsDoc::of_writes(&writes).map_err(invalid)?;
+    Ok((doc.holding(&[]).map_err(invalid)?, Some(entry)))
 }
 
 /// `events` split by ticket, in the order given.
@@ -158,7 +207,7 @@ impl CosmosStore {
         let db = client.database_client(database.to_owned());
         let records = db.container_client(RECORDS, None).await.map_err(|e| map_err(format!("container {RECORDS}"), e))?;
         let keys = db.container_client(IDEMPOTENCY, None).await.map_err(|e| map_err(format!("container {IDEMPOTENCY}"), e))?;
-        Ok(CosmosStore { records, keys, meter: Arc::default(), pricer: None, spent: None })
+        Ok(CosmosStore { records, keys, meter: Arc::default(), pricer: None, spent: None, recent: Arc::default() })
     }
 
     /// The store on an account reached with Entra ID (the caller picks the
@@ -528,15 +577,18 @@ impl CosmosStore {
         Err(StoreError::Conflict(format!("batch {batch_id} (budget kept changing)")))
     }
 
-    /// The ticket's change and its events, one transactional batch in its partition.
+    /// The ticket's change and its events: one replace of its document, which keeps
+    /// them while it is written in its first kilobyte; past that one transactional
+    /// batch in its partition, the document and an entry of the events it held and these.
     async fn write_ticket(&self, update: TicketUpdate) -> Result<Versioned<Ticket>> {
         let TicketUpdate { ticket, etag, budget, events } = update;
         let what = format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id);
-        let ticket_doc = TicketDoc::new(&ticket);
-        let entry = if events.is_empty() { None } else { Some(appended(&events)?) };
-        let written = match self.put_ticket(&ticket_doc, entry.as_ref(), &etag, &what).await {
+        let with_events = !events.is_empty();
+        let held = self.recent_at(&ticket, &etag, &what).await?;
+        let (doc, entry) = planned(&ticket, held, events)?;
+        let written = match self.put_ticket(&doc, entry.as_ref(), &etag, &what).await {
             Ok(etag) => etag,
-            Err(e) if may_have_landed(&e, entry.is_some()) => match self.landed(&ticket, entry.as_ref()).await {
+            Err(e) if may_have_landed(&e, with_events) => match self.landed(&doc, entry.as_ref()).await {
                 Ok(Some(etag)) => Some(etag),
                 _ => return Err(e),
             },
@@ -546,10 +598,26 @@ impl CosmosStore {
             self.give_back_stray_commitment(&ticket).await;
         }
         let etag = match written {
-            Some(e) => e,
+            Some(e) => {
+                self.recent.remember(&doc, &e);
+                e
+            }
             None => self.ticket(&ticket.batch_id, &ticket.ticket_id).await?.map(|v| v.etag).unwrap_or_default(),
         };
         Ok(Versioned { value: ticket, etag })
+    }
+
+    /// The events the ticket's document holds beside it at version `etag`, as
+    /// stored; at another version the change cannot land: a conflict.
+    async fn recent_at(&self, ticket: &Ticket, etag: &str, what: &str) -> Result<Option<String>> {
+        if let Some(recent) = self.recent.at(ticket, etag) {
+            return Ok(recent);
+        }
+        let pk = ticket_partition(ticket.batch_id.as_str(), ticket.ticket_id.as_str());
+        match self.read_doc::<TicketDoc>(RECORDS, &pk, &ticket_doc_id(&ticket.ticket_id)).await? {
+            Some(doc) if doc.etag.as_deref() == Some(etag) => Ok(doc.recent),
+            _ => Err(StoreError::Conflict(what.to_owned())),
+        }
     }
 
     /// Writes the ticket, conditional on `etag`, with its entry if it has one: its new ETag, if answered.
@@ -567,19 +635,20 @@ impl CosmosStore {
     }
 
     /// Whether a ticket write that failed without a clear answer landed after
-    /// all: its entry is there (written with the ticket or not at all), or, for a
-    /// change with no events, the ticket is as it was to be written. The ETag
-    /// it landed with, if so and if nothing changed the ticket since.
-    async fn landed(&self, ticket: &Ticket, entry: Option<&EventsDoc>) -> Result<Option<String>> {
+    /// all: its entry is there (written with the ticket or not at all), and the
+    /// document is exactly as written (the ticket, and the events it holds,
+    /// which name this write alone when it has any). The ETag it landed with,
+    /// if so and if nothing changed the ticket since.
+    async fn landed(&self, doc: &TicketDoc, entry: Option<&EventsDoc>) -> Result<Option<String>> {
         if let Some(entry) = entry
             && self.read_doc::<serde::de::IgnoredAny>(RECORDS, &entry.pk, &entry.id).await?.is_none()
         {
             return Ok(None);
         }
-        let current = self.ticket(&ticket.batch_id, &ticket.ticket_id).await?;
-        let landed = current.filter(|c| c.value == *ticket).map(|c| c.etag);
+        let current: Option<TicketDoc> = self.read_doc(RECORDS, &doc.pk, &doc.id).await?;
+        let landed = current.filter(|c| c.ticket == doc.ticket && c.recent == doc.recent).and_then(|c| c.etag);
         if landed.is_some() {
-            self.found_landed(&format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id));
+            self.found_landed(&format!("ticket {}/{}", doc.ticket.batch_id, doc.ticket.ticket_id));
         }
         Ok(landed)
     }
@@ -632,10 +701,10 @@ fn tried_before_unanswered(d: &DiagnosticsContext) -> bool {
 
 /// Whether a ticket write that failed may have landed after all: no clear
 /// answer came, or it was refused as stale after an earlier send of it landed.
-/// Only an entry, whose id is the write's alone, tells the second from a change
-/// made twice; without one, a conflict stands.
-fn may_have_landed(e: &StoreError, with_entry: bool) -> bool {
-    matches!(e, StoreError::Unavailable(_)) || (with_entry && matches!(e, StoreError::Conflict(_)))
+/// Only events, whose place in the trail is the write's alone, tell the second
+/// from a change made twice; without them, a conflict stands.
+fn may_have_landed(e: &StoreError, with_events: bool) -> bool {
+    matches!(e, StoreError::Unavailable(_)) || (with_events && matches!(e, StoreError::Conflict(_)))
 }
 
 /// Every event of a change is of its ticket.
@@ -709,9 +778,13 @@ async fn backoff(attempt: u32) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
-fn versioned(d: TicketDoc) -> Result<Versioned<Ticket>> {
-    let etag = d.etag.ok_or_else(|| invalid(format!("ticket {}/{} has no _etag", d.ticket.batch_id, d.ticket.ticket_id)))?;
-    Ok(Versioned { value: d.ticket, etag })
+impl CosmosStore {
+    /// The ticket of a document read, at its version (remembering what it holds beside it).
+    fn versioned(&self, d: TicketDoc) -> Result<Versioned<Ticket>> {
+        let etag = d.etag.clone().ok_or_else(|| invalid(format!("ticket {}/{} has no _etag", d.ticket.batch_id, d.ticket.ticket_id)))?;
+        self.recent.remember(&d, &etag);
+        Ok(Versioned { value: d.ticket, etag })
+    }
 }
 
 // ---------------------------------------------------------------- the seam
@@ -792,7 +865,7 @@ impl Store for CosmosStore {
     async fn ticket(&self, batch_id: &BatchId, ticket_id: &TicketId) -> Result<Option<Versioned<Ticket>>> {
         let pk = ticket_partition(batch_id.as_str(), ticket_id.as_str());
         let doc: Option<TicketDoc> = self.read_doc(RECORDS, &pk, &ticket_doc_id(ticket_id)).await?;
-        doc.map(versioned).transpose()
+        doc.map(|d| self.versioned(d)).transpose()
     }
 
     async fn update_ticket(&self, update: TicketUpdate) -> Result<Versioned<Ticket>> {
@@ -843,7 +916,7 @@ impl Store for CosmosStore {
     async fn append_events(&self, events: &[Event]) -> Result<()> {
         for group in by_ticket(events) {
             let what = format!("events of ticket {}/{}", group[0].batch_id, group[0].ticket_id);
-            let doc = appended(&group)?;
+            let doc = EventsDoc::of_writes(&[written(group)]).map_err(invalid)?;
             let created = self.records.create_item(doc.pk.clone(), &doc.id, &doc, None);
             match self.metered(RECORDS, "create", &doc.pk, created).await {
                 Ok(_) => {}
@@ -861,24 +934,35 @@ impl Store for CosmosStore {
         let q = Query::from("SELECT * FROM c WHERE STARTSWITH(c.id, @entries) ORDER BY c.seq")
             .with_parameter("@entries", events_doc_prefix(ticket_id))
             .map_err(invalid)?;
-        let pk = ticket_partition(batch_id.as_str(), ticket_id.as_str());
-        let (docs, upload) = futures::try_join!(
-            self.query::<EventsDoc>(q, Some(&pk), "events"),
+        let (pk, doc_id) = (ticket_partition(batch_id.as_str(), ticket_id.as_str()), ticket_doc_id(ticket_id));
+        // The document before the entries: events it held that a write moves into an entry
+        // meanwhile are then found in that entry, once.
+        let (ticket, upload) = futures::try_join!(
+            self.read_doc::<TicketDoc>(RECORDS, &pk, &doc_id),
             self.read_doc::<UploadEventsDoc>(RECORDS, &pk, UPLOAD_EVENTS_DOC_ID),
         )?;
+        let docs = self.query::<EventsDoc>(q, Some(&pk), "events").await?;
         // Entries in the first shape recorded amounts without their currency: the batch's.
         let currency = match docs.iter().any(EventsDoc::is_first_shape) {
             true => self.batch(batch_id).await?.map(|b| b.currency),
             false => None,
         };
-        let mut events = match upload {
-            Some(upload) => upload.events_of(ticket_id).map_err(invalid)?,
+        let mut writes = match ticket {
+            Some(doc) => doc.recent_writes().map_err(invalid)?,
             None => Vec::new(),
         };
         for d in docs {
             let batch_currency = || currency.ok_or_else(|| StoreError::Invalid(format!("no batch {batch_id} to read its audit trail in")));
-            events.extend(d.into_events(batch_currency).map_err(invalid)?);
+            writes.extend(d.into_writes(batch_currency).map_err(invalid)?);
         }
+        // An entry may hold several writes, and the document the latest: in the order written.
+        writes.sort_by(|a, b| (a.seq, &a.nonce).cmp(&(b.seq, &b.nonce)));
+        writes.dedup_by(|a, b| a.seq == b.seq && a.nonce == b.nonce);
+        let mut events = match upload {
+            Some(upload) => upload.events_of(ticket_id).map_err(invalid)?,
+            None => Vec::new(),
+        };
+        events.extend(writes.into_iter().flat_map(|w| w.events));
         Ok(events)
     }
 
@@ -950,7 +1034,7 @@ impl Store for CosmosStore {
         let text = format!("SELECT TOP {limit} * FROM c WHERE {IS_TICKET} AND c.notified = false AND c.due_us < @before");
         let q = Query::from(text).with_parameter("@before", before.timestamp_micros()).map_err(invalid)?;
         let docs: Vec<TicketDoc> = self.query(q, None, "overdue tickets").await?;
-        docs.into_iter().map(versioned).collect()
+        docs.into_iter().map(|d| self.versioned(d)).collect()
     }
 
     async fn incomplete_batches(&self, limit: usize) -> Result<Vec<Batch>> {

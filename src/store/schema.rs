@@ -16,8 +16,10 @@ use crate::domain::event::name_currency;
 use crate::domain::{Currency, Event, Ticket};
 
 /// The shape of a ticket this release writes. 1: as written before versions;
-/// 2: the same fields, with `schema`.
-pub const TICKET_SCHEMA: u32 = 2;
+/// 2: the same fields, with `schema`; 3: the same fields, and a Cosmos ticket
+/// document may hold the events of its latest writes beside the ticket, which
+/// a release before it would drop when it wrote the ticket (so it refuses it).
+pub const TICKET_SCHEMA: u32 = 3;
 
 /// The shape of an audit entry this release writes. 1: amounts as bare
 /// decimal text (`"12.50"`); 2: amounts naming their currency (`"12.50 EUR"`).

@@ -5,9 +5,10 @@
 //!   per ticket holding budget (`commitment:{ticket_id}`) and the recorded
 //!   reconciliation runs (`reconciliation:{run_id}`);
 //! - `{batch_id}:{nn}`, one of [`TICKET_PARTITIONS`] per batch picked by a hash
-//!   of the ticket id: the tickets (`ticket:{ticket_id}`) and their audit
-//!   entries, one per write (`events:{ticket_id}:…`), and one entry with what
-//!   the upload recorded for all of them (`events:upload`);
+//!   of the ticket id: the tickets (`ticket:{ticket_id}`, each holding its
+//!   latest writes' events while it fits a kilobyte) and their audit entries,
+//!   each of the writes a document could not hold (`events:{ticket_id}:…`),
+//!   and one entry with what the upload recorded for all of them (`events:upload`);
 //! - `claim:{authority}:{ticket_id}`: the payment claim on a ticket, whichever
 //!   batch holds it.
 //!
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::reconciliation::ReconciliationRun;
 use crate::domain::{AuthorityCode, Batch, BatchId, Currency, Event, EventKind, Stage, Status, Ticket, TicketId};
 use crate::store::schema::{decode_events, readable_event_shape, EVENT_SCHEMA};
-use crate::store::PaymentClaim;
+use crate::store::{PaymentClaim, StoreError};
 
 /// The ticket partitions of one batch: its tickets spread over this many logical
 /// partitions, so no batch is held to what one logical partition can serve.
@@ -128,6 +129,10 @@ pub(super) struct TicketDoc {
     /// With the version of its shape inside, so a write pays for no extra top-level property.
     #[serde(with = "crate::store::schema::nested")]
     pub ticket: Ticket,
+    /// The events of the ticket's latest writes that are in no entry of their
+    /// own: `[schema, [[seq, nonce, [events…]]…]]`, deflated as an entry's. See [`Written`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recent: Option<String>,
     #[serde(rename = "_etag", default, skip_serializing)]
     pub etag: Option<String>,
 }
@@ -142,9 +147,101 @@ impl TicketDoc {
             due_us: t.due_at().timestamp_micros(),
             reference: t.reference.as_ref().map(|r| r.as_str().to_owned()),
             ticket: t.clone(),
+            recent: None,
             etag: None,
         }
     }
+
+    /// The writes whose events the document holds, oldest first.
+    pub fn recent_writes(&self) -> Result<Vec<Written>, String> {
+        match &self.recent {
+            Some(text) => recent_writes(text, &self.ticket.batch_id, &self.ticket.ticket_id),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Holds `writes` beside the ticket (none: it holds no events).
+    pub fn holding(mut self, writes: &[Written]) -> Result<TicketDoc, String> {
+        self.recent = if writes.is_empty() { None } else { Some(deflate_writes(writes)?) };
+        Ok(self)
+    }
+
+    /// Whether the document is written in the first kilobyte a write is billed by.
+    pub fn fits_a_kilobyte(&self) -> bool {
+        serde_json::to_vec(self).is_ok_and(|b| b.len() <= BILLED_BYTES)
+    }
+}
+
+/// The writes a ticket document holds (its `recent`), oldest first.
+pub(super) fn recent_writes(text: &str, batch_id: &BatchId, ticket_id: &TicketId) -> Result<Vec<Written>, String> {
+    let what = |e: &dyn std::fmt::Display| format!("recent events of ticket {batch_id}/{ticket_id}: {e}");
+    let json = inflate(text).map_err(|e| what(&e))?;
+    let no_currency = || Err(StoreError::Invalid("in the first shape, which only entries were written in".into()));
+    match read_entry(&json, no_currency).map_err(|e| what(&e))? {
+        Entry::Writes(writes) => Ok(writes.into_iter().map(|w| placed(w, batch_id, ticket_id)).collect()),
+        Entry::Events(_) => Err(what(&"not a list of writes")),
+    }
+}
+
+/// What a write is billed by: its document's size in kilobytes (rounded up, doubling).
+pub(super) const BILLED_BYTES: usize = 1024;
+
+/// The events of one write of one ticket: appended together, never changed.
+///
+/// They stay in the ticket's document while it is written in its first
+/// kilobyte (a write is billed by the kilobyte, and another document is
+/// another write); the write that would take it past one moves them, with its
+/// own, into an entry. Either way the write's events are found by its `seq`
+/// and `nonce`: an entry holding them alone has the id [`Written::entry_id`],
+/// one holding several writes' events the id of the last.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Written {
+    /// Append order: microseconds since the epoch, strictly increasing within a process.
+    pub seq: i64,
+    /// Tells writes of one microsecond in different processes apart.
+    pub nonce: String,
+    pub events: Vec<Event>,
+}
+
+impl Written {
+    /// The id of the entry that holds this write's events (and those of the writes before it it carries).
+    pub fn entry_id(&self) -> String {
+        format!("{}{:016}-{}", events_doc_prefix(&self.events[0].ticket_id), self.seq, self.nonce)
+    }
+
+    fn stored(&self) -> StoredWrite {
+        (self.seq, self.nonce.clone(), self.events.iter().map(StoredEvent::of).collect())
+    }
+}
+
+/// A write as an entry or a ticket document holds it: its batch and ticket are the document's.
+type StoredWrite = (i64, String, Vec<StoredEvent>);
+
+fn placed((seq, nonce, events): StoredWrite, batch_id: &BatchId, ticket_id: &TicketId) -> Written {
+    Written { seq, nonce, events: events.into_iter().map(|e| e.into_event(batch_id, ticket_id)).collect() }
+}
+
+/// What an entry's JSON holds after its shape: one write's events, or several writes.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Entry {
+    Writes(Vec<StoredWrite>),
+    Events(Vec<StoredEvent>),
+}
+
+/// An entry's JSON, in any shape this release reads; `currency` is asked for only by the first.
+fn read_entry(json: &[u8], currency: impl FnOnce() -> crate::store::Result<Currency>) -> Result<Entry, String> {
+    if first_shape(json) {
+        return decode_events(json, 1, currency).map(Entry::Events).map_err(|e| e.to_string());
+    }
+    let (schema, _): (u32, serde::de::IgnoredAny) = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    readable_event_shape(schema).map_err(|e| e.to_string())?;
+    serde_json::from_slice::<(u32, Entry)>(json).map(|(_, entry)| entry).map_err(|e| e.to_string())
+}
+
+fn deflate_writes(writes: &[Written]) -> Result<String, String> {
+    let stored: Vec<StoredWrite> = writes.iter().map(Written::stored).collect();
+    deflate(&serde_json::to_vec(&(EVENT_SCHEMA, stored)).map_err(|e| e.to_string())?).map_err(|e| e.to_string())
 }
 
 /// An event as an audit entry holds it: its batch and ticket are the entry's.
@@ -154,6 +251,16 @@ struct StoredEvent {
     stage: Stage,
     #[serde(flatten)]
     kind: EventKind,
+}
+
+impl StoredEvent {
+    fn of(e: &Event) -> StoredEvent {
+        StoredEvent { at: e.at, stage: e.stage, kind: e.kind.clone() }
+    }
+
+    fn into_event(self, batch_id: &BatchId, ticket_id: &TicketId) -> Event {
+        Event { batch_id: batch_id.clone(), ticket_id: ticket_id.clone(), at: self.at, stage: self.stage, kind: self.kind }
+    }
 }
 
 /// The events of one write of one ticket, appended together and never changed.
@@ -180,7 +287,7 @@ impl EventsDoc {
     /// `events`, all of one ticket, under document id `id`.
     pub fn new(events: &[Event], id: String, seq: i64) -> Result<EventsDoc, String> {
         let first = &events[0];
-        let stored: Vec<StoredEvent> = events.iter().map(|e| StoredEvent { at: e.at, stage: e.stage, kind: e.kind.clone() }).collect();
+        let stored: Vec<StoredEvent> = events.iter().map(StoredEvent::of).collect();
         Ok(EventsDoc {
             id,
             pk: ticket_partition(first.batch_id.as_str(), first.ticket_id.as_str()),
@@ -189,25 +296,46 @@ impl EventsDoc {
         })
     }
 
+    /// The entry of `writes` (oldest first, at least one): under the last one's id and sequence.
+    pub fn of_writes(writes: &[Written]) -> Result<EventsDoc, String> {
+        let last = writes.last().ok_or("an entry of no write")?;
+        if let [only] = writes {
+            return EventsDoc::new(&only.events, only.entry_id(), only.seq);
+        }
+        let first = &writes[0].events[0];
+        Ok(EventsDoc {
+            id: last.entry_id(),
+            pk: ticket_partition(first.batch_id.as_str(), first.ticket_id.as_str()),
+            seq: last.seq,
+            deflated: deflate_writes(writes)?,
+        })
+    }
+
     /// Whether the entry is in the first shape, whose amounts name no currency.
     pub fn is_first_shape(&self) -> bool {
         inflate(&self.deflated).is_ok_and(|json| first_shape(&json))
     }
 
-    /// The events; `currency`, the batch's, is asked for only by the first shape.
-    pub fn into_events(self, currency: impl FnOnce() -> crate::store::Result<Currency>) -> Result<Vec<Event>, String> {
+    /// The writes the entry holds, oldest first; `currency`, the batch's, is asked for only by the first shape.
+    pub fn into_writes(self, currency: impl FnOnce() -> crate::store::Result<Currency>) -> Result<Vec<Written>, String> {
         let what = |e: &dyn std::fmt::Display| format!("audit entry {}: {e}", self.id);
         let ticket_id = TicketId::parse(ticket_of_entry(&self.id).unwrap_or_default()).map_err(|e| what(&e))?;
         let batch_id = BatchId::parse(self.pk.rsplit_once(':').map_or("", |(batch, _)| batch)).map_err(|e| what(&e))?;
         let json = inflate(&self.deflated).map_err(|e| what(&e))?;
-        let stored: Vec<StoredEvent> = if first_shape(&json) {
-            decode_events(&json, 1, currency).map_err(|e| what(&e))?
-        } else {
-            let (schema, _): (u32, serde::de::IgnoredAny) = serde_json::from_slice(&json).map_err(|e| what(&e))?;
-            readable_event_shape(schema).map_err(|e| what(&e))?;
-            serde_json::from_slice::<(u32, Vec<StoredEvent>)>(&json).map_err(|e| what(&e))?.1
-        };
-        Ok(stored.into_iter().map(|e| Event { batch_id: batch_id.clone(), ticket_id: ticket_id.clone(), at: e.at, stage: e.stage, kind: e.kind }).collect())
+        Ok(match read_entry(&json, currency).map_err(|e| what(&e))? {
+            Entry::Writes(writes) => writes.into_iter().map(|w| placed(w, &batch_id, &ticket_id)).collect(),
+            Entry::Events(events) => {
+                let events = events.into_iter().map(|e| e.into_event(&batch_id, &ticket_id)).collect();
+                let nonce = self.id.rsplit_once('-').map_or("", |(_, nonce)| nonce).to_owned();
+                vec![Written { seq: self.seq, nonce, events }]
+            }
+        })
+    }
+
+    /// The events, in the order written.
+    #[cfg(test)]
+    pub fn into_events(self, currency: impl FnOnce() -> crate::store::Result<Currency>) -> Result<Vec<Event>, String> {
+        Ok(self.into_writes(currency)?.into_iter().flat_map(|w| w.events).collect())
     }
 }
 
@@ -229,7 +357,7 @@ impl UploadEventsDoc {
     pub fn new(pk: String, by_ticket: &[(&TicketId, Vec<&Event>)]) -> Result<UploadEventsDoc, String> {
         let stored: Vec<(&str, Vec<StoredEvent>)> = by_ticket
             .iter()
-            .map(|(t, events)| (t.as_str(), events.iter().map(|e| StoredEvent { at: e.at, stage: e.stage, kind: e.kind.clone() }).collect()))
+            .map(|(t, events)| (t.as_str(), events.iter().map(|e| StoredEvent::of(e)).collect()))
             .collect();
         let json = serde_json::to_vec(&(EVENT_SCHEMA, stored)).map_err(|e| e.to_string())?;
         Ok(UploadEventsDoc { id: UPLOAD_EVENTS_DOC_ID.into(), pk, kind: "upload".into(), deflated: deflate(&json).map_err(|e| e.to_string())? })
@@ -244,7 +372,7 @@ impl UploadEventsDoc {
         readable_event_shape(schema).map_err(|e| what(&e))?;
         let (_, tickets): (u32, Vec<(String, Vec<StoredEvent>)>) = serde_json::from_slice(&json).map_err(|e| what(&e))?;
         let events = tickets.into_iter().find(|(t, _)| t == ticket_id.as_str()).map(|(_, events)| events).unwrap_or_default();
-        Ok(events.into_iter().map(|e| Event { batch_id: batch_id.clone(), ticket_id: ticket_id.clone(), at: e.at, stage: e.stage, kind: e.kind }).collect())
+        Ok(events.into_iter().map(|e| e.into_event(&batch_id, ticket_id)).collect())
     }
 }
 
@@ -455,6 +583,30 @@ mod tests {
         let doc = serde_json::to_vec(&EventsDoc::new(&events, "events:T000001:1765000000000000".into(), 1_765_000_000_000_000).unwrap()).unwrap();
         // A write is billed by the kilobyte: a payment's entry costs no more than a lookup's.
         assert!(doc.len() <= 1024, "{} bytes", doc.len());
+    }
+
+    #[test]
+    fn writes_kept_together_read_back_each_in_its_place() {
+        let (batch_id, ticket_id) = (BatchId::parse("b-01a2430cae1d73998923576a16b14cf2").unwrap(), TicketId::parse("T000001").unwrap());
+        let changed = Event::new(&batch_id, &ticket_id, Stage::Pay, EventKind::StatusChanged { from: Status::Pay, to: Status::Paid, reason: None }, Utc::now());
+        let writes: Vec<Written> = (0..3)
+            .map(|i| Written { seq: 1_765_000_000_000_000 + i, nonce: format!("0000000{i}"), events: vec![exchange(&batch_id, &ticket_id), changed.clone()] })
+            .collect();
+
+        let entry = EventsDoc::of_writes(&writes).unwrap();
+        assert_eq!((entry.id.as_str(), entry.seq), ("events:T000001:1765000000000002-00000002", writes[2].seq), "named by the last write");
+        assert_eq!(entry.into_writes(|| unreachable!()).unwrap(), writes);
+
+        let alone = EventsDoc::of_writes(&writes[..1]).unwrap();
+        assert!(!alone.is_first_shape() && inflate(&alone.deflated).unwrap().starts_with(b"[2,[{"), "one write's entry is as entries always were");
+        assert_eq!(alone.into_writes(|| unreachable!()).unwrap(), writes[..1]);
+
+        let ticket = crate::store::schema::tests::first_shape_ticket();
+        let doc = TicketDoc::new(&ticket).holding(&writes[..2]).unwrap();
+        let stored: TicketDoc = serde_json::from_slice(&serde_json::to_vec(&doc).unwrap()).unwrap();
+        let placed: Vec<Written> = writes[..2].iter().map(|w| Written { events: w.events.iter().map(|e| Event { batch_id: ticket.batch_id.clone(), ticket_id: ticket.ticket_id.clone(), ..e.clone() }).collect(), ..w.clone() }).collect();
+        assert_eq!(stored.recent_writes().unwrap(), placed, "the document's events are its ticket's");
+        assert!(TicketDoc::new(&ticket).holding(&[]).unwrap().recent.is_none());
     }
 
     #[test]

@@ -874,7 +874,7 @@ async fn cosmos_reads_a_ticket_and_an_audit_entry_in_every_earlier_shape_and_ref
     let mut doc = documents("ticket").await.into_iter().next().expect("the ticket's document");
     assert_eq!(doc["ticket"]["schema"], TICKET_SCHEMA, "a ticket is written with its shape, inside it: {doc}");
     assert!(doc.get("type").is_none() && doc.get("ticket_id").is_none(), "its kind and id are in its document id: {doc}");
-    let held: serde_json::Value = serde_json::from_str(&inflated(&doc["recent"])).expect("the reservation's events, held beside the ticket");
+    let held: serde_json::Value = serde_json::from_str(&inflated(&doc["ticket"]["recent"])).expect("the reservation's events, held beside the ticket");
     assert_eq!(held[0], ticketpay::store::schema::EVENT_SCHEMA, "events are written with their shape: {held}");
     let [seq, nonce, events] = [&held[1][0][0], &held[1][0][1], &held[1][0][2]];
     assert!(events.to_string().contains("\"12.50 EUR\""), "an amount is written with its currency");
@@ -884,10 +884,11 @@ async fn cosmos_reads_a_ticket_and_an_audit_entry_in_every_earlier_shape_and_ref
     // as bare decimals, deflated without the dictionary.
     let (pk, doc_id) = (doc["pk"].as_str().unwrap().to_owned(), doc["id"].as_str().unwrap().to_owned());
     let doc = doc.as_object_mut().unwrap();
-    doc.remove("recent");
+    doc["ticket"].as_object_mut().unwrap().remove("recent");
     doc["ticket"].as_object_mut().unwrap().remove("schema");
     doc.insert("type".into(), "ticket".into());
     doc.insert("ticket_id".into(), id.as_str().into());
+    doc.insert("notified".into(), false.into());
     records.replace_item(pk.clone(), &doc_id, &doc, None).await.unwrap();
     let entry_id = format!("events:{id}:{:016}-{}", seq.as_i64().unwrap(), nonce.as_str().unwrap());
     let entry = serde_json::json!({"id": entry_id, "pk": pk, "seq": seq, "type": "events", "ticket_id": id.as_str(), "deflated": deflated(&first_shape_events(&events.to_string()))});
@@ -896,6 +897,10 @@ async fn cosmos_reads_a_ticket_and_an_audit_entry_in_every_earlier_shape_and_ref
     assert_eq!(read.value, written.value, "the earlier shape reads as it was written");
     assert_eq!(store.tickets(&b.batch_id, None, 10, None).await.unwrap().tickets, std::slice::from_ref(&written.value), "and is found by queries");
     reads_the_held_amount(&store, &b, &id).await;
+    assert!(store.has_open_tickets(&b.batch_id).await.unwrap(), "a ticket whose document says it is not told keeps its batch open");
+    doc.insert("notified".into(), true.into());
+    records.replace_item(pk.clone(), &doc_id, &doc, None).await.unwrap();
+    assert!(!store.has_open_tickets(&b.batch_id).await.unwrap(), "and one whose document says it is told does not");
 
     let mut doc = serde_json::Value::Object(doc.clone());
     doc["ticket"]["schema"] = serde_json::json!(TICKET_SCHEMA + 1);

@@ -73,9 +73,6 @@ var containers = [
         path: '/reference/?'
       }
       {
-        path: '/seq/?'
-      }
-      {
         path: '/at_us/?'
       }
     ]

@@ -41,7 +41,8 @@ use tracing::Instrument;
 
 use self::documents::{
     claim_partition, commitment_doc_id, events_doc_prefix, recent_writes, ticket_doc_id, ticket_partition, ticket_partitions, BatchDoc, ClaimDoc, CommitmentDoc,
-    EventsDoc, ReconciliationDoc, TicketDoc, UploadEventsDoc, Written, BATCH_DOC_ID, CLAIM_DOC_ID, IS_TICKET, TICKET_DOC_PREFIX, UPLOAD_EVENTS_DOC_ID,
+    EventsDoc, ReconciliationDoc, TicketDoc, UploadEventsDoc, Written, BATCH_DOC_ID, CLAIM_DOC_ID, IS_TICKET, NOT_TOLD, TICKET_DOC_PREFIX,
+    UPLOAD_EVENTS_DOC_ID,
 };
 pub use self::documents::{INDEXED_PATHS, TICKET_PARTITIONS};
 use self::keys::KeyClaim;
@@ -94,7 +95,7 @@ impl RecentEvents {
         if known.len() >= REMEMBERED {
             known.clear();
         }
-        known.insert(format!("{}/{}", doc.pk, doc.id), (etag.to_owned(), doc.recent.clone()));
+        known.insert(format!("{}/{}", doc.pk, doc.id), (etag.to_owned(), doc.nested.recent.clone()));
     }
 
     /// What the document of `ticket` holds at version `etag`, if known.
@@ -134,7 +135,7 @@ fn written(events: Vec<Event>) -> Written {
 fn planned(ticket: &Ticket, held: Option<String>, events: Vec<Event>) -> Result<(TicketDoc, Option<EventsDoc>)> {
     let mut doc = TicketDoc::new(ticket);
     if events.is_empty() {
-        doc.recent = held;
+        doc.nested.recent = held;
         return Ok((doc, None));
     }
     let mut writes = match &held {
@@ -615,7 +616,7 @@ impl CosmosStore {
         }
         let pk = ticket_partition(ticket.batch_id.as_str(), ticket.ticket_id.as_str());
         match self.read_doc::<TicketDoc>(RECORDS, &pk, &ticket_doc_id(&ticket.ticket_id)).await? {
-            Some(doc) if doc.etag.as_deref() == Some(etag) => Ok(doc.recent),
+            Some(doc) if doc.etag.as_deref() == Some(etag) => Ok(doc.nested.recent),
             _ => Err(StoreError::Conflict(what.to_owned())),
         }
     }
@@ -646,9 +647,10 @@ impl CosmosStore {
             return Ok(None);
         }
         let current: Option<TicketDoc> = self.read_doc(RECORDS, &doc.pk, &doc.id).await?;
-        let landed = current.filter(|c| c.ticket == doc.ticket && c.recent == doc.recent).and_then(|c| c.etag);
+        let (ticket, recent) = (&doc.nested.ticket, &doc.nested.recent);
+        let landed = current.filter(|c| c.nested.ticket == *ticket && c.nested.recent == *recent).and_then(|c| c.etag);
         if landed.is_some() {
-            self.found_landed(&format!("ticket {}/{}", doc.ticket.batch_id, doc.ticket.ticket_id));
+            self.found_landed(&format!("ticket {}/{}", ticket.batch_id, ticket.ticket_id));
         }
         Ok(landed)
     }
@@ -781,9 +783,10 @@ async fn backoff(attempt: u32) {
 impl CosmosStore {
     /// The ticket of a document read, at its version (remembering what it holds beside it).
     fn versioned(&self, d: TicketDoc) -> Result<Versioned<Ticket>> {
-        let etag = d.etag.clone().ok_or_else(|| invalid(format!("ticket {}/{} has no _etag", d.ticket.batch_id, d.ticket.ticket_id)))?;
+        let ticket = &d.nested.ticket;
+        let etag = d.etag.clone().ok_or_else(|| invalid(format!("ticket {}/{} has no _etag", ticket.batch_id, ticket.ticket_id)))?;
         self.recent.remember(&d, &etag);
-        Ok(Versioned { value: d.ticket, etag })
+        Ok(Versioned { value: d.nested.ticket, etag })
     }
 }
 
@@ -931,7 +934,7 @@ impl Store for CosmosStore {
     }
 
     async fn events(&self, batch_id: &BatchId, ticket_id: &TicketId) -> Result<Vec<Event>> {
-        let q = Query::from("SELECT * FROM c WHERE STARTSWITH(c.id, @entries) ORDER BY c.seq")
+        let q = Query::from("SELECT * FROM c WHERE STARTSWITH(c.id, @entries)")
             .with_parameter("@entries", events_doc_prefix(ticket_id))
             .map_err(invalid)?;
         let (pk, doc_id) = (ticket_partition(batch_id.as_str(), ticket_id.as_str()), ticket_doc_id(ticket_id));
@@ -976,7 +979,7 @@ impl Store for CosmosStore {
         }
         text.push_str(" ORDER BY c.id");
         let partitions: Vec<Vec<TicketDoc>> = self.query_tickets(batch_id, q.with_text(text), "tickets").await?;
-        let mut tickets: Vec<Ticket> = partitions.into_iter().flatten().map(|d| d.ticket).collect();
+        let mut tickets: Vec<Ticket> = partitions.into_iter().flatten().map(|d| d.nested.ticket).collect();
         tickets.sort_by(|a, b| a.ticket_id.as_str().cmp(b.ticket_id.as_str()));
         tickets.truncate(limit + 1);
         Ok(TicketPage::from_fetched(tickets, limit))
@@ -989,11 +992,11 @@ impl Store for CosmosStore {
             notified: bool,
             paid: i64,
             reserved: i64,
-            due_us: i64,
+            due_us: Option<i64>,
         }
         // The few fields of every ticket, added up here: the SDK runs no GROUP BY or
         // aggregate that needs a client-side stage.
-        let q = Query::from(format!("SELECT c.status, c.notified, c.ticket.paid, c.ticket.reserved, c.due_us FROM c WHERE {IS_TICKET}"));
+        let q = Query::from(format!("SELECT c.status, c.ticket.notified, c.ticket.paid, c.ticket.reserved, c.due_us FROM c WHERE {IS_TICKET}"));
         let before = overdue_before.timestamp_micros();
         let partitions: Vec<Vec<Row>> = self.query_tickets(batch_id, q, "summary").await?;
         let mut summary = BatchSummary::default();
@@ -1004,13 +1007,13 @@ impl Store for CosmosStore {
             }
             summary.paid += r.paid;
             summary.reserved += r.reserved;
-            summary.overdue += u64::from(!r.notified && r.due_us < before);
+            summary.overdue += u64::from(!r.notified && r.due_us.is_some_and(|due| due < before));
         }
         Ok(summary)
     }
 
     async fn has_open_tickets(&self, batch_id: &BatchId) -> Result<bool> {
-        let q = Query::from(format!("SELECT TOP 1 VALUE c.id FROM c WHERE {IS_TICKET} AND c.notified = false"));
+        let q = Query::from(format!("SELECT TOP 1 VALUE c.id FROM c WHERE {IS_TICKET} AND {NOT_TOLD}"));
         // Asked as each ticket ends. While a batch runs nearly every partition has an
         // open ticket, so one from a random place answers at once; the groups asked
         // then double (up to the fan-out), so the last tickets do not ask one by one.
@@ -1031,7 +1034,7 @@ impl Store for CosmosStore {
     }
 
     async fn overdue_tickets(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<Versioned<Ticket>>> {
-        let text = format!("SELECT TOP {limit} * FROM c WHERE {IS_TICKET} AND c.notified = false AND c.due_us < @before");
+        let text = format!("SELECT TOP {limit} * FROM c WHERE {IS_TICKET} AND {NOT_TOLD} AND c.due_us < @before");
         let q = Query::from(text).with_parameter("@before", before.timestamp_micros()).map_err(invalid)?;
         let docs: Vec<TicketDoc> = self.query(q, None, "overdue tickets").await?;
         docs.into_iter().map(|d| self.versioned(d)).collect()
@@ -1055,7 +1058,7 @@ impl Store for CosmosStore {
         let mut committed: HashMap<BatchId, bool> = HashMap::new();
         let mut out = Vec::new();
         for d in docs {
-            let batch_id = d.ticket.batch_id.clone();
+            let batch_id = d.nested.ticket.batch_id.clone();
             let known = match committed.get(&batch_id) {
                 Some(k) => *k,
                 None => {
@@ -1065,7 +1068,7 @@ impl Store for CosmosStore {
                 }
             };
             if known {
-                out.push(d.ticket);
+                out.push(d.nested.ticket);
             }
         }
         Ok(out)

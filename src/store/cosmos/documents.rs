@@ -32,8 +32,8 @@ use crate::store::{PaymentClaim, StoreError};
 pub const TICKET_PARTITIONS: u32 = 64;
 
 /// The paths the container's indexing policy indexes: every property a query filters or sorts on.
-pub const INDEXED_PATHS: [&str; 11] = [
-    "/id/?", "/type/?", "/client_id/?", "/created_us/?", "/open/?", "/status/?", "/notified/?", "/due_us/?", "/reference/?", "/seq/?", "/at_us/?",
+pub const INDEXED_PATHS: [&str; 10] = [
+    "/id/?", "/type/?", "/client_id/?", "/created_us/?", "/open/?", "/status/?", "/notified/?", "/due_us/?", "/reference/?", "/at_us/?",
 ];
 
 pub(super) const BATCH_DOC_ID: &str = "batch";
@@ -65,6 +65,9 @@ pub(super) fn claim_partition(authority: &AuthorityCode, ticket_id: &TicketId) -
 pub(super) const TICKET_DOC_PREFIX: &str = "ticket:";
 /// A query's filter for ticket documents.
 pub(super) const IS_TICKET: &str = "STARTSWITH(c.id, 'ticket:')";
+/// A query's filter for ticket documents of tickets not told yet: with `due_us`,
+/// and, in a document written before told tickets left it out, not `notified`.
+pub(super) const NOT_TOLD: &str = "IS_DEFINED(c.due_us) AND (NOT IS_DEFINED(c.notified) OR c.notified = false)";
 
 pub(super) fn ticket_doc_id(ticket_id: &TicketId) -> String {
     format!("{TICKET_DOC_PREFIX}{ticket_id}")
@@ -121,20 +124,33 @@ pub(super) struct TicketDoc {
     pub id: String,
     pub pk: String,
     pub status: Status,
-    pub notified: bool,
-    /// [`Ticket::due_at`] in microseconds, for the sweep's query.
-    pub due_us: i64,
+    /// Whether the ticket is told, in documents written before `due_us` was left
+    /// out of told tickets; read by [`NOT_TOLD`], never written now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notified: Option<bool>,
+    /// [`Ticket::due_at`] in microseconds, while the ticket is not told: for the
+    /// sweep's query, and whether its batch is done ([`NOT_TOLD`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_us: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
-    /// With the version of its shape inside, so a write pays for no extra top-level property.
-    #[serde(with = "crate::store::schema::nested")]
+    #[serde(rename = "ticket")]
+    pub nested: Nested,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    pub etag: Option<String>,
+}
+
+/// What a ticket document holds that no query asks about, nested: the ticket,
+/// with the version of its shape, and the events the document holds beside it.
+/// Only what queries filter on is a (billed) property of the document's own.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Nested {
+    #[serde(flatten, with = "crate::store::schema::nested")]
     pub ticket: Ticket,
     /// The events of the ticket's latest writes that are in no entry of their
     /// own: `[schema, [[seq, nonce, [events…]]…]]`, deflated as an entry's. See [`Written`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recent: Option<String>,
-    #[serde(rename = "_etag", default, skip_serializing)]
-    pub etag: Option<String>,
 }
 
 impl TicketDoc {
@@ -143,26 +159,25 @@ impl TicketDoc {
             id: ticket_doc_id(&t.ticket_id),
             pk: ticket_partition(t.batch_id.as_str(), t.ticket_id.as_str()),
             status: t.status(),
-            notified: t.notified,
-            due_us: t.due_at().timestamp_micros(),
+            notified: None,
+            due_us: (!t.notified).then(|| t.due_at().timestamp_micros()),
             reference: t.reference.as_ref().map(|r| r.as_str().to_owned()),
-            ticket: t.clone(),
-            recent: None,
+            nested: Nested { ticket: t.clone(), recent: None },
             etag: None,
         }
     }
 
     /// The writes whose events the document holds, oldest first.
     pub fn recent_writes(&self) -> Result<Vec<Written>, String> {
-        match &self.recent {
-            Some(text) => recent_writes(text, &self.ticket.batch_id, &self.ticket.ticket_id),
+        match &self.nested.recent {
+            Some(text) => recent_writes(text, &self.nested.ticket.batch_id, &self.nested.ticket.ticket_id),
             None => Ok(Vec::new()),
         }
     }
 
     /// Holds `writes` beside the ticket (none: it holds no events).
     pub fn holding(mut self, writes: &[Written]) -> Result<TicketDoc, String> {
-        self.recent = if writes.is_empty() { None } else { Some(deflate_writes(writes)?) };
+        self.nested.recent = if writes.is_empty() { None } else { Some(deflate_writes(writes)?) };
         Ok(self)
     }
 
@@ -270,11 +285,11 @@ impl StoredEvent {
 /// [`ENTRY_DICTIONARY`] holds: an entry is a seventh to a quarter of its JSON.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct EventsDoc {
-    /// `events:{ticket_id}:…`: the ticket is read from it.
+    /// `events:{ticket_id}:{seq}-{nonce}`: the ticket and the place of its (last)
+    /// write are read from it. Entries written before said `seq` again, in a
+    /// property of its own, billed on every entry and read no more.
     pub id: String,
     pub pk: String,
-    /// Append order: microseconds since the epoch, strictly increasing within a process.
-    pub seq: i64,
     /// `[schema, [events…]]`, raw-deflated with [`ENTRY_DICTIONARY`], in standard
     /// base64 after [`WITH_DICTIONARY`] (without it: deflated before the
     /// dictionary); in the first shape, the events array alone. The shape travels inside, and the batch is
@@ -285,30 +300,35 @@ pub(super) struct EventsDoc {
 
 impl EventsDoc {
     /// `events`, all of one ticket, under document id `id`.
-    pub fn new(events: &[Event], id: String, seq: i64) -> Result<EventsDoc, String> {
+    pub fn new(events: &[Event], id: String) -> Result<EventsDoc, String> {
         let first = &events[0];
         let stored: Vec<StoredEvent> = events.iter().map(StoredEvent::of).collect();
         Ok(EventsDoc {
             id,
             pk: ticket_partition(first.batch_id.as_str(), first.ticket_id.as_str()),
-            seq,
             deflated: deflate(&serde_json::to_vec(&(EVENT_SCHEMA, stored)).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
         })
     }
 
-    /// The entry of `writes` (oldest first, at least one): under the last one's id and sequence.
+    /// The entry of `writes` (oldest first, at least one): under the last one's id.
     pub fn of_writes(writes: &[Written]) -> Result<EventsDoc, String> {
         let last = writes.last().ok_or("an entry of no write")?;
         if let [only] = writes {
-            return EventsDoc::new(&only.events, only.entry_id(), only.seq);
+            return EventsDoc::new(&only.events, only.entry_id());
         }
         let first = &writes[0].events[0];
         Ok(EventsDoc {
             id: last.entry_id(),
             pk: ticket_partition(first.batch_id.as_str(), first.ticket_id.as_str()),
-            seq: last.seq,
             deflated: deflate_writes(writes)?,
         })
+    }
+
+    /// The sequence and nonce of the write the entry is named after.
+    fn place(&self) -> Result<(i64, String), String> {
+        let place = self.id.rsplit_once(':').map_or("", |(_, place)| place);
+        let (seq, nonce) = place.split_once('-').unwrap_or((place, ""));
+        Ok((seq.parse().map_err(|_| format!("no sequence in its id ({place})"))?, nonce.to_owned()))
     }
 
     /// Whether the entry is in the first shape, whose amounts name no currency.
@@ -326,8 +346,8 @@ impl EventsDoc {
             Entry::Writes(writes) => writes.into_iter().map(|w| placed(w, &batch_id, &ticket_id)).collect(),
             Entry::Events(events) => {
                 let events = events.into_iter().map(|e| e.into_event(&batch_id, &ticket_id)).collect();
-                let nonce = self.id.rsplit_once('-').map_or("", |(_, nonce)| nonce).to_owned();
-                vec![Written { seq: self.seq, nonce, events }]
+                let (seq, nonce) = self.place().map_err(|e| what(&e))?;
+                vec![Written { seq, nonce, events }]
             }
         })
     }
@@ -426,18 +446,18 @@ fn inflate(text: &str) -> std::io::Result<Vec<u8>> {
 /// Budget a ticket holds: reserved, or paid. The batch's `committed` is the sum of its commitments.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct CommitmentDoc {
-    /// `commitment:{ticket_id}`; read by id, never queried.
+    /// `commitment:{ticket_id}`; read by id, never queried. When it was made is
+    /// its `_ts` (documents written before also said so in `at`).
     pub id: String,
     pub pk: String,
     pub amount: i64,
-    pub at: DateTime<Utc>,
     #[serde(rename = "_etag", default, skip_serializing)]
     pub etag: Option<String>,
 }
 
 impl CommitmentDoc {
     pub fn new(batch_id: &BatchId, ticket_id: &TicketId, amount: i64) -> CommitmentDoc {
-        CommitmentDoc { id: commitment_doc_id(ticket_id), pk: batch_id.to_string(), amount, at: Utc::now(), etag: None }
+        CommitmentDoc { id: commitment_doc_id(ticket_id), pk: batch_id.to_string(), amount, etag: None }
     }
 }
 
@@ -557,7 +577,7 @@ mod tests {
         let (batch_id, ticket_id) = (BatchId::parse("b-01a2430cae1d73998923576a16b14cf2").unwrap(), TicketId::parse("T000001").unwrap());
         let changed = EventKind::StatusChanged { from: Status::Pay, to: Status::Paid, reason: None };
         let events = vec![exchange(&batch_id, &ticket_id), Event::new(&batch_id, &ticket_id, Stage::Pay, changed, Utc::now())];
-        let doc = EventsDoc::new(&events, "events:T000001:1".into(), 1).unwrap();
+        let doc = EventsDoc::new(&events, "events:T000001:1".into()).unwrap();
         let stored = serde_json::to_string(&doc).unwrap();
         let read: EventsDoc = serde_json::from_str(&stored).unwrap();
         assert_eq!(read.into_events(|| unreachable!("the current shape names its currency")).unwrap(), events);
@@ -580,7 +600,7 @@ mod tests {
         let paid = EventKind::Paid { amount: crate::domain::Money { minor: 10021, currency: Currency::parse("EUR").unwrap() } };
         events.push(Event::new(&batch_id, &ticket_id, Stage::Pay, paid, Utc::now()));
         events.push(Event::new(&batch_id, &ticket_id, Stage::Pay, EventKind::StatusChanged { from: Status::Pay, to: Status::Paid, reason: None }, Utc::now()));
-        let doc = serde_json::to_vec(&EventsDoc::new(&events, "events:T000001:1765000000000000".into(), 1_765_000_000_000_000).unwrap()).unwrap();
+        let doc = serde_json::to_vec(&EventsDoc::new(&events, "events:T000001:1765000000000000".into()).unwrap()).unwrap();
         // A write is billed by the kilobyte: a payment's entry costs no more than a lookup's.
         assert!(doc.len() <= 1024, "{} bytes", doc.len());
     }
@@ -594,7 +614,7 @@ mod tests {
             .collect();
 
         let entry = EventsDoc::of_writes(&writes).unwrap();
-        assert_eq!((entry.id.as_str(), entry.seq), ("events:T000001:1765000000000002-00000002", writes[2].seq), "named by the last write");
+        assert_eq!(entry.id, "events:T000001:1765000000000002-00000002", "named by the last write");
         assert_eq!(entry.into_writes(|| unreachable!()).unwrap(), writes);
 
         let alone = EventsDoc::of_writes(&writes[..1]).unwrap();
@@ -606,7 +626,7 @@ mod tests {
         let stored: TicketDoc = serde_json::from_slice(&serde_json::to_vec(&doc).unwrap()).unwrap();
         let placed: Vec<Written> = writes[..2].iter().map(|w| Written { events: w.events.iter().map(|e| Event { batch_id: ticket.batch_id.clone(), ticket_id: ticket.ticket_id.clone(), ..e.clone() }).collect(), ..w.clone() }).collect();
         assert_eq!(stored.recent_writes().unwrap(), placed, "the document's events are its ticket's");
-        assert!(TicketDoc::new(&ticket).holding(&[]).unwrap().recent.is_none());
+        assert!(TicketDoc::new(&ticket).holding(&[]).unwrap().nested.recent.is_none());
     }
 
     #[test]
@@ -617,7 +637,7 @@ mod tests {
         let stored: Vec<StoredEvent> = events.iter().map(|e| StoredEvent { at: e.at, stage: e.stage, kind: e.kind.clone() }).collect();
         let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         encoder.write_all(&serde_json::to_vec(&(EVENT_SCHEMA, stored)).unwrap()).unwrap();
-        let mut doc = EventsDoc::new(&events, "events:t1:1".into(), 1).unwrap();
+        let mut doc = EventsDoc::new(&events, "events:t1:1".into()).unwrap();
         assert!(doc.deflated.starts_with(WITH_DICTIONARY));
         doc.deflated = base64::engine::general_purpose::STANDARD.encode(encoder.finish().unwrap());
         assert_eq!(doc.into_events(|| unreachable!()).unwrap(), events);
@@ -626,7 +646,7 @@ mod tests {
     #[test]
     fn an_audit_entry_that_does_not_inflate_is_invalid_not_empty() {
         let (batch_id, ticket_id) = (BatchId::parse("b-1").unwrap(), TicketId::parse("t1").unwrap());
-        let mut doc = EventsDoc::new(&[exchange(&batch_id, &ticket_id)], "events:t1:1".into(), 1).unwrap();
+        let mut doc = EventsDoc::new(&[exchange(&batch_id, &ticket_id)], "events:t1:1".into()).unwrap();
         doc.deflated = "bm90IGRlZmxhdGVk".into();
         assert!(doc.into_events(|| unreachable!()).unwrap_err().contains("audit entry events:t1:1"));
     }

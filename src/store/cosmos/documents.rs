@@ -199,7 +199,7 @@ pub(super) fn recent_writes(text: &str, batch_id: &BatchId, ticket_id: &TicketId
 }
 
 /// What a write is billed by: its document's size in kilobytes (rounded up, doubling).
-pub(super) const BILLED_BYTES: usize = 1024;
+const BILLED_BYTES: usize = 1024;
 
 /// The events of one write of one ticket: appended together, never changed.
 ///

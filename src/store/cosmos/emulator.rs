@@ -152,7 +152,7 @@ impl Provisioned {
         self.refusals.iter().flat_map(|(_, rules)| rules.iter().cloned()).collect()
     }
 
-    /// Counts a request's charge, and starts refusing once the second's throughput is usage.
+    /// Counts a request's charge, and starts refusing once the second's throughput is spent.
     fn spend(self: &Arc<Self>, ru: f64) {
         let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
         self.roll(&mut usage, Instant::now());
